@@ -1,0 +1,132 @@
+"""Frozen configuration dataclasses with the paper's defaults, and the named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import IfadError
+
+# k-means centres of the reference implementation for HCP T2 at 160³ (DESIGN.md §2).
+HCP_T2_CENTRES = (0.00834, 0.16113, 0.25638, 0.33246, 0.40170,
+                  0.47405, 0.55934, 0.66162, 0.79282, 0.96524)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Auto-decoder MLP: f(z, γ(p)) -> n_classes logits (DeepSDF layout)."""
+
+    latent_dim: int = 256       # D
+    hidden: int = 512           # width of every hidden layer
+    n_layers: int = 8           # hidden layers (plus one output layer)
+    latent_in: int = 4          # layer that re-reads [z, γ(p)]; its predecessor outputs hidden - (D + 6L)
+    n_freqs: int = 10           # L: positional-encoding frequencies per coordinate
+    n_classes: int = 10         # C: intensity classes
+    dropout: float = 0.2        # training only
+
+    @property
+    def input_dim(self) -> int:
+        return self.latent_dim + 6 * self.n_freqs
+
+    def __post_init__(self):
+        if not 0 < self.latent_in < self.n_layers:
+            raise IfadError(f"latent_in must be between 1 and n_layers-1, got {self.latent_in}")
+        if self.hidden <= self.input_dim:
+            raise IfadError(f"hidden ({self.hidden}) must exceed latent_dim + 6*n_freqs ({self.input_dim})")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    resolution: int = 160                # model grid is resolution³
+    clip_percentiles: tuple = (2.0, 98.0)
+    train_mode_pool: int = 2
+    test_mode_pool: int = 3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 2000
+    volumes_per_batch: int = 6
+    points_per_volume: int = 16200
+    lr_weights: float = 5e-4
+    lr_latents: float = 1e-3
+    lr_step_epochs: int = 500            # learning rates halve every this many epochs
+    lr_gamma: float = 0.5
+    prior: str = "paper"                 # paper: ‖z‖²/σ² | reference: λ‖z‖ ramped, ‖z‖ ≤ max_norm | none
+    sigma: float = 0.01
+    norm_penalty: float = 1e-4
+    norm_ramp_epochs: int = 100
+    max_norm: float = 1.0
+    latent_init_std: float = 0.01
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """Latent search: Adam over phases of (steps, points per step)."""
+
+    phases: tuple = ((700, 16200),)
+    lr: float = 1e-3
+    prior: str = "paper"                 # paper: ‖z‖²/σ² per scan, divided by K like the data term | none
+    sigma: float = 0.01
+    init: str = "random"                 # random: N(0, 1/D) | mean: mean training latent
+    seed: int = 0
+    lr_decay: float = 1.0                # multiply lr by this after each phase
+    min_pool: int = 3
+    avg_pool: int = 15
+    chunk: int = 65536                   # voxels per chunk when scoring the grid
+
+
+SCHEDULES = {
+    # warm start from the mean training latent, larger steps, then a short large-K polish
+    "fast": dict(phases=((150, 8192), (30, 32768)), init="mean", lr=5e-3, lr_decay=0.3),
+    "paper": dict(phases=((700, 16200),), init="random"),
+    "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none"),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+
+
+PRESETS = {
+    "paper": Preset(ModelConfig(), PreprocessConfig(), TrainConfig()),
+    "small": Preset(
+        ModelConfig(latent_dim=64, hidden=256, n_layers=8, latent_in=4, n_freqs=8),
+        PreprocessConfig(resolution=96),
+        TrainConfig(epochs=300, volumes_per_batch=6, points_per_volume=8192,
+                    lr_weights=1e-3, lr_latents=2e-3, lr_step_epochs=100, checkpoint_every=25),
+    ),
+    "tiny": Preset(
+        ModelConfig(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, dropout=0.0),
+        PreprocessConfig(resolution=24),
+        TrainConfig(epochs=20, volumes_per_batch=2, points_per_volume=512,
+                    lr_weights=2e-3, lr_latents=5e-3, lr_step_epochs=10, checkpoint_every=5),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise IfadError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls, data: dict):
+    """Build a config dataclass from a dict, turning lists back into tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
+              for k, v in data.items() if k in names}
+    return cls(**kwargs)
+
+
+def replace(obj, **changes):
+    return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,373 @@
+"""Voxel-wise anomaly-detection metrics of the paper (Table 1), after Baur et al.
+
+* ``[DICE]`` (``dice_best``): the best Dice over all thresholds, with the voxels of all
+  test cases pooled together.
+* ``DICE (mu +- sigma)`` (``dice_mean``, ``dice_std``): the per-case Dice at one threshold,
+  the one that maximises the pooled Dice on the validation set (or on the test set itself
+  when no validation set is given; ``threshold_source`` says which).
+* ``AP``: average precision, the same number as scikit-learn's ``average_precision_score``
+  (sum over thresholds of ``(R_n - R_{n-1}) * P_n``, ties grouped as scikit-learn does).
+* ``AUROC``: the same number as scikit-learn's ``roc_auc_score`` (ties count one half,
+  i.e. the trapezoid rule).
+* ``FPR@95R`` (``fpr95``): the false positive rate at the highest threshold whose recall is
+  at least 0.95, i.e. the threshold equal to the ``ceil(0.95 * P)``-th highest score of a
+  positive voxel (``P`` positives).  No interpolation between operating points.
+
+Conventions
+-----------
+* A voxel is predicted anomalous when ``score >= threshold``.
+* A mask voxel is anomalous when it is non-zero (so BraTS labels 1, 2, 4 all count).
+* Per-case Dice of a case with no anomalous voxel *and* no prediction is 1.0 (both sets
+  empty: perfect agreement); with no anomalous voxel but some predictions it is 0.0.
+* ``dice_std`` is the population standard deviation (``ddof=0``).
+* :func:`evaluate` pools the scores as float32 (the threshold is a float32 value and the
+  per-case Dice compares the float32-cast scores with it); :func:`curve_metrics` keeps the
+  floating dtype it is given.
+
+Exactness and memory
+--------------------
+All curve metrics are exact and come from one sort.  The pooled voxels are split into the
+scores of the positive voxels and of the negative voxels, each sorted in place (no int64
+index array, no boolean label array).  Recall, and hence AP, FPR@95R and the best Dice,
+only change at the distinct scores of positive voxels: for a fixed number of true
+positives the false positives are fewest at the highest threshold that keeps them, which
+is a positive voxel's score.  So for each distinct positive score ``v`` the counts
+``TP(v) = #pos >= v`` (a cumulative sum) and ``FP(v) = #neg >= v`` (a binary search in the
+sorted negatives) give everything; AUROC is the Mann-Whitney sum
+``sum_v c_v * (#neg < v + #neg == v / 2) / (P * N)`` in exact integers.
+:func:`evaluate` fills the two float32 arrays directly from the cases, so pooling
+50 cases of 160^3 voxels (205 M voxels) needs about 0.8 GB plus one case's temporaries
+and the work arrays of one block of 2 M positives (~0.2 GB): measured ~0.8-0.9 GB above
+the inputs, ~10 s on 2 cores, whether 1 % or 50 % of the voxels are anomalous.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .errors import IfadError
+
+__all__ = ["curve_metrics", "dice", "evaluate", "format_table"]
+
+
+# ----------------------------------------------------------------------------- core
+
+
+# Distinct positive scores are processed in blocks of about this many positive voxels,
+# so the int64/float64 work arrays stay bounded (~100 B per voxel of a block) even when
+# most voxels are anomalous.
+_BLOCK = 1 << 21
+
+
+def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK) -> dict:
+    """Metrics from the ascending-sorted scores of the positive and negative voxels."""
+    n_pos = int(pos.size)
+    n_neg = int(neg.size)
+    if n_pos == 0:
+        raise IfadError(
+            "the masks have no anomalous (non-zero) voxel at all; AP, AUROC and Dice are "
+            "undefined: evaluate on cases that contain lesions"
+        )
+    if n_neg == 0:
+        raise IfadError(
+            "every evaluated voxel is anomalous; AUROC and FPR are undefined: evaluate on "
+            "cases (or regions) that also contain normal voxels"
+        )
+    k95 = (95 * n_pos + 99) // 100        # ceil(0.95 * P) positives, exact in integers
+    tp_before = 0                         # positives above the current block
+    ap_sum = 0.0
+    twice_u = 0                           # 2 * Mann-Whitney U, exact
+    best_dice, best_t = -1.0, None
+    fpr95 = fpr95_t = None
+    hi = n_pos
+    while hi > 0:                         # blocks from the highest scores down
+        lo = max(hi - block, 0)
+        if lo > 0:                        # start the block at the start of a tie run
+            lo = int(np.searchsorted(pos[:hi], pos[lo], side="left"))
+        blk = pos[lo:hi]
+        starts = np.flatnonzero(blk[1:] != blk[:-1]) + 1
+        starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts))
+        counts = np.diff(np.append(starts, blk.size))[::-1].astype(np.int64)
+        values = blk[starts][::-1]        # distinct positive scores, descending
+        del starts
+        tp = tp_before + np.cumsum(counts)                               # #pos >= v
+        n_neg_below = np.searchsorted(neg, values, side="left").astype(np.int64)
+        fp = n_neg - n_neg_below                                         # #neg >= v
+
+        tp_f = tp.astype(np.float64)
+        pred_f = tp_f + fp
+        ap_sum += float(np.dot(counts.astype(np.float64), tp_f / pred_f))
+
+        dice_curve = 2.0 * tp_f / (pred_f + n_pos)
+        i = int(np.argmax(dice_curve))    # first maximum = highest threshold
+        if dice_curve[i] > best_dice:
+            best_dice, best_t = float(dice_curve[i]), float(values[i])
+        del tp_f, pred_f, dice_curve
+
+        n_neg_equal = np.searchsorted(neg, values, side="right").astype(np.int64) - n_neg_below
+        twice_u += 2 * int(np.dot(counts, n_neg_below)) + int(np.dot(counts, n_neg_equal))
+        del n_neg_equal, n_neg_below
+
+        if fpr95 is None and tp[-1] >= k95:
+            j = int(np.searchsorted(tp, k95, side="left"))   # highest v with recall >= 0.95
+            fpr95, fpr95_t = float(fp[j]) / n_neg, float(values[j])
+        tp_before = int(tp[-1])
+        hi = lo
+    return {
+        "dice_best": best_dice,
+        "threshold": best_t,
+        "ap": ap_sum / n_pos,
+        "auroc": twice_u / (2.0 * n_pos * n_neg),
+        "fpr95": fpr95,
+        "fpr95_threshold": fpr95_t,
+        "n_voxels": n_pos + n_neg,
+        "n_positive": n_pos,
+    }
+
+
+def _float_dtype(a: np.ndarray):
+    return a.dtype if np.issubdtype(a.dtype, np.floating) else np.dtype(np.float64)
+
+
+def _check_no_nan(scores: np.ndarray, what: str) -> None:
+    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
+        raise IfadError(f"{what} contain NaN; fix the scoring (or replace NaNs) before evaluating")
+
+
+def curve_metrics(scores: np.ndarray, labels: np.ndarray) -> dict:
+    """Pooled curve metrics of flat (or same-shaped) ``scores`` and ``labels``.
+
+    ``labels`` is boolean or numeric (non-zero = anomalous).  Returns a dict with
+    ``dice_best``, ``threshold`` (where the best Dice is reached; the highest one if
+    several), ``ap``, ``auroc``, ``fpr95``, ``fpr95_threshold``, ``n_voxels``,
+    ``n_positive``.  Raises IfadError on empty input, shape mismatch, NaN scores, or
+    labels with no positive (or no negative) voxel.
+    """
+    scores = np.asarray(scores)
+    labels = np.asarray(labels)
+    if scores.size == 0:
+        raise IfadError("no scores to evaluate (empty array); pass at least one voxel")
+    if scores.shape != labels.shape:
+        raise IfadError(
+            f"scores have shape {scores.shape} but labels have shape {labels.shape}; "
+            "pass one label per score"
+        )
+    _check_no_nan(scores, "scores")
+    truth = labels if labels.dtype == np.bool_ else labels != 0
+    truth = truth.ravel()
+    flat = scores.ravel()
+    dtype = _float_dtype(scores)
+    pos = flat[truth].astype(dtype, copy=False)
+    neg = flat[~truth].astype(dtype, copy=False)   # fancy indexing copies: sorting is safe
+    del truth
+    pos.sort()
+    neg.sort()
+    return _curve_from_sorted(pos, neg)
+
+
+# ----------------------------------------------------------------------------- Dice
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice ``2|A & B| / (|A| + |B|)`` of two masks (non-zero = in the set).
+
+    Both empty gives 1.0 (perfect agreement on "no anomaly").
+    """
+    pred = np.asarray(pred)
+    truth = np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise IfadError(
+            f"prediction has shape {pred.shape} but the mask has shape {truth.shape}; "
+            "pass arrays of the same shape"
+        )
+    p = pred if pred.dtype == np.bool_ else pred != 0
+    t = truth if truth.dtype == np.bool_ else truth != 0
+    n_p = int(np.count_nonzero(p))
+    n_t = int(np.count_nonzero(t))
+    if n_p + n_t == 0:
+        return 1.0
+    inter = int(np.count_nonzero(np.logical_and(p, t)))
+    return 2.0 * inter / (n_p + n_t)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _flat_case(score, mask, region, label: str):
+    """Validated flat float32 scores and bool truth of one case (restricted to region)."""
+    s = np.asarray(score)
+    m = np.asarray(mask)
+    if s.size == 0:
+        raise IfadError(f"{label}: the score volume is empty; pass a non-empty volume")
+    if s.shape != m.shape:
+        raise IfadError(
+            f"{label}: scores have shape {s.shape} but the mask has shape {m.shape}; "
+            "pass the mask that belongs to this case (same grid)"
+        )
+    _check_no_nan(s, f"{label}: scores")
+    t = m if m.dtype == np.bool_ else m != 0
+    s = s.astype(np.float32, copy=False)
+    if region is not None:
+        r = np.asarray(region)
+        if r.shape != s.shape:
+            raise IfadError(
+                f"{label}: region has shape {r.shape} but the scores have shape {s.shape}; "
+                "pass a region mask on the same grid"
+            )
+        r = r if r.dtype == np.bool_ else r != 0
+        return s[r], t[r]
+    return s.ravel(), t.ravel()
+
+
+def _check_lists(scores, masks, regions, what: str):
+    if scores is None or len(scores) == 0:
+        raise IfadError(f"no {what} cases to evaluate; pass at least one score volume and mask")
+    if masks is None or len(masks) != len(scores):
+        n_m = 0 if masks is None else len(masks)
+        raise IfadError(
+            f"{len(scores)} {what} score volumes but {n_m} masks; pass one mask per case"
+        )
+    if regions is not None and len(regions) != len(scores):
+        raise IfadError(
+            f"{len(scores)} {what} score volumes but {len(regions)} regions; "
+            "pass one region per case (or none)"
+        )
+
+
+def _pooled_curve(scores, masks, regions, what: str) -> dict:
+    """Curve metrics of all cases pooled, filling two preallocated float32 arrays."""
+    _check_lists(scores, masks, regions, what)
+    n_cases = len(scores)
+    label = lambda i: f"{what} case {i}"  # noqa: E731
+    n_pos = n_neg = 0
+    for i in range(n_cases):
+        s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i], label(i))
+        p = int(np.count_nonzero(t))
+        n_pos += p
+        n_neg += t.size - p
+        del s, t
+    pos = np.empty(n_pos, dtype=np.float32)
+    neg = np.empty(n_neg, dtype=np.float32)
+    ip = ineg = 0
+    for i in range(n_cases):
+        s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i], label(i))
+        p = int(np.count_nonzero(t))
+        np.compress(t, s, out=pos[ip:ip + p])
+        nt = ~t      # a new array: t may be a view of the caller's mask
+        np.compress(nt, s, out=neg[ineg:ineg + (s.size - p)])
+        ip += p
+        ineg += s.size - p
+        del s, t, nt
+    pos.sort()
+    neg.sort()
+    out = _curve_from_sorted(pos, neg)
+    del pos, neg
+    return out
+
+
+def evaluate(
+    scores: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    val_scores: Sequence[np.ndarray] | None = None,
+    val_masks: Sequence[np.ndarray] | None = None,
+    names: Sequence[str] | None = None,
+    regions: Sequence[np.ndarray] | None = None,
+    val_regions: Sequence[np.ndarray] | None = None,
+) -> dict:
+    """The paper's metrics over test cases (``scores[i]`` and ``masks[i]`` on one grid).
+
+    ``dice_best``, ``ap``, ``auroc``, ``fpr95`` pool every test voxel.  The per-case Dice
+    uses the threshold that maximises the pooled Dice on the validation cases when they
+    are given (``threshold_source = "validation"``), else on the test cases themselves
+    (``"test (no validation set given)"``).  ``regions`` / ``val_regions`` optionally
+    restrict each case to its non-zero region voxels (e.g. the brain); by default every
+    voxel counts, as in the paper.
+
+    Returns a dict with ``dice_best``, ``dice_best_threshold``, ``dice_mean``,
+    ``dice_std``, ``ap``, ``auroc``, ``fpr95``, ``fpr95_threshold``, ``threshold``,
+    ``threshold_source``, ``n_cases``, ``n_voxels``, ``n_positive``, ``per_case``
+    (list of ``{"name", "dice"}``).
+    """
+    _check_lists(scores, masks, regions, "test")
+    if names is not None and len(names) != len(scores):
+        raise IfadError(
+            f"{len(scores)} test cases but {len(names)} names; pass one name per case"
+        )
+    if (val_scores is None) != (val_masks is None):
+        raise IfadError(
+            "validation scores and validation masks come together; pass both or neither"
+        )
+    test = _pooled_curve(scores, masks, regions, "test")
+    if val_scores is not None:
+        val = _pooled_curve(val_scores, val_masks, val_regions, "validation")
+        threshold = val["threshold"]
+        source = "validation"
+    else:
+        threshold = test["threshold"]
+        source = "test (no validation set given)"
+
+    thr32 = np.float32(threshold)
+    per_case = []
+    for i in range(len(scores)):
+        s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i],
+                          f"test case {i}")
+        name = str(names[i]) if names is not None else f"case_{i:03d}"
+        per_case.append({"name": name, "dice": dice(s >= thr32, t)})
+        del s, t
+    d = np.array([c["dice"] for c in per_case], dtype=np.float64)
+    return {
+        "dice_best": test["dice_best"],
+        "dice_best_threshold": test["threshold"],
+        "dice_mean": float(d.mean()),
+        "dice_std": float(d.std(ddof=0)),
+        "ap": test["ap"],
+        "auroc": test["auroc"],
+        "fpr95": test["fpr95"],
+        "fpr95_threshold": test["fpr95_threshold"],
+        "threshold": float(threshold),
+        "threshold_source": source,
+        "n_cases": len(scores),
+        "n_voxels": test["n_voxels"],
+        "n_positive": test["n_positive"],
+        "per_case": per_case,
+    }
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _fmt(x, digits: int) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def format_table(results: dict, method: str = "IF 3D (ifad-fast)") -> str:
+    """A plain-text table with the columns of the paper's Table 1.
+
+    Method, [DICE], DICE (mu +- sigma), AP, AUROC, FPR@95R, and IT (s) when ``results``
+    has ``seconds_per_case``.
+    """
+    header = ["Method", "[DICE]", "DICE (μ ± σ)", "AP", "AUROC", "FPR@95R"]
+    mean = results.get("dice_mean")
+    std = results.get("dice_std")
+    dice_ms = "-" if mean is None else f"{mean:.3f} ± {_fmt(std, 3)}"
+    row = [
+        method,
+        _fmt(results.get("dice_best"), 3),
+        dice_ms,
+        _fmt(results.get("ap"), 3),
+        _fmt(results.get("auroc"), 3),
+        _fmt(results.get("fpr95"), 4),
+    ]
+    if results.get("seconds_per_case") is not None:
+        header.append("IT (s)")
+        row.append(_fmt(float(results["seconds_per_case"]), 1))
+    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, line(row)])

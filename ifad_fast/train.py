@@ -1,0 +1,175 @@
+"""Auto-decoder training: per-volume latents learnt jointly with the decoder weights.
+
+Each epoch visits every training volume once, in batches of S volumes × K random voxels;
+loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
+bit-for-bit (weights, latents, Adam state, RNG states, loss log).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import config as cfg
+from .errors import IfadError
+from .io import atomic_path, save_json
+from .model import Decoder, Model, cross_entropy_per_point, save_model
+
+
+def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
+    """The prior term for a batch of latents z (S, D), next to the mean data loss.
+
+    paper: ‖z‖²/(σ² K) averaged over volumes (eq. 2 divided by the points per volume);
+    reference: λ·min(1, epoch/ramp)·‖z‖ averaged over volumes (DeepSDF); none: 0.
+    """
+    if tc.prior == "paper":
+        return (z * z).sum(1).mean() / (tc.sigma ** 2 * k)
+    if tc.prior == "reference":
+        ramp = min(1.0, epoch / max(tc.norm_ramp_epochs, 1))
+        return tc.norm_penalty * ramp * z.norm(dim=1).mean()
+    if tc.prior == "none":
+        return z.sum() * 0.0
+    raise IfadError(f"unknown latent prior {tc.prior!r}; use paper, reference or none")
+
+
+def _renorm_(latents: torch.Tensor, rows: torch.Tensor, max_norm: float):
+    """Embedding-style max-norm: rescale the looked-up rows whose norm exceeds max_norm."""
+    with torch.no_grad():
+        norms = latents[rows].norm(dim=1, keepdim=True)
+        latents[rows] *= torch.clamp(max_norm / (norms + 1e-7), max=1.0)
+
+
+class Trainer:
+    """Holds the state of one training run; `run(epochs)` advances it, `save`/`load` persist it."""
+
+    def __init__(self, volumes: torch.Tensor, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
+                 pc: cfg.PreprocessConfig, centres, device="cpu", names=None):
+        if volumes.ndim != 4 or volumes.shape[0] < 1:
+            raise IfadError("training needs at least one encoded volume")
+        if int(volumes.max()) >= mc.n_classes:
+            raise IfadError(f"volumes hold class {int(volumes.max())} but the model has {mc.n_classes} classes; "
+                            "use centres with as many classes as the model")
+        self.device = torch.device(device)
+        self.volumes = volumes.to(self.device)
+        self.mc, self.tc, self.pc = mc, tc, pc
+        self.centres = torch.as_tensor(np.asarray(centres), dtype=torch.float64)
+        self.names = list(names) if names is not None else [f"vol{i}" for i in range(len(volumes))]
+        torch.manual_seed(tc.seed)
+        self.generator = torch.Generator().manual_seed(tc.seed)
+        self.decoder = Decoder(mc).to(self.device)
+        self.latents = (torch.randn(len(volumes), mc.latent_dim, generator=self.generator)
+                        * tc.latent_init_std).to(self.device).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([
+            {"params": list(self.decoder.parameters()), "lr": tc.lr_weights},
+            {"params": [self.latents], "lr": tc.lr_latents},
+        ])
+        self.epoch = 0
+        self.log: list[dict] = []
+
+    def _set_learning_rates(self):
+        factor = self.tc.lr_gamma ** (self.epoch // max(self.tc.lr_step_epochs, 1))
+        self.optimizer.param_groups[0]["lr"] = self.tc.lr_weights * factor
+        self.optimizer.param_groups[1]["lr"] = self.tc.lr_latents * factor
+
+    def train_epoch(self) -> float:
+        tc, shape = self.tc, tuple(self.volumes.shape[1:])
+        self.decoder.train()
+        self._set_learning_rates()
+        n = len(self.volumes)
+        order = torch.randperm(n, generator=self.generator)
+        flat = self.volumes.reshape(n, -1)
+        sizes = torch.tensor(shape)
+        total, count = 0.0, 0
+        for start in range(0, n, tc.volumes_per_batch):
+            rows = order[start:start + tc.volumes_per_batch]
+            k = tc.points_per_volume
+            idx = (torch.rand(len(rows), k, 3, generator=self.generator) * sizes).long()
+            lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+            rows_d, idx, lin = rows.to(self.device), idx.to(self.device), lin.to(self.device)
+            targets = flat[rows_d].gather(1, lin).long()
+            if tc.prior == "reference":
+                _renorm_(self.latents, rows_d, tc.max_norm)
+            z = self.latents[rows_d]
+            logits = self.decoder.logits_at(z, idx, shape)
+            data = F.cross_entropy(logits.reshape(-1, self.mc.n_classes), targets.reshape(-1))
+            loss = data + latent_prior(z, tc, self.epoch, k)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += data.item() * len(rows)
+            count += len(rows)
+        self.epoch += 1
+        return total / count
+
+    def run(self, epochs: int, run_dir: Path | None = None, progress: bool = True) -> Model:
+        """Train until `epochs` epochs are done, checkpointing every tc.checkpoint_every and on Ctrl-C."""
+        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch", disable=not progress)
+        try:
+            while self.epoch < epochs:
+                t0 = time.perf_counter()
+                loss = self.train_epoch()
+                self.log.append({"epoch": self.epoch, "loss": loss, "seconds": time.perf_counter() - t0,
+                                 "latent_norm": float(self.latents.detach().norm(dim=1).mean())})
+                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.update(1)
+                if run_dir is not None and (self.epoch % self.tc.checkpoint_every == 0 or self.epoch == epochs):
+                    self.save(run_dir)
+        except KeyboardInterrupt:
+            if run_dir is not None:
+                self.save(run_dir)
+                bar.write(f"interrupted: checkpoint saved at epoch {self.epoch} in {run_dir}; "
+                          "continue with --resume")
+            raise
+        finally:
+            bar.close()
+        return self.model()
+
+    def model(self) -> Model:
+        decoder = Decoder(self.mc)
+        decoder.load_state_dict(self.decoder.state_dict())
+        return Model(decoder=decoder.eval(), centres=self.centres, preprocess=self.pc,
+                     latents=self.latents.detach().cpu().clone(), train=self.tc,
+                     info={"epochs": self.epoch, "volumes": self.names,
+                           "final_loss": self.log[-1]["loss"] if self.log else None})
+
+    def save(self, run_dir: Path):
+        """model.pt (inference), checkpoint.pt (+ optimiser and RNG state), config.json, loss.jsonl."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.model(), run_dir / "model.pt")
+        state = self.model().to_payload()
+        state.update(optimizer=self.optimizer.state_dict(), epoch=self.epoch,
+                     generator=self.generator.get_state(), torch_rng=torch.get_rng_state(),
+                     log=json.dumps(self.log))
+        with atomic_path(run_dir / "checkpoint.pt") as tmp:
+            torch.save(state, tmp)
+        save_json(run_dir / "config.json", {"model": cfg.to_dict(self.mc), "train": cfg.to_dict(self.tc),
+                                            "preprocess": cfg.to_dict(self.pc),
+                                            "centres": self.centres.tolist(), "volumes": self.names})
+        with atomic_path(run_dir / "loss.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.log))
+
+    def load(self, run_dir: Path):
+        """Continue from run_dir/checkpoint.pt."""
+        path = Path(run_dir) / "checkpoint.pt"
+        if not path.is_file():
+            raise IfadError(f"{path}: no checkpoint to resume from; start without --resume")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.decoder.load_state_dict(state["decoder"])
+            with torch.no_grad():
+                self.latents.copy_(state["latents"].to(self.device))
+            self.optimizer.load_state_dict(state["optimizer"])
+        except Exception as exc:
+            raise IfadError(f"{path}: cannot resume ({type(exc).__name__}: the checkpoint does not match "
+                            "this data or configuration); start a new run folder") from None
+        self.epoch = int(state["epoch"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.log = json.loads(state["log"])

@@ -1,0 +1,334 @@
+"""Metrics: agreement with scikit-learn and brute force, hand-computed Dice, errors."""
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from ifad_fast.errors import IfadError
+from ifad_fast.metrics import curve_metrics, dice, evaluate, format_table
+
+
+@pytest.fixture
+def rng():
+    seed = np.random.SeedSequence().entropy
+    print(f"seed={seed}")  # shown when a test fails
+    return np.random.default_rng(seed)
+
+
+def _random_case(rng, n, p_pos=0.1, decimals=None, dtype=np.float64):
+    y = rng.random(n) < p_pos
+    s = rng.random(n) + 0.4 * y * rng.random(n)
+    if decimals is not None:
+        s = np.round(s, decimals)
+    return s.astype(dtype), y
+
+
+# ---------------------------------------------------------------- brute force references
+
+
+def _brute_dice_best(s, y):
+    best, best_t = -1.0, None
+    for t in np.unique(s)[::-1]:  # descending: the first maximum is the highest threshold
+        pred = s >= t
+        tp = np.count_nonzero(pred & y)
+        d = 2 * tp / (np.count_nonzero(pred) + np.count_nonzero(y))
+        if d > best:
+            best, best_t = d, t
+    return best, best_t
+
+
+def _brute_fpr95(s, y):
+    n_pos, n_neg = np.count_nonzero(y), np.count_nonzero(~y)
+    for t in np.unique(s)[::-1]:  # highest threshold whose recall >= 0.95
+        pred = s >= t
+        if np.count_nonzero(pred & y) / n_pos >= 0.95:
+            return np.count_nonzero(pred & ~y) / n_neg
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- scikit-learn agreement
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 1, 0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ap_auroc_match_sklearn(rng, decimals, dtype):
+    for _ in range(3):
+        n = int(rng.integers(50, 20000))
+        s, y = _random_case(rng, n, p_pos=rng.uniform(0.01, 0.5), decimals=decimals, dtype=dtype)
+        if y.sum() == 0 or y.sum() == n:
+            continue
+        r = curve_metrics(s, y)
+        assert r["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
+        assert r["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+        # Integer 0/1 labels give the same numbers as bool ones.
+        r2 = curve_metrics(s, y.astype(np.uint8))
+        assert r2["ap"] == r["ap"] and r2["auroc"] == r["auroc"]
+
+
+def test_all_tied_scores_match_sklearn(rng):
+    y = rng.random(500) < 0.3
+    s = np.full(500, 0.5, dtype=np.float32)
+    r = curve_metrics(s, y)
+    assert r["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    assert r["auroc"] == pytest.approx(0.5, abs=1e-12)
+    assert r["fpr95"] == 1.0
+
+
+def test_perfect_and_inverted_scores():
+    y = np.array([0, 0, 0, 1, 1], bool)
+    s = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    r = curve_metrics(s, y)
+    assert (r["ap"], r["auroc"], r["fpr95"], r["dice_best"]) == (1.0, 1.0, 0.0, 1.0)
+    assert r["threshold"] == 0.8
+    r = curve_metrics(-s, y)
+    assert r["auroc"] == 0.0
+    assert r["fpr95"] == 1.0
+
+
+# ---------------------------------------------------------------- brute force agreement
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_dice_best_and_fpr95_match_brute_force(rng, decimals):
+    for _ in range(20):
+        n = int(rng.integers(5, 400))
+        s, y = _random_case(rng, n, p_pos=rng.uniform(0.05, 0.6), decimals=decimals)
+        if y.sum() == 0 or y.sum() == n:
+            continue
+        r = curve_metrics(s, y)
+        best, best_t = _brute_dice_best(s, y)
+        assert r["dice_best"] == pytest.approx(best, abs=1e-12)
+        assert r["threshold"] == best_t
+        assert r["fpr95"] == pytest.approx(_brute_fpr95(s, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("decimals", [None, 2, 1])
+def test_small_blocks_give_the_same_numbers(rng, decimals):
+    # The positives are processed in blocks aligned to tie runs; tiny blocks (smaller
+    # than a tie run) must give exactly what one block gives.
+    from ifad_fast.metrics import _curve_from_sorted
+
+    s, y = _random_case(rng, 3000, p_pos=0.3, decimals=decimals)
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    whole = _curve_from_sorted(pos, neg, block=10**9)
+    for block in (1, 2, 3, 7, 64):
+        part = _curve_from_sorted(pos, neg, block=block)
+        for key in ("dice_best", "threshold", "fpr95", "fpr95_threshold", "auroc"):
+            assert part[key] == whole[key], (block, key)
+        assert part["ap"] == pytest.approx(whole["ap"], abs=1e-12)
+    assert whole["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
+
+
+def test_fpr95_hand_made():
+    # 20 positives with scores 1..20, negatives at 0.5, 1.5 and 2.5.  Recall >= 0.95 needs
+    # 19 positives: highest such threshold is 2 -> negatives >= 2: {2.5} -> FPR 1/3.
+    s = np.concatenate([np.arange(1, 21, dtype=float), [0.5, 1.5, 2.5]])
+    y = np.array([True] * 20 + [False] * 3)
+    r = curve_metrics(s, y)
+    assert r["fpr95"] == pytest.approx(1 / 3)
+    assert r["fpr95_threshold"] == 2.0
+
+
+# ---------------------------------------------------------------- Dice by hand
+
+
+def test_dice_hand_made_2x2x2():
+    truth = np.zeros((2, 2, 2), bool)
+    truth[0, 0, 0] = truth[0, 0, 1] = truth[0, 1, 0] = True       # 3 voxels
+    pred = np.zeros((2, 2, 2), bool)
+    pred[0, 0, 0] = pred[0, 0, 1] = pred[1, 1, 1] = pred[1, 0, 0] = True  # 4 voxels, 2 hit
+    assert dice(pred, truth) == pytest.approx(4 / 7)      # 2*2 / (4+3)
+    assert dice(truth, truth) == 1.0
+    assert dice(np.zeros_like(truth), truth) == 0.0
+    assert dice(np.zeros_like(truth), np.zeros_like(truth)) == 1.0  # both empty
+    assert dice(pred, np.zeros_like(truth)) == 0.0
+    assert dice(pred.astype(np.uint8), truth.astype(np.float32) * 4) == pytest.approx(4 / 7)
+
+
+def test_evaluate_per_case_hand_made():
+    # Case A (2x2x2): lesion = 2 voxels; scores >= 0.5 hit 1 lesion voxel + 1 normal voxel.
+    sa = np.zeros((2, 2, 2), np.float32)
+    ma = np.zeros((2, 2, 2), np.uint8)
+    ma[0, 0, 0] = ma[0, 0, 1] = 1
+    sa[0, 0, 0] = 0.9      # TP
+    sa[0, 0, 1] = 0.2      # FN
+    sa[1, 1, 1] = 0.6      # FP
+    # Case B (2x2x2): lesion = 1 voxel, detected, nothing else -> Dice 1.
+    sb = np.zeros((2, 2, 2), np.float32)
+    mb = np.zeros((2, 2, 2), bool)
+    mb[1, 0, 1] = True
+    sb[1, 0, 1] = 0.7
+    # Validation set whose best-Dice threshold is 0.5 (the lesion scores 0.5, normals 0.4).
+    sv = np.full((2, 2, 2), 0.4, np.float32)
+    mv = np.zeros((2, 2, 2), bool)
+    mv[0, 1, 1] = True
+    sv[0, 1, 1] = 0.5
+    r = evaluate([sa, sb], [ma, mb], val_scores=[sv], val_masks=[mv], names=["A", "B"])
+    assert r["threshold_source"] == "validation"
+    assert r["threshold"] == 0.5
+    # Case A: TP 1, FP 1, FN 1 -> 2/(2+1+1) = 0.5.  Case B: 1.0.
+    assert [c["name"] for c in r["per_case"]] == ["A", "B"]
+    assert r["per_case"][0]["dice"] == pytest.approx(0.5)
+    assert r["per_case"][1]["dice"] == pytest.approx(1.0)
+    assert r["dice_mean"] == pytest.approx(0.75)
+    assert r["dice_std"] == pytest.approx(0.25)            # population std of {0.5, 1.0}
+    assert r["n_cases"] == 2
+    # Pooled test (16 voxels): positives {0.9, 0.2, 0.7}, one normal voxel at 0.6, the
+    # other 13 at 0.  Threshold 0.9: 2/(1+3) = 0.5; 0.7: 4/(2+3) = 0.8; 0.6: 4/(3+3);
+    # 0.2: TP 3, FP 1 -> 6/(4+3) = 6/7 (best); 0: 6/(16+3).
+    assert r["dice_best"] == pytest.approx(6 / 7)
+    assert r["dice_best_threshold"] == pytest.approx(0.2)
+
+
+def test_case_without_lesion_and_without_prediction_has_dice_one():
+    s1 = np.array([[[0.1, 0.9]]], np.float32)
+    m1 = np.array([[[0, 1]]], bool)
+    s2 = np.array([[[0.1, 0.2]]], np.float32)      # no lesion, nothing above 0.9
+    m2 = np.zeros((1, 1, 2), bool)
+    r = evaluate([s1, s2], [m1, m2])
+    assert r["threshold"] == pytest.approx(0.9)
+    assert [c["dice"] for c in r["per_case"]] == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------- evaluate()
+
+
+def _volumes(rng, n_cases, shape=(12, 10, 8), decimals=None):
+    scores, masks = [], []
+    for _ in range(n_cases):
+        m = np.zeros(shape, bool)
+        c = rng.integers(2, np.array(shape) - 2)
+        m[c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 1:c[2] + 2] = True
+        s = rng.random(shape) + 0.6 * m * rng.random(shape)
+        if decimals is not None:
+            s = np.round(s, decimals)
+        scores.append(s.astype(np.float32))
+        masks.append(m)
+    return scores, masks
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_evaluate_pools_like_sklearn(rng, decimals):
+    scores, masks = _volumes(rng, 5, decimals=decimals)
+    r = evaluate(scores, masks)
+    s = np.concatenate([x.ravel() for x in scores])
+    y = np.concatenate([x.ravel() for x in masks])
+    assert r["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    best, best_t = _brute_dice_best(s, y)
+    assert r["dice_best"] == pytest.approx(best, abs=1e-12)
+    assert r["fpr95"] == pytest.approx(_brute_fpr95(s, y), abs=1e-12)
+    assert r["threshold_source"] == "test (no validation set given)"
+    assert r["threshold"] == r["dice_best_threshold"] == best_t
+    per = [dice(x >= np.float32(best_t), m) for x, m in zip(scores, masks)]
+    assert [c["dice"] for c in r["per_case"]] == per
+    assert r["dice_mean"] == pytest.approx(np.mean(per))
+    assert r["dice_std"] == pytest.approx(np.std(per))
+    assert [c["name"] for c in r["per_case"]] == [f"case_{i:03d}" for i in range(5)]
+    assert r["n_cases"] == 5 and r["n_voxels"] == y.size and r["n_positive"] == y.sum()
+
+
+def test_evaluate_with_validation_uses_validation_threshold(rng):
+    scores, masks = _volumes(rng, 4)
+    vs, vm = _volumes(rng, 3)
+    # Shift the validation scores so its best threshold differs from the test's.
+    vs = [v + np.float32(0.25) for v in vs]
+    r = evaluate(scores, masks, val_scores=vs, val_masks=vm)
+    rv = curve_metrics(np.concatenate([v.ravel() for v in vs]),
+                       np.concatenate([m.ravel() for m in vm]))
+    rt = evaluate(scores, masks)
+    assert r["threshold_source"] == "validation"
+    assert r["threshold"] == rv["threshold"]
+    assert r["threshold"] != rt["threshold"]
+    # The pooled test metrics do not depend on the validation set.
+    for k in ("dice_best", "ap", "auroc", "fpr95"):
+        assert r[k] == rt[k]
+    per = [dice(x >= np.float32(rv["threshold"]), m) for x, m in zip(scores, masks)]
+    assert [c["dice"] for c in r["per_case"]] == per
+
+
+def test_evaluate_regions_restrict_voxels(rng):
+    scores, masks = _volumes(rng, 3)
+    regions = [rng.random(m.shape) < 0.7 for m in masks]
+    for m, reg in zip(masks, regions):
+        reg |= m
+    r = evaluate(scores, masks, regions=regions)
+    s = np.concatenate([x[g] for x, g in zip(scores, regions)])
+    y = np.concatenate([m[g] for m, g in zip(masks, regions)])
+    assert r["n_voxels"] == y.size
+    assert r["ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
+    assert r["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+
+
+def test_evaluate_does_not_modify_inputs(rng):
+    scores, masks = _volumes(rng, 3)
+    before = [(s.copy(), m.copy()) for s, m in zip(scores, masks)]
+    evaluate(scores, masks, val_scores=scores, val_masks=masks)
+    for (s0, m0), s, m in zip(before, scores, masks):
+        assert np.array_equal(s0, s) and np.array_equal(m0, m)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_errors_raise_ifad_error():
+    s = np.random.default_rng().random((3, 3, 3)).astype(np.float32)
+    m = np.zeros((3, 3, 3), bool)
+    m[1, 1, 1] = True
+    with pytest.raises(IfadError, match="no test cases"):
+        evaluate([], [])
+    with pytest.raises(IfadError, match="shape"):
+        evaluate([s], [m[:2]])
+    with pytest.raises(IfadError, match="no anomalous"):
+        evaluate([s], [np.zeros_like(m)])
+    bad = s.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(IfadError, match="NaN"):
+        evaluate([bad], [m])
+    with pytest.raises(IfadError, match="NaN"):
+        evaluate([s], [m], val_scores=[bad], val_masks=[m])
+    with pytest.raises(IfadError, match="one mask per case"):
+        evaluate([s, s], [m])
+    with pytest.raises(IfadError, match="both or neither"):
+        evaluate([s], [m], val_scores=[s])
+    with pytest.raises(IfadError, match="one name per case"):
+        evaluate([s], [m], names=["a", "b"])
+    with pytest.raises(IfadError):
+        curve_metrics(np.array([]), np.array([], bool))
+    with pytest.raises(IfadError, match="shape"):
+        curve_metrics(np.zeros(3), np.zeros(4, bool))
+    with pytest.raises(IfadError, match="no anomalous"):
+        curve_metrics(np.zeros(3), np.zeros(3, bool))
+    with pytest.raises(IfadError, match="NaN"):
+        curve_metrics(np.array([0.1, np.nan]), np.array([True, False]))
+    with pytest.raises(IfadError, match="normal voxels"):
+        curve_metrics(np.zeros(3), np.ones(3, bool))
+    with pytest.raises(IfadError, match="shape"):
+        dice(np.zeros(3, bool), np.zeros(4, bool))
+    # Messages are one line.
+    try:
+        evaluate([s], [m[:2]])
+    except IfadError as e:
+        assert "\n" not in str(e)
+
+
+# ---------------------------------------------------------------- table
+
+
+def test_format_table():
+    res = {"dice_best": 0.681, "dice_mean": 0.640, "dice_std": 0.177, "ap": 0.733,
+           "auroc": 0.992, "fpr95": 0.0462}
+    t = format_table(res)
+    lines = t.splitlines()
+    assert len(lines) == 3
+    for col in ("Method", "[DICE]", "DICE (μ ± σ)", "AP", "AUROC", "FPR@95R"):
+        assert col in lines[0]
+    assert "IT (s)" not in lines[0]
+    assert lines[2].startswith("IF 3D (ifad-fast)")
+    for cell in ("0.681", "0.640 ± 0.177", "0.733", "0.992", "0.0462"):
+        assert cell in lines[2]
+    t2 = format_table(dict(res, seconds_per_case=51.14), method="mine")
+    assert "IT (s)" in t2.splitlines()[0]
+    assert t2.splitlines()[2].startswith("mine") and t2.splitlines()[2].endswith("51.1")
+    assert not math.isnan(len(t2))
