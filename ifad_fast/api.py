@@ -33,14 +33,23 @@ def default_model(device="cpu") -> Model:
 
 
 def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.RestoreConfig:
-    """The RestoreConfig of a named schedule, with the model's training prior."""
-    if schedule not in cfg.SCHEDULES:
-        raise IfadError(f"unknown schedule {schedule!r}; choose one of {', '.join(cfg.SCHEDULES)}")
+    """The RestoreConfig of a named schedule (or 'STEPSxK[,STEPSxK...]'), with the model's training prior."""
     base = dict(prior=model.train.prior if model.train and model.train.prior == "paper" else "none",
                 sigma=model.train.sigma if model.train else 0.01)
-    base.update(cfg.SCHEDULES[schedule])
+    base.update(cfg.SCHEDULES[schedule] if schedule in cfg.SCHEDULES else dict(phases=parse_phases(schedule)))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return cfg.RestoreConfig(**base)
+
+
+def parse_phases(text: str) -> tuple:
+    """'200x8192,30x32768' -> ((200, 8192), (30, 32768))."""
+    try:
+        phases = tuple(tuple(int(v) for v in part.split("x")) for part in text.split(","))
+        if phases and all(len(p) == 2 and p[0] > 0 and p[1] > 0 for p in phases):
+            return phases
+    except ValueError:
+        pass
+    raise IfadError(f"unknown schedule {text!r}; use {', '.join(cfg.SCHEDULES)} or STEPSxPOINTS[,STEPSxPOINTS...]")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="NIfTI scans or folders")
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
     p.add_argument("-o", "--output", default="ifad_out", help="output folder (default ifad_out)")
-    p.add_argument("--schedule", default="fast", help="fast | paper | reference (default fast)")
+    p.add_argument("--schedule", default="fast", help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
     p.add_argument("--threshold", type=float, default=None, help="also write a binary <case>_mask.nii.gz")
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
     p.add_argument("--region", choices=("brain", "full"), default="brain",

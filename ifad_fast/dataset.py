@@ -32,11 +32,11 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
     if encoder is None:
         rng = np.random.default_rng(seed)
         chosen = sorted(rng.choice(len(paths), min(len(paths), FIT_VOLUMES), replace=False))
-        for i in tqdm(chosen, desc="fit centres", unit="scan", disable=not progress):
+        for i in tqdm(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
             cached[i] = _to_grid(paths[i], pc)
         encoder = IntensityEncoder.fit([cached[i][0] for i in chosen], k=k, seed=seed)
     cases = []
-    for i, path in enumerate(tqdm(paths, desc="prepare", unit="scan", disable=not progress)):
+    for i, path in enumerate(tqdm(paths, desc="prepare", unit="scan", disable=None if progress else True)):
         volume, grid, percentiles, scan = cached.pop(i, None) or _to_grid(path, pc)
         classes = encoder.encode(volume)
         if mode_pool > 1:

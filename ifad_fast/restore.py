@@ -81,7 +81,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     sizes = torch.tensor(shape)
     trace = []
     total = sum(steps for steps, _ in rc.phases)
-    bar = tqdm(total=total, desc="restore", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
     for phase, (steps, k) in enumerate(rc.phases):
         if phase and rc.lr_decay != 1.0:
             for group in opt.param_groups:
@@ -118,7 +118,7 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
     predicted = torch.zeros(flat_cls.numel(), dtype=torch.uint8, device=device)
     strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
     predict = getattr(backend, "score_and_classes", None)
-    for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=not progress, leave=False):
+    for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
         part = lin[start:start + chunk]
         idx = (part[:, None] // strides) % torch.tensor(shape, device=device)
         if predict is not None:

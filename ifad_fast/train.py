@@ -60,9 +60,10 @@ class Trainer:
         self.mc, self.tc, self.pc = mc, tc, pc
         self.centres = torch.as_tensor(np.asarray(centres), dtype=torch.float64)
         self.names = list(names) if names is not None else [f"vol{i}" for i in range(len(volumes))]
-        torch.manual_seed(tc.seed)
         self.generator = torch.Generator().manual_seed(tc.seed)
-        self.decoder = Decoder(mc).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tc.seed)
+            self.decoder = Decoder(mc).to(self.device)
         self.latents = (torch.randn(len(volumes), mc.latent_dim, generator=self.generator)
                         * tc.latent_init_std).to(self.device).requires_grad_(True)
         self.optimizer = torch.optim.Adam([
@@ -81,6 +82,8 @@ class Trainer:
         tc, shape = self.tc, tuple(self.volumes.shape[1:])
         self.decoder.train()
         self._set_learning_rates()
+        # dropout draws from torch's global RNG: reseed it from the run's own generator each epoch
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
         n = len(self.volumes)
         order = torch.randperm(n, generator=self.generator)
         flat = self.volumes.reshape(n, -1)
@@ -109,7 +112,7 @@ class Trainer:
 
     def run(self, epochs: int, run_dir: Path | None = None, progress: bool = True) -> Model:
         """Train until `epochs` epochs are done, checkpointing every tc.checkpoint_every and on Ctrl-C."""
-        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch", disable=not progress)
+        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch", disable=None if progress else True)
         try:
             while self.epoch < epochs:
                 t0 = time.perf_counter()
@@ -131,7 +134,8 @@ class Trainer:
         return self.model()
 
     def model(self) -> Model:
-        decoder = Decoder(self.mc)
+        with torch.random.fork_rng(devices=[]):  # building a copy must not move the training RNG
+            decoder = Decoder(self.mc)
         decoder.load_state_dict(self.decoder.state_dict())
         return Model(decoder=decoder.eval(), centres=self.centres, preprocess=self.pc,
                      latents=self.latents.detach().cpu().clone(), train=self.tc,
@@ -145,7 +149,7 @@ class Trainer:
         save_model(self.model(), run_dir / "model.pt")
         state = self.model().to_payload()
         state.update(optimizer=self.optimizer.state_dict(), epoch=self.epoch,
-                     generator=self.generator.get_state(), torch_rng=torch.get_rng_state(),
+                     generator=self.generator.get_state(),
                      log=json.dumps(self.log))
         with atomic_path(run_dir / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
@@ -171,5 +175,4 @@ class Trainer:
                             "this data or configuration); start a new run folder") from None
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         self.log = json.loads(state["log"])

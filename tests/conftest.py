@@ -1,0 +1,49 @@
+"""Shared fixtures: small, real-looking NIfTI brains built with nibabel."""
+from __future__ import annotations
+
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+AFFINE = np.array([[1.2, 0.0, 0.0, -10.0],
+                   [0.0, 1.1, 0.0, -20.0],
+                   [0.0, 0.0, 1.3, 5.0],
+                   [0.0, 0.0, 0.0, 1.0]])
+
+
+def toy_brain(seed: int, shape=(30, 34, 28), lesion: bool = False):
+    """An ellipsoid 'brain' with three tissue intensities and noise; optionally a bright lesion.
+
+    Returns (image float32, lesion mask uint8 or None).
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij"))
+    centre = np.array(shape) / 2 + rng.normal(0, 0.7, 3)
+    radii = np.array(shape) * 0.4 * rng.uniform(0.92, 1.08, 3)
+    d = np.sqrt((((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0))
+    img = np.where(d < 1, 300.0 + 250 * (d > 0.6) + 400 * (d < 0.25), 0.0)
+    img += rng.normal(0, 8, shape) * (d < 1)
+    mask = None
+    if lesion:
+        spot = centre + np.array([0.3, 0.0, 0.0]) * radii
+        m = np.sqrt(((grid - spot[:, None, None, None]) ** 2).sum(0)) < 0.25 * radii.min()
+        img[m] = 1000.0
+        mask = m.astype(np.uint8)
+    return img.astype(np.float32), mask
+
+
+def write_nifti(path, data, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+@pytest.fixture
+def scan_dir(tmp_path):
+    """A folder of four healthy toy brains."""
+    d = tmp_path / "healthy"
+    d.mkdir()
+    for i in range(4):
+        write_nifti(d / f"h{i}.nii.gz", toy_brain(i)[0])
+    return d
