@@ -9,14 +9,16 @@ from ifad_fast.train import Trainer, latent_prior
 
 
 def toy_volumes(n=3, size=12, seed=0):
-    """Class volumes (n, size³) uint8: nested spheres with jittered radii, like tiny brains."""
+    """Class volumes (n, size³) uint8: a ball holding a core whose place and size vary per volume."""
     rng = np.random.default_rng(seed)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
     r = np.sqrt((g ** 2).sum(0))
     vols = []
     for _ in range(n):
-        a, b = rng.uniform(0.75, 0.9), rng.uniform(0.3, 0.45)
-        vols.append(np.where(r < b, 3, np.where(r < 0.6, 2, np.where(r < a, 1, 0))).astype(np.uint8))
+        shift = rng.uniform(-0.5, 0.5, 3)[:, None, None, None]
+        core = np.sqrt(((g - shift) ** 2).sum(0)) < rng.uniform(0.25, 0.45)
+        outer = rng.uniform(0.55, 0.95)
+        vols.append(np.where(r > outer, 0, np.where(core, 3, np.where(g[0] > shift[0, 0], 2, 1))).astype(np.uint8))
     return torch.from_numpy(np.stack(vols))
 
 

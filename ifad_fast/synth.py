@@ -1,0 +1,662 @@
+"""Offline synthetic T2-weighted brains, healthy and with glioma-like lesions.
+
+Built from the MNI152 (2009) template tissue maps that ship inside nilearn's wheel, so
+nothing is downloaded. Each subject is the template anatomy, varied and re-imaged:
+
+* anatomy: ventricle enlargement (a smooth pull toward the lateral ventricles), cortical
+  atrophy (outer grey matter next to CSF turned into CSF), a few small white-matter
+  hyperintensities, and for lesion cases the mass effect of the tumour;
+* pose: a random affine (rotation ±8°, per-axis scale ±6 %, shift ±4 mm) and a smooth
+  elastic deformation (a coarse random displacement field, cubic-spline interpolated);
+* contrast: per-subject T2 intensities (CSF > GM > WM), partial volume from the tissue maps;
+* lesion (glioma-like): oedema spreading preferentially along white matter around a solid or
+  necrotic core, 1.5-9 % of the brain volume, with its binary mask (oedema + core);
+* acquisition: a smooth multiplicative bias field (2nd-order polynomial in the log), Rician
+  noise at a random SNR, skull-stripped (zero outside the deformed brain mask) and sampled
+  on an MNI-aligned grid of `voxel_mm` isotropic voxels (121 x 145 x 121 at 1.5 mm).
+
+Every case is a pure function of (set, index, seed, voxel size): the random stream of healthy
+subject i is `SeedSequence([seed, 0, i])` and that of lesion case j `SeedSequence([seed, 1, j])`,
+so the two sets never share a stream and the same arguments give bit-identical output.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from .errors import IfadError
+
+__all__ = [
+    "SynthCase",
+    "acquisition_grid",
+    "generate_healthy",
+    "generate_lesion",
+    "mni_reference",
+    "write_set",
+    "TISSUE_LABELS",
+]
+
+#: Labels of `SynthCase.tissue`.
+TISSUE_LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
+
+# Acquisition field of view in MNI millimetres (the standard MNI152 box: 181 x 217 x 181 at 1 mm).
+_FOV_LO = np.array([-90.0, -126.0, -72.0])
+_FOV_HI = np.array([90.0, 90.0, 108.0])
+_VOXEL_RANGE = (0.75, 8.0)
+_INTENSITY_SCALE = 1000.0   # relative intensities are multiplied by this
+_FLOOR = 0.02               # relative floor of brain intensities (zero means background downstream)
+_HEALTHY_STREAM, _LESION_STREAM, _REFERENCE = 0, 1, -1
+_VERSION = 1                # bump when the generator's output changes for the same arguments
+
+
+@dataclass
+class SynthCase:
+    """One synthetic subject.
+
+    image: float32 (X, Y, Z), zero outside the brain; mask: uint8 lesion mask (oedema + core)
+    or None for healthy subjects; brain_mask: uint8; affine: 4x4 voxel-to-world (MNI mm);
+    tissue: uint8 label map (0 background, 1 CSF, 2 GM, 3 WM, 4 lesion); info: the
+    subject's random parameters (JSON-serialisable).
+    """
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray | None
+    brain_mask: np.ndarray
+    affine: np.ndarray
+    tissue: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def lesion_fraction(self) -> float:
+        """Lesion voxels over brain voxels (0.0 for healthy subjects)."""
+        if self.mask is None:
+            return 0.0
+        return float(np.count_nonzero(self.mask)) / max(1, int(np.count_nonzero(self.brain_mask)))
+
+
+# --------------------------------------------------------------------------------------------
+# grid and templates
+
+
+def _check_voxel(voxel_mm) -> float:
+    try:
+        v = float(voxel_mm)
+    except (TypeError, ValueError):
+        raise IfadError(f"voxel size {voxel_mm!r} is not a number; pass millimetres, e.g. 1.5") from None
+    lo, hi = _VOXEL_RANGE
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise IfadError(f"voxel size {voxel_mm!r} mm is out of range; pass {lo} to {hi} mm (e.g. 1.5)")
+    return v
+
+
+def _check_count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise IfadError(f"{what} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def acquisition_grid(voxel_mm: float = 1.5) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and affine of the output grid: MNI-aligned, `voxel_mm` isotropic voxels."""
+    v = _check_voxel(voxel_mm)
+    shape = tuple(int(math.floor((hi - lo) / v + 1e-6)) + 1 for lo, hi in zip(_FOV_LO, _FOV_HI))
+    affine = np.eye(4)
+    affine[:3, :3] *= v
+    affine[:3, 3] = _FOV_LO
+    return shape, affine
+
+
+@dataclass(frozen=True)
+class _Templates:
+    fine: torch.Tensor          # (1, 3, I, J, K) float32 at 1 mm: GM, WM, brain mask
+    origin: np.ndarray          # world mm of fine[..., 0, 0, 0]; axes along +x, +y, +z
+    smooth: torch.Tensor        # (1, 6, i, j, k) float32 at 2 mm: smoothed CSF, depth (mm), brain mask,
+                                # pull toward the lateral ventricles (3, max norm 1)
+    smooth_step: float          # mm; smooth[..., 0, 0, 0] is at `origin`
+    centres: np.ndarray         # (N, 3) candidate lesion centres (world mm): deep white matter
+    brain_ml: float             # volume of the brain mask (mL)
+    brain_centre: np.ndarray    # (3,) centre of mass of the brain mask (world mm)
+
+
+_MNI_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+
+
+def _load_mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GM, WM, brain mask (1 mm) and affine, exactly as `nilearn.datasets.load_mni152_*(resolution=1)`
+    return them (each map divided by its maximum; mask = T1 template / max > 0.2).
+
+    The files are read straight from nilearn's package data with nibabel: importing
+    `nilearn.datasets` costs seconds and these loaders only read and rescale the files.
+    Falls back to nilearn's loaders where the files are not where this nilearn keeps them.
+    """
+    import importlib.util
+
+    import nibabel as nib
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise IfadError("nilearn is needed for the synthetic brains (its MNI152 maps); pip install nilearn")
+    data_dir = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    paths = {k: data_dir / f for k, f in _MNI_FILES.items()}
+    if all(p.is_file() for p in paths.values()):
+        imgs = {k: nib.load(str(p)) for k, p in paths.items()}
+        arrs = {}
+        for k, img in imgs.items():
+            a = np.asarray(img.get_fdata(dtype=np.float32), dtype=np.float32)
+            arrs[k] = a / a.max()
+        affine = np.asarray(imgs["gm"].affine, dtype=np.float64)
+        return arrs["gm"], arrs["wm"], arrs["t1"] > 0.2, affine
+    from nilearn import datasets  # pragma: no cover - other nilearn layouts
+
+    gm_img = datasets.load_mni152_gm_template(resolution=1)
+    gm = np.asarray(gm_img.get_fdata(dtype=np.float32))
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32))
+    mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj) > 0
+    return gm, wm, mask, np.asarray(gm_img.affine, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=1)
+def _templates() -> _Templates:
+    """Load the MNI152 maps once per process and derive the helper maps."""
+    gm, wm, brain, aff = _load_mni152()
+    if not np.allclose(aff[:3, :3], np.eye(3)):
+        raise IfadError("unexpected MNI152 template orientation in this nilearn version")
+    gm = np.clip(gm, 0.0, 1.0) * brain
+    wm = np.clip(wm, 0.0, 1.0) * brain
+    # crop to the brain with a margin
+    idx = np.argwhere(brain)
+    lo = np.maximum(idx.min(0) - 6, 0)
+    hi = np.minimum(idx.max(0) + 7, brain.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    gm, wm, brain = gm[sl], wm[sl], brain[sl]
+    origin = aff[:3, 3] + lo
+    maskf = brain.astype(np.float32)
+    csf = np.clip(maskf - gm - wm, 0.0, 1.0)
+    # smooth helper maps at 2 mm
+    step = 2
+    sub = (slice(None, None, step),) * 3
+    csf_s = ndi.gaussian_filter(csf, 1.5, truncate=3.0)[sub]
+    depth = ndi.distance_transform_edt(brain[sub], sampling=step).astype(np.float32)
+    # lateral ventricles: the largest CSF component in a central box
+    ii, jj, kk = (np.arange(n, dtype=np.float64) + o for n, o in zip(brain.shape, origin))
+    box = ((np.abs(ii) < 32)[:, None, None] & ((jj > -60) & (jj < 40))[None, :, None]
+           & ((kk > -10) & (kk < 40))[None, None, :])
+    lab, n = ndi.label(((csf > 0.5) & box)[sub])
+    sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    vent = (lab == 1 + int(np.argmax(sizes))).astype(np.float32)
+    vent_s = ndi.gaussian_filter(vent, 5.0 / step, truncate=3.0)
+    grad = np.stack(np.gradient(vent_s))
+    grad = (grad / np.sqrt((grad ** 2).sum(0)).max()).astype(np.float32)
+    # lesion centres: deep, supratentorial, off-midline white matter, away from the ventricles
+    ii, jj, kk = (a[::step] for a in (ii, jj, kk))
+    cand = (wm[sub] > 0.85) & (depth >= 18) & (vent_s < 0.05)
+    cand &= (np.abs(ii) >= 10)[:, None, None] & ((jj > -95) & (jj < 60))[None, :, None]
+    cand &= ((kk > -15) & (kk < 60))[None, None, :]
+    centres = np.argwhere(cand) * step + origin
+    smooth = np.concatenate([csf_s[None], depth[None], maskf[sub][None], grad])
+    return _Templates(
+        fine=torch.from_numpy(np.ascontiguousarray(np.stack([gm, wm, maskf])[None])),
+        origin=origin,
+        smooth=torch.from_numpy(np.ascontiguousarray(smooth[None])),
+        smooth_step=float(step),
+        centres=centres.astype(np.float64),
+        brain_ml=float(brain.sum()) * float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0,
+        brain_centre=np.argwhere(brain).mean(0) + origin,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _fine_maps(voxel_mm: float) -> torch.Tensor:
+    """The 1 mm GM, WM and mask maps blurred for `voxel_mm` voxels: a voxel integrates over its
+    width (box profile, variance v^2/12), the 1 mm maps already over 1 mm; the difference is
+    made up with a Gaussian of variance (v^2 - 1)/12 mm^2."""
+    tpl = _templates()
+    var = (voxel_mm ** 2 - 1.0) / 12.0
+    if var <= 0.01:
+        return tpl.fine
+    sigma = math.sqrt(var)
+    maps = tpl.fine[0].numpy()
+    out = np.stack([ndi.gaussian_filter(m, sigma, truncate=3.0) for m in maps])
+    return torch.from_numpy(out[None])
+
+
+def _grid_coords(points: np.ndarray, origin: np.ndarray, step: float, shape) -> np.ndarray:
+    """World mm (..., 3) -> grid_sample's normalised (..., 3) coordinates, (k, j, i) order."""
+    size = np.asarray(shape, dtype=np.float64)
+    nrm = (points - origin) / step / (size - 1) * 2.0 - 1.0
+    return nrm[..., ::-1]
+
+
+def _sample(vol: torch.Tensor, nrm: np.ndarray) -> np.ndarray:
+    """Trilinear samples of vol (1, C, I, J, K) at normalised coords (a, b, c, 3) -> (C, a, b, c)."""
+    grid = torch.from_numpy(np.ascontiguousarray(nrm, dtype=np.float32))[None]
+    with torch.no_grad():
+        out = F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[0].numpy()
+
+
+def _spline_weights(lo: float, hi: float, n: int, q: np.ndarray) -> np.ndarray:
+    """(len(q), n) weights of cubic-spline interpolation through n equispaced nodes on [lo, hi]."""
+    from scipy.interpolate import make_interp_spline
+
+    nodes = np.linspace(lo, hi, n)
+    spl = make_interp_spline(nodes, np.eye(n), k=3)
+    return spl(np.clip(q, lo, hi))
+
+
+def _noise_on_grid(rng: np.random.Generator, nodes, shape) -> np.ndarray:
+    """A smooth random field on a grid of `shape` spanning the node box: cubic spline through
+    N(0, 1) node values, rescaled to unit standard deviation (float32)."""
+    lr = rng.standard_normal(tuple(max(4, int(n)) for n in nodes))  # cubic splines need 4 nodes
+    out = lr
+    for axis, m in enumerate(shape):
+        w = _spline_weights(0.0, 1.0, lr.shape[axis], np.linspace(0.0, 1.0, m))
+        out = np.moveaxis(np.tensordot(out, w, axes=([axis], [1])), -1, axis)
+    out = out.astype(np.float32)
+    return out / max(float(out.std()), 1e-6)
+
+
+class _Spline3:
+    """A random 3-vector field: cubic-spline interpolation of N(0, amp^2) values on a node grid
+    spanning the box [lo, hi]. Evaluated on tensor-product grids with separable weight matrices."""
+
+    def __init__(self, rng: np.random.Generator, lo, hi, spacing_mm: float, amp: float):
+        self.lo = np.asarray(lo, dtype=np.float64)
+        self.hi = np.asarray(hi, dtype=np.float64)
+        self.n = np.maximum(np.ceil((self.hi - self.lo) / spacing_mm).astype(int) + 1, 4)
+        self.ctrl = rng.standard_normal((3, *self.n)) * amp
+
+    def _weights(self, axis: int, q: np.ndarray) -> np.ndarray:
+        return _spline_weights(self.lo[axis], self.hi[axis], int(self.n[axis]), q)
+
+    def on_grid(self, xs, ys, zs) -> np.ndarray:
+        """Field (3, len(xs), len(ys), len(zs)) at the tensor grid of axis coordinates (mm)."""
+        wx, wy, wz = (self._weights(a, np.atleast_1d(np.asarray(q, dtype=np.float64)))
+                      for a, q in enumerate((xs, ys, zs)))
+        out = np.tensordot(self.ctrl, wx, axes=([1], [1]))      # (3, ny, nz, X)
+        out = np.tensordot(out, wy, axes=([1], [1]))            # (3, nz, X, Y)
+        out = np.tensordot(out, wz, axes=([1], [1]))            # (3, X, Y, Z)
+        return out
+
+    def at(self, point) -> np.ndarray:
+        return self.on_grid(*([c] for c in point))[:, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# random helpers
+
+
+def _rng(stream: int, index: int, seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(index)]))
+
+
+def _rotation(angles_rad) -> np.ndarray:
+    a, b, c = angles_rad
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _upsample(field_lr: np.ndarray, shape) -> np.ndarray:
+    """Trilinear upsampling (corners aligned) of a (C, a, b, c) or (a, b, c) array to `shape`."""
+    arr = np.asarray(field_lr, dtype=np.float32)
+    squeeze = arr.ndim == 3
+    t = torch.from_numpy(np.ascontiguousarray(arr[None] if squeeze else arr))[None]
+    out = F.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=True)[0]
+    out = out.numpy()
+    return out[0] if squeeze else out
+
+
+def _topk_mask(score: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+    """The `k` highest-scoring voxels of `valid` (ties broken by np.partition, deterministic)."""
+    vals = score[valid]
+    k = int(min(max(k, 1), vals.size))
+    thr = np.partition(vals, vals.size - k)[vals.size - k]
+    return valid & (score >= thr)
+
+
+# --------------------------------------------------------------------------------------------
+# the generator
+
+
+def _draw_params(rng: np.random.Generator, lesion: bool, reference: bool = False) -> dict:
+    """The subject's scalar random parameters, drawn in a fixed order."""
+    if reference:
+        return dict(rot_deg=[0.0] * 3, scale=[1.0] * 3, shift_mm=[0.0] * 3, elastic_mm=0.0,
+                    ventricle_mm=0.0, atrophy=0.0, c_csf=0.92, c_gm=0.52, c_wm=0.31,
+                    n_wm_spots=0, bias_sd=0.0, snr=None, texture=0.0)
+    p = {}
+    p["rot_deg"] = rng.uniform(-8.0, 8.0, 3).tolist()
+    p["scale"] = rng.uniform(0.94, 1.06, 3).tolist()
+    p["shift_mm"] = rng.uniform(-4.0, 4.0, 3).tolist()
+    p["elastic_mm"] = float(rng.uniform(1.0, 2.5))
+    p["ventricle_mm"] = float(rng.uniform(0.0, 4.5) if rng.random() < 0.85 else rng.uniform(0.0, 1.0))
+    p["atrophy"] = float(rng.uniform(0.0, 0.6))
+    p["c_csf"] = float(rng.uniform(0.85, 1.0))
+    p["c_gm"] = float(rng.uniform(0.45, 0.60))
+    p["c_wm"] = float(rng.uniform(0.25, 0.38))
+    p["n_wm_spots"] = int(rng.integers(2, 7))
+    p["bias_sd"] = float(rng.uniform(0.03, 0.10))
+    p["snr"] = float(rng.uniform(15.0, 40.0))
+    p["texture"] = float(rng.uniform(0.01, 0.03))
+    if lesion:
+        p["lesion_fraction_target"] = float(math.exp(rng.uniform(math.log(0.015), math.log(0.09))))
+        p["core_share"] = float(rng.uniform(0.15, 0.5))
+        p["necrotic"] = bool(rng.random() < 0.55)
+        p["necrotic_share"] = float(rng.uniform(0.3, 0.6))
+        p["edema_int"] = float(rng.uniform(0.70, 0.86))
+        p["solid_int"] = float(rng.uniform(0.50, 0.66))
+        p["necrosis_int"] = float(rng.uniform(0.85, 1.0))
+        p["wm_preference"] = float(rng.uniform(0.5, 1.0))
+        p["mass_effect"] = float(rng.uniform(0.3, 0.6))
+        p["mass_decay"] = float(rng.uniform(0.8, 1.5))
+    return p
+
+
+def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> SynthCase:
+    t0 = time.perf_counter()
+    v = _check_voxel(voxel_mm)
+    tpl = _templates()
+    shape, affine = acquisition_grid(v)
+    lesion = stream == _LESION_STREAM
+    reference = stream == _REFERENCE
+    rng = _rng(max(stream, 0), index, seed) if not reference else np.random.default_rng(0)
+    p = _draw_params(rng, lesion, reference)
+    f32 = np.float32
+
+    # ---- pose: x (output world) = c0 + t + R S (u - c0), u in subject-anatomy space
+    c0 = tpl.brain_centre
+    A = _rotation(np.deg2rad(p["rot_deg"])) @ np.diag(p["scale"])
+    A_inv = np.linalg.inv(A)
+    t = np.asarray(p["shift_mm"], dtype=np.float64)
+
+    def forward(u: np.ndarray) -> np.ndarray:  # subject anatomy -> output world
+        return c0 + t + (u - c0) @ A.T
+
+    # ---- elastic displacement, a function of output position: cubic spline of ~25 mm nodes
+    elastic = (_Spline3(rng, _FOV_LO - 10.0, _FOV_HI + 10.0, 25.0, p["elastic_mm"])
+               if p["elastic_mm"] > 0 else None)
+
+    # ---- lesion geometry (drawn before sampling: its mass effect moves the anatomy)
+    if lesion:
+        k = int(rng.integers(len(tpl.centres)))
+        c_t = tpl.centres[k] + rng.uniform(-1.0, 1.0, 3)
+        c_u = c_t.copy()
+        for _ in range(3):  # solve c_u + e(forward(c_u)) = c_t
+            c_u = c_t - elastic.at(forward(c_u))
+        c_out = forward(c_u)
+        lesion_ml = p["lesion_fraction_target"] * tpl.brain_ml * float(np.prod(p["scale"]))
+        r_lesion = (3.0 * lesion_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+        r_core = r_lesion * p["core_share"] ** (1.0 / 3.0)
+        mass_d = min(p["mass_effect"] * r_core, 8.0)
+        mass_l = p["mass_decay"] * r_core
+        p["centre_mm"] = c_out.round(2).tolist()
+
+    # ---- pull-back map (output world -> template mm) on a coarse grid: nodes every `step`
+    # voxels from voxel 0 (the last node may lie past the grid), so that a block of nodes
+    # upsamples exactly onto the voxels it spans
+    step = max(1, int(round(3.0 / v)))
+    n_nodes = [int(math.ceil((n - 1) / step)) + 1 for n in shape]
+    coarse = [np.arange(m) * step * v + o for m, o in zip(n_nodes, affine[:3, 3])]
+    x = np.stack(np.meshgrid(*coarse, indexing="ij"), -1)                  # (a, b, c, 3)
+    u = (x - c0 - t) @ A_inv.T + c0
+    if lesion:  # mass effect: sample closer to the tumour centre, pushing tissue outward
+        d = u - c_u
+        r = np.sqrt((d ** 2).sum(-1))
+        delta = np.where(r <= r_core, mass_d * r / max(r_core, 1e-6),
+                         mass_d * np.exp(-(r - r_core) / max(mass_l, 1e-6)))
+        u = u - d * (delta / np.maximum(r, 1e-6))[..., None]
+    p0 = u if elastic is None else u + np.moveaxis(elastic.on_grid(*coarse), 0, -1)
+    sm_shape = tpl.smooth.shape[2:]
+    if p["ventricle_mm"] > 0:  # ventricle enlargement: pull toward the lateral ventricles
+        g = _sample(tpl.smooth[:, 3:], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
+        p0 = p0 + p["ventricle_mm"] * np.moveaxis(g, 0, -1)
+    csf_s, depth_c, mask_c = _sample(tpl.smooth[:, :3], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
+    nrm = np.moveaxis(_grid_coords(p0, tpl.origin, 1.0, tpl.fine.shape[2:]), -1, 0).astype(f32)
+
+    # coarse-level fields that are smooth: cortical atrophy share and intensity texture
+    chans = [nrm]
+    if p["atrophy"] > 0:  # outer GM beside CSF becomes CSF, regionally varying
+        region = np.clip(1.0 + 0.5 * _noise_on_grid(rng, (3, 4, 3), n_nodes), 0.0, 2.0)
+        outer = np.clip(1.0 - depth_c / 25.0, 0.0, 1.0)
+        chans.append(np.clip(p["atrophy"] * region * outer * np.clip(2.5 * csf_s, 0.0, 1.0), 0.0, 0.9)[None])
+    if p["texture"] > 0:
+        chans.append((1.0 + p["texture"] * _noise_on_grid(rng, (6, 7, 6), n_nodes))[None])
+
+    # ---- crop: the voxels of the coarse cells that touch the brain
+    occ = np.argwhere(mask_c > 0.0)
+    nlo = np.maximum(occ.min(0) - 1, 0)
+    nhi = np.minimum(occ.max(0) + 1, np.asarray(n_nodes) - 1)
+    lo = nlo * step
+    hi = np.minimum(nhi * step + 1, shape)                                     # exclusive
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    cshape = tuple(int(b - a) for a, b in zip(lo, hi))
+    block = np.concatenate(chans)[:, nlo[0]:nhi[0] + 1, nlo[1]:nhi[1] + 1, nlo[2]:nhi[2] + 1]
+    up = _upsample(block, (nhi - nlo) * step + 1)[:, :cshape[0], :cshape[1], :cshape[2]]
+    gm, wm, maskf = _sample(_fine_maps(round(v, 4)), np.moveaxis(up[:3], 0, -1))
+    rest = list(up[3:])
+    del up, block
+    brain = maskf > 0.5
+    csf = np.clip(maskf - gm - wm, 0.0, 1.0)
+    inv = 1.0 / np.maximum(gm + wm + csf, f32(1e-3))
+    f_gm, f_wm, f_csf = gm * inv, wm * inv, csf * inv
+    del gm, wm, csf, inv
+    if p["atrophy"] > 0:
+        conv = rest.pop(0) * f_gm
+        f_gm -= conv
+        f_csf += conv
+        del conv
+
+    # ---- T2 contrast with partial volume, texture, small white-matter hyperintensities
+    img = f32(p["c_csf"]) * f_csf + f32(p["c_gm"]) * f_gm + f32(p["c_wm"]) * f_wm
+    if p["texture"] > 0:
+        img *= rest.pop(0)
+    spots = []
+    if p["n_wm_spots"]:
+        deep = depth_c[nlo[0]:nhi[0] + 1, nlo[1]:nhi[1] + 1, nlo[2]:nhi[2] + 1] > 8.0
+        deep = np.repeat(np.repeat(np.repeat(deep, step, 0), step, 1), step, 2)[:cshape[0], :cshape[1], :cshape[2]]
+        cand = np.flatnonzero((f_wm > 0.9) & brain & deep)
+        for _ in range(p["n_wm_spots"]):
+            ci = np.array(np.unravel_index(cand[int(rng.integers(cand.size))], cshape))
+            sig = float(rng.uniform(1.0, 2.5)) / v
+            amp = float(rng.uniform(0.04, 0.15))
+            rad = int(math.ceil(3 * sig))
+            slo = np.maximum(ci - rad, 0)
+            shi = np.minimum(ci + rad + 1, cshape)
+            sl = tuple(slice(a, b) for a, b in zip(slo, shi))
+            ax = [(np.arange(a, b) - c).astype(f32) for a, b, c in zip(slo, shi, ci)]
+            r2 = ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2
+            img[sl] += f32(amp) * np.exp(f32(-0.5 / sig ** 2) * r2) * f_wm[sl]
+            spots.append({"voxel": (ci + lo).tolist(), "sigma_mm": round(sig * v, 2), "amp": round(amp, 3)})
+    tissue = np.where(f_csf >= np.maximum(f_gm, f_wm), 1, np.where(f_gm >= f_wm, 2, 3)).astype(np.uint8)
+    tissue *= brain
+    del f_csf, f_gm
+
+    # ---- lesion: oedema along white matter around a solid or necrotic core
+    les_crop = None
+    if lesion:
+        n_brain = int(brain.sum())
+        # a box around the centre in full-grid voxels (its size fixes the random fields, so the
+        # result does not depend on the crop), intersected with the crop
+        ci = (c_out - affine[:3, 3]) / v
+        rad = int(math.ceil(3.0 * r_lesion / v)) + 2
+        box_lo = np.floor(ci).astype(int) - rad
+        bshape = (2 * rad + 1,) * 3
+        blo = np.maximum(box_lo, lo)
+        bhi = np.minimum(box_lo + 2 * rad + 1, hi)
+        sl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, lo))            # in the crop
+        bsl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, box_lo))       # in the box
+        axes = [(np.arange(a, b) - ci[k]) * v for k, (a, b) in enumerate(zip(blo, bhi))]
+        d = np.stack(np.meshgrid(*axes, indexing="ij"), -1)                       # (..., 3) mm
+        Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+        radii = rng.uniform(0.75, 1.3, 3)
+        radii /= np.prod(radii) ** (1.0 / 3.0)
+        offset = rng.standard_normal(3) * 0.15 * r_lesion
+        r_e = np.sqrt(((((d - offset) @ Q) / radii) ** 2).sum(-1)) / r_lesion
+        n1 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
+        n2 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
+        n3 = _noise_on_grid(rng, (5, 5, 5), bshape)[bsl]
+        b_brain = brain[sl]
+        score = -r_e + 0.25 * n1 + p["wm_preference"] * (f_wm[sl] - 0.5)
+        target = int(round(p["lesion_fraction_target"] * n_brain))
+        for _ in range(4):  # keep the largest component, fill holes, hit the target size
+            raw = _topk_mask(score, b_brain, target)
+            lab, n = ndi.label(raw)
+            if n > 1:
+                sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+                raw = lab == 1 + int(np.argmax(sizes))
+            les = ndi.binary_fill_holes(raw) & b_brain
+            frac = les.sum() / n_brain
+            if 0.8 * p["lesion_fraction_target"] <= frac <= 1.25 * p["lesion_fraction_target"]:
+                break
+            target = int(round(target * p["lesion_fraction_target"] * n_brain / max(int(les.sum()), 1)))
+        if les.sum() > 0.10 * n_brain:  # guarantee the 1-10 % range (never needed in practice)
+            les = _topk_mask(score, les, int(0.10 * n_brain))
+        elif les.sum() < 0.01 * n_brain:
+            les = les | _topk_mask(score, b_brain, int(math.ceil(0.01 * n_brain)))
+        # core: rounder, centred on the tumour centre
+        r_c = np.sqrt((d ** 2).sum(-1)) / r_lesion
+        core_score = -r_c + 0.2 * n2
+        core = _topk_mask(core_score, les, int(round(p["core_share"] * les.sum())))
+        nec = (_topk_mask(core_score, core, int(round(p["necrotic_share"] * core.sum())))
+               if p["necrotic"] else np.zeros_like(core))
+
+        def soft(m):
+            return ndi.gaussian_filter(m.astype(f32), 0.6, truncate=3.0)
+
+        s_les, s_core, s_nec = soft(les), soft(core), soft(nec)
+        closeness = np.clip(1.0 - r_c, 0.0, 1.0)
+        e_int = p["edema_int"] + 0.05 * closeness + 0.025 * n3
+        c_int = p["solid_int"] + 0.04 * n3
+        local = img[sl]
+        local = local * (1 - s_les) + s_les * np.maximum(local, e_int)
+        local = local * (1 - s_core) + s_core * c_int
+        local = local * (1 - s_nec) + s_nec * (p["necrosis_int"] + 0.02 * n2)
+        img[sl] = local
+        les_crop = np.zeros(cshape, np.uint8)
+        les_crop[sl] = les
+        tissue[les_crop > 0] = 4
+        p["lesion_fraction"] = round(float(les.sum()) / n_brain, 5)
+        p["core_fraction_of_lesion"] = round(float(core.sum()) / max(1, int(les.sum())), 4)
+
+    # ---- acquisition: bias field, Rician noise, skull stripping
+    if p["bias_sd"] > 0:
+        coef = [float(c) for c in rng.standard_normal(9) * p["bias_sd"]]
+        X, Y, Z = (np.linspace(-1.0, 1.0, n, dtype=f32)[c] for n, c in zip(shape, crop))
+        X, Y, Z = X[:, None, None], Y[None, :, None], Z[None, None, :]
+        logb = (coef[0] * X + coef[1] * Y + coef[2] * Z + coef[3] * (X * X - f32(1 / 3))
+                + coef[4] * (Y * Y - f32(1 / 3)) + coef[5] * (Z * Z - f32(1 / 3))
+                + coef[6] * X * Y + coef[7] * X * Z + coef[8] * Y * Z)
+        img *= np.exp(logb)
+        del logb
+    if p["snr"] is not None:
+        sigma = f32(float(img[brain].mean()) / p["snr"])
+        n_re = rng.standard_normal(cshape, dtype=f32)
+        n_re *= sigma
+        n_re += img
+        n_im = rng.standard_normal(cshape, dtype=f32)
+        n_im *= sigma
+        n_re *= n_re
+        n_im *= n_im
+        n_re += n_im
+        img = np.sqrt(n_re)
+        del n_im
+    np.maximum(img, f32(_FLOOR), out=img)
+    img *= f32(_INTENSITY_SCALE)
+    img *= brain
+
+    def full(a, dtype):
+        out = np.zeros(shape, dtype)
+        out[crop] = a
+        return out
+
+    p["wm_spots"] = spots
+    p["shape"] = list(shape)
+    p["voxel_mm"] = v
+    p["seconds"] = round(time.perf_counter() - t0, 3)
+    return SynthCase(name=name, image=full(img, f32), mask=None if les_crop is None else full(les_crop, np.uint8),
+                     brain_mask=full(brain, np.uint8), affine=affine, tissue=full(tissue, np.uint8), info=p)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
+    """Healthy subject `index` of the set drawn with `seed` (stream SeedSequence([seed, 0, index]))."""
+    index, seed = _check_count(index, "index"), _check_count(seed, "seed")
+    return _render(f"healthy_{index:04d}", _HEALTHY_STREAM, index, seed, voxel_mm)
+
+
+def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
+    """Glioma-like lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index]))."""
+    index, seed = _check_count(index, "index"), _check_count(seed, "seed")
+    return _render(f"lesion_{index:04d}", _LESION_STREAM, index, seed, voxel_mm)
+
+
+def mni_reference(voxel_mm: float = 1.5) -> SynthCase:
+    """The template itself as a noise-free T2 image on the acquisition grid (mean contrast,
+    no warp, no bias, no noise): an atlas for baselines."""
+    return _render("mni_reference", _REFERENCE, 0, 0, voxel_mm)
+
+
+def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: float = 1.5,
+              progress: bool = True) -> dict:
+    """Write `n_healthy` healthy and `n_lesions` lesion cases as NIfTI under `out_dir`.
+
+    Layout: out_dir/healthy/<name>.nii.gz, out_dir/lesion/<name>.nii.gz and
+    out_dir/lesion/<name>_mask.nii.gz, and out_dir/manifest.json. Returns the manifest.
+    """
+    from tqdm.auto import tqdm
+
+    from .io import save_json, save_volume
+
+    n_healthy = _check_count(n_healthy, "n_healthy")
+    n_lesions = _check_count(n_lesions, "n_lesions")
+    seed = _check_count(seed, "seed")
+    v = _check_voxel(voxel_mm)
+    out = Path(out_dir)
+    shape, affine = acquisition_grid(v)
+    manifest = {
+        "generator": "ifad_fast.synth",
+        "version": _VERSION,
+        "seed": seed,
+        "voxel_mm": v,
+        "shape": list(shape),
+        "affine": affine.tolist(),
+        "intensity_scale": _INTENSITY_SCALE,
+        "healthy": [],
+        "lesion": [],
+        "lesion_fractions": {},
+        "cases": {},
+    }
+    jobs = [(generate_healthy, i) for i in range(n_healthy)] + [(generate_lesion, j) for j in range(n_lesions)]
+    bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=None if progress else True)
+    try:
+        for fn, i in jobs:
+            case = fn(i, seed=seed, voxel_mm=v)
+            kind = "lesion" if case.mask is not None else "healthy"
+            save_volume(out / kind / f"{case.name}.nii.gz", case.image, case.affine, dtype=np.float32)
+            if case.mask is not None:
+                save_volume(out / kind / f"{case.name}_mask.nii.gz", case.mask, case.affine, dtype=np.uint8)
+                manifest["lesion_fractions"][case.name] = round(case.lesion_fraction, 5)
+            manifest[kind].append(case.name)
+            manifest["cases"][case.name] = {k: case.info[k] for k in case.info if k != "seconds"}
+            bar.update(1)
+    finally:
+        bar.close()
+    save_json(out / "manifest.json", manifest)
+    return manifest
