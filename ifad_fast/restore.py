@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import config as cfg
 from .backends import make_backend
 from .model import Model
+from .sampling import PointSampler
 
 
 @dataclass
@@ -75,8 +76,9 @@ def prior_weight(rc: cfg.RestoreConfig, k: int) -> float:
 
 
 def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.RestoreConfig,
-                     generator: torch.Generator, progress: bool = False):
-    """Adam on z over rc.phases of (steps, K). classes: (B, X, Y, Z) uint8 on the backend's device.
+                     generator: torch.Generator, progress: bool = False, brain: torch.Tensor | None = None):
+    """Adam on z over rc.phases of (steps, K). classes: (B, X, Y, Z) uint8 on the backend's device;
+    brain: bool (B, X, Y, Z), where rc.brain_fraction of the points are drawn (default classes != 0).
 
     Returns z (B, D) float32 and the per-step mean data loss (steps, B).
     """
@@ -85,7 +87,8 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     flat = classes.reshape(b, -1).long()
     z = z0.clone().to(device).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=rc.lr)
-    sizes = torch.tensor(shape)
+    sampler = PointSampler(shape, brain if brain is not None else classes != 0, rc.brain_fraction)
+    rows = torch.arange(b)
     trace = []
     total = sum(steps for steps, _ in rc.phases)
     bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
@@ -95,8 +98,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
                 group["lr"] *= rc.lr_decay
         reg = prior_weight(rc, k)
         for _ in range(steps):
-            idx = (torch.rand(b, k, 3, generator=generator) * sizes).long()
-            lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+            idx, lin = sampler.draw(rows, k, generator)
             idx, lin = idx.to(device), lin.to(device)
             targets = flat.gather(1, lin)
             data_loss = backend.mean_loss(z, idx, targets, shape)
@@ -158,7 +160,7 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     gen = torch.Generator().manual_seed(rc.seed)
     z0 = initial_latents(model, classes.shape[0], rc, gen)
     cls_t = torch.from_numpy(classes).to(device)
-    z, trace = optimise_latents(engine, cls_t, z0, rc, gen, progress)
+    z, trace = optimise_latents(engine, cls_t, z0, rc, gen, progress, torch.from_numpy(np.asarray(brain, bool)))
     out = []
     for i in range(classes.shape[0]):
         keep = torch.from_numpy(_dilate(brain[i], pool_reach(rc))).to(device) if region == "brain" else None

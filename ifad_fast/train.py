@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from . import config as cfg
 from .errors import IfadError
 from .io import atomic_path, save_json
-from .model import Decoder, Model, cross_entropy_per_point, save_model
+from .model import Decoder, Model, save_model
+from .sampling import PointSampler
 
 
 def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
@@ -70,6 +71,7 @@ class Trainer:
             {"params": list(self.decoder.parameters()), "lr": tc.lr_weights},
             {"params": [self.latents], "lr": tc.lr_latents},
         ])
+        self.sampler = PointSampler(volumes.shape[1:], volumes != 0, tc.brain_fraction)
         self.epoch = 0
         self.log: list[dict] = []
 
@@ -87,13 +89,11 @@ class Trainer:
         n = len(self.volumes)
         order = torch.randperm(n, generator=self.generator)
         flat = self.volumes.reshape(n, -1)
-        sizes = torch.tensor(shape)
         total, count = 0.0, 0
         for start in range(0, n, tc.volumes_per_batch):
             rows = order[start:start + tc.volumes_per_batch]
             k = tc.points_per_volume
-            idx = (torch.rand(len(rows), k, 3, generator=self.generator) * sizes).long()
-            lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+            idx, lin = self.sampler.draw(rows, k, self.generator)
             rows_d, idx, lin = rows.to(self.device), idx.to(self.device), lin.to(self.device)
             targets = flat[rows_d].gather(1, lin).long()
             if tc.prior == "reference":

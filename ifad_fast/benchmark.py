@@ -1,0 +1,120 @@
+"""`ifad-fast bench accuracy` and `ifad-fast bench speed`.
+
+Accuracy: held-out glioma-like cases synthesised from the MNI152 maps (validation set: lesion
+seed 1; test set: lesion seed 2; the bundled model trained on healthy seed 0), scored by the
+model and by the voxel-wise mean-image baseline, in the paper's Table 1 columns.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+VAL_SEED, TEST_SEED, TRAIN_SEED = 1, 2, 0
+
+
+def machine() -> str:
+    import os
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def mean_image(pc, n_healthy: int, progress=True) -> np.ndarray:
+    """Mean normalised model-grid image of the healthy training subjects (all on the MNI grid)."""
+    from .preprocess import to_model_grid
+    from .synth import generate_healthy
+
+    total = None
+    for i in tqdm(range(n_healthy), desc="mean image", unit="scan", disable=None if progress else True):
+        vol = to_model_grid(generate_healthy(i, seed=TRAIN_SEED).image, pc)[0]
+        total = vol.astype(np.float64) if total is None else total + vol
+    return (total / n_healthy).astype(np.float32)
+
+
+def baseline_map(image: np.ndarray, mean: np.ndarray, pc, rc) -> np.ndarray:
+    """|scan − mean healthy image| on the model grid, the same post-processing, back to native."""
+    from .preprocess import to_model_grid
+    from .restore import postprocess
+
+    vol, grid, _ = to_model_grid(image, pc)
+    score = postprocess(np.abs(vol - mean), rc.min_pool, rc.avg_pool)
+    score[vol == 0] = 0.0
+    return grid.to_native(score)
+
+
+def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=None, schedule="fast",
+             n_test=None, n_val=None, report=print) -> dict:
+    from .api import default_model, restore_array, restore_config
+    from .backends import resolve_device
+    from .metrics import evaluate, format_table
+    from .synth import generate_lesion
+
+    device = resolve_device(device)
+    model = model or default_model(device)
+    n_test = n_test or (4 if quick else 24)
+    n_val = n_val or (2 if quick else 6)
+    n_healthy = len(model.latents) if model.latents.numel() else 16
+    rc = restore_config(model, schedule)
+    mean = mean_image(model.preprocess, min(n_healthy, 8 if quick else n_healthy))
+
+    def score_set(seed, n, label):
+        maps, base, masks, names, seconds = [], [], [], [], []
+        for j in tqdm(range(n), desc=label, unit="case"):
+            case = generate_lesion(j, seed=seed)
+            t0 = time.perf_counter()
+            res = restore_array(model, case.image, rc=rc, backend=backend, device=device)
+            seconds.append(time.perf_counter() - t0)
+            maps.append(res.anomaly)
+            base.append(baseline_map(case.image, mean, model.preprocess, rc))
+            masks.append(case.mask > 0)
+            names.append(case.name)
+        return maps, base, masks, names, seconds
+
+    vm, vb, vmask, _, _ = score_set(VAL_SEED, n_val, "validation")
+    tm, tb, tmask, names, seconds = score_set(TEST_SEED, n_test, "test")
+    ours = evaluate(tm, tmask, vm, vmask, names=names)
+    ours["seconds_per_case"] = float(np.mean(seconds))
+    base = evaluate(tb, tmask, vb, vmask, names=names)
+    table = "\n".join([format_table(ours, f"IF 3D, bundled model ({schedule})"),
+                       format_table(base, "mean-image baseline").splitlines()[-1]])
+    result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+                  schedule=schedule, backend=backend, n_test=n_test, n_val=n_val, model=ours, baseline=base,
+                  restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior))
+    report(table)
+    report("per-case Dice (model / baseline): " + ", ".join(
+        f"{a['name']} {a['dice']:.2f}/{b['dice']:.2f}" for a, b in zip(ours["per_case"], base["per_case"])))
+    if out_dir:
+        from .io import save_json
+        save_json(Path(out_dir) / "accuracy.json", result)
+        (Path(out_dir) / "accuracy.md").write_text(table + "\n")
+    return result
+
+
+def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print) -> dict:
+    """Times the restoration pieces for the paper-sized model on one volume (see bench/speed.py)."""
+    import sys
+    root = Path(__file__).resolve().parent.parent / "bench"
+    if not (root / "speed.py").is_file():
+        from .errors import IfadError
+        raise IfadError("the speed benchmark lives in the repository's bench/ folder; run it from a source checkout")
+    sys.path.insert(0, str(root))
+    import speed as speed_suite  # noqa: E402  (bench/speed.py)
+    result = speed_suite.run(quick=quick, backend=backend, device=device, report=report)
+    if out_dir:
+        from .io import save_json
+        save_json(Path(out_dir) / "speed.json", result)
+    return result

@@ -1,0 +1,122 @@
+"""End to end through the CLI on tiny volumes, and every user error: exit 2, one line, no output."""
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ifad_fast.cli import main
+from conftest import AFFINE, toy_brain, write_nifti
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """prepare -> train (tiny preset) once for the module."""
+    root = tmp_path_factory.mktemp("e2e")
+    healthy = root / "healthy"
+    healthy.mkdir()
+    for i in range(4):
+        write_nifti(healthy / f"h{i}.nii.gz", toy_brain(i)[0])
+    assert main(["prepare", str(healthy), "-o", str(root / "prep"), "--resolution", "24", "--classes", "10"]) == 0
+    assert main(["train", str(root / "prep"), "-o", str(root / "run"), "--preset", "tiny", "--epochs", "6",
+                 "--device", "cpu"]) == 0
+    return root
+
+
+def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
+    root = tiny_run
+    assert (root / "run" / "model.pt").is_file() and (root / "run" / "loss.jsonl").is_file()
+    lesions, masks = tmp_path / "lesions", tmp_path / "masks"
+    lesions.mkdir(), masks.mkdir()
+    shapes = {}
+    for i in range(2):
+        img, mask = toy_brain(10 + i, shape=(26 + i, 30, 28), lesion=True)
+        write_nifti(lesions / f"case{i}.nii.gz", img)
+        write_nifti(masks / f"case{i}_mask.nii.gz", mask)
+        shapes[f"case{i}"] = img.shape
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "restore", lesions, "-m", root / "run", "-o", out, "--threshold", "0.5",
+                            "--schedule", "20x256", "--backend", "torch", "--device", "cpu")
+    assert code == 0, err
+    assert "case0" in stdout and "case1" in stdout
+    for name, shape in shapes.items():
+        for suffix, dtype in (("anomaly", np.float32), ("restoration", np.float32), ("mask", np.uint8)):
+            img = nib.load(str(out / f"{name}_{suffix}.nii.gz"))
+            assert img.shape == shape and img.get_data_dtype() == dtype
+            np.testing.assert_allclose(img.affine, AFFINE)
+        assert json.loads((out / f"{name}_restore.json").read_text())["backend"] == "torch"
+    code, stdout, err = run(capsys, "evaluate", "--scores", out, "--masks", masks, "-o", out)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("dice_best", "dice_mean", "dice_std", "ap", "auroc", "fpr95", "threshold", "n_cases"):
+        assert key in metrics
+    assert metrics["n_cases"] == 2 and "[DICE]" in stdout
+
+
+def test_resume_through_cli(tiny_run, tmp_path, capsys):
+    prep = tiny_run / "prep"
+    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
+    assert code == 0
+    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
+    assert code == 2 and "--resume" in err
+    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "3",
+                       "--device", "cpu", "--resume")
+    assert code == 0, err
+    assert len((tmp_path / "r" / "loss.jsonl").read_text().splitlines()) == 3
+
+
+def _user_errors(root, tmp_path):
+    scan = write_nifti(tmp_path / "scan.nii.gz", toy_brain(5)[0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "junk.pt").write_text("junk")
+    model = root / "run"
+    return {
+        "missing model": ["restore", scan, "-m", tmp_path / "nope.pt", "-o", tmp_path / "o1"],
+        "wrong model file": ["restore", scan, "-m", tmp_path / "junk.pt", "-o", tmp_path / "o2"],
+        "folder with no scans": ["restore", empty, "-m", model, "-o", tmp_path / "o3"],
+        "unknown device": ["restore", scan, "-m", model, "-o", tmp_path / "o4", "--device", "tpu"],
+        "cuda without a GPU": ["restore", scan, "-m", model, "-o", tmp_path / "o5", "--device", "cuda"],
+        "unknown backend": ["restore", scan, "-m", model, "-o", tmp_path / "o6", "--backend", "fortran",
+                            "--device", "cpu"],
+        "bad schedule": ["restore", scan, "-m", model, "-o", tmp_path / "o7", "--schedule", "soon"],
+        "unknown preset": ["train", root / "prep", "-o", tmp_path / "o8", "--preset", "huge"],
+        "train on empty folder": ["train", empty, "-o", tmp_path / "o9", "--preset", "tiny"],
+        "unpaired masks": ["evaluate", "--scores", root, "--masks", empty],
+    }
+
+
+@pytest.mark.parametrize("what", ["missing model", "wrong model file", "folder with no scans", "unknown device",
+                                  "cuda without a GPU", "unknown backend", "bad schedule", "unknown preset",
+                                  "train on empty folder", "unpaired masks"])
+def test_user_errors_exit_2_with_one_line(tiny_run, tmp_path, capsys, what):
+    import torch
+    if what == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU, so asking for cuda is not an error here")
+    args = _user_errors(tiny_run, tmp_path)[what]
+    code, _, err = run(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err
+    outs = [p for p in tmp_path.glob("o*") if p.is_dir()]
+    assert all(not any(q.suffix == ".gz" for q in p.iterdir()) for p in outs)
+
+
+def test_console_script_help_and_version():
+    out = subprocess.run([sys.executable, "-m", "ifad_fast.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("prepare", "train", "restore", "evaluate", "bench", "synth", "demo"):
+        assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "ifad_fast.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ifad-fast" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "ifad_fast.cli", "restore", "/nonexistent.nii.gz", "-m", "x.pt"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
