@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Reproduces the bundled default model (ifad_fast/data/default_model.pt):
+# 48 synthetic healthy brains (seed 0) -> 96³ classes -> small preset -> threshold on the
+# validation lesions (seed 1) -> copied into the package with its training log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EPOCHS=${EPOCHS:-250}
+ifad-fast synth -o data/synth_train --healthy 48 --lesions 0 --seed 0
+ifad-fast prepare data/synth_train/healthy -o data/prep96 --resolution 96 --mode-pool 2
+ifad-fast train data/prep96 -o runs/small --preset small --epochs "$EPOCHS" --device cpu
+python - <<'PY'
+import shutil
+from ifad_fast.benchmark import calibrate_and_bundle
+calibrate_and_bundle("runs/small/model.pt", "ifad_fast/data/default_model.pt")
+shutil.copy("runs/small/loss.jsonl", "ifad_fast/data/default_model_loss.jsonl")
+PY

@@ -1,0 +1,677 @@
+"""Fused Triton kernels for the implicit-field decoder: per-point cross-entropy, dL/dz, score grid.
+
+Imports only torch and triton (a leaf of ifad_fast). Kernel, launchers and autograd.Function
+live side by side (Liger-Kernel `ops/` style).
+
+Math (identical to `ifad_fast.model.Decoder` with weight norm folded; no dropout)
+-------------------------------------------------------------------------------
+Per point with voxel index (i, j, k) of a grid (X, Y, Z): p_c = -1 + 2 i_c / (S_c - 1),
+γ(p)[c*2L + 2f] = sin(2^f π p_c), γ(p)[c*2L + 2f + 1] = cos(2^f π p_c)  (G = 6L values).
+x = [z, γ]; h_0 = relu(W_0 x + b_0); h_l = relu(W_l in_l + b_l) with in_l = [h_{l-1}, z, γ] at
+l == LI (latent_in) and h_{l-1} otherwise; logits = W_out h_{NL-1} + b_out; loss = -log_softmax[t].
+z is shared by every point of a scan, so its share of layers 0 and LI is hoisted out:
+c0 = W_0[:, :D] z + b_0 and cr = W_LI[:, HR:HR+D] z + b_LI are per-scan bias vectors (B, H),
+computed once per step in torch (fp32); the kernel sees a G-wide layer 0 and an (HR + G)-wide
+layer LI, HR = H - D - G. dL/dz = W_0z^T Σ δ_0 + W_rz^T Σ δ_LI, where δ_l are pre-activation
+gradients: δ_out = softmax - onehot; δ_{l-1} = (W_l[:, h part]^T δ_l) ⊙ 1[h_{l-1} > 0].
+
+Positional encoding
+-------------------
+sin/cos are separable per axis: the launcher builds (once per grid shape) a table of
+X + Y + Z rows of 2L floats (the exact torch formula of `ifad_fast.model`), and the kernel
+prologue gathers γ for its BLOCK_M points straight from the voxel indices (3 gathers per
+point from a table of <= 3*300*20 floats that lives in L1/L2). No coordinate, γ or logit is
+ever written per point. This is cheaper than sin/cos in the kernel and bit-identical to the
+reference's γ (no FMA contraction or libdevice-vs-Sleef ulp differences: at 2^9 π the
+argument is ~1600 rad, where 1 ulp of p moves sin by ~1e-4).
+
+Data layout (all row-major, contiguous)
+---------------------------------------
+idx      (B*K, 3) int32 voxel indices, scan-major (point n of scan b at b*K + n); the
+         launcher converts whatever int dtype it gets, one chunk at a time
+targets  (B*K,) int32 class ids, already gathered at the points (the grid evaluator too:
+         the caller gathers the uint8 class volume at its voxel list)
+tab      (X+Y+Z, 2L) fp32 per-axis encoding rows; axis 1 starts at row Y0 = X, axis 2 at Z0 = X+Y
+fw       (NL+1, RW, SW) operand dtype: "forward" weights, W_l^T zero padded (rows = input
+         features, columns = outputs). fw[0][:G] = W_0γ^T; fw[l][:H] = W_l^T (l not LI);
+         fw[LI][:HR] = W_LIh^T and fw[LI][HRP:HRP+G] = W_LIγ^T; fw[NL][:H, :C] = W_out^T.
+bw       (NL+1, SW, SW) operand dtype: "backward" weights, the h part of W_l as stored (rows =
+         outputs, columns = h inputs), zero padded; bw[0] unused.
+bias     (B, NL+1, SW) fp32: b_l for every layer, with c0 (row 0) and cr (row LI) per scan.
+loss     (B*K,) fp32 out: one float per point.
+cls      (B*K,) uint8 out, only when write_cls: argmax of the logits (the restored class).
+part     (P, B, 2, SW) fp32 out (zeroed): per-program partial Σ δ_0 (slot 0) and Σ δ_LI (slot 1);
+         reduced in torch (deterministic, no atomics).
+scratch  (P, NSLOT, BLOCK_M, SW) operand dtype: per-program scratch (see below).
+Padding: every width is rounded up to BLOCK_N (HP = ⌈H⌉, HRP = ⌈HR⌉, BLOCK_N % BLOCK_K == 0);
+padded weight rows/columns and biases are zero, so padded activations are relu(0) = 0 and
+padded δ are 0: the inner loops need no masks. Rows past K (the last tile of a scan) compute
+on γ = 0 and are masked at the loss store and zeroed in δ_out.
+
+Per-tile scratch scheme
+-----------------------
+One kernel, `fused_point_kernel`; the runtime flag need_grad selects forward-only (losses) or
+forward + backward-to-z (losses and Σδ) in the same launch. The grid is persistent:
+P = min(#tiles, #SM × programs_per_sm) programs loop over tiles of BLOCK_M points (tile
+t -> scan t // tiles_per_scan). Each program owns NSLOT slots of BLOCK_M × SW scratch: slot 0
+holds γ; forward-only launches ping-pong h between slots 1 and 2 (NSLOT = 3); launches with
+the gradient keep every h_l (slots 1..NL: their sign is the ReLU mask of the backward) plus
+two δ slots (NSLOT = NL + 3). A layer is: for each BLOCK_N column tile of its output,
+acc (BLOCK_M × BLOCK_N, fp32) = Σ over BLOCK_K chunks of tl.dot(input slot chunk, fw tile)
+(+ the γ slot's dots at layers 0 and LI) + bias, relu, cast, store to the output slot;
+`tl.debug_barrier()` between layers (the next layer's warps read columns other warps wrote).
+The epilogue (output layer, log-softmax, target gather, cross-entropy) runs on a
+BLOCK_M × CP register tile (CP = 16 ≥ C). The backward starts from δ_out = softmax - onehot in
+registers, walks the layers down (δ_l chunks × bw tiles, masked by the stored h_{l-1}) and
+adds the column sums of δ_0 and δ_LI (fp32, before any rounding) to the program's partials.
+Nothing 316- or 10-wide per point reaches global memory except the scratch slots. Sizes on an
+H100 (bf16, BLOCK_M 128, SW 512, P = 132): 52 MB forward-only (the hot input+output slots of
+all programs, 34 MB, stay in the 50 MB L2) and 190 MB with the gradient (8 KB/point of h_l,
+written once and read back once by the backward; what L2 cannot hold goes to HBM).
+
+FLOPs and bytes (paper size: D=256, L=10, H=512, NL=8, LI=4, C=10)
+------------------------------------------------------------------
+Forward MACs per point: 60·512 + 2·512² + 512·196 + 256·512 + 3·512² + 512·10 = 1,577,984
+(3.16 MFLOP). Backward to z (no weight grads, nothing below layer 0): 5·512² + 2·196·512 +
+10·512 = 1,516,544 MACs (3.03 MFLOP). Forward + backward: 6.19 MFLOP per point.
+Restoration, 700 steps × 16,200 points: 70.2 TFLOP; the 160³ score grid (forward): 13.0 TFLOP
+(less on a dilated brain mask).
+HBM per point: 12 B of indices + 4 B target + 4 B loss, plus in the gradient launch up to
+2 × 8 KB of h_l when they overflow L2 (≤ 0.27 GB per step, ~80 µs of HBM time, overlapped).
+L2 per point (bf16, 128 × 128 × 64 tiles): the padded weights, 3.3 MB forward + 3.2 MB
+backward, are read once per 128-point tile: 50 KB/point; the activation operands are re-read
+once per output column tile (HP / BLOCK_N = 4): ≈ 26 KB forward + 24 KB backward, plus ≈ 22 KB
+of slot writes and mask reads: ≈ 120 KB/point, ≈ 51 FLOP per byte of L2 traffic.
+Expected on an H100 SXM (untimed: no GPU here): tensor-core bound would be ~0.1 ms per step;
+at ~5.5-7 TB/s of L2 bandwidth the kernel is L2-bound at roughly 250-350 TFLOP/s (25-35 % of
+the 989 TFLOP/s dense bf16 peak, 30-45 % of a ~800 TFLOP/s achievable matmul peak):
+~0.3-0.4 ms per restoration step, ~0.2-0.3 s for 700 steps, ~40-50 ms for the 160³ grid, plus
+~10 small torch launches per step (c0/cr, zeroing the partials, reductions, the dz matmuls).
+float32 (exact "ieee" dots on CUDA cores, ≤ 67 TFLOP/s peak) is ~5-10× slower.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _operand(x, ODT: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """fp32 -> operand dtype. The interpreter truncates fp32 -> bf16; GPUs round to nearest
+    even: with EMULATE_RNE the rounding is done on the bits first, so both agree."""
+    if EMULATE_RNE:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        x = u.to(tl.float32, bitcast=True)
+    return x.to(ODT)
+
+
+# Runtime integers are not specialised (Triton would turn a 1 into a constant and tag multiples
+# of 16), nor the alignment of the index and target pointers (chunks of a caller's tensor):
+# one compiled kernel per (GPU, precision, decoder shape), exactly the one that aot_compile()
+# builds, whatever B, K, the grid shape, the flags or the chunking.
+@triton.jit(do_not_specialize=["K", "n_tiles", "tiles_per_scan", "B", "Y0", "Z0", "nslot", "need_grad",
+                             "write_cls"],
+            do_not_specialize_on_alignment=["idx_ptr", "tgt_ptr"])
+def fused_point_kernel(
+    idx_ptr, tgt_ptr, tab_ptr, fw_ptr, bw_ptr, bias_ptr, loss_ptr, part_ptr, scratch_ptr, cls_ptr,
+    K, n_tiles, tiles_per_scan, B, Y0, Z0, nslot, need_grad, write_cls,
+    NL: tl.constexpr, LI: tl.constexpr, HP: tl.constexpr, HRP: tl.constexpr,
+    SW: tl.constexpr, RW: tl.constexpr, TWO_L: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    GK: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One persistent program: loops over tiles of BLOCK_M points (see the module docstring)."""
+    ODT: tl.constexpr = scratch_ptr.dtype.element_ty          # operand dtype (fp32 or bf16)
+    CDT: tl.constexpr = tl.float32 if UPCAST else ODT        # dot input dtype (interpreter: fp32)
+    SLOT: tl.constexpr = BLOCK_M * SW
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    base = scratch_ptr + pid.to(tl.int64) * nslot * SLOT
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rg = tl.arange(0, GP)
+    rgk = tl.arange(0, GK)
+    rc = tl.arange(0, CP)
+    g_axis = rg // TWO_L                         # γ column -> axis, table row offset, column
+    g_off = tl.where(g_axis == 1, Y0, tl.where(g_axis == 2, Z0, 0))
+    g_col = rg - g_axis * TWO_L
+    g_ok = rg < G
+    c_ok = rc < C
+    w_out = fw_ptr + NL * (RW * SW)
+
+    for t in range(pid, n_tiles, nprog):
+        b = t // tiles_per_scan
+        row = (t - b * tiles_per_scan) * BLOCK_M + rm
+        valid = row < K
+        pt = b * K + row
+        bias_b = bias_ptr + b * ((NL + 1) * SW)
+
+        # ---- prologue: γ for the tile, gathered from the per-axis table, into slot 0
+        gmask = valid[:, None] & g_ok[None, :]
+        vox = tl.load(idx_ptr + (pt[:, None] * 3 + g_axis[None, :]), mask=gmask, other=0)
+        gam = tl.load(tab_ptr + ((vox + g_off[None, :]) * TWO_L + g_col[None, :]), mask=gmask, other=0.0)
+        tl.store(base + (rm[:, None] * SW + rg[None, :]), _operand(gam, ODT, UPCAST))
+        tl.debug_barrier()
+
+        # ---- hidden layers
+        for l in range(0, NL):
+            kin = tl.where(l == 0, 0, tl.where(l == LI, HRP, HP))     # h-part input width
+            nout = tl.where(l == LI - 1, HRP, HP)
+            # with the gradient h_{l-1} lives in slot l; without, h ping-pongs in slots 1 and 2
+            in_base = base + tl.where(need_grad != 0, l, 1 + (l + 1) % 2) * SLOT
+            out_base = base + tl.where(need_grad != 0, l + 1, 1 + l % 2) * SLOT
+            w_base = fw_ptr + l * (RW * SW)
+            wg_base = w_base + tl.where(l == 0, 0, HRP) * SW          # γ rows of fw[l]
+            for n0 in range(0, nout, BLOCK_N):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                a_p = in_base + (rm[:, None] * SW + rk[None, :])
+                w_p = w_base + n0 + (rk[:, None] * SW + rn[None, :])
+                for k0 in range(0, kin, BLOCK_K):
+                    a = tl.load(a_p)
+                    w = tl.load(w_p)
+                    acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PREC)
+                    a_p += BLOCK_K
+                    w_p += BLOCK_K * SW
+                if (l == 0) | (l == LI):
+                    for g0 in range(0, GP, GK):
+                        ag = tl.load(base + (rm[:, None] * SW + (g0 + rgk)[None, :]))
+                        wg = tl.load(wg_base + n0 + ((g0 + rgk)[:, None] * SW + rn[None, :]))
+                        acc = tl.dot(ag.to(CDT), wg.to(CDT), acc, input_precision=DOT_PREC)
+                acc += tl.load(bias_b + l * SW + n0 + rn)[None, :]
+                hval = tl.maximum(acc, 0.0)
+                tl.store(out_base + n0 + (rm[:, None] * SW + rn[None, :]), _operand(hval, ODT, UPCAST))
+            tl.debug_barrier()
+
+        # ---- epilogue: logits, log-softmax, cross-entropy of the target
+        last = base + tl.where(need_grad != 0, NL, 1 + (NL - 1) % 2) * SLOT
+        lacc = tl.zeros((BLOCK_M, CP), dtype=tl.float32)
+        ao_p = last + (rm[:, None] * SW + rk[None, :])
+        wo_p = w_out + (rk[:, None] * SW + rc[None, :])
+        for k0 in range(0, HP, BLOCK_K):
+            ao = tl.load(ao_p)
+            wo = tl.load(wo_p)
+            lacc = tl.dot(ao.to(CDT), wo.to(CDT), lacc, input_precision=DOT_PREC)
+            ao_p += BLOCK_K
+            wo_p += BLOCK_K * SW
+        logits = lacc + tl.load(bias_b + NL * SW + rc)[None, :]
+        logits = tl.where(c_ok[None, :], logits, float("-inf"))
+        mx = tl.max(logits, axis=1)
+        ex = tl.exp(logits - mx[:, None])
+        se = tl.sum(ex, axis=1)
+        tgt = tl.load(tgt_ptr + pt, mask=valid, other=0).to(tl.int32)
+        onehot = rc[None, :] == tgt[:, None]
+        lt = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
+        loss = mx + tl.log(se) - lt
+        tl.store(loss_ptr + pt, loss, mask=valid)
+        if write_cls != 0:                        # the restoration: most likely class (first max)
+            tl.store(cls_ptr + pt, tl.argmax(logits, axis=1).to(tl.uint8), mask=valid)
+
+        # ---- backward to the pre-activations of layers 0 and LI (only their sums leave)
+        if need_grad != 0:
+            part_b = part_ptr + ((pid * B + b) * 2) * SW
+            d_out = ex / se[:, None] - onehot.to(tl.float32)
+            d_out = tl.where(valid[:, None] & c_ok[None, :], d_out, 0.0)
+            d_op = _operand(d_out, ODT, UPCAST).to(CDT)
+            wb = bw_ptr + NL * (SW * SW)
+            d_first = base + (NL + 1) * SLOT
+            for n0 in range(0, HP, BLOCK_N):
+                wc = tl.load(wb + n0 + (rc[:, None] * SW + rn[None, :]))
+                gacc = tl.dot(d_op, wc.to(CDT), input_precision=DOT_PREC)
+                hm = tl.load(last + n0 + (rm[:, None] * SW + rn[None, :]))
+                dl = tl.where(hm > 0, gacc, 0.0)
+                tl.store(d_first + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
+                if LI == NL - 1:
+                    pp = part_b + SW + n0 + rn
+                    tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
+            tl.debug_barrier()
+            for jj in range(0, NL - 1):
+                l = NL - 1 - jj                                       # δ_l -> δ_{l-1}
+                nrows = tl.where(l == LI - 1, HRP, HP)                # width of δ_l
+                kcols = tl.where(l == LI, HRP, HP)                    # width of δ_{l-1}
+                d_in = base + (NL + 1 + jj % 2) * SLOT
+                d_nx = base + (NL + 1 + (jj + 1) % 2) * SLOT
+                h_prev = base + l * SLOT                              # slot of h_{l-1}
+                wb = bw_ptr + l * (SW * SW)
+                do_sum = (l == 1) | (l == LI + 1)
+                p_sum = part_b + tl.where(l == 1, 0, SW)
+                for n0 in range(0, kcols, BLOCK_N):
+                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    a_p = d_in + (rm[:, None] * SW + rk[None, :])
+                    w_p = wb + n0 + (rk[:, None] * SW + rn[None, :])
+                    for k0 in range(0, nrows, BLOCK_K):
+                        a = tl.load(a_p)
+                        w = tl.load(w_p)
+                        acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PREC)
+                        a_p += BLOCK_K
+                        w_p += BLOCK_K * SW
+                    hm = tl.load(h_prev + n0 + (rm[:, None] * SW + rn[None, :]))
+                    dl = tl.where(hm > 0, acc, 0.0)
+                    if l > 1:
+                        tl.store(d_nx + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
+                    if do_sum:
+                        pp = p_sum + n0 + rn
+                        tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
+                tl.debug_barrier()
+        tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configurations per GPU generation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int          # points per tile (rows of every tl.dot)
+    BLOCK_N: int          # output columns per accumulator tile
+    BLOCK_K: int          # reduction chunk
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 1
+    dot_precision: str = "ieee"   # fp32 operands only: "ieee" (exact), or "tf32x3" (untested)
+    maxnreg: int | None = None    # ptxas register cap (None: ptxas' own heuristic)
+
+    def launch_options(self) -> dict:
+        opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
+
+
+# Keyed by (architecture family, precision); the paper-size choice of each family is compiled
+# ahead of time by tests/test_triton_compile.py, which fails if any of them uses stack (spills)
+# on cc >= 8.0 (registers / stack / shared bytes read from the cubin with cuobjdump).
+# bf16: tensor-core dots (wgmma on sm_90, mma.sync on sm_8x), BLOCK_M = 128 points per
+# program, 128-wide accumulators, 8 warps. sm_90 / sm_80 have 228 / 164 KB of shared memory
+# per SM: 3 stages of (128x64 + 64x128) bf16 = 96 KB; sm_86 / sm_89 have 100 KB: BLOCK_K 32.
+# float32: exact ("ieee") FMA dots; Triton keeps a K-deep slice of both operands per thread,
+# so BLOCK_K = 16 and 64x64 tiles (168 registers on sm_90). On sm_80 that tile needs 250, too
+# close to 255: 32x64 (168, three programs per SM). On sm_86/89 ptxas' own heuristic caps
+# kernels at 168 registers and spills (8 bytes for 64x64, 96 for 32x64): maxnreg=255 lifts the
+# cap (184 registers, no stack).
+# sm_75 / sm_61 have no bf16 tensor cores (the backend refuses them; compiled for the record).
+CONFIGS: dict[tuple[str, str], TileConfig] = {
+    ("sm90", "bf16"): TileConfig(128, 128, 64, 8, 3),
+    ("sm90", "float32"): TileConfig(64, 64, 16, 4, 2, 2),
+    ("sm80", "bf16"): TileConfig(128, 128, 64, 8, 3),
+    ("sm80", "float32"): TileConfig(32, 64, 16, 4, 2, 3),
+    ("sm86", "bf16"): TileConfig(128, 128, 32, 8, 3),
+    ("sm86", "float32"): TileConfig(64, 64, 16, 4, 2, 2, maxnreg=255),
+    ("sm75", "bf16"): TileConfig(64, 64, 16, 4, 2, 2),
+    ("sm75", "float32"): TileConfig(64, 64, 16, 4, 2, 2),
+    ("interpreter", "bf16"): TileConfig(32, 32, 32, 1, 1),
+    ("interpreter", "float32"): TileConfig(32, 32, 32, 1, 1),
+}
+INTERPRETER_PROGRAMS = 3      # few programs, so the persistent tile loop is exercised
+
+
+def arch_key(cc: int | None) -> str:
+    """Compute capability (e.g. 86) -> config family; None -> the interpreter."""
+    if cc is None:
+        return "interpreter"
+    if cc in (86, 87, 89) or cc >= 120:       # ~100 KB of shared memory per SM (sm_120: untested)
+        return "sm86"
+    if cc >= 90:
+        return "sm90"
+    if cc >= 80:
+        return "sm80"
+    return "sm75"
+
+
+def normalise_precision(precision: str) -> str:
+    p = {"float32": "float32", "fp32": "float32", "bf16": "bf16", "bfloat16": "bf16"}.get(precision)
+    if p is None:
+        raise ValueError(f"unknown precision {precision!r}; use float32 or bf16")
+    return p
+
+
+def interpreted() -> bool:
+    """True when the kernels run in Triton's interpreter (on CPU tensors): TRITON_INTERPRET=1
+    was set before triton (whose own jit helpers, tl.sum, tl.max..., must be interpreted too)
+    and this module were imported."""
+    from triton.runtime.jit import JITFunction
+    return not isinstance(fused_point_kernel, JITFunction) and not isinstance(tl.standard.sum, JITFunction)
+
+
+def device_cc(device: torch.device) -> int | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def config_for(cc: int | None, precision: str) -> TileConfig:
+    """The tile configuration for compute capability `cc` (None: the interpreter)."""
+    return CONFIGS[(arch_key(cc), normalise_precision(precision))]
+
+
+def pick_config(device, precision: str) -> TileConfig:
+    return config_for(device_cc(device), precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _ceil(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _pow2_at_least(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (x - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Every width the kernel needs, padded for a tile configuration."""
+
+    D: int
+    L: int
+    H: int
+    NL: int
+    LI: int
+    C: int
+    BLOCK_N: int
+    BLOCK_K: int
+
+    @property
+    def G(self):
+        return 6 * self.L
+
+    @property
+    def HR(self):
+        return self.H - self.D - self.G
+
+    @property
+    def HP(self):
+        return _ceil(self.H, self.BLOCK_N)
+
+    @property
+    def HRP(self):
+        return _ceil(self.HR, self.BLOCK_N)
+
+    @property
+    def GP(self):
+        return _pow2_at_least(self.G)
+
+    @property
+    def CP(self):
+        return _pow2_at_least(self.C)
+
+    @property
+    def SW(self):
+        return max(self.HP, _ceil(self.GP, self.BLOCK_N), _ceil(self.CP, self.BLOCK_N))
+
+    @property
+    def RW(self):
+        return max(self.SW, self.HRP + self.GP)
+
+    def nslot(self, need_grad: bool) -> int:
+        return self.NL + 3 if need_grad else 3
+
+    def constexprs(self, cfg: TileConfig, upcast: bool = False, dot_prec: str = "ieee") -> dict:
+        return dict(NL=self.NL, LI=self.LI, HP=self.HP, HRP=self.HRP, SW=self.SW, RW=self.RW,
+                    TWO_L=2 * self.L, G=self.G, GP=self.GP, GK=min(self.GP, cfg.BLOCK_K), C=self.C, CP=self.CP,
+                    BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                    UPCAST=bool(upcast), DOT_PREC=dot_prec)
+
+
+def dims_from_shapes(layer_shapes, latent_dim: int, n_freqs: int, latent_in: int, cfg: TileConfig) -> Dims:
+    """layer_shapes: [(out, in)] of every linear layer (output layer last), DeepSDF layout."""
+    n_layers = len(layer_shapes) - 1
+    H = layer_shapes[-1][1]          # the output layer reads the hidden width
+    C = layer_shapes[-1][0]
+    d = Dims(D=latent_dim, L=n_freqs, H=H, NL=n_layers, LI=latent_in, C=C,
+             BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K)
+    if cfg.BLOCK_N % cfg.BLOCK_K:
+        raise ValueError("BLOCK_N must be a multiple of BLOCK_K")
+    if not 0 < latent_in < n_layers:
+        raise ValueError(f"latent_in must be in 1..{n_layers - 1}")
+    expect = []
+    for i in range(n_layers):
+        fan_in = latent_dim + d.G if i == 0 else H
+        fan_out = H - latent_dim - d.G if i + 1 == latent_in else H
+        expect.append((fan_out, fan_in))
+    expect.append((C, H))
+    if [tuple(s) for s in layer_shapes] != expect:
+        raise ValueError(f"layer shapes {layer_shapes} do not match the DeepSDF layout {expect}")
+    return d
+
+
+class PackedDecoder:
+    """Folded decoder weights laid out for `fused_point_kernel` on one device, one precision.
+
+    weights: [(W (out, in), b (out,))] per layer, weight norm folded (Decoder.weights()).
+    """
+
+    def __init__(self, weights, latent_dim: int, n_freqs: int, latent_in: int, device,
+                 precision: str = "float32", config: TileConfig | None = None):
+        self.device = torch.device(device)
+        self.precision = normalise_precision(precision)
+        self.config = config or pick_config(self.device, self.precision)
+        shapes = [tuple(w.shape) for w, _ in weights]
+        d = self.dims = dims_from_shapes(shapes, latent_dim, n_freqs, latent_in, self.config)
+        self.op_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        f32 = dict(dtype=torch.float32, device=self.device)
+        ws = [(w.detach().to(**f32), b.detach().to(**f32)) for w, b in weights]
+        NL, LI, D, G, H, HR, HRP = d.NL, d.LI, d.D, d.G, d.H, d.HR, d.HRP
+        fw = torch.zeros(NL + 1, d.RW, d.SW, **f32)
+        bw = torch.zeros(NL + 1, d.SW, d.SW, **f32)
+        bias = torch.zeros(NL + 1, d.SW, **f32)
+        for l, (w, b) in enumerate(ws):
+            n_out = w.shape[0]
+            bias[l, :n_out] = b
+            if l == 0:
+                fw[0, :G, :n_out] = w[:, D:].T
+            elif l == LI:
+                fw[l, :HR, :n_out] = w[:, :HR].T
+                fw[l, HRP:HRP + G, :n_out] = w[:, HR + D:].T
+                bw[l, :n_out, :HR] = w[:, :HR]
+            else:
+                fw[l, :w.shape[1], :n_out] = w.T
+                bw[l, :n_out, :w.shape[1]] = w
+        self.fw = fw.to(self.op_dtype).contiguous()
+        self.bw = bw.to(self.op_dtype).contiguous()
+        self.bias = bias
+        # the z share of layers 0 and LI, in fp32 (hoisted per scan)
+        self.w0z = ws[0][0][:, :D].contiguous()                # (H', D)
+        self.b0 = ws[0][1]
+        self.wrz = ws[LI][0][:, HR:HR + D].contiguous()        # (H, D)
+        self.br = ws[LI][1]
+        self._tables: dict = {}
+
+    # per-scan biases: c0 = W0z z + b0 at row 0, cr = Wrz z + br at row LI
+    def scan_bias(self, z: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        z = z.to(torch.float32)
+        bias = self.bias.unsqueeze(0).repeat(z.shape[0], 1, 1)
+        bias[:, 0, :self.w0z.shape[0]] = torch.addmm(self.b0, z, self.w0z.T)
+        bias[:, d.LI, :self.wrz.shape[0]] = torch.addmm(self.br, z, self.wrz.T)
+        return bias
+
+    def table(self, shape, table: torch.Tensor | None = None) -> torch.Tensor:
+        key = tuple(int(s) for s in shape)
+        if table is not None:
+            return table
+        if key not in self._tables:
+            self._tables[key] = encoding_table(key, self.dims.L, self.device)
+        return self._tables[key]
+
+
+def encoding_table(shape, n_freqs: int, device="cpu") -> torch.Tensor:
+    """(X+Y+Z, 2L) float32: row offset[c] + i holds γ's 2L values of axis c at index i.
+
+    The same float32 operations as ifad_fast.model.voxel_coords + positional_encoding.
+    """
+    rows = []
+    freqs = math.pi * 2.0 ** torch.arange(n_freqs, device=device, dtype=torch.float32)
+    for s in shape:
+        scale = torch.tensor([2.0 / max(int(s) - 1, 1)], device=device)
+        p = torch.arange(int(s), device=device).to(torch.float32) * scale - 1.0
+        ang = p[:, None] * freqs
+        rows.append(torch.stack((torch.sin(ang), torch.cos(ang)), dim=-1).flatten(-2))
+    return torch.cat(rows).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _n_programs(pack: PackedDecoder, n_tiles: int) -> int:
+    if pack.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(pack.device).multi_processor_count
+        return max(1, min(n_tiles, sms * pack.config.programs_per_sm))
+    return max(1, min(n_tiles, INTERPRETER_PROGRAMS))
+
+
+def point_losses(pack: PackedDecoder, bias: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
+                 shape, need_grad: bool, table: torch.Tensor | None = None, classes: bool = False):
+    """One fused launch. bias: (B, NL+1, SW) from pack.scan_bias(z); idx: (B, K, 3) int;
+    targets: (B, K) int. Returns (loss (B, K) fp32, sums (B, 2, SW) fp32 or None, classes
+    (B, K) uint8 argmax or None), where sums[:, 0] = Σ_points δ_0 and sums[:, 1] = Σ_points δ_LI
+    (unscaled: δ_out = softmax - onehot)."""
+    d, cfg = pack.dims, pack.config
+    B, K = int(idx.shape[0]), int(idx.shape[1])
+    if K == 0 or B == 0:
+        raise ValueError("need at least one point per scan")
+    dev = pack.device
+    idx = idx.to(device=dev, dtype=torch.int32).reshape(B * K, 3).contiguous()
+    tgt = targets.to(device=dev, dtype=torch.int32).reshape(B * K).contiguous()
+    tab = pack.table(shape, table)
+    tiles_per_scan = triton.cdiv(K, cfg.BLOCK_M)
+    n_tiles = B * tiles_per_scan
+    nprog = _n_programs(pack, n_tiles)
+    loss = torch.empty(B * K, dtype=torch.float32, device=dev)
+    nslot = d.nslot(need_grad)
+    scratch = torch.empty(nprog * nslot * cfg.BLOCK_M * d.SW, dtype=pack.op_dtype, device=dev)
+    part = torch.zeros((nprog, B, 2, d.SW) if need_grad else (1,), dtype=torch.float32, device=dev)
+    cls = torch.empty(B * K if classes else 1, dtype=torch.uint8, device=dev)
+    upcast = interpreted() and pack.op_dtype == torch.bfloat16
+    const = d.constexprs(cfg, upcast, cfg.dot_precision)
+    X, Y = int(shape[0]), int(shape[1])
+    fused_point_kernel[(nprog,)](
+        idx, tgt, tab, pack.fw, pack.bw, bias.contiguous(), loss, part, scratch, cls,
+        K, n_tiles, tiles_per_scan, B, X, X + Y, nslot, int(bool(need_grad)), int(bool(classes)),
+        **const, **cfg.launch_options())
+    sums = part.sum(0) if need_grad else None
+    return loss.view(B, K), sums, (cls.view(B, K) if classes else None)
+
+
+class FusedPointLoss(torch.autograd.Function):
+    """mean_loss(z) -> (B,) per-scan mean cross-entropy; backward -> dL/dz (B, D).
+
+    When z requires grad the forward launch also produces Σ δ_0 and Σ δ_LI (one fused launch per
+    step); the backward is then two tiny matmuls: dz_b = g_b / K · (W0z^T Σδ_0 + Wrz^T Σδ_LI).
+    """
+
+    @staticmethod
+    def forward(ctx, z, pack, idx, targets, shape, table):
+        need_grad = ctx.needs_input_grad[0]
+        with torch.no_grad():
+            bias = pack.scan_bias(z.detach())
+            loss, sums, _ = point_losses(pack, bias, idx, targets, shape, need_grad, table)
+        K = loss.shape[1]
+        if need_grad:
+            H0, Hr = pack.w0z.shape[0], pack.wrz.shape[0]
+            ctx.save_for_backward(sums[:, 0, :H0].contiguous(), sums[:, 1, :Hr].contiguous())
+        ctx.pack = pack
+        ctx.K = K
+        ctx.z_dtype = z.dtype
+        return loss.mean(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s0, sr = ctx.saved_tensors
+        pack = ctx.pack
+        g = (grad_out.to(torch.float32) / ctx.K)[:, None]
+        dz = g * (s0 @ pack.w0z + sr @ pack.wrz)
+        return dz.to(ctx.z_dtype), None, None, None, None, None
+
+
+def fused_mean_loss(pack: PackedDecoder, z, idx, targets, shape, table=None) -> torch.Tensor:
+    """(B,) per-scan mean cross-entropy of K points, differentiable with respect to z (B, D)."""
+    return FusedPointLoss.apply(z, pack, idx, targets, tuple(int(s) for s in shape), table)
+
+
+@torch.no_grad()
+def grid_scores(pack: PackedDecoder, z, idx, targets, shape, chunk: int = 1 << 20, table=None,
+                classes: bool = False):
+    """Per-voxel cross-entropy (M,) fp32 of one scan (z: (D,)) at voxel indices idx (M, 3),
+    with the targets already gathered at those voxels ((M,) int). With classes=True, returns
+    (scores, most likely class (M,) uint8) from the same launch. Launched in chunks of `chunk`
+    points, so only the int32 copy of one chunk's indices is made and memory stays bounded
+    (the kernel's scratch depends only on the number of programs)."""
+    M = int(idx.shape[0])
+    out = torch.empty(M, dtype=torch.float32, device=pack.device)
+    cls = torch.empty(M, dtype=torch.uint8, device=pack.device) if classes else None
+    if M:
+        bias = pack.scan_bias(z.reshape(1, -1))
+        tab = pack.table(shape, table)
+        for s in range(0, M, chunk):
+            e = min(M, s + chunk)
+            loss, _, c = point_losses(pack, bias, idx[s:e][None], targets[s:e][None], shape, False, tab,
+                                      classes)
+            out[s:e] = loss[0]
+            if classes:
+                cls[s:e] = c[0]
+    return (out, cls) if classes else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (no GPU needed): used by tests/test_triton_compile.py
+# ---------------------------------------------------------------------------------------------
+
+
+def aot_compile(dims: Dims, cfg: TileConfig, precision: str, cc: int):
+    """Compile `fused_point_kernel` for sm_<cc> with the launch-time specialisation of
+    `point_losses` (pointers 16-byte aligned). Needs TRITON_INTERPRET unset at import time."""
+    from triton.runtime.jit import JITFunction
+    if not isinstance(fused_point_kernel, JITFunction):
+        raise RuntimeError("kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)")
+    op = "bf16" if normalise_precision(precision) == "bf16" else "fp32"
+    pointers = dict(idx_ptr="*i32", tgt_ptr="*i32", tab_ptr="*fp32", fw_ptr=f"*{op}", bw_ptr=f"*{op}",
+                    bias_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp32", scratch_ptr=f"*{op}",
+                    cls_ptr="*u8")
+    ints = dict(K="i32", n_tiles="i32", tiles_per_scan="i32", B="i32", Y0="i32", Z0="i32",
+                nslot="i32", need_grad="i32", write_cls="i32")
+    const = dims.constexprs(cfg, False, cfg.dot_precision)
+    signature = {**pointers, **ints, **{k: "constexpr" for k in const}}
+    names = list(fused_point_kernel.arg_names)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in pointers
+             if k not in ("idx_ptr", "tgt_ptr")}      # as do_not_specialize_on_alignment
+    src = triton.compiler.ASTSource(fn=fused_point_kernel, signature=signature, constexprs=const, attrs=attrs)
+    target = triton.backends.compiler.GPUTarget("cuda", cc, 32)
+    return triton.compile(src, target=target, options=cfg.launch_options())
+
+
+def resource_usage(compiled) -> dict:
+    """{'REG': n, 'STACK': bytes, 'LOCAL': bytes, 'SHARED': bytes} from the cubin, through the
+    cuobjdump that ships in triton's wheel."""
+    import re
+    import subprocess
+    import tempfile
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out))
+    return {k: int(v) for k, v in found.items()}

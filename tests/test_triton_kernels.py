@@ -1,0 +1,280 @@
+"""The fused Triton kernels (kernels/triton_decoder.py) and the triton backend, run on the CPU by
+Triton's interpreter, against float64 / float32 torch references on fresh random inputs.
+
+TRITON_INTERPRET=1 must be set before triton is imported, and a process that imported triton
+without it (the compile test, torch.compile elsewhere) cannot interpret: so every check runs in
+one child process (this file run as a script with --worker) with the variable set, and reports
+its errors as JSON; the tests below judge them. NaN or a missing result never passes.
+
+Tolerances: float32 losses and scores 1e-5 relative (max over points / scans), z-gradients
+1e-4 relative (‖Δ‖/‖ref‖ per scan); bf16 (bf16 operands, fp32 accumulation): against a torch
+emulation of the same roundings 1e-4 (losses, scores) / 1e-3 (gradients), against float64 2e-2
+on losses and scores. bf16 z-gradients differ from float64 by 5-15 % on these random tiny nets
+(rounding only the weights to bf16 gives the same: Σ δ cancels heavily), so that error is
+recorded and gated only as a sanity bound (< 100 %, finite).
+Seed: fresh each run (printed); IFAD_TEST_SEED=<int> reproduces one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+# name -> {metric: max allowed}
+CHECKS = {
+    "tiny_B2_K37_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5),
+    "odd_B1_K1_li1_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5),
+    "odd_B2_K130_lilast_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5),
+    "wide_B1_K37_h128_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5),
+    "tiny_B2_K37_bf16": dict(loss_emul=1e-4, grad_emul=1e-3, score_emul=1e-4, loss=2e-2, score=2e-2, grad=1.0),
+    "odd_B2_K130_lilast_bf16": dict(loss_emul=1e-4, grad_emul=1e-3, score_emul=1e-4, loss=2e-2, score=2e-2, grad=1.0),
+    "grid_all_voxels_chunked_fp32": dict(score=1e-5, classes=0.0),
+    "backend_vs_torch_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5, score_cls=1e-5, classes=0.0,
+                                  unavailable_cpu_without_env=0.5),
+}
+WORKER_TIMEOUT_S = 300
+
+
+# ------------------------------------------------------------------------------------------
+# worker side (child process, TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------
+
+
+def _rel(a, b):
+    """max |a-b| / max(|b|, tiny) over the last dim, max over the rest; NaN/inf -> inf."""
+    import torch
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).abs() / b.abs().clamp_min(1e-12)).max().item()
+
+
+def _rel_norm(a, b):
+    """‖a-b‖ / ‖b‖ per row (last dim), max over rows; NaN/inf -> inf."""
+    import torch
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+def _decoder(mc, gen):
+    import torch
+    from ifad_fast.model import Decoder
+    dec = Decoder(mc)
+    with torch.no_grad():
+        for layer in dec.layers:          # random weight-norm g's, so the folding matters
+            g = layer.parametrizations.weight.original0
+            g.mul_(torch.rand(g.shape, generator=gen) * 1.5 + 0.5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
+    return dec.eval()
+
+
+def _inputs(mc, B, K, shape, gen):
+    import torch
+    idx = torch.stack([torch.randint(0, s, (B, K), generator=gen) for s in shape], -1)
+    tgt = torch.randint(0, mc.n_classes, (B, K), generator=gen)
+    z = torch.randn(B, mc.latent_dim, generator=gen) * 0.5
+    return idx, tgt, z
+
+
+def _reference64(dec, z, idx, tgt, shape):
+    """float64 decoder (weights folded), γ from the model's float32 encoding; autograd for dz."""
+    import torch
+    from ifad_fast.model import positional_encoding, voxel_coords
+    ref = dec.folded().double()
+    enc = positional_encoding(voxel_coords(idx, shape), dec.config.n_freqs).double()
+    z64 = z.detach().double().requires_grad_(True)
+    logits = ref(z64[:, None, :].expand(-1, idx.shape[1], -1), enc)
+    loss = -torch.log_softmax(logits, -1).gather(-1, tgt.long()[..., None]).squeeze(-1)
+    loss.mean(1).sum().backward()
+    return loss.detach(), z64.grad, logits.detach()
+
+
+def _emulate_bf16(td, ws, z, idx, tgt, shape, D, L, LI):
+    """Torch float32 emulation of the bf16 kernel: bf16 weights, γ, stored h and δ (RNE),
+    fp32 accumulation, fp32 hoisted z share, fp32 Σδ."""
+    import torch
+    r = lambda x: x.to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    tab = td.encoding_table(shape, L)
+    off = [0, shape[0], shape[0] + shape[1]]
+    gb = r(torch.cat([tab[idx[..., c] + off[c]] for c in range(3)], -1))
+    NL, G = len(ws) - 1, 6 * L
+    HR = ws[LI][0].shape[1] - D - G
+    W = [r(w) for w, _ in ws]
+    c0 = z @ ws[0][0][:, :D].T + ws[0][1]
+    cr = z @ ws[LI][0][:, HR:HR + D].T + ws[LI][1]
+    hs = [r(torch.relu(gb @ W[0][:, D:].T + c0[:, None]))]
+    for l in range(1, NL):
+        if l == LI:
+            pre = hs[-1] @ W[l][:, :HR].T + gb @ W[l][:, HR + D:].T + cr[:, None]
+        else:
+            pre = hs[-1] @ W[l].T + ws[l][1]
+        hs.append(r(torch.relu(pre)))
+    logits = hs[-1] @ W[NL].T + ws[NL][1]
+    loss = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
+    d = torch.softmax(logits, -1) - torch.nn.functional.one_hot(tgt, logits.shape[-1]).float()
+    d = (r(d) @ W[NL]) * (hs[NL - 1] > 0)
+    sums = {NL - 1: d.sum(1)}
+    for l in range(NL - 1, 0, -1):
+        w = W[l][:, :HR] if l == LI else W[l]
+        d = (r(d) @ w) * (hs[l - 1] > 0)
+        sums[l - 1] = d.sum(1)
+    dz = (sums[0] @ ws[0][0][:, :D] + sums[LI] @ ws[LI][0][:, HR:HR + D]) / idx.shape[1]
+    return loss, dz
+
+
+def _kernel_check(td, mc, B, K, shape, gen, precision="float32", config=None, emulate=False):
+    import torch
+    dec = _decoder(mc, gen)
+    idx, tgt, z = _inputs(mc, B, K, shape, gen)
+    pack = td.PackedDecoder(dec.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in, "cpu",
+                            precision, config)
+    zg = z.clone().requires_grad_(True)
+    mean = td.fused_mean_loss(pack, zg, idx, tgt, shape)
+    mean.sum().backward()
+    scores = td.grid_scores(pack, z[-1], idx[-1], tgt[-1], shape, chunk=max(1, K // 2 + 1))
+    loss64, dz64, _ = _reference64(dec, z, idx, tgt, shape)
+    out = dict(loss=_rel(mean, loss64.mean(1)), grad=_rel_norm(zg.grad, dz64),
+               score=_rel(scores, loss64[-1]))
+    if emulate:
+        el, edz = _emulate_bf16(td, dec.weights(), z, idx, tgt, shape, mc.latent_dim, mc.n_freqs,
+                                mc.latent_in)
+        out.update(loss_emul=_rel(mean, el.mean(1)), grad_emul=_rel_norm(zg.grad, edz),
+                   score_emul=_rel(scores, el[-1]))
+    return out
+
+
+def _grid_check(td, gen):
+    import torch
+    from ifad_fast import config as cfg
+    mc = cfg.ModelConfig(latent_dim=8, hidden=48, n_layers=3, latent_in=2, n_freqs=3, n_classes=6, dropout=0.0)
+    shape = (5, 6, 7)
+    dec = _decoder(mc, gen)
+    pack = td.PackedDecoder(dec.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in, "cpu", "float32")
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    vol = torch.randint(0, mc.n_classes, shape, generator=gen, dtype=torch.uint8)
+    tgt = vol[grid[:, 0], grid[:, 1], grid[:, 2]]                       # uint8, gathered
+    z = torch.randn(mc.latent_dim, generator=gen)
+    s, cls = td.grid_scores(pack, z, grid, tgt, shape, chunk=97, classes=True)
+    ref, _, logits = _reference64(dec, z[None], grid[None], tgt[None].long(), shape)
+    return dict(score=_rel(s, ref[0]), classes=_class_mismatch(cls, logits[0]))
+
+
+def _class_mismatch(cls, logits):
+    """Share of points whose class differs from the reference argmax, among points whose top
+    two logits differ by more than 1e-4 (near-ties may flip with rounding)."""
+    import torch
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    if cls.dtype != torch.uint8 or cls.shape != logits.shape[:1]:
+        return math.inf
+    return (cls.long() != logits.argmax(-1))[clear].double().mean().item()
+
+
+def _backend_check(gen):
+    import torch
+    from ifad_fast import config as cfg
+    from ifad_fast.backends import TorchBackend
+    from ifad_fast.triton_backend import TritonBackend, triton_unavailable_reason
+    mc = cfg.ModelConfig(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, dropout=0.0)
+    dec = _decoder(mc, gen)
+    shape = (9, 8, 7)
+    idx, tgt, z = _inputs(mc, 2, 29, shape, gen)
+    assert triton_unavailable_reason("cpu") is None, triton_unavailable_reason("cpu")
+    tb, rb = TritonBackend(dec, "cpu"), TorchBackend(dec, "cpu")
+    assert tb.name == "triton"
+    za, zb = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    la, lb = tb.mean_loss(za, idx, tgt, shape), rb.mean_loss(zb, idx, tgt, shape)
+    (la * torch.tensor([1.0, -2.0])).sum().backward()          # per-scan grad_output scaling
+    (lb * torch.tensor([1.0, -2.0])).sum().backward()
+    sa, sb = tb.score(z[0], idx[0], tgt[0], shape), rb.score(z[0], idx[0], tgt[0], shape)
+    assert sa.dtype == torch.float32 and sa.shape == (idx.shape[1],)
+    sc, cls = tb.score_and_classes(z[1], idx[1], tgt[1], shape)
+    ref_logits = rb.decoder.logits_at(z[1:2], idx[1:2], shape)[0]
+    # the reason for a CPU device without the interpreter is one line
+    env = dict(os.environ)
+    os.environ.pop("TRITON_INTERPRET")
+    try:
+        why = triton_unavailable_reason("cpu")
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    return dict(loss=_rel(la, lb), grad=_rel_norm(za.grad, zb.grad), score=_rel(sa, sb),
+                score_cls=_rel(sc, rb.score(z[1], idx[1], tgt[1], shape)),
+                classes=_class_mismatch(cls, ref_logits.double()),
+                unavailable_cpu_without_env=0.0 if (why and "\n" not in why) else 1.0)
+
+
+def _worker(seed: int) -> None:
+    import torch
+    from ifad_fast import config as cfg
+    from ifad_fast.kernels import triton_decoder as td
+    assert td.interpreted(), "worker must run with TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(seed)
+    M = cfg.ModelConfig
+    tiny = M(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, n_classes=10, dropout=0.0)
+    # H=48: HR = 48-8-12 = 28 (layer 0 outputs 28: latent_in = 1), BLOCK_N != BLOCK_K, C=5
+    odd1 = M(latent_dim=8, hidden=48, n_layers=3, latent_in=1, n_freqs=2, n_classes=5, dropout=0.0)
+    # latent_in = n_layers-1 (Σδ_LI taken in the output layer's backward), H=40 -> padded 64, L=3
+    odd2 = M(latent_dim=6, hidden=40, n_layers=5, latent_in=4, n_freqs=3, n_classes=7, dropout=0.0)
+    wide = M(latent_dim=32, hidden=128, n_layers=4, latent_in=2, n_freqs=5, n_classes=10, dropout=0.0)
+    T = td.TileConfig
+    jobs = {
+        "tiny_B2_K37_fp32": lambda: _kernel_check(td, tiny, 2, 37, (7, 9, 11), gen),
+        "odd_B1_K1_li1_fp32": lambda: _kernel_check(td, odd1, 1, 1, (3, 4, 5), gen, config=T(16, 32, 16, 1, 1)),
+        "odd_B2_K130_lilast_fp32": lambda: _kernel_check(td, odd2, 2, 130, (10, 6, 13), gen),
+        "wide_B1_K37_h128_fp32": lambda: _kernel_check(td, wide, 1, 37, (12, 11, 10), gen, config=T(32, 64, 32, 1, 1)),
+        "tiny_B2_K37_bf16": lambda: _kernel_check(td, tiny, 2, 37, (7, 9, 11), gen, "bf16", emulate=True),
+        "odd_B2_K130_lilast_bf16": lambda: _kernel_check(td, odd2, 2, 130, (10, 6, 13), gen, "bf16", emulate=True),
+        "grid_all_voxels_chunked_fp32": lambda: _grid_check(td, gen),
+        "backend_vs_torch_fp32": lambda: _backend_check(gen),
+    }
+    for name, job in jobs.items():
+        try:
+            res = job()
+        except Exception as exc:
+            res = dict(error=f"{type(exc).__name__}: {exc}")
+        print("RESULT " + json.dumps(dict(name=name, seed=seed, **res)), flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# pytest side
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results():
+    pytest.importorskip("triton")
+    seed = int(os.environ.get("IFAD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(seed)],
+                          env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            out[r["name"]] = r
+    return dict(results=out, seed=seed, rc=proc.returncode, stderr=proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_interpreted_kernel_matches_reference(results, name, record_property):
+    r = results["results"].get(name)
+    assert r is not None, f"no result for {name} (seed {results['seed']}): {results['stderr']}"
+    record_property("errors", r)
+    assert "error" not in r, f"{name} failed (seed {results['seed']}): {r['error']}"
+    for metric, tol in CHECKS[name].items():
+        v = r.get(metric)
+        assert v is not None, f"{name}: {metric} missing"
+        assert v == v and v <= tol, f"{name}: {metric} = {v:.3g} > {tol:g} (seed {results['seed']})"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        _worker(int(sys.argv[2]))
