@@ -1,0 +1,206 @@
+"""Speed benchmark: `ifad-fast bench speed [--quick]` (also driven by bench/test_bench_speed.py).
+
+Paper-sized decoder (random weights), one 160³ volume (a synthetic MNI152 brain encoded with
+the HCP T2 centres). Times, in one run and on one machine, side by side:
+
+- one restoration step at K = 16,200 (forward + backward to z), per implementation:
+  `paper` the straightforward code (bench/paper_reference.py: weight norm every call, all weight
+  gradients, 316-wide input), `torch` the reference backend, `cpu` float32 and bf16 (FastBackend);
+- each schedule's whole restoration (paper 700×16,200; reference 501×10,000 + 101×50,000; fast);
+- the score grid (full 160³ for `paper`, the brain region for the fast path);
+- the post-processing (min-pool 3 + avg-pool 15, direct vs prefix sums);
+- the total per scan; achieved GFLOP/s from counted FLOPs; the measured matmul peak.
+
+Whole restorations of the slow implementations are extrapolated from timed steps (marked
+"extrapolated"); the fast path's are run for real.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ifad_fast import config as cfg
+from ifad_fast.backends import TorchBackend, resolve_device
+from ifad_fast.benchmark import machine
+from ifad_fast.fast import FastBackend
+from ifad_fast.model import Decoder, layer_shapes
+from ifad_fast.restore import optimise_latents, pool_reach, postprocess, score_grid
+
+import paper_reference as paper
+
+
+def macs_per_point(mc: cfg.ModelConfig, hoisted: bool) -> int:
+    """Multiply-adds of one decoder forward per point; hoisted: z's share of layers 0 and latent_in removed."""
+    total = sum(o * i for o, i in layer_shapes(mc))
+    if hoisted:
+        total -= 2 * mc.hidden * mc.latent_dim
+    return total
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype, device, m=2048, n=512, k=512) -> float:
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():
+        for _ in range(10):
+            a @ b
+        sync()
+    return 10 * 2 * m * n * k / timed(run, 5) / 1e9
+
+
+def test_volume(resolution: int):
+    from ifad_fast.preprocess import IntensityEncoder, prepare
+    from ifad_fast.synth import generate_healthy
+    case = generate_healthy(0, seed=123)
+    p = prepare(case.image, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=resolution), 3)
+    return p.classes, p.normalised > 0
+
+
+def run(quick=False, backend="auto", device="auto", report=print) -> dict:
+    device = resolve_device(device)
+    torch.manual_seed(0)
+    mc = cfg.ModelConfig()
+    decoder = Decoder(mc).to(device).eval()
+    with torch.no_grad():
+        for layer in decoder.layers:
+            g = layer.parametrizations.weight.original0
+            g.mul_(torch.rand_like(g) + 0.5)
+    res = 96 if quick else 160
+    classes_np, brain_np = test_volume(res)
+    classes = torch.from_numpy(classes_np).to(device)
+    shape = tuple(classes.shape)
+    k = 16200
+    steps_timed = 2 if quick else 5
+    z = torch.randn(1, mc.latent_dim, device=device) / 16
+    gen = torch.Generator().manual_seed(0)
+    idx = (torch.rand(1, k, 3, generator=gen) * torch.tensor(shape)).long().to(device)
+    lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+    targets = classes.reshape(1, -1).long().gather(1, lin)
+
+    fwd_ref, fwd_fast = macs_per_point(mc, False), macs_per_point(mc, True)
+    step_flop = {"paper": 2 * fwd_ref * k * 3, "torch": 2 * fwd_ref * k * 2, "cpu": 2 * fwd_fast * k * 2}
+    impls = {"torch": TorchBackend(decoder, device), "cpu float32": FastBackend(decoder, device, "float32")}
+    if not quick:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            impls["cpu bf16"] = FastBackend(decoder, device, "bf16")
+
+    def backend_step(b):
+        def step():
+            zz = z.clone().requires_grad_(True)
+            b.mean_loss(zz, idx, targets, shape).sum().backward()
+        return step
+
+    rows = []
+    t_paper = timed(lambda: paper.reference_step(decoder, z, idx, targets, shape), steps_timed)
+    rows.append(("step K=16,200", "paper (straightforward)", t_paper, step_flop["paper"]))
+    step_times = {}
+    for name, b in impls.items():
+        step_times[name] = timed(backend_step(b), steps_timed)
+        rows.append(("step K=16,200", name, step_times[name], step_flop["torch" if name == "torch" else "cpu"]))
+
+    # whole restorations: paper schedule extrapolated for the slow paths; fast schedule run for real
+    restore_rows = []
+    for sched in ("paper", "reference"):
+        phases = cfg.SCHEDULES[sched]["phases"]
+        points = sum(s * kk for s, kk in phases)
+        restore_rows.append((f"restore {sched} (extrapolated)", "paper (straightforward)", t_paper * points / k))
+        for name in impls:
+            restore_rows.append((f"restore {sched} (extrapolated)", name, step_times[name] * points / k))
+    fast_rc = cfg.RestoreConfig(**{**cfg.SCHEDULES["fast"], "prior": "none"})
+    if quick:
+        fast_rc = cfg.RestoreConfig(**{**cfg.SCHEDULES["fast"], "prior": "none",
+                                       "phases": tuple((max(1, s // 10), kk) for s, kk in fast_rc.phases)})
+    t0 = time.perf_counter()
+    brain = torch.from_numpy(brain_np)
+    optimise_latents(impls["cpu float32"], classes[None], z.cpu(), fast_rc, torch.Generator().manual_seed(0),
+                     brain=brain[None])
+    t_fast_restore = time.perf_counter() - t0
+    fast_points = sum(s * kk for s, kk in fast_rc.phases)
+    restore_rows.append((f"restore fast ({fast_points:,} points, run)", "cpu float32", t_fast_restore))
+
+    # grid: a 65,536-voxel chunk of the straightforward code, extrapolated to the full grid;
+    # the fast path's brain-region grid is run for real
+    n_grid = classes.numel()
+    chunk_idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
+    chunk_idx = chunk_idx[n_grid // 2: n_grid // 2 + 65536].to(device)
+    chunk_t = classes.reshape(-1)[n_grid // 2: n_grid // 2 + 65536]
+    t_chunk = timed(lambda: paper.reference_score(decoder, z[0], chunk_idx, chunk_t, shape), 1 if quick else 2)
+    t_grid_paper = t_chunk * n_grid / 65536
+    from ifad_fast.preprocess import brain_region
+    region = torch.from_numpy(brain_region(brain_np.astype(np.float32), pool_reach(cfg.RestoreConfig())))
+    t0 = time.perf_counter()
+    scores, _ = score_grid(impls["cpu float32"], z[0], classes, region.to(device))
+    t_grid_fast = time.perf_counter() - t0
+    n_region = int(region.sum())
+
+    # post-processing: direct 15³ average pool vs prefix sums
+    raw = scores.cpu()
+    def direct():
+        x = -F.max_pool3d(-raw[None, None], 3, stride=1, padding=1)
+        return F.avg_pool3d(x, 15, stride=1, padding=7)
+    t_post_direct = timed(direct, 1)
+    t_post_fast = timed(lambda: postprocess(raw.numpy()), 2)
+
+    total_paper = t_paper * 700 * 16200 / k + t_grid_paper + t_post_direct
+    total_fast = t_fast_restore + t_grid_fast + t_post_fast
+    peak32 = matmul_peak(torch.float32, device)
+    peak16 = matmul_peak(torch.bfloat16, device)
+    result = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), quick=quick,
+                  resolution=res, device=str(device), matmul_gflops=dict(float32=peak32, bf16=peak16),
+                  steps=[dict(what=w, impl=i, seconds=s, gflops=f / s / 1e9) for w, i, s, f in rows],
+                  restorations=[dict(what=w, impl=i, seconds=s) for w, i, s in restore_rows],
+                  grid=dict(paper_full_extrapolated=t_grid_paper, fast_region=t_grid_fast,
+                            region_voxels=n_region, grid_voxels=n_grid,
+                            fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
+                  postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast),
+                  total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast))
+    report(format_report(result))
+    return result
+
+
+def format_report(r: dict) -> str:
+    p32 = r["matmul_gflops"]["float32"]
+    lines = [f"machine: {r['machine']}; {r['date']}; volume {r['resolution']}³; device {r['device']}",
+             f"matmul peak (2048×512·512×512): float32 {p32:.0f} GFLOP/s, bf16 {r['matmul_gflops']['bf16']:.0f} GFLOP/s",
+             "", "| what | implementation | seconds | ratio vs paper code | GFLOP/s | % of fp32 peak |",
+             "|---|---|---:|---:|---:|---:|"]
+    base = r["steps"][0]["seconds"]
+    for s in r["steps"]:
+        lines.append(f"| {s['what']} | {s['impl']} | {s['seconds']:.3f} | {base / s['seconds']:.2f}× | "
+                     f"{s['gflops']:.0f} | {100 * s['gflops'] / p32:.0f} % |")
+    base_restore = {}
+    for s in r["restorations"]:
+        if s["impl"].startswith("paper"):
+            base_restore[s["what"]] = s["seconds"]
+        ref = base_restore.get(s["what"], r["restorations"][0]["seconds"])
+        lines.append(f"| {s['what']} | {s['impl']} | {s['seconds']:.1f} | {ref / s['seconds']:.1f}× | | |")
+    g = r["grid"]
+    lines.append(f"| grid, all {g['grid_voxels']:,} voxels (extrapolated) | paper (straightforward) | "
+                 f"{g['paper_full_extrapolated']:.1f} | 1.0× | | |")
+    lines.append(f"| grid, brain region {g['region_voxels']:,} voxels | cpu float32 | {g['fast_region']:.1f} | "
+                 f"{g['paper_full_extrapolated'] / g['fast_region']:.1f}× | {g['fast_region_gflops']:.0f} | "
+                 f"{100 * g['fast_region_gflops'] / p32:.0f} % |")
+    pp = r["postprocess"]
+    lines.append(f"| post-processing | direct avg_pool3d(15) | {pp['direct']:.2f} | 1.0× | | |")
+    lines.append(f"| post-processing | prefix sums | {pp['prefix_sums']:.2f} | {pp['direct'] / pp['prefix_sums']:.1f}× | | |")
+    t = r["total"]
+    lines.append(f"| **total per scan** | paper code, paper schedule (extrapolated) | {t['paper_straightforward']:.0f} | 1.0× | | |")
+    lines.append(f"| **total per scan** | cpu float32, fast schedule, brain region | {t['fast']:.1f} | {t['ratio']:.1f}× | | |")
+    return "\n".join(lines)
