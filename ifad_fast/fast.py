@@ -1,0 +1,314 @@
+"""FastBackend ("cpu"): the restoration hot path with less work and the same numbers.
+
+Same interface and results as `backends.TorchBackend` (see backends.py), on any torch device.
+What it does differently (DESIGN.md §4):
+
+1. Weight norm is folded once (`decoder.weights()`). Layer 0 reads [z, γ] and the
+   re-injection layer r = latent_in reads [h, z, γ]; their weights are split by input block.
+   The z blocks become one bias vector per scan and call: c0 = W0z z + b0, c_r = W_rz z + b_r.
+2. The positional encoding never exists per point. Voxel coordinates take only S distinct
+   values per axis, so γ restricted to one axis is an exact (S, 2L) table (computed by the very
+   ops of `model.positional_encoding`), and since layers 0 and r are linear in γ, their γ blocks
+   collapse to per-axis tables P_a = γ_a W_γa^T of shape (S_a, hidden). A point's layer-0
+   pre-activation is then P_x[i] + P_y[j] + P_z[k] + c0 -- one `embedding_bag(mode="sum")` over a
+   per-call table with c0 folded into the x rows, no matmul at all -- and layer r's is
+   h W_rh^T added in place (BLAS beta=1) onto the same kind of three-row sum.
+3. No weight gradients, and the backward is done eagerly, chunk by chunk, inside the forward
+   of a custom autograd.Function (only when z needs a gradient): the loss of a scan is a sum of
+   per-point terms whose gradient needs only that point's activations, so each chunk of points
+   runs forward, then δ = softmax - onehot down through the transposed weights (the h block
+   only at layer r, nothing below layer 0), and adds Σδ0 and Σδ_r of the chunk to per-scan
+   sums. The chunk's activations stay cache-resident and are overwritten by the next chunk;
+   backward() is then dL/dz = grad_output/K · (W0z^T Σδ0 + W_rz^T Σδ_r), a (B, D) scaling.
+4. Activation and δ buffers are preallocated per (rows, dtype) and reused across calls; points
+   run in chunks of `chunk` rows (default: 1024 on one CPU thread, 8192 on several -- see
+   `default_chunk`; 32768 on CUDA). `torch.set_num_threads` is left to the caller; on a shared
+   2-core machine one thread was the faster choice.
+5. precision="bf16": per-point matmul operands and activations in bfloat16 (float32 accumulation
+   inside the BLAS / tensor cores), tables, biases, logits, cross-entropy and the z-gradient sums
+   in float32. Gate: losses within 1e-2 relative of float32. On CPUs without native bf16
+   (AVX2 only) torch's bf16 matmuls are several times slower than float32: use it on CUDA or
+   on CPUs with AVX512-BF16/AMX.
+6. `score` runs the same forward in chunks, no grad, into a preallocated float32 output.
+
+Per point the paper-size decoder then costs 1.52 M multiply-adds forward (1.84 M in the plain
+decoder, 1.58 M with only z hoisted) and 1.52 M backward to z (no weight gradients).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .errors import IfadError
+from .model import Decoder, positional_encoding, voxel_coords
+
+PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_CHUNK = {"cuda": 32768}
+
+
+def default_chunk(device: torch.device) -> int:
+    """Rows per chunk when none is given: measured on a 2-core AVX2 EPYC (see bench/RESULTS.md).
+
+    One thread: 1024 (activations stay in cache; 16,200 in one go is ~35 % slower). Several
+    threads: 8192, because every op is a parallel region whose threads must all be scheduled,
+    and on a shared machine each region can wait a time slice for a preempted partner: fewer,
+    bigger ops win there (at load 5 on 2 cores, 8192 rows beat 1024 by 1.3× best-of-4 and 2.9×
+    median); at load 3, 1024 was ~15 % faster (best of 5). Pass `chunk` to choose.
+    """
+    if device.type != "cpu":
+        return DEFAULT_CHUNK.get(device.type, 8192)
+    return 1024 if torch.get_num_threads() == 1 else 8192
+
+
+def _threshold_backward_(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """grad *= (act > 0), in place, one pass, no temporary mask."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _Buffers:
+    """Per-(rows, dtype) scratch: activations of every hidden layer, two δ buffers, logits."""
+
+    def __init__(self, rows, widths, hidden_max, n_classes, dtype, device):
+        self.h = [torch.empty(rows, w, dtype=dtype, device=device) for w in widths]
+        self.d = [torch.empty(rows * hidden_max, dtype=dtype, device=device) for _ in range(2)]
+        self.logits = torch.empty(rows, n_classes, dtype=torch.float32, device=device)
+        self.dlast = torch.empty(rows, widths[-1], dtype=torch.float32, device=device)
+        self.rows = torch.arange(rows, device=device)
+
+    def delta(self, k: int, m: int, width: int) -> torch.Tensor:
+        """δ buffer k as a contiguous (m, width) matrix."""
+        return self.d[k][:m * width].view(m, width)
+
+
+class _MeanLoss(torch.autograd.Function):
+    """(B,) mean cross-entropy per scan; the z-gradient is computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, z, backend, idx, targets, shape):
+        need_grad = ctx.needs_input_grad[0]
+        loss, grad = backend._run(z.detach(), idx, targets, shape, need_grad=need_grad)
+        if need_grad:
+            ctx.save_for_backward(grad.to(z.device))
+        return loss.to(z.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad_output.to(grad.dtype)[:, None] * grad, None, None, None, None
+
+
+class FastBackend:
+    """Folded, z-hoisted, γ-tabulated, weight-gradient-free decoder evaluation (any device)."""
+
+    name = "cpu"
+
+    def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32", chunk: int | None = None):
+        if precision not in PRECISIONS:
+            raise IfadError(f"unknown precision {precision!r}; choose float32 or bf16")
+        self.device = torch.device(device)
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.chunk = None if chunk is None else int(chunk)       # None: default_chunk() at each call
+        if self.chunk is not None and self.chunk < 1:
+            raise IfadError(f"chunk must be a positive number of points, got {chunk}")
+        mc = self.config = decoder.config
+        D, E, r = mc.latent_dim, 6 * mc.n_freqs, mc.latent_in
+        self.D, self.L, self.r = D, mc.n_freqs, r
+        ws = [(w.to(self.device, torch.float32), b.to(self.device, torch.float32)) for w, b in decoder.weights()]
+        n_hidden = mc.n_layers
+        # Layer 0: [W0z | W0γ]; layer r: [W_rh | W_rz | W_rγ].
+        W0, b0 = ws[0]
+        Wr, br = ws[r]
+        hr = Wr.shape[1] - D - E
+        self.W0z, self.b0, self.W0g = W0[:, :D].contiguous(), b0, W0[:, D:].contiguous()
+        self.Wrz, self.br, self.Wrg = Wr[:, hr:hr + D].contiguous(), br, Wr[:, hr + D:].contiguous()
+        cd = self.dtype
+        # Per-point layers 1..n_hidden-1: h-block weights in the compute dtype, as the right operand of
+        # the forward (h @ W^T) and of the backward (δ @ W). Layouts: float32 keeps both contiguous as
+        # read (MKL's fastest here); bf16 uses transposed views of contiguous copies, the only layout
+        # torch's CPU bf16 matmul does not run in a slow fallback (and harmless on CUDA).
+        self.Wf, self.Wg, self.bias = [None], [None], [None]
+        for i in range(1, n_hidden):
+            W, b = ws[i]
+            Wh = (W[:, :hr] if i == r else W).to(cd)
+            if cd == torch.float32:
+                self.Wf.append(Wh.t().contiguous())
+                self.Wg.append(Wh.contiguous())
+            else:
+                self.Wf.append(Wh.contiguous().t())
+                self.Wg.append(Wh.t().contiguous().t())
+            self.bias.append(None if i == r else b.to(cd))
+        # The output layer (C wide, ~0.3 % of the work) stays float32 in both precisions: logits,
+        # cross-entropy and δ at the logits are float32.
+        Wo, bo = ws[n_hidden]
+        self.WoT, self.Wo, self.bo = Wo.t().contiguous(), Wo.contiguous(), bo
+        self.widths = [ws[i][0].shape[0] for i in range(n_hidden)]     # outputs of hidden layers
+        self.n_classes = Wo.shape[0]
+        if cd != torch.float32 and self.device.type == "cpu" and not _cpu_has_native_bf16():
+            warnings.warn("precision='bf16' on a CPU without native bf16 instructions: torch's bf16 "
+                          "matmuls are emulated here and run several times slower than float32",
+                          RuntimeWarning, stacklevel=2)
+        self.n_hidden = n_hidden
+        self._tables: dict = {}
+        self._buffers: dict = {}
+
+    # ---------------------------------------------------------------- public interface
+    def mean_loss(self, z, idx, targets, shape):
+        """z (B, D), idx (B, K, 3) int, targets (B, K) int -> (B,) float32 mean cross-entropy, differentiable wrt z."""
+        return _MeanLoss.apply(z, self, idx, targets, tuple(int(s) for s in shape))
+
+    @torch.no_grad()
+    def score(self, z, idx, targets, shape, out: torch.Tensor | None = None):
+        """z (D,), idx (M, 3), targets (M,) -> (M,) float32 -log P(t | z, p); writes into `out` if given."""
+        M = idx.shape[0]
+        if out is None:
+            out = torch.empty(M, dtype=torch.float32, device=self.device)
+        elif out.shape != (M,) or out.dtype != torch.float32 or out.device != self.device:
+            raise IfadError("score: out must be a float32 tensor of shape (M,) on the backend's device")
+        self._run(z.detach()[None], idx[None], targets[None], tuple(int(s) for s in shape),
+                  need_grad=False, point_out=out)
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _axis_tables(self, shape):
+        """Per-axis layer-0 and layer-r γ contributions: ((S_x+S_y+S_z, H0), (…, H_r)), float32."""
+        key = shape
+        if key not in self._tables:
+            if len(self._tables) > 8:
+                self._tables.clear()
+            E2 = 2 * self.L
+            p0, pr = [], []
+            for a, s in enumerate(shape):
+                ii = torch.zeros(s, 3, dtype=torch.long, device=self.device)
+                ii[:, a] = torch.arange(s, device=self.device)
+                # exactly the reference's ops, so the table rows equal γ(p) of the reference bit for bit
+                g = positional_encoding(voxel_coords(ii, shape), self.L)[:, a * E2:(a + 1) * E2].double()
+                p0.append(g @ self.W0g[:, a * E2:(a + 1) * E2].double().t())
+                pr.append(g @ self.Wrg[:, a * E2:(a + 1) * E2].double().t())
+            self._tables[key] = (torch.cat(p0).float(), torch.cat(pr).float())
+        return self._tables[key]
+
+    def _bufs(self, rows):
+        key = rows
+        if key not in self._buffers:
+            if len(self._buffers) > 4:
+                self._buffers.clear()
+            self._buffers[key] = _Buffers(rows, self.widths, max(self.widths), self.n_classes, self.dtype,
+                                          self.device)
+        return self._buffers[key]
+
+    def _check(self, z, idx, targets, shape):
+        if len(shape) != 3:
+            raise IfadError(f"shape must have 3 sizes, got {shape}")
+        if z.dim() != 2 or z.shape[1] != self.D:
+            raise IfadError(f"z must be (B, {self.D}), got {tuple(z.shape)}")
+        B = z.shape[0]
+        if idx.dim() != 3 or idx.shape[0] != B or idx.shape[2] != 3 or targets.shape != idx.shape[:2]:
+            raise IfadError(f"idx must be (B, K, 3) and targets (B, K) with B = {B}; got {tuple(idx.shape)} "
+                            f"and {tuple(targets.shape)}")
+
+    def _run(self, z, idx, targets, shape, need_grad, point_out=None):
+        """Chunked forward (and, if need_grad, the fused backward to z).
+
+        Returns (loss (B,) float32 mean over K, grad (B, D) = d loss_b / d z_b or None). With
+        point_out (B = 1), per-point cross-entropies are written there instead.
+        """
+        self._check(z, idx, targets, shape)
+        dev, cd, r, nh = self.device, self.dtype, self.r, self.n_hidden
+        z = z.to(dev, torch.float32)
+        B, K = idx.shape[:2]
+        P0, Pr = self._axis_tables(shape)
+        Sx, Sy, _ = shape
+        # per-scan biases from z, folded into the x rows of per-call tables (float32)
+        c0 = torch.addmm(self.b0, z, self.W0z.t())                       # (B, H0)
+        cr = torch.addmm(self.br, z, self.Wrz.t())                       # (B, H_r)
+        T0 = torch.cat(((P0[:Sx][None] + c0[:, None]).reshape(B * Sx, -1), P0[Sx:]))
+        Tr = torch.cat(((Pr[:Sx][None] + cr[:, None]).reshape(B * Sx, -1), Pr[Sx:]))
+        # embedding rows of every point: x rows per scan, then the shared y and z rows
+        ind = idx.to(dev, torch.long)
+        if K == 0:
+            if point_out is None:
+                raise IfadError("mean_loss needs at least one point per scan (K >= 1)")
+            return None, None
+        bad = (ind < 0) | (ind >= torch.tensor(shape, device=dev))
+        if bool(bad.any()):
+            raise IfadError(f"voxel indices out of range for a grid of shape {shape}")
+        off = torch.tensor([0, B * Sx, B * Sx + Sy], device=dev)
+        ind = ind + off
+        ind[..., 0] += (torch.arange(B, device=dev) * Sx)[:, None]
+        tgt = targets.to(dev, torch.long)
+
+        loss = torch.zeros(B, dtype=torch.float32, device=dev)
+        g0 = torch.zeros(B, self.W0z.shape[0], dtype=torch.float32, device=dev) if need_grad else None
+        gr = torch.zeros(B, self.Wrz.shape[0], dtype=torch.float32, device=dev) if need_grad else None
+        n = min(self.chunk or default_chunk(dev), K)
+        bufs = self._bufs(n)
+        for b in range(B):
+            for p0 in range(0, K, n):
+                p1 = min(p0 + n, K)
+                m = p1 - p0
+                h = [t[:m] for t in bufs.h]
+                # layer 0: three table rows summed, c0 included
+                a0 = F.embedding_bag(ind[b, p0:p1], T0, mode="sum")
+                if cd == torch.float32:
+                    h[0] = a0.relu_()
+                else:
+                    h[0].copy_(a0.relu_())
+                for i in range(1, nh):
+                    if i == r:
+                        ar = F.embedding_bag(ind[b, p0:p1], Tr, mode="sum")
+                        if cd == torch.float32:
+                            h[i] = ar.addmm_(h[i - 1], self.Wf[i])
+                        else:
+                            h[i].copy_(ar)
+                            h[i].addmm_(h[i - 1], self.Wf[i])
+                    else:
+                        torch.addmm(self.bias[i], h[i - 1], self.Wf[i], out=h[i])
+                    h[i].relu_()
+                hl = h[nh - 1] if cd == torch.float32 else h[nh - 1].float()
+                logits = torch.addmm(self.bo, hl, self.WoT, out=bufs.logits[:m])
+                lg = logits
+                lse = torch.logsumexp(lg, dim=1)
+                t = tgt[b, p0:p1]
+                ce = lse - lg.gather(1, t[:, None])[:, 0]
+                if point_out is not None:
+                    point_out[p0:p1] = ce
+                else:
+                    loss[b] += ce.sum()
+                if not need_grad:
+                    continue
+                # δ at the logits: softmax - onehot (mean over K applied at the end)
+                dl = torch.exp(lg.sub_(lse[:, None]))
+                dl[bufs.rows[:m], t] -= 1.0
+                dh = torch.mm(dl, self.Wo, out=bufs.dlast[:m])
+                if cd != torch.float32:
+                    dh = bufs.delta(0, m, self.widths[nh - 1]).copy_(dh)
+                k = 0
+                for i in range(nh - 1, -1, -1):
+                    _threshold_backward_(dh, h[i])                        # δa_i
+                    if i == r:
+                        gr[b] += dh.sum(0, dtype=torch.float32)
+                    if i == 0:
+                        g0[b] += dh.sum(0, dtype=torch.float32)
+                        break
+                    k ^= 1
+                    dh = torch.mm(dh, self.Wg[i], out=bufs.delta(k, m, self.widths[i - 1]))
+        if point_out is not None:
+            return None, None
+        scale = 1.0 / max(K, 1)
+        loss.mul_(scale)
+        grad = None
+        if need_grad:
+            grad = (g0 @ self.W0z + gr @ self.Wrz).mul_(scale)
+        return loss, grad
