@@ -81,7 +81,7 @@ class RestoreConfig:
 
 SCHEDULES = {
     # warm start from the mean training latent, larger steps, then a short large-K polish
-    "fast": dict(phases=((150, 8192), (30, 32768)), init="mean", lr=5e-3, lr_decay=0.3, brain_fraction=0.8),
+    "fast": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8),
     "paper": dict(phases=((700, 16200),), init="random"),
     "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none"),
 }

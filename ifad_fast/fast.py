@@ -180,6 +180,16 @@ class FastBackend:
                   need_grad=False, point_out=out)
         return out
 
+    @torch.no_grad()
+    def score_and_classes(self, z, idx, targets, shape):
+        """Like score, plus the most likely class per voxel (M,) int64, from the same forward."""
+        M = idx.shape[0]
+        out = torch.empty(M, dtype=torch.float32, device=self.device)
+        classes = torch.empty(M, dtype=torch.long, device=self.device)
+        self._run(z.detach()[None], idx[None], targets[None], tuple(int(s) for s in shape),
+                  need_grad=False, point_out=out, class_out=classes)
+        return out, classes
+
     # ---------------------------------------------------------------- internals
     def _axis_tables(self, shape):
         """Per-axis layer-0 and layer-r γ contributions: ((S_x+S_y+S_z, H0), (…, H_r)), float32."""
@@ -218,7 +228,7 @@ class FastBackend:
             raise IfadError(f"idx must be (B, K, 3) and targets (B, K) with B = {B}; got {tuple(idx.shape)} "
                             f"and {tuple(targets.shape)}")
 
-    def _run(self, z, idx, targets, shape, need_grad, point_out=None):
+    def _run(self, z, idx, targets, shape, need_grad, point_out=None, class_out=None):
         """Chunked forward (and, if need_grad, the fused backward to z).
 
         Returns (loss (B,) float32 mean over K, grad (B, D) = d loss_b / d z_b or None). With
@@ -284,6 +294,8 @@ class FastBackend:
                 ce = lse - lg.gather(1, t[:, None])[:, 0]
                 if point_out is not None:
                     point_out[p0:p1] = ce
+                if class_out is not None:
+                    class_out[p0:p1] = lg.argmax(1)
                 else:
                     loss[b] += ce.sum()
                 if not need_grad:

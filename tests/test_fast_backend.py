@@ -268,3 +268,17 @@ def test_paper_reference_matches_torch_backend():
     all_idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
     assert grid.shape == shape
     assert rel(grid.reshape(-1), ref.score(z[0], all_idx, classes.reshape(-1), shape)) <= 1e-5
+
+
+def test_score_and_classes_match_torch_reference():
+    mc = CONFIGS["h64"]
+    dec = Decoder(mc).eval()
+    shape = (11, 13, 9)
+    idx = torch.stack([torch.randint(0, s, (301,)) for s in shape], -1)
+    targets = torch.randint(0, mc.n_classes, (301,))
+    z = torch.randn(mc.latent_dim)
+    ref_ce, ref_cls = TorchBackend(dec).score_and_classes(z, idx, targets, shape)
+    ce, cls = FastBackend(dec, "cpu", "float32").score_and_classes(z, idx, targets, shape)
+    assert torch.isfinite(ce).all()
+    assert ((ce - ref_ce).norm() / ref_ce.norm()).item() < 1e-5
+    assert (cls == ref_cls).float().mean().item() > 0.99   # ties within rounding may differ
