@@ -7,8 +7,8 @@ Every backend is built from a trained `Decoder` and answers, for a batch of B sc
   `shape` (X, Y, Z); targets: (B, K) int class ids. Weights are frozen: no weight gradients.
 - `score(z, idx, targets, shape) -> (M,)`: float32 cross-entropy -log P(t | z, p) of M voxels
   of one scan. z: (D,); idx: (M, 3); targets: (M,). No gradients.
-- optional `score_and_classes(...) -> ((M,) float32, (M,) int)`: the same plus the most likely
-  class per voxel (the restoration), in the same pass.
+- `score_and_classes(...) -> ((M,) float32, (M,) int)`: the same plus the most likely class
+  per voxel (the restoration), from the same forward.
 
 `torch` is the reference every fast backend is tested against: the decoder with weight norm
 folded, evaluated in float32 with plain torch ops, autograd for the z-gradient.

@@ -117,7 +117,7 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
                chunk: int = 65536, progress: bool = False):
     """Per-voxel cross-entropy of one scan. classes: (X, Y, Z) uint8; region: bool (X, Y, Z) or None.
 
-    Returns (scores float32 (X, Y, Z), 0 outside the region; predicted classes uint8 or None).
+    Returns (scores float32 (X, Y, Z), 0 outside the region; most likely classes uint8 (X, Y, Z)).
     """
     shape = tuple(classes.shape)
     device = classes.device
@@ -126,17 +126,13 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
     scores = torch.zeros(flat_cls.numel(), dtype=torch.float32, device=device)
     predicted = torch.zeros(flat_cls.numel(), dtype=torch.uint8, device=device)
     strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
-    predict = getattr(backend, "score_and_classes", None)
     for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
         part = lin[start:start + chunk]
         idx = (part[:, None] // strides) % torch.tensor(shape, device=device)
-        if predict is not None:
-            ce, cls = predict(z, idx, flat_cls[part], shape)
-            predicted[part] = cls.to(torch.uint8)
-        else:
-            ce = backend.score(z, idx, flat_cls[part], shape)
+        ce, cls = backend.score_and_classes(z, idx, flat_cls[part], shape)
         scores[part] = ce.float()
-    return scores.reshape(shape), (predicted.reshape(shape) if predict is not None else None)
+        predicted[part] = cls.to(torch.uint8)
+    return scores.reshape(shape), predicted.reshape(shape)
 
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
@@ -165,8 +161,6 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     for i in range(classes.shape[0]):
         keep = torch.from_numpy(_dilate(brain[i], pool_reach(rc))).to(device) if region == "brain" else None
         score, predicted = score_grid(engine, z[i], cls_t[i], keep, rc.chunk, progress)
-        if predicted is None:
-            predicted = _predict_classes(model, z[i], cls_t[i].shape, keep, rc.chunk)
         anomaly = postprocess(score.cpu().numpy(), rc.min_pool, rc.avg_pool)
         if region == "brain":
             anomaly[~brain[i]] = 0.0
@@ -180,18 +174,3 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
 def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     from .preprocess import brain_region
     return brain_region(mask.astype(np.float32), reach)
-
-
-@torch.no_grad()
-def _predict_classes(model: Model, z, shape, region, chunk):
-    """Most likely class per voxel with the folded torch decoder (for backends without it)."""
-    decoder = model.decoder.folded().to(z.device)
-    n = math.prod(shape)
-    lin = region.reshape(-1).nonzero().squeeze(1) if region is not None else torch.arange(n, device=z.device)
-    out = torch.zeros(n, dtype=torch.uint8, device=z.device)
-    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=z.device)
-    for start in range(0, lin.numel(), chunk):
-        part = lin[start:start + chunk]
-        idx = (part[:, None] // strides) % torch.tensor(shape, device=z.device)
-        out[part] = decoder.logits_at(z[None], idx[None], shape)[0].argmax(-1).to(torch.uint8)
-    return out.reshape(shape)
