@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed and accuracy benchmarks")
     p.add_argument("what", choices=("speed", "accuracy"))
-    p.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats, for development")
     p.add_argument("-o", "--output", default=None, help="folder for the report (json)")
     _add_engine_args(p)
     return parser
