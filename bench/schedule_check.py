@@ -8,7 +8,6 @@ noisy per-step sample); cases are validation lesions (seed 1).
 import sys
 import time
 
-import numpy as np
 
 from ifad_fast.api import default_model, restore_array, restore_config
 from ifad_fast.metrics import curve_metrics

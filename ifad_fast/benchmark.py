@@ -6,7 +6,6 @@ model and by the voxel-wise mean-image baseline, in the paper's Table 1 columns.
 """
 from __future__ import annotations
 
-import json
 import platform
 import time
 from datetime import datetime, timezone

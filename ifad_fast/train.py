@@ -7,7 +7,6 @@ bit-for-bit (weights, latents, Adam state, RNG states, loss log).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 

@@ -469,7 +469,7 @@ class PackedDecoder:
         self.op_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         f32 = dict(dtype=torch.float32, device=self.device)
         ws = [(w.detach().to(**f32), b.detach().to(**f32)) for w, b in weights]
-        NL, LI, D, G, H, HR, HRP = d.NL, d.LI, d.D, d.G, d.H, d.HR, d.HRP
+        NL, LI, D, G, HR, HRP = d.NL, d.LI, d.D, d.G, d.HR, d.HRP
         fw = torch.zeros(NL + 1, d.RW, d.SW, **f32)
         bw = torch.zeros(NL + 1, d.SW, d.SW, **f32)
         bias = torch.zeros(NL + 1, d.SW, **f32)

@@ -129,7 +129,6 @@ def _emulate_bf16(td, ws, z, idx, tgt, shape, D, L, LI):
 
 
 def _kernel_check(td, mc, B, K, shape, gen, precision="float32", config=None, emulate=False):
-    import torch
     dec = _decoder(mc, gen)
     idx, tgt, z = _inputs(mc, B, K, shape, gen)
     pack = td.PackedDecoder(dec.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in, "cpu",
