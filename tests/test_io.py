@@ -99,3 +99,87 @@ def _empty(tmp_path):
     d = tmp_path / "empty"
     d.mkdir()
     return d
+
+
+def test_save_json_never_writes_nan(tmp_path):
+    import json
+    from ifad_fast.io import save_json
+    path = save_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float32(2.5)})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": 2.5}
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+
+
+def test_output_set_is_all_or_nothing(tmp_path):
+    from ifad_fast.io import OutputSet, save_json
+    with pytest.raises(KeyboardInterrupt):
+        with OutputSet() as outputs:
+            save_volume(outputs.add(tmp_path / "a.nii.gz"), np.ones((3, 3, 3)), AFFINE)
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with OutputSet() as outputs:
+        save_volume(outputs.add(tmp_path / "a.nii.gz"), np.ones((3, 3, 3)), AFFINE)
+        save_json(outputs.add(tmp_path / "a.json"), {"done": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.nii.gz"]
+    assert oct((tmp_path / "a.nii.gz").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_stale_temporaries_are_cleaned_live_ones_kept_none_read_as_scans(tmp_path, scan_dir):
+    import os
+    import subprocess
+    import sys
+    from ifad_fast.io import clean_stale_temporaries, is_temporary
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = scan_dir / f".h0.nii.gz.{dead.pid}-abcd1234.part.nii.gz"
+    old_style = scan_dir / ".h1.nii.gz.k2j3h4g5.part.nii.gz"
+    live = scan_dir / f".h2.nii.gz.{os.getpid()}-zzzz9999.part.nii.gz"
+    for p in (stale, old_style, live):
+        p.write_bytes(b"partial")
+        assert is_temporary(p)
+    assert not is_temporary(scan_dir / "h0.nii.gz")
+    assert len(find_scans([scan_dir])) == 4
+    assert sorted(clean_stale_temporaries(scan_dir)) == sorted([stale, old_style])
+    assert live.exists() and not stale.exists()
+    with pytest.raises(IfadError, match="temporary"):
+        find_scans([live])
+
+
+def test_find_scans_names_are_unique(tmp_path):
+    img, _ = toy_brain(0)
+    a = write_nifti(_mkdir(tmp_path / "p1") / "t2.nii.gz", img)
+    b = write_nifti(_mkdir(tmp_path / "p2") / "t2.nii.gz", img)
+    assert find_scans([a, a, tmp_path / "p1"]) == [a]              # the same file twice is one case
+    with pytest.raises(IfadError, match="both be named 't2'") as info:
+        find_scans([a, b])
+    assert str(a) in str(info.value) and str(b) in str(info.value)
+
+
+def _mkdir(p):
+    p.mkdir()
+    return p
+
+
+def test_background_check_tells_skull_stripped_from_not():
+    from ifad_fast.io import background_problem
+    img, _ = toy_brain(3)
+    assert background_problem(img, 1.0 / 1000) is None
+    noisy = img + np.random.default_rng(0).normal(40, 5, img.shape).astype(np.float32)
+    assert "border" in background_problem(noisy)
+    cropped = img[img.any((1, 2))][:, img.any((0, 2))][:, :, img.any((0, 1))]   # cropped tight to the brain
+    assert background_problem(cropped) is None
+    assert "larger than any brain" in background_problem(img, voxel_ml=1.0)    # 1 mL voxels: litres of "brain"
+
+
+def test_save_volume_on_another_grid_sets_both_forms(tmp_path):
+    img, _ = toy_brain(1)
+    src = tmp_path / "src.nii.gz"
+    nifti = nib.Nifti1Image(img, AFFINE)
+    nifti.set_qform(AFFINE, code=1)
+    nifti.set_sform(AFFINE, code=4)
+    nib.save(nifti, str(src))
+    scan = load_scan(src)
+    other = AFFINE @ np.diag([2.0, 2, 2, 1])
+    back = nib.load(str(save_volume(tmp_path / "o.nii.gz", img[::2, ::2, ::2], other, scan.header)))
+    assert int(back.header["qform_code"]) == 1 and int(back.header["sform_code"]) == 4
+    np.testing.assert_allclose(back.header.get_qform(), other, atol=1e-5)
+    np.testing.assert_allclose(back.header.get_sform(), other, atol=1e-5)
