@@ -113,12 +113,15 @@ class Model:
     latents: torch.Tensor           # (N_train, D) float32
     train: cfg.TrainConfig | None = None
     info: dict | None = None
+    source: str | None = None       # the file it was loaded from
+    sha256: str | None = None       # of that file's bytes
 
     @property
     def config(self) -> cfg.ModelConfig:
         return self.decoder.config
 
     def to_payload(self) -> dict:
+        """The file contents: JSON meta, decoder state dict, centres (C,) float64, latents (N, D) float32."""
         meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
                     model=cfg.to_dict(self.config), preprocess=cfg.to_dict(self.preprocess),
                     train=cfg.to_dict(self.train) if self.train else None, info=self.info or {})
@@ -141,41 +144,163 @@ def save_model(model: Model, path, extra: dict | None = None) -> Path:
 
 
 def load_payload(path) -> dict:
+    """The checked contents of a model file: {"meta": dict, "decoder", "centres", "latents"}.
+
+    Adds "source" (the file's path) and "sha256" (of the bytes that were loaded).
+    """
+    import hashlib
+    import io
+
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
         raise IfadError(f"{path}: no such model file; pass a model.pt file or a training run folder")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        raw = path.read_bytes()
+    except OSError as exc:
+        from .io import describe_os_error
+        raise IfadError(describe_os_error(exc, path)) from None
+    try:
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         meta = json.loads(payload["meta"])
     except Exception as exc:
         raise IfadError(f"{path}: not an ifad-fast model ({type(exc).__name__}: wrong, truncated or "
                         "foreign file); pass a model.pt written by 'ifad-fast train'") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IfadError(f"{path}: not an ifad-fast model file; pass a model.pt written by 'ifad-fast train'")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise IfadError(f"{path}: damaged model file (format_version {version!r} is not a number); "
+                        "retrain or re-download it")
+    if version > FORMAT_VERSION:
         raise IfadError(f"{path}: model format {meta['format_version']} is newer than this ifad-fast "
                         f"understands ({FORMAT_VERSION}); upgrade ifad-fast")
     payload["meta"] = meta
+    payload["source"] = str(path.resolve())
+    payload["sha256"] = hashlib.sha256(raw).hexdigest()
     return payload
 
 
-def load_model(path, device="cpu") -> Model:
-    payload = load_payload(path)
-    meta = payload["meta"]
+def _damaged(path, what: str) -> IfadError:
+    return IfadError(f"{path}: damaged model file ({what}); retrain or re-download it")
+
+
+def _typed_config(cls, data, path, section: str, required: bool):
+    """A config dataclass from the meta section `data`, every field's type checked against its default.
+
+    required: every field must be present (the decoder's shape depends on all of them); else
+    missing fields take their defaults.
+    """
+    import dataclasses
+
+    if not isinstance(data, dict):
+        raise _damaged(path, f"meta field {section!r} is {type(data).__name__}, not a dict")
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if f.name not in data:
+            if required:
+                raise _damaged(path, f"meta field {section}.{f.name} is missing")
+            continue
+        v = data[f.name]
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        elif isinstance(default, tuple):
+            ok = isinstance(v, (list, tuple))
+        else:
+            ok = True
+        if not ok:
+            raise _damaged(path, f"meta field {section}.{f.name} is {v!r}, expected a {type(default).__name__}")
     try:
-        mc = cfg.from_dict(cfg.ModelConfig, meta["model"])
-        decoder = Decoder(mc)
-        decoder.load_state_dict(payload["decoder"])
+        return cfg.from_dict(cls, data)
+    except IfadError as exc:
+        raise _damaged(path, f"meta field {section!r}: {exc}") from None
     except Exception as exc:
-        raise IfadError(f"{path}: model weights do not match its configuration ({type(exc).__name__}); "
-                        "the file is damaged, retrain or re-download it") from None
-    train = cfg.from_dict(cfg.TrainConfig, meta["train"]) if meta.get("train") else None
-    return Model(decoder=decoder.to(device).eval(), centres=payload["centres"],
-                 preprocess=cfg.from_dict(cfg.PreprocessConfig, meta["preprocess"]),
-                 latents=payload["latents"], train=train, info=meta.get("info", {}))
+        raise _damaged(path, f"meta field {section!r}: {type(exc).__name__}") from None
+
+
+def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessConfig, cfg.TrainConfig | None]:
+    """Validate a loaded model file before anything is allocated from it.
+
+    Checks the meta sections and their field types, the decoder tensors' names and shapes against
+    the configuration (so absurd sizes are refused without building them), finite weights,
+    centres (one per class, finite, ascending), latents (N, D), the grid resolution, the latent
+    prior and a stored threshold. Returns the model, preprocess and train configurations.
+    """
+    from .limits import check_resolution
+
+    meta = payload["meta"]
+    for key in ("model", "preprocess"):
+        if key not in meta:
+            raise _damaged(path, f"meta field {key!r} is missing")
+    for key in ("decoder", "centres", "latents"):
+        if key not in payload:
+            raise _damaged(path, f"no {key}")
+    mc = _typed_config(cfg.ModelConfig, meta["model"], path, "model", required=True)
+    if not (1 <= mc.latent_dim <= 4096 and 1 <= mc.hidden <= 16384 and 2 <= mc.n_layers <= 64
+            and 0 <= mc.n_freqs <= 32 and 2 <= mc.n_classes <= 255 and 0 <= mc.dropout < 1):
+        raise _damaged(path, f"implausible decoder sizes {cfg.to_dict(mc)}")
+    pc = _typed_config(cfg.PreprocessConfig, meta["preprocess"], path, "preprocess", required=False)
+    check_resolution(pc.resolution, str(path))
+    train = meta.get("train")
+    tc = _typed_config(cfg.TrainConfig, train, path, "train", required=False) if train else None
+    if tc is not None and tc.prior not in ("paper", "reference", "none"):
+        raise _damaged(path, f"unknown latent prior {tc.prior!r} (known: paper, reference, none)")
+    info = meta.get("info", {})
+    if not isinstance(info, dict):
+        raise _damaged(path, "meta field 'info' is not a dict")
+    t = info.get("threshold")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+        raise _damaged(path, f"stored threshold {t!r} is not a finite number")
+
+    decoder = payload["decoder"]
+    if not isinstance(decoder, dict):
+        raise _damaged(path, "the decoder weights are not a state dict")
+    expected = {}
+    for i, (o, n_in) in enumerate(layer_shapes(mc)):
+        expected[f"layers.{i}.bias"] = (o,)
+        expected[f"layers.{i}.parametrizations.weight.original0"] = (o, 1)
+        expected[f"layers.{i}.parametrizations.weight.original1"] = (o, n_in)
+    if set(decoder) != set(expected):
+        raise _damaged(path, "decoder weights do not match its configuration")
+    for name, shape in expected.items():
+        t = decoder[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            raise _damaged(path, f"decoder weight {name} has shape {tuple(getattr(t, 'shape', ()))}, "
+                                 f"expected {shape}")
+        if not torch.isfinite(t).all():
+            raise _damaged(path, f"decoder weight {name} holds NaN or Inf")
+    centres = payload["centres"]
+    if not isinstance(centres, torch.Tensor) or centres.ndim != 1 or not centres.is_floating_point():
+        raise _damaged(path, "the intensity centres are not a 1-D float tensor")
+    if centres.numel() != mc.n_classes:
+        raise _damaged(path, f"{centres.numel()} intensity centres for a decoder of {mc.n_classes} classes")
+    if not torch.isfinite(centres).all() or (centres[1:] < centres[:-1]).any():
+        raise _damaged(path, "the intensity centres are not finite and ascending")
+    latents = payload["latents"]
+    if (not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != mc.latent_dim
+            or not torch.isfinite(latents).all()):
+        raise _damaged(path, f"the training latents are not a finite (N, {mc.latent_dim}) tensor")
+    return mc, pc, tc
+
+
+def load_model(path, device="cpu") -> Model:
+    """Load and validate a model file (or run folder); IfadError for anything damaged or foreign."""
+    payload = load_payload(path)
+    mc, pc, train = check_payload(payload, payload["source"])
+    decoder = Decoder(mc)
+    decoder.load_state_dict(payload["decoder"])
+    return Model(decoder=decoder.to(device).eval(), centres=payload["centres"].to(torch.float64),
+                 preprocess=pc, latents=payload["latents"].to(torch.float32), train=train,
+                 info=payload["meta"].get("info", {}), source=payload["source"], sha256=payload["sha256"])
 
 
 def bundled_model_path() -> Path:
+    """Where the bundled default model lives inside the package."""
     return Path(__file__).parent / "data" / "default_model.pt"

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -89,3 +90,23 @@ def test_bad_model_files_give_clear_errors(tmp_path):
         with pytest.raises(IfadError) as info:
             load_model(tmp_path / name)
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden=10 ** 6), "implausible decoder sizes"),
+    (dict(hidden=4096), "does not match its configuration|has shape"),
+    (dict(n_classes=True), "expected a int"),
+])
+def test_model_file_validated_before_anything_is_built(tmp_path, change, message):
+    mc = cfg.get_preset("tiny").model
+    model = Model(decoder=Decoder(mc), centres=torch.linspace(0, 1, mc.n_classes, dtype=torch.float64),
+                  preprocess=cfg.PreprocessConfig(resolution=24), latents=torch.zeros(2, mc.latent_dim))
+    path = save_model(model, tmp_path / "m.pt")
+    assert load_model(path).sha256 and load_model(path).source == str(path.resolve())
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    meta["model"].update(change)
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(IfadError, match=message):
+        load_model(tmp_path / "bad.pt")
