@@ -2,11 +2,18 @@
 
 Each epoch visits every training volume once, in batches of S volumes × K random voxels;
 loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
-bit-for-bit (weights, latents, Adam state, RNG states, loss log).
+bit-for-bit (weights, latents, Adam state, RNG states, loss log). They are only ever written
+between epochs: Ctrl-C asks the run to stop at the end of the current epoch (a second Ctrl-C
+stops at once, keeping the last checkpoint), so a resumed run repeats an uninterrupted one.
+`loss.jsonl` gets a line after every epoch.
 """
 from __future__ import annotations
 
 import json
+import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +24,8 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
-from .io import atomic_path, save_json
-from .model import Decoder, Model, save_model
+from .io import atomic_path, describe_os_error, save_json
+from .model import Decoder, Model, layer_shapes, save_model
 from .sampling import PointSampler
 
 
@@ -45,11 +52,85 @@ def _renorm_(latents: torch.Tensor, rows: torch.Tensor, max_norm: float):
         latents[rows] *= torch.clamp(max_norm / (norms + 1e-7), max=1.0)
 
 
+MAX_SEED = 2 ** 32 - 1        # scikit-learn's k-means (centre fitting) takes seeds up to this
+
+
+def check_train_config(tc: cfg.TrainConfig) -> cfg.TrainConfig:
+    """IfadError for settings training cannot run with (counts < 1, a seed out of range, a bad prior)."""
+    for name in ("epochs", "volumes_per_batch", "points_per_volume", "checkpoint_every"):
+        value = getattr(tc, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise IfadError(f"train setting {name} must be a whole number of at least 1, got {value!r}")
+    if isinstance(tc.seed, bool) or not isinstance(tc.seed, int) or not 0 <= tc.seed <= MAX_SEED:
+        raise IfadError(f"seed must be a whole number from 0 to {MAX_SEED}, got {tc.seed!r}")
+    if tc.prior not in ("paper", "reference", "none"):
+        raise IfadError(f"unknown latent prior {tc.prior!r}; use paper, reference or none")
+    return tc
+
+
+def estimate_seconds(mc: cfg.ModelConfig, tc: cfg.TrainConfig, n_volumes: int, epochs: int,
+                     device="cpu") -> tuple[float, float]:
+    """A rough training-time estimate: (seconds, measured matmul FLOP/s on `device`).
+
+    FLOPs = 6 × (multiply-adds of one point's forward) × points per epoch × epochs (forward,
+    then backward for activations and weights), run at half the rate of a plain float32 matmul
+    of the decoder's width measured here (training never reaches the matmul peak).
+    """
+    device = torch.device(device)
+    macs = sum(o * i for o, i in layer_shapes(mc))
+    flops = 6.0 * macs * tc.points_per_volume * n_volumes * epochs
+    with torch.random.fork_rng(devices=[]):
+        a = torch.randn(4096, mc.hidden, device=device)
+        b = torch.randn(mc.hidden, mc.hidden, device=device)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    rate = 2.0 * 4096 * mc.hidden * mc.hidden / max(best, 1e-9)
+    return flops / (0.5 * rate), rate
+
+
+class _StopAfterEpoch:
+    """While active (main thread only), the first SIGINT only sets `requested`; a second one
+    raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("interrupt: finishing this epoch, then saving a checkpoint (Ctrl-C again to stop now "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 class Trainer:
-    """Holds the state of one training run; `run(epochs)` advances it, `save`/`load` persist it."""
+    """Holds the state of one training run; `run(epochs)` advances it, `save`/`load` persist it.
+
+    provenance: what config.json (and the model's info) should say about the run, e.g. the
+    data folder and preset name; the ifad-fast version is added.
+    """
 
     def __init__(self, volumes: torch.Tensor, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
-                 pc: cfg.PreprocessConfig, centres, device="cpu", names=None):
+                 pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None):
+        from . import __version__
+
+        check_train_config(tc)
         if volumes.ndim != 4 or volumes.shape[0] < 1:
             raise IfadError("training needs at least one encoded volume")
         if int(volumes.max()) >= mc.n_classes:
@@ -73,6 +154,7 @@ class Trainer:
         self.sampler = PointSampler(volumes.shape[1:], volumes != 0, tc.brain_fraction)
         self.epoch = 0
         self.log: list[dict] = []
+        self.provenance = dict(provenance or {}, ifad_fast=__version__)
 
     def _set_learning_rates(self):
         factor = self.tc.lr_gamma ** (self.epoch // max(self.tc.lr_step_epochs, 1))
@@ -80,6 +162,7 @@ class Trainer:
         self.optimizer.param_groups[1]["lr"] = self.tc.lr_latents * factor
 
     def train_epoch(self) -> float:
+        """One pass over every volume; returns the epoch's mean data loss (cross-entropy)."""
         tc, shape = self.tc, tuple(self.volumes.shape[1:])
         self.decoder.train()
         self._set_learning_rates()
@@ -110,35 +193,58 @@ class Trainer:
         return total / count
 
     def run(self, epochs: int, run_dir: Path | None = None, progress: bool = True) -> Model:
-        """Train until `epochs` epochs are done, checkpointing every tc.checkpoint_every and on Ctrl-C."""
+        """Train until `epochs` epochs are done, checkpointing every tc.checkpoint_every and on Ctrl-C.
+
+        Ctrl-C (SIGINT) lets the current epoch finish, saves a checkpoint and then raises
+        KeyboardInterrupt; a second Ctrl-C raises at once without saving.
+        """
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            self._write_loss_log(run_dir)        # drops lines of epochs after the checkpoint
         bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch", disable=None if progress else True)
         try:
-            while self.epoch < epochs:
-                t0 = time.perf_counter()
-                loss = self.train_epoch()
-                self.log.append({"epoch": self.epoch, "loss": loss, "seconds": time.perf_counter() - t0,
-                                 "latent_norm": float(self.latents.detach().norm(dim=1).mean())})
-                bar.set_postfix(loss=f"{loss:.4f}")
-                bar.update(1)
-                if run_dir is not None and (self.epoch % self.tc.checkpoint_every == 0 or self.epoch == epochs):
-                    self.save(run_dir)
-        except KeyboardInterrupt:
-            if run_dir is not None:
-                self.save(run_dir)
-                bar.write(f"interrupted: checkpoint saved at epoch {self.epoch} in {run_dir}; "
-                          "continue with --resume")
-            raise
+            with _StopAfterEpoch() as stop:
+                while self.epoch < epochs:
+                    t0 = time.perf_counter()
+                    loss = self.train_epoch()
+                    row = {"epoch": self.epoch, "loss": loss, "seconds": time.perf_counter() - t0,
+                           "latent_norm": float(self.latents.detach().norm(dim=1).mean())}
+                    self.log.append(row)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.update(1)
+                    if run_dir is not None:
+                        if self.epoch % self.tc.checkpoint_every == 0 or self.epoch == epochs or stop.requested:
+                            self.save(run_dir)
+                        else:
+                            self._append_loss(run_dir, row)
+                    if stop.requested and self.epoch < epochs:
+                        if run_dir is not None:
+                            bar.write(f"interrupted: checkpoint saved at epoch {self.epoch} in {run_dir}; "
+                                      "continue with --resume")
+                        raise KeyboardInterrupt
         finally:
             bar.close()
         return self.model()
 
+    def _write_loss_log(self, run_dir: Path):
+        with atomic_path(run_dir / "loss.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.log))
+
+    def _append_loss(self, run_dir: Path, row: dict):
+        try:
+            with open(run_dir / "loss.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            raise IfadError(describe_os_error(exc, run_dir / "loss.jsonl")) from None
+
     def model(self) -> Model:
+        """The trained model as it stands (a CPU copy; the training RNG is not touched)."""
         with torch.random.fork_rng(devices=[]):  # building a copy must not move the training RNG
             decoder = Decoder(self.mc)
         decoder.load_state_dict(self.decoder.state_dict())
         return Model(decoder=decoder.eval(), centres=self.centres, preprocess=self.pc,
                      latents=self.latents.detach().cpu().clone(), train=self.tc,
-                     info={"epochs": self.epoch, "volumes": self.names,
+                     info={**self.provenance, "epochs": self.epoch, "volumes": self.names,
                            "final_loss": self.log[-1]["loss"] if self.log else None})
 
     def save(self, run_dir: Path):
@@ -152,11 +258,11 @@ class Trainer:
                      log=json.dumps(self.log))
         with atomic_path(run_dir / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
-        save_json(run_dir / "config.json", {"model": cfg.to_dict(self.mc), "train": cfg.to_dict(self.tc),
+        save_json(run_dir / "config.json", {**self.provenance, "epochs_done": self.epoch,
+                                            "model": cfg.to_dict(self.mc), "train": cfg.to_dict(self.tc),
                                             "preprocess": cfg.to_dict(self.pc),
                                             "centres": self.centres.tolist(), "volumes": self.names})
-        with atomic_path(run_dir / "loss.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.log))
+        self._write_loss_log(run_dir)
 
     def load(self, run_dir: Path):
         """Continue from run_dir/checkpoint.pt."""
