@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +18,16 @@ import numpy as np
 from . import config as cfg
 from .backends import make_backend, resolve_device
 from .errors import IfadError
-from .io import Scan, case_name, find_scans, load_scan, save_json, save_volume
+from .io import (NON_SCAN_SUFFIXES, OutputSet, Scan, case_name, check_output_folder, check_volume,
+                 clean_stale_temporaries, find_scans, header_shape, load_scan, read_volume, save_json, save_volume)
+from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, prepare
 from .restore import Restoration, restore_classes
 
-OUTPUT_SUFFIXES = ("_anomaly", "_restoration", "_mask", "_seg", "_classes")
+#: Output name endings of a restored case: <case><suffix>; the JSON is written last.
+OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
+                    figure="_figure.png", summary="_restore.json")
 
 
 def default_model(device="cpu") -> Model:
@@ -37,7 +44,11 @@ def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.Res
                 sigma=model.train.sigma if model.train else 0.01)
     base.update(cfg.SCHEDULES[schedule] if schedule in cfg.SCHEDULES else dict(phases=parse_phases(schedule)))
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return cfg.RestoreConfig(**base)
+    rc = cfg.RestoreConfig(**base)
+    check_schedule(rc.phases)
+    if isinstance(rc.seed, bool) or not isinstance(rc.seed, int) or not 0 <= rc.seed < 2 ** 63:
+        raise IfadError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {rc.seed!r}")
+    return rc
 
 
 def parse_phases(text: str) -> tuple:
@@ -66,6 +77,7 @@ def restore_arrays(model: Model, volumes: list[np.ndarray], rc: cfg.RestoreConfi
                    backend="auto", device="cpu", precision="float32", region="brain",
                    progress=False) -> list[NativeResult]:
     """Restore native scans (each (X, Y, Z), skull-stripped, background 0) together."""
+    volumes = [check_volume(v, f"volume {i}") for i, v in enumerate(volumes)]
     rc = rc or restore_config(model)
     t0 = time.perf_counter()
     encoder = IntensityEncoder(model.centres.numpy())
@@ -86,78 +98,325 @@ def restore_arrays(model: Model, volumes: list[np.ndarray], rc: cfg.RestoreConfi
 
 
 def restore_array(model: Model, volume: np.ndarray, **kwargs) -> NativeResult:
+    """Restore one native scan (X, Y, Z); keyword arguments as for `restore_arrays`."""
     return restore_arrays(model, [volume], **kwargs)[0]
+
+
+def case_outputs(out_dir, name: str, threshold=None, figure: bool = False) -> dict[str, Path]:
+    """The files restore writes for case `name`, the JSON (the completion marker) last."""
+    keys = ["anomaly", "restoration"] + (["mask"] if threshold is not None else []) + \
+           (["figure"] if figure else []) + ["summary"]
+    return {k: Path(out_dir) / f"{name}{OUTPUT_FILES[k]}" for k in keys}
+
+
+def _case_state(files: dict[str, Path]) -> str:
+    """'absent' (nothing written), 'complete' (a readable JSON and every file) or 'partial'."""
+    if not any(p.exists() for p in files.values()):
+        return "absent"
+    try:
+        json.loads(files["summary"].read_text())
+    except (OSError, ValueError):
+        return "partial"
+    return "complete" if all(p.is_file() for p in files.values()) else "partial"
+
+
+def _check_same_settings(summary_path: Path, provenance: dict, threshold):
+    """IfadError when a finished case (for --continue) was made with another model or settings."""
+    try:
+        old = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return
+    before = dict(model=(old.get("model") or {}).get("sha256"), schedule=old.get("schedule"),
+                  region=old.get("region"), threshold=old.get("threshold"))
+    now = dict(model=provenance["model"]["sha256"], schedule=provenance["schedule"], region=provenance["region"],
+               threshold=threshold)
+    for key, value in before.items():
+        if value != now[key]:
+            what = "model (another file hash)" if key == "model" else f"{key} ({value!r}, now {now[key]!r})"
+            raise IfadError(f"{summary_path} was made with another {what}; pass --overwrite to redo it, "
+                            "or use another -o")
+
+
+def _eta(seconds_done: float, done: int, left: int) -> str:
+    if done == 0 or left == 0:
+        return ""
+    s = seconds_done / done * left
+    return f", ETA {s / 60:.0f} min" if s >= 90 else f", ETA {s:.0f} s"
+
+
+def _frame(pc) -> dict:
+    return dataclasses.asdict(pc) if dataclasses.is_dataclass(pc) else dict(pc)
+
+
+def resolve_threshold(model: Model, threshold):
+    """None, a finite number, or 'model' (the threshold stored in the model) -> None or a float."""
+    if threshold is None:
+        return None
+    if isinstance(threshold, str) and threshold == "model":
+        t = (model.info or {}).get("threshold")
+        if t is None:
+            raise IfadError("this model stores no threshold; pass a number (--threshold T), e.g. one chosen "
+                            "with 'ifad-fast evaluate' on validation cases")
+        return float(t)
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise IfadError(f"threshold {threshold!r} is not a number; pass e.g. --threshold 0.5") from None
+    if not math.isfinite(t):
+        raise IfadError(f"threshold {threshold!r} is not a finite number; pass e.g. --threshold 0.5")
+    return t
 
 
 def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = None, backend="auto",
                   device="cpu", precision="float32", region="brain", threshold=None, batch: int = 1,
-                  progress=True, report=print) -> list[dict]:
-    """Restore scans (files or folders) and write <case>_anomaly/_restoration[/_mask].nii.gz."""
-    paths = find_scans(inputs, exclude_suffixes=OUTPUT_SUFFIXES)
-    out_dir = Path(out_dir)
+                  progress=True, report=print, existing: str = "refuse", figure: bool = False,
+                  force: bool = False, max_voxels: int | None = None) -> list[dict]:
+    """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
+    <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
+    <case>_figure.png, and <case>_restore.json last (settings and provenance).
+
+    threshold: None, a number, or "model" (the model's stored threshold). existing: what to do
+    with cases whose outputs are already in `out_dir`: "refuse" (an IfadError before any work),
+    "continue" (skip the finished ones, redo the rest) or "overwrite". Everything is checked
+    before the first restoration; then a scan that fails does not stop the others, and an
+    IfadError naming the failed scans is raised at the end. Returns the written summaries.
+    """
+    if existing not in ("refuse", "continue", "overwrite"):
+        raise IfadError(f"existing must be refuse, continue or overwrite, got {existing!r}")
+    if batch < 1:
+        raise IfadError(f"--batch must be at least 1, got {batch}")
+    if region not in ("brain", "full"):
+        raise IfadError(f"region must be brain or full, got {region!r}")
+    threshold = resolve_threshold(model, threshold)
+    paths = find_scans(inputs)
+    out_dir = check_output_folder(out_dir)
     rc = rc or restore_config(model)
+    check_schedule(rc.phases)
     device = resolve_device(device) if isinstance(device, str) else device
     engine = make_backend(backend, model.decoder, device, precision) if isinstance(backend, str) else backend
+    provenance = dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
+                      seed=rc.seed, device=str(device), backend=getattr(engine, "name", "?"), precision=precision,
+                      schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=region,
+                      frame=_frame(model.preprocess))
+
+    plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
+    inputs_resolved = {p.resolve(): p for p in paths}
+    for p, files in plan.items():
+        for f in files.values():
+            if f.resolve() in inputs_resolved:
+                raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
+    states = {p: _case_state(files) for p, files in plan.items()}
+    present = [case_name(p) for p, st in states.items() if st != "absent"]
+    if present and existing == "refuse":
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
+                        "or --overwrite to redo them")
+    todo = list(paths)
+    if existing == "continue":
+        for p in paths:
+            if states[p] == "complete":
+                _check_same_settings(plan[p]["summary"], provenance, threshold)
+        todo = [p for p in paths if states[p] != "complete"]
+        if len(todo) < len(paths):
+            report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
+
+    # everything that can be known before the first restoration: headers, sizes, memory
+    failed: dict[Path, str] = {}
+    shapes = {}
+    for p in todo:
+        try:
+            shapes[p] = header_shape(p, max_voxels, "scan")
+        except IfadError as exc:
+            failed[p] = str(exc)
+    k_max = max(k for _, k in rc.phases)
+    check_memory(restore_bytes(model.config, model.preprocess.resolution, k_max, batch), "restoring on the model grid",
+                 "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
+    for p, shape in shapes.items():
+        n, cube = int(np.prod(shape)), max(shape) ** 3
+        try:
+            check_memory(restore_bytes(model.config, model.preprocess.resolution, k_max, batch, n, cube),
+                         f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
+        except IfadError as exc:
+            failed[p] = str(exc)
+    clean_stale_temporaries(out_dir)
+
+    runnable = [p for p in todo if p not in failed]
+    total, done, restored, t_start = len(todo), 0, 0, time.perf_counter()
     summaries = []
-    for start in range(0, len(paths), max(batch, 1)):
-        scans = [load_scan(p) for p in paths[start:start + max(batch, 1)]]
-        results = restore_arrays(model, [s.data for s in scans], rc, engine, device, precision, region, progress)
+
+    def log(name, text):
+        nonlocal done
+        done += 1
+        report(f"{done}/{total} {name}: {text}")
+
+    for p in todo:
+        if p in failed:
+            log(case_name(p), f"failed: {failed[p]}")
+    for start in range(0, len(runnable), batch):
+        group = runnable[start:start + batch]
+        scans = []
+        for p in group:
+            try:
+                scans.append(load_scan(p, max_voxels=max_voxels, force=force))
+            except IfadError as exc:
+                failed[p] = str(exc)
+                log(case_name(p), f"failed: {exc}")
+        if not scans:
+            continue
+        try:
+            results = restore_arrays(model, [s.data for s in scans], rc, engine, device, precision, region, progress)
+        except (IfadError, MemoryError) as exc:
+            why = str(exc) if isinstance(exc, IfadError) else \
+                "ran out of memory restoring it; use --batch 1 or a machine with more memory"
+            for scan in scans:
+                failed[scan.path] = f"{scan.path}: {why}"
+                log(scan.name, f"failed: {why}")
+            continue
         for scan, res in zip(scans, results):
-            summaries.append(write_outputs(scan, res, out_dir, threshold, engine, rc, region))
-            report(f"{scan.name}: {res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
-                   f"max anomaly {res.anomaly.max():.3f} -> {out_dir}")
+            if not (np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all()):
+                failed[scan.path] = (f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan "
+                                     "is unusable); nothing was written for it")
+                log(scan.name, f"failed: {failed[scan.path]}")
+                continue
+            summaries.append(write_outputs(scan, res, out_dir, threshold, engine, rc, region,
+                                           provenance=provenance, figure=figure))
+            restored += 1
+            left = sum(1 for q in runnable if q not in failed) - restored
+            log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
+                           f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
+                           f"{_eta(time.perf_counter() - t_start, restored, left)}")
+    if failed:
+        if len(todo) == 1:
+            raise IfadError(next(iter(failed.values())))
+        raise IfadError(f"{len(failed)} of {len(todo)} scans failed ({len(summaries)} written to {out_dir}): "
+                        + "; ".join(failed.values()))
     return summaries
 
 
-def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc, region) -> dict:
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc, region,
+                  provenance: dict | None = None, figure: bool = False) -> dict:
+    """Write one case's outputs as a set (see `case_outputs`), the JSON summary last; returns it."""
     out_dir = Path(out_dir)
     name = scan.name
-    files = dict(anomaly=save_volume(out_dir / f"{name}_anomaly.nii.gz", res.anomaly, scan.affine, scan.header),
-                 restoration=save_volume(out_dir / f"{name}_restoration.nii.gz", res.restoration,
-                                         scan.affine, scan.header))
-    if threshold is not None:
-        files["mask"] = save_volume(out_dir / f"{name}_mask.nii.gz", res.anomaly >= threshold,
-                                    scan.affine, scan.header, dtype=np.uint8)
-    summary = dict(case=name, source=str(scan.path), seconds=res.seconds, backend=getattr(engine, "name", "?"),
-                   region=region, scored_voxels=res.model_grid.scored_voxels,
-                   final_loss=res.model_grid.losses[-1] if res.model_grid.losses else None,
-                   schedule=[list(p) for p in rc.phases], threshold=threshold,
-                   files={k: str(v) for k, v in files.items()})
-    save_json(out_dir / f"{name}_restore.json", summary)
+    final = case_outputs(out_dir, name, threshold, figure)
+    with OutputSet() as outputs:
+        save_volume(outputs.add(final["anomaly"]), res.anomaly, scan.affine, scan.header)
+        save_volume(outputs.add(final["restoration"]), res.restoration, scan.affine, scan.header)
+        if threshold is not None:
+            save_volume(outputs.add(final["mask"]), res.anomaly >= threshold, scan.affine, scan.header,
+                        dtype=np.uint8)
+        if figure:
+            from .figures import slices_figure
+            brain = scan.data[scan.data > 0]
+            shown = scan.data / (np.percentile(brain, 99) if brain.size else 1.0)
+            title = f"{name}: anomaly map" + (f", threshold {threshold:.3g}" if threshold is not None else "")
+            slices_figure(outputs.add(final["figure"]), shown, res.restoration, res.anomaly, affine=scan.affine,
+                          title=title)
+        summary = dict(case=name, source=str(Path(scan.path).resolve()) if scan.path else None,
+                       seconds=res.seconds, **(provenance or {}),
+                       scored_voxels=res.model_grid.scored_voxels,
+                       final_loss=res.model_grid.losses[-1] if res.model_grid.losses else None,
+                       threshold=threshold,
+                       files={k: v.name for k, v in final.items() if k != "summary"})
+        summary.setdefault("backend", getattr(engine, "name", "?"))
+        summary.setdefault("region", region)
+        summary.setdefault("schedule", [list(p) for p in rc.phases])
+        save_json(outputs.add(final["summary"]), summary)
     return summary
 
 
-def read_case_maps(scores_dir, masks_dir) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """Pair <case>_anomaly.nii.gz with <case>_mask.nii.gz or <case>.nii.gz; unpaired files are an error."""
-    import nibabel as nib
+def _restored_sources(scores_dir: Path) -> set:
+    """The scans restored into `scores_dir` (the 'source' of each <case>_restore.json), resolved."""
+    sources = set()
+    for p in scores_dir.glob("*" + OUTPUT_FILES["summary"]):
+        try:
+            sources.add(Path(json.loads(p.read_text())["source"]).resolve())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sources
 
+
+def read_case_maps(scores_dir, masks_dir, max_voxels: int | None = None
+                   ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Pair <case>_anomaly.nii.gz with its ground-truth mask, <case>_mask.nii.gz (preferred) or
+    <case>.nii.gz; unpaired maps are an error.
+
+    Never taken for a mask: predictions and other outputs (names ending in NON_SCAN_SUFFIXES
+    other than _mask/_seg), hidden files, and a scan that was restored into `scores_dir` (its
+    <case>_restore.json names it). A mask must hold whole-number labels and match its map's shape.
+    Sizes and memory are checked from the headers before any voxel is read.
+    """
     scores_dir, masks_dir = Path(scores_dir), Path(masks_dir)
     for d in (scores_dir, masks_dir):
         if not d.is_dir():
             raise IfadError(f"{d}: no such folder; pass folders of anomaly maps and masks")
-    scores = {case_name(p)[: -len("_anomaly")]: p for p in scores_dir.iterdir() if case_name(p).endswith("_anomaly")}
-    masks = {}
-    for p in masks_dir.iterdir():
-        if p.is_file() and p.name.endswith((".nii", ".nii.gz")):
-            n = case_name(p)
-            masks[n[: -len("_mask")] if n.endswith("_mask") else n] = p
+
+    def listing(d):
+        try:
+            return sorted(q for q in d.iterdir() if q.is_file() and q.name.endswith((".nii", ".nii.gz"))
+                          and not q.name.startswith("."))
+        except OSError as exc:
+            from .io import describe_os_error
+            raise IfadError(describe_os_error(exc, d)) from None
+
+    scores = {case_name(p)[: -len("_anomaly")]: p for p in listing(scores_dir) if case_name(p).endswith("_anomaly")}
     if not scores:
         raise IfadError(f"{scores_dir}: no <case>_anomaly.nii.gz files; run 'ifad-fast restore' first")
+    restored = _restored_sources(scores_dir)
+    not_masks = tuple(s for s in NON_SCAN_SUFFIXES if s not in ("_mask", "_seg"))
+    masks: dict[str, Path] = {}
+    for p in listing(masks_dir):
+        n = case_name(p)
+        if n.endswith(not_masks) or p.resolve() in restored:
+            continue
+        if n.endswith("_mask"):
+            masks[n[: -len("_mask")]] = p               # <case>_mask wins over <case>
+        elif n not in masks:
+            masks[n] = p
     unpaired = sorted(set(scores) - set(masks))
     if unpaired:
         raise IfadError(f"no mask for {', '.join(unpaired)} in {masks_dir}; "
                         "name masks <case>_mask.nii.gz or <case>.nii.gz")
     names = sorted(scores)
-    s = [np.asarray(nib.load(str(scores[n])).dataobj, dtype=np.float32) for n in names]
-    m = [np.asarray(nib.load(str(masks[n])).dataobj) > 0 for n in names]
+    total = 0
+    for n in names:
+        shape = header_shape(scores[n], max_voxels, "anomaly map")
+        mshape = header_shape(masks[n], max_voxels, "mask")
+        if shape != mshape:
+            raise IfadError(f"{masks[n]}: mask shape {mshape} differs from its map {scores[n]} {shape}; "
+                            "pass the mask of this case on the scan's grid")
+        total += int(np.prod(shape))
+    check_memory(total * 10, f"evaluating {len(names)} cases ({total:,} voxels)",
+                 "evaluate fewer cases at a time or use a machine with more memory")
+    s, m = [], []
+    for n in names:
+        score = read_volume(scores[n], max_voxels, "anomaly map")
+        if not np.isfinite(score).all():
+            raise IfadError(f"{scores[n]}: the anomaly map holds NaN or Inf; restore this case again")
+        mask = read_volume(masks[n], max_voxels, "mask")
+        if not np.array_equal(mask, np.round(mask)) or mask.min() < 0:
+            raise IfadError(f"{masks[n]}: does not look like a lesion mask (values that are not whole-number "
+                            "labels); pass masks of 0 and 1 (or label ids)")
+        s.append(score)
+        m.append(mask > 0)
     return names, s, m
 
 
-def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out_dir=None) -> dict:
+def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out_dir=None,
+                     max_voxels: int | None = None) -> dict:
+    """The paper's metrics for a folder of anomaly maps against their masks (see `read_case_maps`);
+    with `out_dir`, also written to out_dir/metrics.json."""
     from .metrics import evaluate
 
-    names, scores, masks = read_case_maps(scores_dir, masks_dir)
-    val = read_case_maps(val_scores, val_masks) if val_scores else (None, None, None)
+    if out_dir is not None:
+        check_output_folder(out_dir)
+    names, scores, masks = read_case_maps(scores_dir, masks_dir, max_voxels)
+    val = read_case_maps(val_scores, val_masks, max_voxels) if val_scores else (None, None, None)
     result = evaluate(scores, masks, val[1], val[2], names=names)
     if out_dir is not None:
         save_json(Path(out_dir) / "metrics.json", result)

@@ -1,16 +1,59 @@
 """`ifad-fast` command line: every command is one call into the library.
 
-User errors (IfadError) print one line on stderr and exit 2, with no traceback.
+User errors (IfadError, bad options, out of memory, operating-system errors such as a full
+disk) print one line on stderr and exit 2, with no traceback. IfadWarnings are printed at once
+as one `warning:` line each; other libraries' warnings are held back and printed only when the
+command succeeds, so an error is never preceded by unrelated noise. Ctrl-C exits 130.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import IfadError
+from .errors import IfadError, IfadWarning
+from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
+
+MAX_SEED = 2 ** 32 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): `ifad-fast CMD: error: ...`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi if hi is not None else '∞'}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def _threshold(text: str) -> float | str:
+    if text == "model":                            # --threshold alone (or 'model'): the model's own
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+_threshold.__name__ = "threshold"
 
 
 def _add_engine_args(p, backend=True):
@@ -19,32 +62,49 @@ def _add_engine_args(p, backend=True):
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto)")
 
 
+def _add_seed(p, default=0):
+    p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=default, help=f"0..{MAX_SEED}")
+
+
+def _add_input_checks(p):
+    p.add_argument("--max-voxels", type=_int_in(1), default=None,
+                   help="refuse scans with more voxels than this, read from the header "
+                        f"(default {DEFAULT_MAX_VOXELS:,} = 512³)")
+    p.add_argument("--force", action="store_true",
+                   help="go on with scans that do not look skull-stripped (with a warning)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ifad-fast", description="Implicit-field anomaly detection for brain MRI.")
+    """The argument parser of every command."""
+    parser = _Parser(prog="ifad-fast", description="Implicit-field anomaly detection for brain MRI.")
     parser.add_argument("--version", action="version", version=f"ifad-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="encode scans as intensity-class volumes on the model grid")
     p.add_argument("inputs", nargs="+", help="NIfTI files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--resolution", type=int, default=160, help="model grid size (default 160)")
+    p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=160,
+                   help=f"model grid size, 4..{MAX_RESOLUTION} (default 160)")
     p.add_argument("--centres", default=None, help="JSON file of centres, or hcp-t2 (default: fit on the inputs)")
     p.add_argument("--fit-centres", action="store_true", help="fit k-means centres on the inputs (the default)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes when fitting (default 10)")
+    p.add_argument("--classes", type=_int_in(2, 255), default=10,
+                   help="number of classes when fitting, 2..255 (default 10)")
     p.add_argument("--mode-pool", type=int, choices=(1, 2, 3), default=2, help="mode-pool window (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a prepared set already in the output folder")
+    _add_seed(p)
+    _add_input_checks(p)
 
     p = sub.add_parser("train", help="train the auto-decoder on healthy scans")
     p.add_argument("data", help="folder of healthy NIfTI scans, or the output of 'prepare'")
     p.add_argument("-o", "--output", required=True, help="run folder (model.pt, checkpoint.pt, loss.jsonl)")
     p.add_argument("--preset", default="paper", help="paper | small | tiny (default paper)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=_int_in(1), default=None)
+    _add_seed(p, default=None)
     p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_int_in(1, 4096), default=None, help="torch CPU threads")
+    _add_input_checks(p)
     _add_engine_args(p, backend=False)
 
     p = sub.add_parser("restore", help="anomaly maps for scans (restoration by latent search)")
@@ -52,12 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
     p.add_argument("-o", "--output", default="ifad_out", help="output folder (default ifad_out)")
     p.add_argument("--schedule", default="fast", help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
-    p.add_argument("--threshold", type=float, default=None, help="also write a binary <case>_mask.nii.gz")
+    p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
+                   help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
+                        "without T (or with T = model), the threshold stored in the model")
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
     p.add_argument("--region", choices=("brain", "full"), default="brain",
                    help="score voxels near the brain only (default) or the full grid")
-    p.add_argument("--batch", type=int, default=1, help="scans restored together (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
+    p.add_argument("--figure", action="store_true", help="also write <case>_figure.png (slices, anomaly overlay)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--continue", dest="resume", action="store_true",
+                       help="skip cases whose outputs are complete in the output folder, do the rest")
+    again.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    _add_seed(p)
+    _add_input_checks(p)
     _add_engine_args(p)
 
     p = sub.add_parser("evaluate", help="the paper's metrics for anomaly maps against lesion masks")
@@ -66,17 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-scores", default=None, help="validation anomaly maps (threshold chosen there)")
     p.add_argument("--val-masks", default=None)
     p.add_argument("-o", "--output", default=None, help="folder for metrics.json")
+    p.add_argument("--max-voxels", type=_int_in(1), default=None,
+                   help=f"refuse maps with more voxels than this (default {DEFAULT_MAX_VOXELS:,})")
 
     p = sub.add_parser("synth", help="synthesise healthy and lesion brains from the MNI152 maps")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--healthy", type=int, default=8)
-    p.add_argument("--lesions", type=int, default=4)
+    p.add_argument("--healthy", type=_int_in(0, 100000), default=8)
+    p.add_argument("--lesions", type=_int_in(0, 100000), default=4)
     p.add_argument("--resolution", type=float, default=1.5, help="voxel size in mm (default 1.5)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed(p)
 
     p = sub.add_parser("demo", help="synthesise a lesion case, restore it with the bundled model, plot it")
     p.add_argument("-o", "--output", default="ifad_demo")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed(p)
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="speed and accuracy benchmarks")
@@ -88,56 +158,107 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command (argv: the arguments after `ifad-fast`); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                      # --help, --version, or a one-line option error
+        return exc.code if isinstance(exc.code, int) else 0
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return COMMANDS[args.command](args) or 0
-    except IfadError as exc:
-        print(f"ifad-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ifad-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    prefix = f"ifad-fast {args.command}"
+    held: list[str] = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+        if issubclass(category, IfadWarning):
+            print(f"{prefix}: warning: {text}", file=sys.stderr, flush=True)
+        else:
+            held.append(f"{prefix}: warning: {category.__name__}: {text}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", IfadWarning)
+        warnings.showwarning = show
+        try:
+            code = COMMANDS[args.command](args) or 0
+        except IfadError as exc:
+            print(f"{prefix}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        except MemoryError:
+            print(f"{prefix}: error: ran out of memory; use smaller inputs or batches, or a machine with more "
+                  "memory", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            from .io import describe_os_error
+            print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
+            return 2
+    for line in dict.fromkeys(held):
+        print(line, file=sys.stderr)
+    return code
+
+
+def _output(path, option="-o"):
+    from .io import check_output_folder
+    return check_output_folder(path, option)
 
 
 def cmd_prepare(args):
+    """`ifad-fast prepare`: scans -> class volumes and manifest.json."""
     from . import config as cfg
     from .dataset import prepare_scans
     from .preprocess import IntensityEncoder
 
-    if args.resolution < 4:
-        raise IfadError("--resolution must be at least 4")
+    _output(args.output)
     encoder = None if (args.fit_centres or args.centres is None) else IntensityEncoder.load(args.centres)
     manifest = prepare_scans(args.inputs, args.output, cfg.PreprocessConfig(resolution=args.resolution),
-                             args.mode_pool, encoder, k=args.classes, seed=args.seed)
+                             args.mode_pool, encoder, k=args.classes, seed=args.seed, overwrite=args.overwrite,
+                             force=args.force, max_voxels=args.max_voxels, report=print)
     print(f"prepared {len(manifest['cases'])} scans at {args.resolution}³ -> {args.output}")
 
 
 def cmd_train(args):
+    """`ifad-fast train`: validate everything, load the data, train (Ctrl-C saves a checkpoint)."""
     import torch
 
     from . import config as cfg
     from .backends import resolve_device
     from .dataset import training_volumes
-    from .train import Trainer
+    from .io import clean_stale_temporaries
+    from .limits import check_memory, train_bytes
+    from .train import Trainer, check_train_config, estimate_seconds
 
     preset = cfg.get_preset(args.preset)
-    tc = cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior)
+    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    out = Path(args.output)
+    out = _output(args.output)
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise IfadError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
+    if args.resume and not (out / "checkpoint.pt").is_file():
+        raise IfadError(f"{out / 'checkpoint.pt'}: no checkpoint to resume from; start without --resume")
+    clean_stale_temporaries(out)
     volumes, names, centres = training_volumes(args.data, preset.preprocess, args.centres, out / "cache",
-                                               k=preset.model.n_classes, seed=tc.seed)
+                                               k=preset.model.n_classes, seed=tc.seed, force=args.force,
+                                               max_voxels=args.max_voxels)
     if len(centres) != preset.model.n_classes:
         raise IfadError(f"{len(centres)} intensity centres but the {args.preset} model has "
                         f"{preset.model.n_classes} classes; pass matching --centres")
-    trainer = Trainer(torch.from_numpy(volumes), preset.model, tc, preset.preprocess, centres, device, names)
+    check_memory(train_bytes(preset.model, tc, preset.preprocess.resolution, len(names)),
+                 f"training on {len(names)} volumes at {preset.preprocess.resolution}³",
+                 "train on fewer volumes, use a smaller preset or a machine with more memory", device)
+    if args.preset == "paper" and device.type == "cpu":
+        seconds, rate = estimate_seconds(preset.model, tc, len(names), tc.epochs, device)
+        warnings.warn(IfadWarning(
+            f"the paper preset is GPU-sized: {tc.epochs} epochs on {len(names)} volumes need roughly "
+            f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
+            "use a GPU (--device cuda) or --preset small"))
+    trainer = Trainer(torch.from_numpy(volumes), preset.model, tc, preset.preprocess, centres, device, names,
+                      provenance=dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device)))
     if args.resume:
         trainer.load(out)
     t0 = time.perf_counter()
@@ -147,54 +268,71 @@ def cmd_train(args):
 
 
 def load_model_arg(spec, device):
+    """The model named by -m (file or run folder), or the bundled one when none is named."""
     from .api import default_model
     from .model import load_model
 
     if spec is None:
         model = default_model(device)
         print("using the bundled default model (small preset, trained on synthetic MNI152 brains); "
-              "train your own with 'ifad-fast train' and pass -m", file=sys.stderr)
+              "train your own with 'ifad-fast train' and pass -m")
         return model
     return load_model(spec, device)
 
 
 def cmd_restore(args):
-    from .api import restore_config, restore_files
+    """`ifad-fast restore`: anomaly maps for scans or folders."""
+    from .api import resolve_threshold, restore_config, restore_files
     from .backends import resolve_device
 
+    _output(args.output)
     device = resolve_device(args.device)
     model = load_model_arg(args.model, device)
+    threshold = resolve_threshold(model, args.threshold)
     rc = restore_config(model, args.schedule, seed=args.seed)
+    existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     restore_files(model, args.inputs, args.output, rc, args.backend, device, args.precision,
-                  args.region, args.threshold, args.batch)
+                  args.region, threshold, args.batch, existing=existing, figure=args.figure,
+                  force=args.force, max_voxels=args.max_voxels)
 
 
 def cmd_evaluate(args):
+    """`ifad-fast evaluate`: the paper's metrics for a folder of maps and masks."""
     from .api import evaluate_folders
     from .metrics import format_table
 
     if bool(args.val_scores) != bool(args.val_masks):
         raise IfadError("pass both --val-scores and --val-masks, or neither")
-    result = evaluate_folders(args.scores, args.masks, args.val_scores, args.val_masks, args.output)
+    if args.output is not None:
+        _output(args.output)
+    result = evaluate_folders(args.scores, args.masks, args.val_scores, args.val_masks, args.output,
+                              max_voxels=args.max_voxels)
     print(format_table(result))
     print(f"threshold {result['threshold']:.4g} chosen on the {result['threshold_source']}")
 
 
 def cmd_synth(args):
+    """`ifad-fast synth`: synthetic healthy and lesion brains."""
     from .synth import write_set
 
-    if args.healthy < 0 or args.lesions < 0 or args.healthy + args.lesions == 0:
+    if args.healthy + args.lesions == 0:
         raise IfadError("ask for at least one case with --healthy N and/or --lesions M")
+    _output(args.output)
     write_set(args.output, args.healthy, args.lesions, seed=args.seed, voxel_mm=args.resolution)
     print(f"wrote {args.healthy} healthy and {args.lesions} lesion cases -> {args.output}")
 
 
 def cmd_demo(args):
+    """`ifad-fast demo`: one synthetic case through the bundled model."""
     from .demo import run_demo
+    _output(args.output)
     run_demo(args.output, seed=args.seed, backend=args.backend, device=args.device)
 
 
 def cmd_bench(args):
+    """`ifad-fast bench`: the speed or accuracy benchmark."""
+    if args.output is not None:
+        _output(args.output)
     if args.what == "speed":
         from .benchmark import speed
         speed(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output)

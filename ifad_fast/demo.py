@@ -8,6 +8,10 @@ import numpy as np
 
 
 def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", report=print) -> dict:
+    """Synthesise a lesion case, restore it with the bundled model, write maps, a figure and demo.json.
+
+    Returns the case's metrics (Dice at the model's stored threshold, best Dice, AP, AUROC).
+    """
     from .api import default_model, restore_array, restore_config
     from .backends import resolve_device
     from .figures import slices_figure
@@ -32,7 +36,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
         "truth": save_volume(out / f"{name}_truth.nii.gz", case.mask, case.affine, dtype=np.uint8),
         "anomaly": save_volume(out / f"{name}_anomaly.nii.gz", res.anomaly, case.affine),
         "restoration": save_volume(out / f"{name}_restoration.nii.gz", res.restoration, case.affine),
-        "mask": save_volume(out / f"{name}_mask.nii.gz", predicted, case.affine, dtype=np.uint8),
+        "mask": save_volume(out / f"{name}_pred-mask.nii.gz", predicted, case.affine, dtype=np.uint8),
     }
     curves = curve_metrics(res.anomaly.ravel(), case.mask.ravel() > 0)
     metrics = dict(case=name, dice=dice(predicted, case.mask > 0), threshold=threshold,
@@ -41,7 +45,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
                    restore_seconds=res.seconds)
     scan = case.image / np.percentile(case.image[case.brain_mask > 0], 99)
     files["figure"] = slices_figure(out / f"{name}.png", scan, res.restoration, res.anomaly, case.mask > 0,
-                                    title=f"{name}: Dice {metrics['dice']:.2f} at threshold {threshold:.3g}")
+                                    affine=case.affine, title=f"{name}: Dice {metrics['dice']:.2f} at threshold {threshold:.3g}")
     metrics["seconds"] = time.perf_counter() - t0
     save_json(out / "demo.json", dict(metrics, files={k: str(v) for k, v in files.items()}))
     report(f"{name}: Dice {metrics['dice']:.3f} (best {metrics['dice_best']:.3f}), AP {metrics['ap']:.3f}, "

@@ -47,3 +47,19 @@ def scan_dir(tmp_path):
     for i in range(4):
         write_nifti(d / f"h{i}.nii.gz", toy_brain(i)[0])
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """prepare -> train (tiny preset, 6 epochs) once per session: root/healthy, root/prep, root/run."""
+    from ifad_fast.cli import main
+
+    root = tmp_path_factory.mktemp("e2e")
+    healthy = root / "healthy"
+    healthy.mkdir()
+    for i in range(4):
+        write_nifti(healthy / f"h{i}.nii.gz", toy_brain(i)[0])
+    assert main(["prepare", str(healthy), "-o", str(root / "prep"), "--resolution", "24", "--classes", "10"]) == 0
+    assert main(["train", str(root / "prep"), "-o", str(root / "run"), "--preset", "tiny", "--epochs", "6",
+                 "--device", "cpu"]) == 0
+    return root

@@ -17,20 +17,6 @@ def run(capsys, *args):
     return code, captured.out, captured.err
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """prepare -> train (tiny preset) once for the module."""
-    root = tmp_path_factory.mktemp("e2e")
-    healthy = root / "healthy"
-    healthy.mkdir()
-    for i in range(4):
-        write_nifti(healthy / f"h{i}.nii.gz", toy_brain(i)[0])
-    assert main(["prepare", str(healthy), "-o", str(root / "prep"), "--resolution", "24", "--classes", "10"]) == 0
-    assert main(["train", str(root / "prep"), "-o", str(root / "run"), "--preset", "tiny", "--epochs", "6",
-                 "--device", "cpu"]) == 0
-    return root
-
-
 def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
     root = tiny_run
     assert (root / "run" / "model.pt").is_file() and (root / "run" / "loss.jsonl").is_file()
@@ -48,7 +34,7 @@ def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
     assert code == 0, err
     assert "case0" in stdout and "case1" in stdout
     for name, shape in shapes.items():
-        for suffix, dtype in (("anomaly", np.float32), ("restoration", np.float32), ("mask", np.uint8)):
+        for suffix, dtype in (("anomaly", np.float32), ("restoration", np.float32), ("pred-mask", np.uint8)):
             img = nib.load(str(out / f"{name}_{suffix}.nii.gz"))
             assert img.shape == shape and img.get_data_dtype() == dtype
             np.testing.assert_allclose(img.affine, AFFINE)
