@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ifad_fast.config import HCP_T2_CENTRES
 from ifad_fast.kernels.numba_ops import assign_nearest, mode_pool3d
 
 try:
@@ -21,11 +22,7 @@ except ImportError:  # run as `pytest bench/...` without `python -m`: bench/ is 
 
 N = 160
 N_CLASSES = 10
-# The reference's HCP T2 centres at 160^3 (DESIGN.md, section 2).
-CENTRES = np.array(
-    [0.00834, 0.16113, 0.25638, 0.33246, 0.40170, 0.47405, 0.55934, 0.66162, 0.79282, 0.96524],
-    dtype=np.float32,
-)
+CENTRES = np.array(HCP_T2_CENTRES, dtype=np.float32)
 ROUNDS = {"numba": 20, "baseline": 5}
 
 

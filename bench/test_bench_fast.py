@@ -8,7 +8,7 @@ Threads: torch's default unless IFAD_BENCH_THREADS is set (torch.set_num_threads
 whole module). Groups: one restoration step (forward + backward to z) at K = 16,200; one grid
 chunk of 65,536 voxels scored; one matmul (2048×512)·(512×512), float32 vs bf16.
 
-Every case first checks its result against the paper-style reference (bench/paper_reference.py):
+Every case first checks its result against the paper-style reference (ifad_fast/reference.py):
 - float32: losses and scores within 1e-5 relative (‖fast − ref‖/‖ref‖), dL/dz within 1e-3
   (the float32 reference is itself ~5e-4 from a float64 evaluation at this size: with random
   weights the logits are nearly uniform and dL/dz is a ~1e-4-sized sum of 16,200 terms);
@@ -26,11 +26,8 @@ import torch
 from ifad_fast import config as cfg
 from ifad_fast.fast import FastBackend
 from ifad_fast.model import Decoder
-
-try:
-    from bench.paper_reference import reference_score, reference_step
-except ImportError:  # run as `pytest bench/...` without `python -m`: bench/ is on sys.path
-    from paper_reference import reference_score, reference_step
+from ifad_fast.reference import reference_score, reference_step
+from ifad_fast.reference import rel_error as rel
 
 SHAPE = (160, 160, 160)
 K = 16200
@@ -48,13 +45,6 @@ FLOPS = {
     ("grid", "reference"): 2 * GRID_CHUNK * MAC_REF_FWD,
     ("grid", "fast"): 2 * GRID_CHUNK * MAC_FAST_FWD,
 }
-
-
-def rel(out, ref) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    if out.shape != ref.shape or not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 @pytest.fixture(scope="module", autouse=True)

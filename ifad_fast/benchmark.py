@@ -104,15 +104,10 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
 
 
 def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print) -> dict:
-    """Times the restoration pieces for the paper-sized model on one volume (see bench/speed.py)."""
-    import sys
-    root = Path(__file__).resolve().parent.parent / "bench"
-    if not (root / "speed.py").is_file():
-        from .errors import IfadError
-        raise IfadError("the speed benchmark lives in the repository's bench/ folder; run it from a source checkout")
-    sys.path.insert(0, str(root))
-    import speed as speed_suite  # noqa: E402  (bench/speed.py)
-    result = speed_suite.run(quick=quick, backend=backend, device=device, report=report)
+    """Times the restoration pieces for the paper-sized model on one volume (ifad_fast/speed.py);
+    writes speed.json into out_dir when given. Returns the numbers as a dict."""
+    from .speed import run
+    result = run(quick=quick, backend=backend, device=device, report=report)
     if out_dir:
         from .io import save_json
         save_json(Path(out_dir) / "speed.json", result)

@@ -1,10 +1,31 @@
-"""Shared fixtures: small, real-looking NIfTI brains built with nibabel."""
+"""Shared fixtures: small, real-looking NIfTI brains built with nibabel; the test seed (helpers.py)."""
 from __future__ import annotations
 
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+
+from helpers import base_seed, seed_note
+
+
+def pytest_report_header(config):
+    return f"random inputs: {seed_note()} (set it to replay or vary them)"
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """torch's and NumPy's global generators start every test from the test seed."""
+    torch.manual_seed(base_seed())
+    np.random.seed(base_seed() % 2**32)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        report.sections.append(("random inputs", f"drawn with {seed_note()}"))
 
 
 AFFINE = np.array([[1.2, 0.0, 0.0, -10.0],

@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import numpy_rng
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ifad_fast.errors import IfadError
@@ -11,9 +12,7 @@ from ifad_fast.metrics import curve_metrics, dice, evaluate, format_table
 
 @pytest.fixture
 def rng():
-    seed = np.random.SeedSequence().entropy
-    print(f"seed={seed}")  # shown when a test fails
-    return np.random.default_rng(seed)
+    return numpy_rng()          # helpers.base_seed(): IFAD_TEST_SEED, named in every failure report
 
 
 def _random_case(rng, n, p_pos=0.1, decimals=None, dtype=np.float64):
@@ -273,7 +272,7 @@ def test_evaluate_does_not_modify_inputs(rng):
 
 
 def test_errors_raise_ifad_error():
-    s = np.random.default_rng().random((3, 3, 3)).astype(np.float32)
+    s = numpy_rng().random((3, 3, 3)).astype(np.float32)
     m = np.zeros((3, 3, 3), bool)
     m[1, 1, 1] = True
     with pytest.raises(IfadError, match="no test cases"):

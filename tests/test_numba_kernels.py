@@ -1,29 +1,25 @@
-"""Numba CPU kernels against plain NumPy references, on fresh random inputs every run.
+"""Numba CPU kernels against plain NumPy references, on random inputs.
 
-Every random test draws a new seed from os.urandom and puts it in the assertion message; set
-IFAD_TEST_SEED=<seed> to replay a failure.
+Every random test draws from helpers.base_seed() (IFAD_TEST_SEED, fixed by default) and puts
+the seed in its assertion message; set IFAD_TEST_SEED=<seed> to replay or vary the inputs.
 """
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
+from helpers import numpy_rng, seed_note
 
+from ifad_fast.config import HCP_T2_CENTRES
 from ifad_fast.kernels.numba_ops import assign_nearest, mode_pool3d
 
 SHAPES = [(7, 5, 9), (1, 4, 3), (16, 17, 18)]
-# The reference's HCP T2 centres at 160^3 (DESIGN.md, section 2).
-PAPER_CENTRES = np.array(
-    [0.00834, 0.16113, 0.25638, 0.33246, 0.40170, 0.47405, 0.55934, 0.66162, 0.79282, 0.96524]
-)
+PAPER_CENTRES = np.array(HCP_T2_CENTRES)
 
 
 @pytest.fixture
 def seeded():
-    seed = int(os.environ.get("IFAD_TEST_SEED") or int.from_bytes(os.urandom(8), "little"))
-    return np.random.default_rng(seed), f"IFAD_TEST_SEED={seed}"
+    return numpy_rng(), seed_note()
 
 
 # --------------------------------------------------------------------------- references

@@ -12,7 +12,8 @@ emulation of the same roundings 1e-4 (losses, scores) / 1e-3 (gradients), agains
 on losses and scores. bf16 z-gradients differ from float64 by 5-15 % on these random tiny nets
 (rounding only the weights to bf16 gives the same: Σ δ cancels heavily), so that error is
 recorded and gated only as a sanity bound (< 100 %, finite).
-Seed: fresh each run (printed); IFAD_TEST_SEED=<int> reproduces one.
+Seed: helpers.base_seed() (IFAD_TEST_SEED, fixed by default), passed to the worker; check j draws
+its decoder and inputs from seed + 1000·j and every failure message names the seed.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import base_seed, grid_indices, random_batch, random_decoder, rel_max, rel_rows
 
 # name -> {metric: max allowed}
 CHECKS = {
@@ -42,44 +44,6 @@ WORKER_TIMEOUT_S = 300
 # ------------------------------------------------------------------------------------------
 # worker side (child process, TRITON_INTERPRET=1)
 # ------------------------------------------------------------------------------------------
-
-
-def _rel(a, b):
-    """max |a-b| / max(|b|, tiny) over the last dim, max over the rest; NaN/inf -> inf."""
-    import torch
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).abs() / b.abs().clamp_min(1e-12)).max().item()
-
-
-def _rel_norm(a, b):
-    """‖a-b‖ / ‖b‖ per row (last dim), max over rows; NaN/inf -> inf."""
-    import torch
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return math.inf
-    return ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
-
-
-def _decoder(mc, gen):
-    import torch
-    from ifad_fast.model import Decoder
-    dec = Decoder(mc)
-    with torch.no_grad():
-        for layer in dec.layers:          # random weight-norm g's, so the folding matters
-            g = layer.parametrizations.weight.original0
-            g.mul_(torch.rand(g.shape, generator=gen) * 1.5 + 0.5)
-            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.1)
-    return dec.eval()
-
-
-def _inputs(mc, B, K, shape, gen):
-    import torch
-    idx = torch.stack([torch.randint(0, s, (B, K), generator=gen) for s in shape], -1)
-    tgt = torch.randint(0, mc.n_classes, (B, K), generator=gen)
-    z = torch.randn(B, mc.latent_dim, generator=gen) * 0.5
-    return idx, tgt, z
 
 
 def _reference64(dec, z, idx, tgt, shape):
@@ -128,9 +92,9 @@ def _emulate_bf16(td, ws, z, idx, tgt, shape, D, L, LI):
     return loss, dz
 
 
-def _kernel_check(td, mc, B, K, shape, gen, precision="float32", config=None, emulate=False):
-    dec = _decoder(mc, gen)
-    idx, tgt, z = _inputs(mc, B, K, shape, gen)
+def _kernel_check(td, mc, B, K, shape, seed, precision="float32", config=None, emulate=False):
+    dec = random_decoder(mc, seed)
+    z, idx, tgt = random_batch(mc, shape, B, K, seed)
     pack = td.PackedDecoder(dec.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in, "cpu",
                             precision, config)
     zg = z.clone().requires_grad_(True)
@@ -138,30 +102,31 @@ def _kernel_check(td, mc, B, K, shape, gen, precision="float32", config=None, em
     mean.sum().backward()
     scores = td.grid_scores(pack, z[-1], idx[-1], tgt[-1], shape, chunk=max(1, K // 2 + 1))
     loss64, dz64, _ = _reference64(dec, z, idx, tgt, shape)
-    out = dict(loss=_rel(mean, loss64.mean(1)), grad=_rel_norm(zg.grad, dz64),
-               score=_rel(scores, loss64[-1]))
+    out = dict(loss=rel_max(mean, loss64.mean(1)), grad=rel_rows(zg.grad, dz64),
+               score=rel_max(scores, loss64[-1]))
     if emulate:
         el, edz = _emulate_bf16(td, dec.weights(), z, idx, tgt, shape, mc.latent_dim, mc.n_freqs,
                                 mc.latent_in)
-        out.update(loss_emul=_rel(mean, el.mean(1)), grad_emul=_rel_norm(zg.grad, edz),
-                   score_emul=_rel(scores, el[-1]))
+        out.update(loss_emul=rel_max(mean, el.mean(1)), grad_emul=rel_rows(zg.grad, edz),
+                   score_emul=rel_max(scores, el[-1]))
     return out
 
 
-def _grid_check(td, gen):
+def _grid_check(td, seed):
     import torch
     from ifad_fast import config as cfg
     mc = cfg.ModelConfig(latent_dim=8, hidden=48, n_layers=3, latent_in=2, n_freqs=3, n_classes=6, dropout=0.0)
     shape = (5, 6, 7)
-    dec = _decoder(mc, gen)
+    dec = random_decoder(mc, seed)
     pack = td.PackedDecoder(dec.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in, "cpu", "float32")
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    grid = grid_indices(shape)
+    gen = torch.Generator().manual_seed(seed + 1)
     vol = torch.randint(0, mc.n_classes, shape, generator=gen, dtype=torch.uint8)
     tgt = vol[grid[:, 0], grid[:, 1], grid[:, 2]]                       # uint8, gathered
     z = torch.randn(mc.latent_dim, generator=gen)
     s, cls = td.grid_scores(pack, z, grid, tgt, shape, chunk=97, classes=True)
     ref, _, logits = _reference64(dec, z[None], grid[None], tgt[None].long(), shape)
-    return dict(score=_rel(s, ref[0]), classes=_class_mismatch(cls, logits[0]))
+    return dict(score=rel_max(s, ref[0]), classes=_class_mismatch(cls, logits[0]))
 
 
 def _class_mismatch(cls, logits):
@@ -175,15 +140,15 @@ def _class_mismatch(cls, logits):
     return (cls.long() != logits.argmax(-1))[clear].double().mean().item()
 
 
-def _backend_check(gen):
+def _backend_check(seed):
     import torch
     from ifad_fast import config as cfg
     from ifad_fast.backends import TorchBackend
     from ifad_fast.triton_backend import TritonBackend, triton_unavailable_reason
     mc = cfg.ModelConfig(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, dropout=0.0)
-    dec = _decoder(mc, gen)
+    dec = random_decoder(mc, seed)
     shape = (9, 8, 7)
-    idx, tgt, z = _inputs(mc, 2, 29, shape, gen)
+    z, idx, tgt = random_batch(mc, shape, 2, 29, seed)
     assert triton_unavailable_reason("cpu") is None, triton_unavailable_reason("cpu")
     tb, rb = TritonBackend(dec, "cpu"), TorchBackend(dec, "cpu")
     assert tb.name == "triton"
@@ -203,8 +168,8 @@ def _backend_check(gen):
     finally:
         os.environ.clear()
         os.environ.update(env)
-    return dict(loss=_rel(la, lb), grad=_rel_norm(za.grad, zb.grad), score=_rel(sa, sb),
-                score_cls=_rel(sc, rb.score(z[1], idx[1], tgt[1], shape)),
+    return dict(loss=rel_max(la, lb), grad=rel_rows(za.grad, zb.grad), score=rel_max(sa, sb),
+                score_cls=rel_max(sc, rb.score(z[1], idx[1], tgt[1], shape)),
                 classes=_class_mismatch(cls, ref_logits.double()),
                 unavailable_cpu_without_env=0.0 if (why and "\n" not in why) else 1.0)
 
@@ -215,7 +180,6 @@ def _worker(seed: int) -> None:
     from ifad_fast.kernels import triton_decoder as td
     assert td.interpreted(), "worker must run with TRITON_INTERPRET=1"
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(seed)
     M = cfg.ModelConfig
     tiny = M(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, n_classes=10, dropout=0.0)
     # H=48: HR = 48-8-12 = 28 (layer 0 outputs 28: latent_in = 1), BLOCK_N != BLOCK_K, C=5
@@ -225,18 +189,18 @@ def _worker(seed: int) -> None:
     wide = M(latent_dim=32, hidden=128, n_layers=4, latent_in=2, n_freqs=5, n_classes=10, dropout=0.0)
     T = td.TileConfig
     jobs = {
-        "tiny_B2_K37_fp32": lambda: _kernel_check(td, tiny, 2, 37, (7, 9, 11), gen),
-        "odd_B1_K1_li1_fp32": lambda: _kernel_check(td, odd1, 1, 1, (3, 4, 5), gen, config=T(16, 32, 16, 1, 1)),
-        "odd_B2_K130_lilast_fp32": lambda: _kernel_check(td, odd2, 2, 130, (10, 6, 13), gen),
-        "wide_B1_K37_h128_fp32": lambda: _kernel_check(td, wide, 1, 37, (12, 11, 10), gen, config=T(32, 64, 32, 1, 1)),
-        "tiny_B2_K37_bf16": lambda: _kernel_check(td, tiny, 2, 37, (7, 9, 11), gen, "bf16", emulate=True),
-        "odd_B2_K130_lilast_bf16": lambda: _kernel_check(td, odd2, 2, 130, (10, 6, 13), gen, "bf16", emulate=True),
-        "grid_all_voxels_chunked_fp32": lambda: _grid_check(td, gen),
-        "backend_vs_torch_fp32": lambda: _backend_check(gen),
+        "tiny_B2_K37_fp32": lambda s: _kernel_check(td, tiny, 2, 37, (7, 9, 11), s),
+        "odd_B1_K1_li1_fp32": lambda s: _kernel_check(td, odd1, 1, 1, (3, 4, 5), s, config=T(16, 32, 16, 1, 1)),
+        "odd_B2_K130_lilast_fp32": lambda s: _kernel_check(td, odd2, 2, 130, (10, 6, 13), s),
+        "wide_B1_K37_h128_fp32": lambda s: _kernel_check(td, wide, 1, 37, (12, 11, 10), s, config=T(32, 64, 32, 1, 1)),
+        "tiny_B2_K37_bf16": lambda s: _kernel_check(td, tiny, 2, 37, (7, 9, 11), s, "bf16", emulate=True),
+        "odd_B2_K130_lilast_bf16": lambda s: _kernel_check(td, odd2, 2, 130, (10, 6, 13), s, "bf16", emulate=True),
+        "grid_all_voxels_chunked_fp32": lambda s: _grid_check(td, s),
+        "backend_vs_torch_fp32": lambda s: _backend_check(s),
     }
-    for name, job in jobs.items():
+    for j, (name, job) in enumerate(jobs.items()):
         try:
-            res = job()
+            res = job(seed + 1000 * j)
         except Exception as exc:
             res = dict(error=f"{type(exc).__name__}: {exc}")
         print("RESULT " + json.dumps(dict(name=name, seed=seed, **res)), flush=True)
@@ -250,7 +214,7 @@ def _worker(seed: int) -> None:
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("triton")
-    seed = int(os.environ.get("IFAD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    seed = base_seed()
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(seed)],
                           env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)

@@ -1,8 +1,10 @@
-"""The straightforward restoration step and score grid, written the way the paper's public code does it.
+"""The straightforward restoration step and score grid, written the way the paper's public code does it,
+and the relative error every fast path is judged by.
 
-This is the baseline the fast backends are timed against (bench/test_bench_fast.py), not the
-correctness reference of the package (that is `ifad_fast.backends.TorchBackend`). Style of the
-public code (a DeepSDF decoder):
+The paper-style code is the baseline the fast backends are timed against (`ifad-fast bench
+speed`, bench/test_bench_fast.py, bench/test_bench_gpu.py), not the correctness reference of
+the package (that is `ifad_fast.backends.TorchBackend`); tests check that both compute the
+same function. Style of the public code (a DeepSDF decoder):
 
 - weight normalisation recomputed from (g, v) on every forward (torch's weight-norm
   parametrisation, uncached), dropout disabled (p = 0 at test time),
@@ -17,7 +19,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ifad_fast.model import Decoder, positional_encoding, voxel_coords
+from .model import Decoder, positional_encoding, voxel_coords
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ (float64, whole tensors); inf when the shapes differ or anything is not
+    finite, so NaN never passes a tolerance."""
+    out, ref = out.detach().double(), ref.detach().double()
+    if out.shape != ref.shape or not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _forward(decoder: Decoder, x: torch.Tensor) -> torch.Tensor:
