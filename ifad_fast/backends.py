@@ -1,19 +1,29 @@
-"""Compute backends: the two hot functions of restoration, behind one small interface.
+"""Compute backends: the two hot functions of restoration, behind one contract (`Backend`).
 
-Every backend is built from a trained `Decoder` and answers, for a batch of B scans:
+Every backend is built from a trained `Decoder` (weights frozen, weight norm folded) and answers,
+for a grid of `shape` (X, Y, Z):
 
-- `mean_loss(z, idx, targets, shape) -> (B,)`: per-scan mean cross-entropy of K points,
-  differentiable with respect to z (B, D). idx: (B, K, 3) int voxel indices into a grid of
-  `shape` (X, Y, Z); targets: (B, K) int class ids. Weights are frozen: no weight gradients.
-- `score(z, idx, targets, shape) -> (M,)`: float32 cross-entropy -log P(t | z, p) of M voxels
-  of one scan. z: (D,); idx: (M, 3); targets: (M,). No gradients.
-- `score_and_classes(...) -> ((M,) float32, (M,) int)`: the same plus the most likely class
-  per voxel (the restoration), from the same forward.
+- `mean_loss(z, idx, targets, shape) -> (B,) float32`: per-scan mean cross-entropy of K points,
+  differentiable with respect to z (B, D) float32. idx: (B, K, 3) int voxel indices; targets:
+  (B, K) int class ids; K >= 1. No weight gradients.
+- `score(z, idx, targets, shape, out=None) -> (M,) float32`: cross-entropy -log P(t | z, p) of M
+  voxels of one scan. z: (D,); idx: (M, 3) int; targets: (M,) int; written into `out` if given.
+  No gradients.
+- `score_and_classes(z, idx, targets, shape) -> ((M,) float32, (M,) uint8)`: the same plus the
+  most likely class per voxel (the restoration), from the same forward.
 
-`torch` is the reference every fast backend is tested against: the decoder with weight norm
-folded, evaluated in float32 with plain torch ops, autograd for the z-gradient.
+`Backend` owns what every backend shares: the input checks (shapes, index and class ranges,
+raised as IfadError before any work), the precision names (`parse_precision`), and the bounded
+per-shape caches (`BoundedCache`). A backend implements `_mean_loss`, `_score` and, when it
+has a cheaper way than the default, `_score_and_classes`, on checked inputs.
+
+`torch` (TorchBackend) is the reference every fast backend is tested against: the decoder with
+weight norm folded, evaluated in float32 with plain torch ops, autograd for the z-gradient.
+`cpu` is ifad_fast/fast.py (any torch device), `triton` is ifad_fast/triton_backend.py (CUDA).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -21,33 +31,149 @@ from .errors import IfadError
 from .model import Decoder, cross_entropy_per_point
 
 BACKENDS = ("auto", "triton", "torch", "cpu")
+PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
+_PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
 
 
-class TorchBackend:
+def parse_precision(name: str, allowed=tuple(PRECISIONS), who: str = "this backend") -> str:
+    """'float32' | 'bf16' (also 'fp32', 'bfloat16') -> the canonical name; IfadError for anything
+    else or for a precision that `who` does not run."""
+    canonical = _PRECISION_ALIASES.get(name, name)
+    if canonical not in PRECISIONS:
+        raise IfadError(f"unknown precision {name!r}; choose float32 or bf16")
+    if canonical not in allowed:
+        raise IfadError(f"{who} runs in {' or '.join(allowed)} only; use --backend cpu or triton for {canonical}")
+    return canonical
+
+
+class BoundedCache:
+    """A small least-recently-used map: `get(key, make)` returns the cached value or stores
+    make(); past `size` entries the least recently used one is dropped. The one caching policy
+    of the backends (per-shape tables, per-size buffers)."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, key, make):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self):
+        return len(self._items)
+
+
+class Backend:
+    """The contract of a compute backend (see the module docstring); subclasses set `name` and
+    `precisions` and implement `_mean_loss` and `_score` on checked inputs."""
+
+    name = "?"
+    precisions: tuple = ("float32",)
+
+    def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32"):
+        self.precision = parse_precision(precision, self.precisions, f"the {self.name} backend")
+        self.config = decoder.config
+        self.device = torch.device(device)
+
+    # ------------------------------------------------------------------ public, checked
+    def mean_loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape) -> torch.Tensor:
+        """z (B, D) float32, idx (B, K, 3) int, targets (B, K) int -> (B,) float32 mean
+        cross-entropy over the K points of each scan, differentiable with respect to z."""
+        shape = self._check(z, idx, targets, shape, batched=True)
+        return self._mean_loss(z, idx, targets, shape)
+
+    @torch.no_grad()
+    def score(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """z (D,), idx (M, 3) int, targets (M,) int -> (M,) float32 -log P(t | z, p); written into
+        `out` ((M,) float32 on the backend's device) when given."""
+        shape = self._check(z, idx, targets, shape, batched=False)
+        if out is not None and (out.shape != (idx.shape[0],) or out.dtype != torch.float32
+                                or out.device != self.device):
+            raise IfadError("score: out must be a float32 tensor of shape (M,) on the backend's device")
+        scores = self._score(z.detach(), idx, targets, shape, out)
+        if out is not None and scores is not out:
+            scores = out.copy_(scores)
+        return scores
+
+    @torch.no_grad()
+    def score_and_classes(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape):
+        """Like score, plus the most likely class per voxel: ((M,) float32, (M,) uint8)."""
+        shape = self._check(z, idx, targets, shape, batched=False)
+        return self._score_and_classes(z.detach(), idx, targets, shape)
+
+    # ------------------------------------------------------------------ to implement
+    def _mean_loss(self, z, idx, targets, shape) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _score(self, z, idx, targets, shape, out) -> torch.Tensor:
+        """(M,) float32 scores; may write into `out` (None or checked) and return it."""
+        raise NotImplementedError
+
+    def _score_and_classes(self, z, idx, targets, shape):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, z, idx, targets, shape, batched: bool) -> tuple[int, int, int]:
+        """Shapes, dtypes and ranges of one call; returns the grid shape as three ints."""
+        try:
+            shape = tuple(int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise IfadError(f"grid shape must be three sizes, got {shape!r}") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise IfadError(f"grid shape must be three positive sizes, got {shape}")
+        D = self.config.latent_dim
+        if batched:
+            ok = (z.dim() == 2 and z.shape[1] == D and idx.dim() == 3 and idx.shape[0] == z.shape[0]
+                  and idx.shape[2] == 3 and tuple(targets.shape) == tuple(idx.shape[:2]))
+            want = "z (B, D), idx (B, K, 3), targets (B, K)"
+        else:
+            ok = (z.dim() == 1 and z.shape[0] == D and idx.dim() == 2 and idx.shape[1] == 3
+                  and tuple(targets.shape) == (idx.shape[0],))
+            want = "z (D,), idx (M, 3), targets (M,)"
+        if not ok:
+            raise IfadError(f"{self.name} backend: expected {want} with D = {D}; got z {tuple(z.shape)}, "
+                            f"idx {tuple(idx.shape)}, targets {tuple(targets.shape)}")
+        if batched and idx.shape[1] == 0:
+            raise IfadError("mean_loss needs at least one point per scan (K >= 1)")
+        if idx.is_floating_point() or targets.is_floating_point() or idx.dtype == torch.bool:
+            raise IfadError(f"idx and targets must be integer tensors, got {idx.dtype} and {targets.dtype}")
+        if idx.numel():             # one host read for both ranges (on CUDA: one synchronisation)
+            flat = idx.reshape(-1, 3)
+            bad = torch.stack((((flat < 0) | (flat >= torch.tensor(shape, device=idx.device))).any(),
+                               ((targets < 0) | (targets >= self.config.n_classes)).any().to(idx.device)))
+            bad_idx, bad_targets = bad.tolist()
+            if bad_idx:
+                raise IfadError(f"voxel indices out of range for a grid of shape {shape}")
+            if bad_targets:
+                raise IfadError(f"targets must be class ids in 0..{self.config.n_classes - 1}")
+        return shape
+
+
+class TorchBackend(Backend):
     """Reference: plain torch, float32, folded weights, autograd for dL/dz."""
 
     name = "torch"
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32"):
-        if precision != "float32":
-            raise IfadError("the torch reference backend runs in float32 only; use --backend cpu for bf16")
-        self.decoder = decoder.folded().to(device)
-        self.device = torch.device(device)
-        self.precision = precision
+        super().__init__(decoder, device, precision)
+        self.decoder = decoder.folded().to(self.device)
 
-    def mean_loss(self, z, idx, targets, shape):
+    def _mean_loss(self, z, idx, targets, shape):
         logits = self.decoder.logits_at(z, idx, shape)
         return cross_entropy_per_point(logits, targets).mean(dim=1)
 
-    @torch.no_grad()
-    def score(self, z, idx, targets, shape):
-        return self.score_and_classes(z, idx, targets, shape)[0]
+    def _score(self, z, idx, targets, shape, out):
+        return self._score_and_classes(z, idx, targets, shape)[0]
 
-    @torch.no_grad()
-    def score_and_classes(self, z, idx, targets, shape):
-        """Like score, plus the most likely class per voxel (M,) int64."""
+    def _score_and_classes(self, z, idx, targets, shape):
         logits = self.decoder.logits_at(z[None], idx[None], shape)[0]
-        return cross_entropy_per_point(logits, targets), logits.argmax(-1)
+        return cross_entropy_per_point(logits, targets), logits.argmax(-1).to(torch.uint8)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -66,7 +192,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def make_backend(name: str, decoder: Decoder, device, precision: str = "float32"):
+def make_backend(name: str, decoder: Decoder, device, precision: str = "float32") -> Backend:
     """Build the named backend on `device` ('auto' picks the fastest that works here)."""
     if name not in BACKENDS:
         raise IfadError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

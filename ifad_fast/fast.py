@@ -1,7 +1,7 @@
 """FastBackend ("cpu"): the restoration hot path with less work and the same numbers.
 
-Same interface and results as `backends.TorchBackend` (see backends.py), on any torch device.
-What it does differently (DESIGN.md §4):
+Same contract and results as `backends.TorchBackend` (see backends.py), on any torch device.
+What it does differently (the identities are derived in docs/numerics.md):
 
 1. Weight norm is folded once (`decoder.weights()`). Layer 0 reads [z, γ] and the
    re-injection layer r = latent_in reads [h, z, γ]; their weights are split by input block.
@@ -9,7 +9,8 @@ What it does differently (DESIGN.md §4):
 2. The positional encoding never exists per point. Voxel coordinates take only S distinct
    values per axis, so γ restricted to one axis is an exact (S, 2L) table (computed by the very
    ops of `model.positional_encoding`), and since layers 0 and r are linear in γ, their γ blocks
-   collapse to per-axis tables P_a = γ_a W_γa^T of shape (S_a, hidden). A point's layer-0
+   collapse to per-axis tables P_a = γ_a W_γa^T of shape (S_a, hidden) (γ_a from
+   `model.axis_encoding`, the products in float64, rounded once to float32). A point's layer-0
    pre-activation is then P_x[i] + P_y[j] + P_z[k] + c0 -- one `embedding_bag(mode="sum")` over a
    per-call table with c0 folded into the x rows, no matmul at all -- and layer r's is
    h W_rh^T added in place (BLAS beta=1) onto the same kind of three-row sum.
@@ -20,7 +21,8 @@ What it does differently (DESIGN.md §4):
    only at layer r, nothing below layer 0), and adds Σδ0 and Σδ_r of the chunk to per-scan
    sums. The chunk's activations stay cache-resident and are overwritten by the next chunk;
    backward() is then dL/dz = grad_output/K · (W0z^T Σδ0 + W_rz^T Σδ_r), a (B, D) scaling.
-4. Activation and δ buffers are preallocated per (rows, dtype) and reused across calls; points
+4. Activation and δ buffers are preallocated per chunk size and reused across calls (the tables
+   and buffers live in `BoundedCache`s: 8 grid shapes, 4 chunk sizes); points
    run in chunks of `chunk` rows (default: 1024 on one CPU thread, 8192 on several -- see
    `default_chunk`; 32768 on CUDA). `torch.set_num_threads` is left to the caller; on a shared
    2-core machine one thread was the faster choice.
@@ -42,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .backends import PRECISIONS, Backend, BoundedCache
 from .errors import IfadError
-from .model import Decoder, positional_encoding, voxel_coords
+from .model import Decoder, axis_encoding
 
-PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_CHUNK = {"cuda": 32768}
 
 
@@ -75,8 +77,14 @@ def _cpu_has_native_bf16() -> bool:
         return False
 
 
+def _cast_into(buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x itself when it already has buf's dtype (no copy), else x rounded into buf."""
+    return x if x.dtype == buf.dtype else buf.copy_(x)
+
+
 class _Buffers:
-    """Per-(rows, dtype) scratch: activations of every hidden layer, two δ buffers, logits."""
+    """Per-chunk-size scratch: activations of every hidden layer (compute dtype), two δ buffers,
+    logits and the δ of the last hidden layer (float32), row numbers."""
 
     def __init__(self, rows, widths, hidden_max, n_classes, dtype, device):
         self.h = [torch.empty(rows, w, dtype=dtype, device=device) for w in widths]
@@ -96,7 +104,7 @@ class _MeanLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, backend, idx, targets, shape):
         need_grad = ctx.needs_input_grad[0]
-        loss, grad = backend._run(z.detach(), idx, targets, shape, need_grad=need_grad)
+        loss, grad = backend._loss_and_grad(z.detach(), idx, targets, shape, need_grad)
         if need_grad:
             ctx.save_for_backward(grad.to(z.device))
         return loss.to(z.device)
@@ -108,21 +116,19 @@ class _MeanLoss(torch.autograd.Function):
         return grad_output.to(grad.dtype)[:, None] * grad, None, None, None, None
 
 
-class FastBackend:
+class FastBackend(Backend):
     """Folded, z-hoisted, γ-tabulated, weight-gradient-free decoder evaluation (any device)."""
 
     name = "cpu"
+    precisions = ("float32", "bf16")
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32", chunk: int | None = None):
-        if precision not in PRECISIONS:
-            raise IfadError(f"unknown precision {precision!r}; choose float32 or bf16")
-        self.device = torch.device(device)
-        self.precision = precision
-        self.dtype = PRECISIONS[precision]
+        super().__init__(decoder, device, precision)
+        self.dtype = cd = PRECISIONS[self.precision]
         self.chunk = None if chunk is None else int(chunk)       # None: default_chunk() at each call
         if self.chunk is not None and self.chunk < 1:
             raise IfadError(f"chunk must be a positive number of points, got {chunk}")
-        mc = self.config = decoder.config
+        mc = self.config
         D, E, r = mc.latent_dim, 6 * mc.n_freqs, mc.latent_in
         self.D, self.L, self.r = D, mc.n_freqs, r
         ws = [(w.to(self.device, torch.float32), b.to(self.device, torch.float32)) for w, b in decoder.weights()]
@@ -133,7 +139,6 @@ class FastBackend:
         hr = Wr.shape[1] - D - E
         self.W0z, self.b0, self.W0g = W0[:, :D].contiguous(), b0, W0[:, D:].contiguous()
         self.Wrz, self.br, self.Wrg = Wr[:, hr:hr + D].contiguous(), br, Wr[:, hr + D:].contiguous()
-        cd = self.dtype
         # Per-point layers 1..n_hidden-1: h-block weights in the compute dtype, as the right operand of
         # the forward (h @ W^T) and of the backward (δ @ W). Layouts: float32 keeps both contiguous as
         # read (MKL's fastest here); bf16 uses transposed views of contiguous copies, the only layout
@@ -160,167 +165,140 @@ class FastBackend:
                           "matmuls are emulated here and run several times slower than float32",
                           RuntimeWarning, stacklevel=2)
         self.n_hidden = n_hidden
-        self._tables: dict = {}
-        self._buffers: dict = {}
+        self._tables = BoundedCache(8)          # grid shape -> per-axis tables
+        self._buffers = BoundedCache(4)         # chunk rows -> _Buffers
 
-    # ---------------------------------------------------------------- public interface
-    def mean_loss(self, z, idx, targets, shape):
-        """z (B, D), idx (B, K, 3) int, targets (B, K) int -> (B,) float32 mean cross-entropy, differentiable wrt z."""
-        return _MeanLoss.apply(z, self, idx, targets, tuple(int(s) for s in shape))
+    # ---------------------------------------------------------------- the contract (checked inputs)
+    def _mean_loss(self, z, idx, targets, shape):
+        return _MeanLoss.apply(z, self, idx, targets, shape)
 
-    @torch.no_grad()
-    def score(self, z, idx, targets, shape, out: torch.Tensor | None = None):
-        """z (D,), idx (M, 3), targets (M,) -> (M,) float32 -log P(t | z, p); writes into `out` if given."""
-        M = idx.shape[0]
+    def _score(self, z, idx, targets, shape, out):
         if out is None:
-            out = torch.empty(M, dtype=torch.float32, device=self.device)
-        elif out.shape != (M,) or out.dtype != torch.float32 or out.device != self.device:
-            raise IfadError("score: out must be a float32 tensor of shape (M,) on the backend's device")
-        self._run(z.detach()[None], idx[None], targets[None], tuple(int(s) for s in shape),
-                  need_grad=False, point_out=out)
+            out = torch.empty(idx.shape[0], dtype=torch.float32, device=self.device)
+        self._run(z[None], idx[None], targets[None], shape, need_grad=False, point_out=out)
         return out
 
-    @torch.no_grad()
-    def score_and_classes(self, z, idx, targets, shape):
-        """Like score, plus the most likely class per voxel (M,) int64, from the same forward."""
+    def _score_and_classes(self, z, idx, targets, shape):
         M = idx.shape[0]
         out = torch.empty(M, dtype=torch.float32, device=self.device)
-        classes = torch.empty(M, dtype=torch.long, device=self.device)
-        self._run(z.detach()[None], idx[None], targets[None], tuple(int(s) for s in shape),
-                  need_grad=False, point_out=out, class_out=classes)
+        classes = torch.empty(M, dtype=torch.uint8, device=self.device)
+        self._run(z[None], idx[None], targets[None], shape, need_grad=False, point_out=out, class_out=classes)
         return out, classes
 
     # ---------------------------------------------------------------- internals
     def _axis_tables(self, shape):
         """Per-axis layer-0 and layer-r γ contributions: ((S_x+S_y+S_z, H0), (…, H_r)), float32."""
-        key = shape
-        if key not in self._tables:
-            if len(self._tables) > 8:
-                self._tables.clear()
-            E2 = 2 * self.L
-            p0, pr = [], []
-            for a, s in enumerate(shape):
-                ii = torch.zeros(s, 3, dtype=torch.long, device=self.device)
-                ii[:, a] = torch.arange(s, device=self.device)
-                # exactly the reference's ops, so the table rows equal γ(p) of the reference bit for bit
-                g = positional_encoding(voxel_coords(ii, shape), self.L)[:, a * E2:(a + 1) * E2].double()
-                p0.append(g @ self.W0g[:, a * E2:(a + 1) * E2].double().t())
-                pr.append(g @ self.Wrg[:, a * E2:(a + 1) * E2].double().t())
-            self._tables[key] = (torch.cat(p0).float(), torch.cat(pr).float())
-        return self._tables[key]
+        return self._tables.get(shape, lambda: self._make_axis_tables(shape))
+
+    def _make_axis_tables(self, shape):
+        gamma = axis_encoding(shape, self.L, self.device).double()
+        E2 = 2 * self.L
+        p0, pr, start = [], [], 0
+        for a, s in enumerate(shape):
+            g = gamma[start:start + s]
+            start += s
+            p0.append(g @ self.W0g[:, a * E2:(a + 1) * E2].double().t())
+            pr.append(g @ self.Wrg[:, a * E2:(a + 1) * E2].double().t())
+        return torch.cat(p0).float(), torch.cat(pr).float()
 
     def _bufs(self, rows):
-        key = rows
-        if key not in self._buffers:
-            if len(self._buffers) > 4:
-                self._buffers.clear()
-            self._buffers[key] = _Buffers(rows, self.widths, max(self.widths), self.n_classes, self.dtype,
-                                          self.device)
-        return self._buffers[key]
+        return self._buffers.get(rows, lambda: _Buffers(rows, self.widths, max(self.widths), self.n_classes,
+                                                        self.dtype, self.device))
 
-    def _check(self, z, idx, targets, shape):
-        if len(shape) != 3:
-            raise IfadError(f"shape must have 3 sizes, got {shape}")
-        if z.dim() != 2 or z.shape[1] != self.D:
-            raise IfadError(f"z must be (B, {self.D}), got {tuple(z.shape)}")
-        B = z.shape[0]
-        if idx.dim() != 3 or idx.shape[0] != B or idx.shape[2] != 3 or targets.shape != idx.shape[:2]:
-            raise IfadError(f"idx must be (B, K, 3) and targets (B, K) with B = {B}; got {tuple(idx.shape)} "
-                            f"and {tuple(targets.shape)}")
+    def _loss_and_grad(self, z, idx, targets, shape, need_grad: bool):
+        """(B,) float32 mean cross-entropy over K points, and (B, D) d loss_b / d z_b (None unless need_grad)."""
+        loss, g0, gr = self._run(z, idx, targets, shape, need_grad)
+        scale = 1.0 / idx.shape[1]
+        grad = (g0 @ self.W0z + gr @ self.Wrz).mul_(scale) if need_grad else None
+        return loss.mul_(scale), grad
 
     def _run(self, z, idx, targets, shape, need_grad, point_out=None, class_out=None):
-        """Chunked forward (and, if need_grad, the fused backward to z).
+        """Every point, chunk by chunk: forward, cross-entropy, and with need_grad the backward to
+        the pre-activations of layers 0 and r.
 
-        Returns (loss (B,) float32 mean over K, grad (B, D) = d loss_b / d z_b or None). With
-        point_out (B = 1), per-point cross-entropies are written there instead.
+        z (B, D), idx (B, K, 3), targets (B, K). Returns (Σ_k CE (B,) float32, Σ_k δ0 (B, H0) and
+        Σ_k δr (B, H_r) float32 or None). With point_out (B = 1) the per-point cross-entropies are
+        written there (and the classes into class_out when given) instead.
         """
-        self._check(z, idx, targets, shape)
-        dev, cd, r, nh = self.device, self.dtype, self.r, self.n_hidden
-        z = z.to(dev, torch.float32)
+        dev = self.device
         B, K = idx.shape[:2]
-        P0, Pr = self._axis_tables(shape)
-        Sx, Sy, _ = shape
-        # per-scan biases from z, folded into the x rows of per-call tables (float32)
-        c0 = torch.addmm(self.b0, z, self.W0z.t())                       # (B, H0)
-        cr = torch.addmm(self.br, z, self.Wrz.t())                       # (B, H_r)
-        T0 = torch.cat(((P0[:Sx][None] + c0[:, None]).reshape(B * Sx, -1), P0[Sx:]))
-        Tr = torch.cat(((Pr[:Sx][None] + cr[:, None]).reshape(B * Sx, -1), Pr[Sx:]))
-        # embedding rows of every point: x rows per scan, then the shared y and z rows
-        ind = idx.to(dev, torch.long)
-        if K == 0:
-            if point_out is None:
-                raise IfadError("mean_loss needs at least one point per scan (K >= 1)")
-            return None, None
-        bad = (ind < 0) | (ind >= torch.tensor(shape, device=dev))
-        if bool(bad.any()):
-            raise IfadError(f"voxel indices out of range for a grid of shape {shape}")
-        off = torch.tensor([0, B * Sx, B * Sx + Sy], device=dev)
-        ind = ind + off
-        ind[..., 0] += (torch.arange(B, device=dev) * Sx)[:, None]
+        T0, Tr, rows = self._embedding_tables(z.to(dev, torch.float32), idx, shape)
         tgt = targets.to(dev, torch.long)
-
         loss = torch.zeros(B, dtype=torch.float32, device=dev)
         g0 = torch.zeros(B, self.W0z.shape[0], dtype=torch.float32, device=dev) if need_grad else None
         gr = torch.zeros(B, self.Wrz.shape[0], dtype=torch.float32, device=dev) if need_grad else None
-        n = min(self.chunk or default_chunk(dev), K)
+        n = max(1, min(self.chunk or default_chunk(dev), K))
         bufs = self._bufs(n)
         for b in range(B):
             for p0 in range(0, K, n):
                 p1 = min(p0 + n, K)
-                m = p1 - p0
-                h = [t[:m] for t in bufs.h]
-                # layer 0: three table rows summed, c0 included
-                a0 = F.embedding_bag(ind[b, p0:p1], T0, mode="sum")
-                if cd == torch.float32:
-                    h[0] = a0.relu_()
-                else:
-                    h[0].copy_(a0.relu_())
-                for i in range(1, nh):
-                    if i == r:
-                        ar = F.embedding_bag(ind[b, p0:p1], Tr, mode="sum")
-                        if cd == torch.float32:
-                            h[i] = ar.addmm_(h[i - 1], self.Wf[i])
-                        else:
-                            h[i].copy_(ar)
-                            h[i].addmm_(h[i - 1], self.Wf[i])
-                    else:
-                        torch.addmm(self.bias[i], h[i - 1], self.Wf[i], out=h[i])
-                    h[i].relu_()
-                hl = h[nh - 1] if cd == torch.float32 else h[nh - 1].float()
-                logits = torch.addmm(self.bo, hl, self.WoT, out=bufs.logits[:m])
-                lg = logits
-                lse = torch.logsumexp(lg, dim=1)
+                h, logits = self._forward(bufs, T0, Tr, rows[b, p0:p1])
+                lse = torch.logsumexp(logits, dim=1)
                 t = tgt[b, p0:p1]
-                ce = lse - lg.gather(1, t[:, None])[:, 0]
+                ce = lse - logits.gather(1, t[:, None])[:, 0]
                 if point_out is not None:
                     point_out[p0:p1] = ce
-                if class_out is not None:
-                    class_out[p0:p1] = lg.argmax(1)
-                else:
-                    loss[b] += ce.sum()
-                if not need_grad:
+                    if class_out is not None:
+                        class_out[p0:p1] = logits.argmax(1)
                     continue
-                # δ at the logits: softmax - onehot (mean over K applied at the end)
-                dl = torch.exp(lg.sub_(lse[:, None]))
-                dl[bufs.rows[:m], t] -= 1.0
-                dh = torch.mm(dl, self.Wo, out=bufs.dlast[:m])
-                if cd != torch.float32:
-                    dh = bufs.delta(0, m, self.widths[nh - 1]).copy_(dh)
-                k = 0
-                for i in range(nh - 1, -1, -1):
-                    _threshold_backward_(dh, h[i])                        # δa_i
-                    if i == r:
-                        gr[b] += dh.sum(0, dtype=torch.float32)
-                    if i == 0:
-                        g0[b] += dh.sum(0, dtype=torch.float32)
-                        break
-                    k ^= 1
-                    dh = torch.mm(dh, self.Wg[i], out=bufs.delta(k, m, self.widths[i - 1]))
-        if point_out is not None:
-            return None, None
-        scale = 1.0 / max(K, 1)
-        loss.mul_(scale)
-        grad = None
-        if need_grad:
-            grad = (g0 @ self.W0z + gr @ self.Wrz).mul_(scale)
-        return loss, grad
+                loss[b] += ce.sum()
+                if need_grad:
+                    self._backward(bufs, h, logits, lse, t, g0[b], gr[b])
+        return loss, g0, gr
+
+    def _embedding_tables(self, z, idx, shape):
+        """The layer-0 and layer-r tables of this call and every point's three rows in them.
+
+        The per-scan biases c0 = W0z z + b0 and c_r = W_rz z + b_r are folded into per-scan copies
+        of the x rows; y and z rows are shared. Returns (T0 (B·X+Y+Z, H0), Tr (…, H_r)) float32 and
+        rows (B, K, 3) int64.
+        """
+        dev = self.device
+        B = z.shape[0]
+        P0, Pr = self._axis_tables(shape)
+        Sx, Sy, _ = shape
+        c0 = torch.addmm(self.b0, z, self.W0z.t())                       # (B, H0)
+        cr = torch.addmm(self.br, z, self.Wrz.t())                       # (B, H_r)
+        T0 = torch.cat(((P0[:Sx][None] + c0[:, None]).reshape(B * Sx, -1), P0[Sx:]))
+        Tr = torch.cat(((Pr[:Sx][None] + cr[:, None]).reshape(B * Sx, -1), Pr[Sx:]))
+        rows = idx.to(dev, torch.long) + torch.tensor([0, B * Sx, B * Sx + Sy], device=dev)
+        rows[..., 0] += (torch.arange(B, device=dev) * Sx)[:, None]
+        return T0, Tr, rows
+
+    def _forward(self, bufs, T0, Tr, rows):
+        """One chunk of m points (rows (m, 3)) through the hidden layers and the output layer.
+
+        Returns (h, logits): the activations of every hidden layer ((m, width) in the compute
+        dtype; their sign is the ReLU mask of the backward) and (m, C) float32 logits (a view of
+        bufs.logits).
+        """
+        m = rows.shape[0]
+        h = [t[:m] for t in bufs.h]
+        # layer 0: three table rows summed, c0 included
+        h[0] = _cast_into(h[0], F.embedding_bag(rows, T0, mode="sum").relu_())
+        for i in range(1, self.n_hidden):
+            if i == self.r:          # [h, z, γ]: the z and γ shares are three rows of Tr
+                h[i] = _cast_into(h[i], F.embedding_bag(rows, Tr, mode="sum")).addmm_(h[i - 1], self.Wf[i])
+            else:
+                torch.addmm(self.bias[i], h[i - 1], self.Wf[i], out=h[i])
+            h[i].relu_()
+        logits = torch.addmm(self.bo, h[-1].float(), self.WoT, out=bufs.logits[:m])
+        return h, logits
+
+    def _backward(self, bufs, h, logits, lse, t, g0, gr):
+        """δ = softmax − onehot down to layer 0 for one chunk; adds Σ δ0 into g0 (H0,) and Σ δr into
+        gr (H_r,). Overwrites `logits`."""
+        m = logits.shape[0]
+        dl = torch.exp(logits.sub_(lse[:, None]))
+        dl[bufs.rows[:m], t] -= 1.0
+        dh = _cast_into(bufs.delta(0, m, self.widths[-1]), torch.mm(dl, self.Wo, out=bufs.dlast[:m]))
+        k = 0
+        for i in range(self.n_hidden - 1, -1, -1):
+            _threshold_backward_(dh, h[i])                        # δa_i
+            if i == self.r:
+                gr += dh.sum(0, dtype=torch.float32)
+            if i == 0:
+                g0 += dh.sum(0, dtype=torch.float32)
+                return
+            k ^= 1
+            dh = torch.mm(dh, self.Wg[i], out=bufs.delta(k, m, self.widths[i - 1]))

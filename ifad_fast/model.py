@@ -41,6 +41,24 @@ def voxel_coords(idx: torch.Tensor, shape) -> torch.Tensor:
     return idx.to(torch.float32) * scale - 1.0
 
 
+def axis_encoding(shape, n_freqs: int, device="cpu") -> torch.Tensor:
+    """γ restricted to each axis of a grid `shape` (X, Y, Z): (X+Y+Z, 2L) float32.
+
+    Row off_a + i (off = 0, X, X+Y) holds the 2L values γ(p)[a*2L : (a+1)*2L] of any voxel whose
+    index on axis a is i. Computed by the very ops of voxel_coords + positional_encoding, so a
+    point's γ gathered from these rows equals the reference's bit for bit. The fast backends
+    read γ (or γ times a weight block) from this table instead of encoding every point.
+    """
+    shape = tuple(int(s) for s in shape)
+    E2 = 2 * n_freqs
+    rows = []
+    for a, s in enumerate(shape):
+        idx = torch.zeros(s, 3, dtype=torch.long, device=device)
+        idx[:, a] = torch.arange(s, device=device)
+        rows.append(positional_encoding(voxel_coords(idx, shape), n_freqs)[:, a * E2:(a + 1) * E2])
+    return torch.cat(rows).contiguous()
+
+
 def layer_shapes(mc: cfg.ModelConfig) -> list[tuple[int, int]]:
     """(out, in) of every linear layer, the output layer last."""
     shapes = []

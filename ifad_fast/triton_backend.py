@@ -1,6 +1,6 @@
 """The triton backend: the fused point kernels of kernels/triton_decoder.py behind the
-interface of backends.py (`mean_loss`, `score`, and `score_and_classes`, which restore.py uses
-when a backend has it: the anomaly score and the restored class from one launch).
+contract of backends.py (`mean_loss`, `score`, and `score_and_classes`: the anomaly score and
+the restored class from one launch).
 
 One fused launch per restoration step computes, for B scans × K points, the per-point
 cross-entropy and (when z requires grad) the sums over points of the pre-activation gradients
@@ -17,8 +17,9 @@ import os
 
 import torch
 
+from .backends import Backend, BoundedCache
 from .errors import IfadError
-from .model import Decoder, positional_encoding, voxel_coords
+from .model import Decoder, axis_encoding
 
 MIN_CC = (8, 0)
 
@@ -69,78 +70,38 @@ def _kernels():
     return triton_decoder
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Fused Triton kernels; float32 (exact dots) or bf16 (tensor cores, fp32 accumulation)."""
 
     name = "triton"
+    precisions = ("float32", "bf16")
 
     def __init__(self, decoder: Decoder, device="cuda", precision: str = "float32",
                  chunk: int = 1 << 20):
         reason = triton_unavailable_reason(device)
         if reason:
             raise IfadError(f"the triton backend cannot run here: {reason}")
-        td = _kernels()
-        self._td = td
-        try:
-            self.precision = td.normalise_precision(precision)
-        except ValueError as exc:
-            raise IfadError(str(exc)) from None
-        self.device = torch.device(device)
+        super().__init__(decoder, device, precision)
+        self._td = _kernels()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        mc = decoder.config
-        self.config = mc
+        mc = self.config
         self.chunk = int(chunk)
-        self.pack = td.PackedDecoder(decoder.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in,
-                                     self.device, self.precision)
-        self._tables: dict = {}
+        self.pack = self._td.PackedDecoder(decoder.weights(), mc.latent_dim, mc.n_freqs, mc.latent_in,
+                                           self.device, self.precision)
+        self._tables = BoundedCache(8)          # grid shape -> (X+Y+Z, 2L) γ rows
 
     def _table(self, shape) -> torch.Tensor:
-        """(X+Y+Z, 2L) per-axis γ rows, computed with the model's own voxel_coords and
-        positional_encoding, so the kernel's γ is exactly the reference's."""
-        key = tuple(int(s) for s in shape)
-        if key not in self._tables:
-            L = self.config.n_freqs
-            rows = []
-            for c, s in enumerate(key):
-                idx = torch.zeros(s, 3, dtype=torch.long, device=self.device)
-                idx[:, c] = torch.arange(s, device=self.device)
-                enc = positional_encoding(voxel_coords(idx, key), L)
-                rows.append(enc[:, c * 2 * L:(c + 1) * 2 * L])
-            self._tables[key] = torch.cat(rows).to(torch.float32).contiguous()
-        return self._tables[key]
+        """(X+Y+Z, 2L) float32 per-axis γ rows (model.axis_encoding), so the kernel's γ is exactly
+        the reference's."""
+        return self._tables.get(shape, lambda: axis_encoding(shape, self.config.n_freqs, self.device))
 
-    def _check(self, z, idx, targets, batched: bool, shape):
-        D = self.config.latent_dim
-        if len(shape) != 3:
-            raise IfadError(f"grid shape must have 3 sizes, got {tuple(shape)}")
-        if batched:
-            ok = z.dim() == 2 and z.shape[1] == D and idx.dim() == 3 and idx.shape[0] == z.shape[0] \
-                and idx.shape[2] == 3 and tuple(targets.shape) == tuple(idx.shape[:2]) and idx.shape[1] > 0
-            want = "z (B, D), idx (B, K>0, 3), targets (B, K)"
-        else:
-            ok = z.dim() == 1 and z.shape[0] == D and idx.dim() == 2 and idx.shape[1] == 3 \
-                and tuple(targets.shape) == (idx.shape[0],)
-            want = "z (D,), idx (M, 3), targets (M,)"
-        if not ok:
-            raise IfadError(f"triton backend: expected {want} with D={D}; got z {tuple(z.shape)}, "
-                            f"idx {tuple(idx.shape)}, targets {tuple(targets.shape)}")
+    def _mean_loss(self, z, idx, targets, shape):
+        return self._td.fused_mean_loss(self.pack, z, idx, targets, shape, self._table(shape))
 
-    def mean_loss(self, z, idx, targets, shape):
-        """(B,) per-scan mean cross-entropy of K points; differentiable with respect to z."""
-        self._check(z, idx, targets, True, shape)
-        return self._td.fused_mean_loss(self.pack, z, idx, targets, shape, table=self._table(shape))
+    def _score(self, z, idx, targets, shape, out):
+        return self._td.grid_scores(self.pack, z, idx, targets, shape, self._table(shape), chunk=self.chunk)
 
-    @torch.no_grad()
-    def score(self, z, idx, targets, shape):
-        """(M,) float32 -log P(t | z, p) of the voxels idx (targets gathered at those voxels)."""
-        self._check(z, idx, targets, False, shape)
-        return self._td.grid_scores(self.pack, z.detach(), idx, targets, shape, chunk=self.chunk,
-                                    table=self._table(shape))
-
-    @torch.no_grad()
-    def score_and_classes(self, z, idx, targets, shape):
-        """(scores (M,) float32, most likely class (M,) uint8) of the voxels idx, one launch."""
-        self._check(z, idx, targets, False, shape)
-        return self._td.grid_scores(self.pack, z.detach(), idx, targets, shape, chunk=self.chunk,
-                                    table=self._table(shape), classes=True)
+    def _score_and_classes(self, z, idx, targets, shape):
+        return self._td.grid_scores(self.pack, z, idx, targets, shape, self._table(shape), chunk=self.chunk,
+                                    classes=True)

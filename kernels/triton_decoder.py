@@ -1,7 +1,8 @@
 """Fused Triton kernels for the implicit-field decoder: per-point cross-entropy, dL/dz, score grid.
 
-Imports only torch and triton (a leaf of ifad_fast). Kernel, launchers and autograd.Function
-live side by side (Liger-Kernel `ops/` style).
+Imports only torch and triton (a leaf of ifad_fast). Kernel, launchers, autograd.Function and
+the kernel's numerical specification in plain torch (`fused_point_ref`) live side by side
+(Liger-Kernel `ops/` style). docs/numerics.md states the contracts in one place.
 
 Math (identical to `ifad_fast.model.Decoder` with weight norm folded; no dropout)
 -------------------------------------------------------------------------------
@@ -17,9 +18,9 @@ gradients: δ_out = softmax - onehot; δ_{l-1} = (W_l[:, h part]^T δ_l) ⊙ 1[h
 
 Positional encoding
 -------------------
-sin/cos are separable per axis: the launcher builds (once per grid shape) a table of
-X + Y + Z rows of 2L floats (the exact torch formula of `ifad_fast.model`), and the kernel
-prologue gathers γ for its BLOCK_M points straight from the voxel indices (3 gathers per
+sin/cos are separable per axis: the caller passes a table of X + Y + Z rows of 2L floats
+(`ifad_fast.model.axis_encoding`, the model's own float32 ops; the backend caches one per grid
+shape), and the kernel prologue gathers γ for its BLOCK_M points straight from the voxel indices (3 gathers per
 point from a table of <= 3*300*20 floats that lives in L1/L2). No coordinate, γ or logit is
 ever written per point. This is cheaper than sin/cos in the kernel and bit-identical to the
 reference's γ (no FMA contraction or libdevice-vs-Sleef ulp differences: at 2^9 π the
@@ -91,7 +92,6 @@ float32 (exact "ieee" dots on CUDA cores, ≤ 67 TFLOP/s peak) is ~5-10× slower
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -115,6 +115,113 @@ def _operand(x, ODT: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return x.to(ODT)
 
 
+@triton.jit
+def _tile_dot(acc, a_ptr, w_ptr, k_len, rm, rk, rn, SW: tl.constexpr, BLOCK_K: tl.constexpr,
+              CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc += A[rm, 0:k_len] @ W[0:k_len, rn], in chunks of BLOCK_K = len(rk) (k_len a multiple).
+
+    A (a slot: rows are points) and W (a weight block: rows are input features) are row-major
+    with row stride SW; operands are cast to CDT, products accumulated in acc's fp32.
+    """
+    a_p = a_ptr + (rm[:, None] * SW + rk[None, :])
+    w_p = w_ptr + (rk[:, None] * SW + rn[None, :])
+    for k0 in range(0, k_len, BLOCK_K):
+        a = tl.load(a_p)
+        w = tl.load(w_p)
+        acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PREC)
+        a_p += BLOCK_K
+        w_p += BLOCK_K * SW
+    return acc
+
+
+@triton.jit
+def _gather_encoding(idx_ptr, tab_ptr, gamma_slot, pt, valid, rm, Y0, Z0,
+                     SW: tl.constexpr, TWO_L: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                     ODT: tl.constexpr, UPCAST: tl.constexpr):
+    """γ of the tile's points (rows pt), gathered from the per-axis table into the γ slot; columns
+    past G and rows past K are 0."""
+    rg = tl.arange(0, GP)
+    g_axis = rg // TWO_L                         # γ column -> axis, table row offset, column
+    g_off = tl.where(g_axis == 1, Y0, tl.where(g_axis == 2, Z0, 0))
+    g_col = rg - g_axis * TWO_L
+    gmask = valid[:, None] & (rg < G)[None, :]
+    vox = tl.load(idx_ptr + (pt[:, None] * 3 + g_axis[None, :]), mask=gmask, other=0)
+    gam = tl.load(tab_ptr + ((vox + g_off[None, :]) * TWO_L + g_col[None, :]), mask=gmask, other=0.0)
+    tl.store(gamma_slot + (rm[:, None] * SW + rg[None, :]), _operand(gam, ODT, UPCAST))
+
+
+@triton.jit
+def _hidden_layers(base, fw_ptr, bias_b, need_grad, rm, rn, rk,
+                   NL: tl.constexpr, LI: tl.constexpr, HP: tl.constexpr, HRP: tl.constexpr,
+                   SW: tl.constexpr, RW: tl.constexpr, GP: tl.constexpr, GK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOT: tl.constexpr,
+                   ODT: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """h_l = relu(fw[l]^T [h_{l-1}, γ at 0 and LI] + bias) for l = 0..NL-1, column tile by column
+    tile, from slot to slot (with the gradient every h_l is kept: slot l + 1)."""
+    rgk = tl.arange(0, GK)
+    for l in range(0, NL):
+        kin = tl.where(l == 0, 0, tl.where(l == LI, HRP, HP))     # h-part input width
+        nout = tl.where(l == LI - 1, HRP, HP)
+        # with the gradient h_{l-1} lives in slot l; without, h ping-pongs in slots 1 and 2
+        in_base = base + tl.where(need_grad != 0, l, 1 + (l + 1) % 2) * SLOT
+        out_base = base + tl.where(need_grad != 0, l + 1, 1 + l % 2) * SLOT
+        w_base = fw_ptr + l * (RW * SW)
+        wg_base = w_base + tl.where(l == 0, 0, HRP) * SW          # γ rows of fw[l]
+        for n0 in range(0, nout, BLOCK_N):
+            acc = tl.zeros((rm.shape[0], BLOCK_N), dtype=tl.float32)
+            acc = _tile_dot(acc, in_base, w_base + n0, kin, rm, rk, rn, SW, BLOCK_K, CDT, DOT_PREC)
+            if (l == 0) | (l == LI):
+                acc = _tile_dot(acc, base, wg_base + n0, GP, rm, rgk, rn, SW, GK, CDT, DOT_PREC)
+            acc += tl.load(bias_b + l * SW + n0 + rn)[None, :]
+            hval = tl.maximum(acc, 0.0)
+            tl.store(out_base + n0 + (rm[:, None] * SW + rn[None, :]), _operand(hval, ODT, UPCAST))
+        tl.debug_barrier()
+
+
+@triton.jit
+def _backward_sums(base, last, bw_ptr, part_b, d_out, rm, rn, rc,
+                   NL: tl.constexpr, LI: tl.constexpr, HP: tl.constexpr, HRP: tl.constexpr,
+                   SW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOT: tl.constexpr,
+                   ODT: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """From δ_out (BLOCK_M, CP) down to δ_0: δ_{l-1} = (δ_l W_l[:, h]) ⊙ 1[h_{l-1} > 0], through two
+    δ slots; adds the column sums of δ_0 (part_b[0:SW]) and δ_LI (part_b[SW:2SW]) to the partials."""
+    rk = tl.arange(0, BLOCK_K)
+    d_op = _operand(d_out, ODT, UPCAST).to(CDT)
+    wb = bw_ptr + NL * (SW * SW)
+    d_first = base + (NL + 1) * SLOT
+    for n0 in range(0, HP, BLOCK_N):
+        wc = tl.load(wb + n0 + (rc[:, None] * SW + rn[None, :]))
+        gacc = tl.dot(d_op, wc.to(CDT), input_precision=DOT_PREC)
+        hm = tl.load(last + n0 + (rm[:, None] * SW + rn[None, :]))
+        dl = tl.where(hm > 0, gacc, 0.0)
+        tl.store(d_first + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
+        if LI == NL - 1:
+            pp = part_b + SW + n0 + rn
+            tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
+    tl.debug_barrier()
+    for jj in range(0, NL - 1):
+        l = NL - 1 - jj                                       # δ_l -> δ_{l-1}
+        nrows = tl.where(l == LI - 1, HRP, HP)                # width of δ_l
+        kcols = tl.where(l == LI, HRP, HP)                    # width of δ_{l-1}
+        d_in = base + (NL + 1 + jj % 2) * SLOT
+        d_nx = base + (NL + 1 + (jj + 1) % 2) * SLOT
+        h_prev = base + l * SLOT                              # slot of h_{l-1}
+        wb = bw_ptr + l * (SW * SW)
+        do_sum = (l == 1) | (l == LI + 1)
+        p_sum = part_b + tl.where(l == 1, 0, SW)
+        for n0 in range(0, kcols, BLOCK_N):
+            acc = tl.zeros((rm.shape[0], BLOCK_N), dtype=tl.float32)
+            acc = _tile_dot(acc, d_in, wb + n0, nrows, rm, rk, rn, SW, BLOCK_K, CDT, DOT_PREC)
+            hm = tl.load(h_prev + n0 + (rm[:, None] * SW + rn[None, :]))
+            dl = tl.where(hm > 0, acc, 0.0)
+            if l > 1:
+                tl.store(d_nx + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
+            if do_sum:
+                pp = p_sum + n0 + rn
+                tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
+        tl.debug_barrier()
+
+
 # Runtime integers are not specialised (Triton would turn a 1 into a constant and tag multiples
 # of 16), nor the alignment of the index and target pointers (chunks of a caller's tensor):
 # one compiled kernel per (GPU, precision, decoder shape), exactly the one that aot_compile()
@@ -123,14 +230,42 @@ def _operand(x, ODT: tl.constexpr, EMULATE_RNE: tl.constexpr):
                              "write_cls"],
             do_not_specialize_on_alignment=["idx_ptr", "tgt_ptr"])
 def fused_point_kernel(
-    idx_ptr, tgt_ptr, tab_ptr, fw_ptr, bw_ptr, bias_ptr, loss_ptr, part_ptr, scratch_ptr, cls_ptr,
-    K, n_tiles, tiles_per_scan, B, Y0, Z0, nslot, need_grad, write_cls,
-    NL: tl.constexpr, LI: tl.constexpr, HP: tl.constexpr, HRP: tl.constexpr,
-    SW: tl.constexpr, RW: tl.constexpr, TWO_L: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    GK: tl.constexpr,
-    C: tl.constexpr, CP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    idx_ptr,            # (B*K, 3) int32 voxel indices, scan-major
+    tgt_ptr,            # (B*K,) int32 target class of each point
+    tab_ptr,            # (X+Y+Z, 2L) fp32 per-axis γ rows
+    fw_ptr,             # (NL+1, RW, SW) forward weights W_l^T, operand dtype
+    bw_ptr,             # (NL+1, SW, SW) backward weights W_l[:, h part], operand dtype
+    bias_ptr,           # (B, NL+1, SW) fp32 biases, c0 and cr per scan
+    loss_ptr,           # (B*K,) fp32 out: cross-entropy per point
+    part_ptr,           # (P, B, 2, SW) fp32 out, zeroed: per-program Σ δ_0 and Σ δ_LI
+    scratch_ptr,        # (P, nslot, BLOCK_M, SW) operand dtype: per-program slots
+    cls_ptr,            # (B*K,) uint8 out: argmax class, when write_cls
+    K,                  # points per scan
+    n_tiles,            # B * tiles_per_scan
+    tiles_per_scan,     # ⌈K / BLOCK_M⌉
+    B,                  # scans
+    Y0,                 # first table row of axis 1 (= X)
+    Z0,                 # first table row of axis 2 (= X + Y)
+    nslot,              # slots per program: 3 forward-only, NL + 3 with the gradient
+    need_grad,          # 0: losses only; 1: also the Σ δ partials
+    write_cls,          # 0 / 1: write the argmax class of each point
+    NL: tl.constexpr,       # hidden layers (the output layer is layer NL)
+    LI: tl.constexpr,       # latent_in: the layer that re-reads [z, γ]
+    HP: tl.constexpr,       # hidden width H, padded to BLOCK_N
+    HRP: tl.constexpr,      # width HR = H - D - G of h_{LI-1}, padded to BLOCK_N
+    SW: tl.constexpr,       # slot (and weight tile) row stride: max(HP, padded GP, padded CP)
+    RW: tl.constexpr,       # rows of a forward weight block: max(SW, HRP + GP)
+    TWO_L: tl.constexpr,    # 2L: γ columns per axis
+    G: tl.constexpr,        # 6L: γ columns
+    GP: tl.constexpr,       # G padded to a power of two >= 16
+    GK: tl.constexpr,       # reduction chunk over γ: min(GP, BLOCK_K)
+    C: tl.constexpr,        # classes
+    CP: tl.constexpr,       # C padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,  # points per tile
+    BLOCK_N: tl.constexpr,  # output columns per accumulator tile
+    BLOCK_K: tl.constexpr,  # reduction chunk
+    UPCAST: tl.constexpr,   # dots on fp32 copies of bf16 operands (the interpreter), RNE emulated
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision for fp32 operands ("ieee": exact)
 ):
     """One persistent program: loops over tiles of BLOCK_M points (see the module docstring)."""
     ODT: tl.constexpr = scratch_ptr.dtype.element_ty          # operand dtype (fp32 or bf16)
@@ -142,13 +277,7 @@ def fused_point_kernel(
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rg = tl.arange(0, GP)
-    rgk = tl.arange(0, GK)
     rc = tl.arange(0, CP)
-    g_axis = rg // TWO_L                         # γ column -> axis, table row offset, column
-    g_off = tl.where(g_axis == 1, Y0, tl.where(g_axis == 2, Z0, 0))
-    g_col = rg - g_axis * TWO_L
-    g_ok = rg < G
     c_ok = rc < C
     w_out = fw_ptr + NL * (RW * SW)
 
@@ -159,53 +288,17 @@ def fused_point_kernel(
         pt = b * K + row
         bias_b = bias_ptr + b * ((NL + 1) * SW)
 
-        # ---- prologue: γ for the tile, gathered from the per-axis table, into slot 0
-        gmask = valid[:, None] & g_ok[None, :]
-        vox = tl.load(idx_ptr + (pt[:, None] * 3 + g_axis[None, :]), mask=gmask, other=0)
-        gam = tl.load(tab_ptr + ((vox + g_off[None, :]) * TWO_L + g_col[None, :]), mask=gmask, other=0.0)
-        tl.store(base + (rm[:, None] * SW + rg[None, :]), _operand(gam, ODT, UPCAST))
+        # ---- prologue: γ for the tile into slot 0
+        _gather_encoding(idx_ptr, tab_ptr, base, pt, valid, rm, Y0, Z0, SW, TWO_L, G, GP, ODT, UPCAST)
         tl.debug_barrier()
 
-        # ---- hidden layers
-        for l in range(0, NL):
-            kin = tl.where(l == 0, 0, tl.where(l == LI, HRP, HP))     # h-part input width
-            nout = tl.where(l == LI - 1, HRP, HP)
-            # with the gradient h_{l-1} lives in slot l; without, h ping-pongs in slots 1 and 2
-            in_base = base + tl.where(need_grad != 0, l, 1 + (l + 1) % 2) * SLOT
-            out_base = base + tl.where(need_grad != 0, l + 1, 1 + l % 2) * SLOT
-            w_base = fw_ptr + l * (RW * SW)
-            wg_base = w_base + tl.where(l == 0, 0, HRP) * SW          # γ rows of fw[l]
-            for n0 in range(0, nout, BLOCK_N):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                a_p = in_base + (rm[:, None] * SW + rk[None, :])
-                w_p = w_base + n0 + (rk[:, None] * SW + rn[None, :])
-                for k0 in range(0, kin, BLOCK_K):
-                    a = tl.load(a_p)
-                    w = tl.load(w_p)
-                    acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PREC)
-                    a_p += BLOCK_K
-                    w_p += BLOCK_K * SW
-                if (l == 0) | (l == LI):
-                    for g0 in range(0, GP, GK):
-                        ag = tl.load(base + (rm[:, None] * SW + (g0 + rgk)[None, :]))
-                        wg = tl.load(wg_base + n0 + ((g0 + rgk)[:, None] * SW + rn[None, :]))
-                        acc = tl.dot(ag.to(CDT), wg.to(CDT), acc, input_precision=DOT_PREC)
-                acc += tl.load(bias_b + l * SW + n0 + rn)[None, :]
-                hval = tl.maximum(acc, 0.0)
-                tl.store(out_base + n0 + (rm[:, None] * SW + rn[None, :]), _operand(hval, ODT, UPCAST))
-            tl.debug_barrier()
+        _hidden_layers(base, fw_ptr, bias_b, need_grad, rm, rn, rk, NL, LI, HP, HRP, SW, RW, GP, GK,
+                       BLOCK_N, BLOCK_K, SLOT, ODT, CDT, UPCAST, DOT_PREC)
 
         # ---- epilogue: logits, log-softmax, cross-entropy of the target
         last = base + tl.where(need_grad != 0, NL, 1 + (NL - 1) % 2) * SLOT
-        lacc = tl.zeros((BLOCK_M, CP), dtype=tl.float32)
-        ao_p = last + (rm[:, None] * SW + rk[None, :])
-        wo_p = w_out + (rk[:, None] * SW + rc[None, :])
-        for k0 in range(0, HP, BLOCK_K):
-            ao = tl.load(ao_p)
-            wo = tl.load(wo_p)
-            lacc = tl.dot(ao.to(CDT), wo.to(CDT), lacc, input_precision=DOT_PREC)
-            ao_p += BLOCK_K
-            wo_p += BLOCK_K * SW
+        lacc = _tile_dot(tl.zeros((BLOCK_M, CP), dtype=tl.float32), last, w_out, HP, rm, rk, rc, SW, BLOCK_K,
+                         CDT, DOT_PREC)
         logits = lacc + tl.load(bias_b + NL * SW + rc)[None, :]
         logits = tl.where(c_ok[None, :], logits, float("-inf"))
         mx = tl.max(logits, axis=1)
@@ -221,50 +314,10 @@ def fused_point_kernel(
 
         # ---- backward to the pre-activations of layers 0 and LI (only their sums leave)
         if need_grad != 0:
-            part_b = part_ptr + ((pid * B + b) * 2) * SW
             d_out = ex / se[:, None] - onehot.to(tl.float32)
             d_out = tl.where(valid[:, None] & c_ok[None, :], d_out, 0.0)
-            d_op = _operand(d_out, ODT, UPCAST).to(CDT)
-            wb = bw_ptr + NL * (SW * SW)
-            d_first = base + (NL + 1) * SLOT
-            for n0 in range(0, HP, BLOCK_N):
-                wc = tl.load(wb + n0 + (rc[:, None] * SW + rn[None, :]))
-                gacc = tl.dot(d_op, wc.to(CDT), input_precision=DOT_PREC)
-                hm = tl.load(last + n0 + (rm[:, None] * SW + rn[None, :]))
-                dl = tl.where(hm > 0, gacc, 0.0)
-                tl.store(d_first + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
-                if LI == NL - 1:
-                    pp = part_b + SW + n0 + rn
-                    tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
-            tl.debug_barrier()
-            for jj in range(0, NL - 1):
-                l = NL - 1 - jj                                       # δ_l -> δ_{l-1}
-                nrows = tl.where(l == LI - 1, HRP, HP)                # width of δ_l
-                kcols = tl.where(l == LI, HRP, HP)                    # width of δ_{l-1}
-                d_in = base + (NL + 1 + jj % 2) * SLOT
-                d_nx = base + (NL + 1 + (jj + 1) % 2) * SLOT
-                h_prev = base + l * SLOT                              # slot of h_{l-1}
-                wb = bw_ptr + l * (SW * SW)
-                do_sum = (l == 1) | (l == LI + 1)
-                p_sum = part_b + tl.where(l == 1, 0, SW)
-                for n0 in range(0, kcols, BLOCK_N):
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    a_p = d_in + (rm[:, None] * SW + rk[None, :])
-                    w_p = wb + n0 + (rk[:, None] * SW + rn[None, :])
-                    for k0 in range(0, nrows, BLOCK_K):
-                        a = tl.load(a_p)
-                        w = tl.load(w_p)
-                        acc = tl.dot(a.to(CDT), w.to(CDT), acc, input_precision=DOT_PREC)
-                        a_p += BLOCK_K
-                        w_p += BLOCK_K * SW
-                    hm = tl.load(h_prev + n0 + (rm[:, None] * SW + rn[None, :]))
-                    dl = tl.where(hm > 0, acc, 0.0)
-                    if l > 1:
-                        tl.store(d_nx + n0 + (rm[:, None] * SW + rn[None, :]), _operand(dl, ODT, UPCAST))
-                    if do_sum:
-                        pp = p_sum + n0 + rn
-                        tl.store(pp, tl.load(pp) + tl.sum(dl, axis=0))
-                tl.debug_barrier()
+            _backward_sums(base, last, bw_ptr, part_ptr + ((pid * B + b) * 2) * SW, d_out, rm, rn, rc,
+                           NL, LI, HP, HRP, SW, BLOCK_N, BLOCK_K, SLOT, ODT, CDT, UPCAST, DOT_PREC)
         tl.debug_barrier()
 
 
@@ -273,8 +326,10 @@ def fused_point_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TileConfig:
+    """Tile shape and launch options of `fused_point_kernel` (built with keywords)."""
+
     BLOCK_M: int          # points per tile (rows of every tl.dot)
     BLOCK_N: int          # output columns per accumulator tile
     BLOCK_K: int          # reduction chunk
@@ -304,16 +359,21 @@ class TileConfig:
 # cap (184 registers, no stack).
 # sm_75 / sm_61 have no bf16 tensor cores (the backend refuses them; compiled for the record).
 CONFIGS: dict[tuple[str, str], TileConfig] = {
-    ("sm90", "bf16"): TileConfig(128, 128, 64, 8, 3),
-    ("sm90", "float32"): TileConfig(64, 64, 16, 4, 2, 2),
-    ("sm80", "bf16"): TileConfig(128, 128, 64, 8, 3),
-    ("sm80", "float32"): TileConfig(32, 64, 16, 4, 2, 3),
-    ("sm86", "bf16"): TileConfig(128, 128, 32, 8, 3),
-    ("sm86", "float32"): TileConfig(64, 64, 16, 4, 2, 2, maxnreg=255),
-    ("sm75", "bf16"): TileConfig(64, 64, 16, 4, 2, 2),
-    ("sm75", "float32"): TileConfig(64, 64, 16, 4, 2, 2),
-    ("interpreter", "bf16"): TileConfig(32, 32, 32, 1, 1),
-    ("interpreter", "float32"): TileConfig(32, 32, 32, 1, 1),
+    ("sm90", "bf16"): TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("sm90", "float32"): TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                                    programs_per_sm=2),
+    ("sm80", "bf16"): TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    ("sm80", "float32"): TileConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                                    programs_per_sm=3),
+    ("sm86", "bf16"): TileConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    ("sm86", "float32"): TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                                    programs_per_sm=2, maxnreg=255),
+    ("sm75", "bf16"): TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                                 programs_per_sm=2),
+    ("sm75", "float32"): TileConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=2,
+                                    programs_per_sm=2),
+    ("interpreter", "bf16"): TileConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1),
+    ("interpreter", "float32"): TileConfig(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=1, num_stages=1),
 }
 INTERPRETER_PROGRAMS = 3      # few programs, so the persistent tile loop is exercised
 
@@ -331,11 +391,14 @@ def arch_key(cc: int | None) -> str:
     return "sm75"
 
 
-def normalise_precision(precision: str) -> str:
-    p = {"float32": "float32", "fp32": "float32", "bf16": "bf16", "bfloat16": "bf16"}.get(precision)
-    if p is None:
-        raise ValueError(f"unknown precision {precision!r}; use float32 or bf16")
-    return p
+PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16}   # name -> operand dtype
+
+
+def _checked_precision(precision: str) -> str:
+    """The kernels take the canonical names only (ifad_fast.backends.parse_precision makes them)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be 'float32' or 'bf16', got {precision!r}")
+    return precision
 
 
 def interpreted() -> bool:
@@ -356,7 +419,7 @@ def device_cc(device: torch.device) -> int | None:
 
 def config_for(cc: int | None, precision: str) -> TileConfig:
     """The tile configuration for compute capability `cc` (None: the interpreter)."""
-    return CONFIGS[(arch_key(cc), normalise_precision(precision))]
+    return CONFIGS[(arch_key(cc), _checked_precision(precision))]
 
 
 def pick_config(device, precision: str) -> TileConfig:
@@ -462,11 +525,11 @@ class PackedDecoder:
     def __init__(self, weights, latent_dim: int, n_freqs: int, latent_in: int, device,
                  precision: str = "float32", config: TileConfig | None = None):
         self.device = torch.device(device)
-        self.precision = normalise_precision(precision)
+        self.precision = _checked_precision(precision)
         self.config = config or pick_config(self.device, self.precision)
         shapes = [tuple(w.shape) for w, _ in weights]
         d = self.dims = dims_from_shapes(shapes, latent_dim, n_freqs, latent_in, self.config)
-        self.op_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.op_dtype = PRECISIONS[self.precision]
         f32 = dict(dtype=torch.float32, device=self.device)
         ws = [(w.detach().to(**f32), b.detach().to(**f32)) for w, b in weights]
         NL, LI, D, G, HR, HRP = d.NL, d.LI, d.D, d.G, d.HR, d.HRP
@@ -493,7 +556,6 @@ class PackedDecoder:
         self.b0 = ws[0][1]
         self.wrz = ws[LI][0][:, HR:HR + D].contiguous()        # (H, D)
         self.br = ws[LI][1]
-        self._tables: dict = {}
 
     # per-scan biases: c0 = W0z z + b0 at row 0, cr = Wrz z + br at row LI
     def scan_bias(self, z: torch.Tensor) -> torch.Tensor:
@@ -503,29 +565,6 @@ class PackedDecoder:
         bias[:, 0, :self.w0z.shape[0]] = torch.addmm(self.b0, z, self.w0z.T)
         bias[:, d.LI, :self.wrz.shape[0]] = torch.addmm(self.br, z, self.wrz.T)
         return bias
-
-    def table(self, shape, table: torch.Tensor | None = None) -> torch.Tensor:
-        key = tuple(int(s) for s in shape)
-        if table is not None:
-            return table
-        if key not in self._tables:
-            self._tables[key] = encoding_table(key, self.dims.L, self.device)
-        return self._tables[key]
-
-
-def encoding_table(shape, n_freqs: int, device="cpu") -> torch.Tensor:
-    """(X+Y+Z, 2L) float32: row offset[c] + i holds γ's 2L values of axis c at index i.
-
-    The same float32 operations as ifad_fast.model.voxel_coords + positional_encoding.
-    """
-    rows = []
-    freqs = math.pi * 2.0 ** torch.arange(n_freqs, device=device, dtype=torch.float32)
-    for s in shape:
-        scale = torch.tensor([2.0 / max(int(s) - 1, 1)], device=device)
-        p = torch.arange(int(s), device=device).to(torch.float32) * scale - 1.0
-        ang = p[:, None] * freqs
-        rows.append(torch.stack((torch.sin(ang), torch.cos(ang)), dim=-1).flatten(-2))
-    return torch.cat(rows).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,19 +580,22 @@ def _n_programs(pack: PackedDecoder, n_tiles: int) -> int:
 
 
 def point_losses(pack: PackedDecoder, bias: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
-                 shape, need_grad: bool, table: torch.Tensor | None = None, classes: bool = False):
+                 shape, table: torch.Tensor, need_grad: bool, classes: bool = False):
     """One fused launch. bias: (B, NL+1, SW) from pack.scan_bias(z); idx: (B, K, 3) int;
-    targets: (B, K) int. Returns (loss (B, K) fp32, sums (B, 2, SW) fp32 or None, classes
-    (B, K) uint8 argmax or None), where sums[:, 0] = Σ_points δ_0 and sums[:, 1] = Σ_points δ_LI
-    (unscaled: δ_out = softmax - onehot)."""
+    targets: (B, K) int; table: (X+Y+Z, 2L) fp32 per-axis γ rows of the grid `shape`
+    (ifad_fast.model.axis_encoding) on pack.device. Returns (loss (B, K) fp32, sums (B, 2, SW)
+    fp32 or None, classes (B, K) uint8 argmax or None), where sums[:, 0] = Σ_points δ_0 and
+    sums[:, 1] = Σ_points δ_LI (unscaled: δ_out = softmax - onehot)."""
     d, cfg = pack.dims, pack.config
     B, K = int(idx.shape[0]), int(idx.shape[1])
     if K == 0 or B == 0:
         raise ValueError("need at least one point per scan")
+    X, Y, Z = (int(s) for s in shape)
+    if tuple(table.shape) != (X + Y + Z, 2 * d.L) or table.dtype != torch.float32:
+        raise ValueError(f"table must be ({X + Y + Z}, {2 * d.L}) float32, got {tuple(table.shape)} {table.dtype}")
     dev = pack.device
     idx = idx.to(device=dev, dtype=torch.int32).reshape(B * K, 3).contiguous()
     tgt = targets.to(device=dev, dtype=torch.int32).reshape(B * K).contiguous()
-    tab = pack.table(shape, table)
     tiles_per_scan = triton.cdiv(K, cfg.BLOCK_M)
     n_tiles = B * tiles_per_scan
     nprog = _n_programs(pack, n_tiles)
@@ -564,9 +606,8 @@ def point_losses(pack: PackedDecoder, bias: torch.Tensor, idx: torch.Tensor, tar
     cls = torch.empty(B * K if classes else 1, dtype=torch.uint8, device=dev)
     upcast = interpreted() and pack.op_dtype == torch.bfloat16
     const = d.constexprs(cfg, upcast, cfg.dot_precision)
-    X, Y = int(shape[0]), int(shape[1])
     fused_point_kernel[(nprog,)](
-        idx, tgt, tab, pack.fw, pack.bw, bias.contiguous(), loss, part, scratch, cls,
+        idx, tgt, table.contiguous(), pack.fw, pack.bw, bias.contiguous(), loss, part, scratch, cls,
         K, n_tiles, tiles_per_scan, B, X, X + Y, nslot, int(bool(need_grad)), int(bool(classes)),
         **const, **cfg.launch_options())
     sums = part.sum(0) if need_grad else None
@@ -585,7 +626,7 @@ class FusedPointLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         with torch.no_grad():
             bias = pack.scan_bias(z.detach())
-            loss, sums, _ = point_losses(pack, bias, idx, targets, shape, need_grad, table)
+            loss, sums, _ = point_losses(pack, bias, idx, targets, shape, table, need_grad)
         K = loss.shape[1]
         if need_grad:
             H0, Hr = pack.w0z.shape[0], pack.wrz.shape[0]
@@ -604,33 +645,85 @@ class FusedPointLoss(torch.autograd.Function):
         return dz.to(ctx.z_dtype), None, None, None, None, None
 
 
-def fused_mean_loss(pack: PackedDecoder, z, idx, targets, shape, table=None) -> torch.Tensor:
-    """(B,) per-scan mean cross-entropy of K points, differentiable with respect to z (B, D)."""
+def fused_mean_loss(pack: PackedDecoder, z, idx, targets, shape, table: torch.Tensor) -> torch.Tensor:
+    """(B,) per-scan mean cross-entropy of K points, differentiable with respect to z (B, D).
+    idx (B, K, 3) int, targets (B, K) int, table (X+Y+Z, 2L) fp32 (see point_losses)."""
     return FusedPointLoss.apply(z, pack, idx, targets, tuple(int(s) for s in shape), table)
 
 
 @torch.no_grad()
-def grid_scores(pack: PackedDecoder, z, idx, targets, shape, chunk: int = 1 << 20, table=None,
+def grid_scores(pack: PackedDecoder, z, idx, targets, shape, table: torch.Tensor, chunk: int = 1 << 20,
                 classes: bool = False):
     """Per-voxel cross-entropy (M,) fp32 of one scan (z: (D,)) at voxel indices idx (M, 3),
-    with the targets already gathered at those voxels ((M,) int). With classes=True, returns
-    (scores, most likely class (M,) uint8) from the same launch. Launched in chunks of `chunk`
-    points, so only the int32 copy of one chunk's indices is made and memory stays bounded
-    (the kernel's scratch depends only on the number of programs)."""
+    with the targets already gathered at those voxels ((M,) int); table as in point_losses.
+    With classes=True, returns (scores, most likely class (M,) uint8) from the same launch.
+    Launched in chunks of `chunk` points, so only the int32 copy of one chunk's indices is made
+    and memory stays bounded (the kernel's scratch depends only on the number of programs)."""
     M = int(idx.shape[0])
     out = torch.empty(M, dtype=torch.float32, device=pack.device)
     cls = torch.empty(M, dtype=torch.uint8, device=pack.device) if classes else None
     if M:
         bias = pack.scan_bias(z.reshape(1, -1))
-        tab = pack.table(shape, table)
         for s in range(0, M, chunk):
             e = min(M, s + chunk)
-            loss, _, c = point_losses(pack, bias, idx[s:e][None], targets[s:e][None], shape, False, tab,
+            loss, _, c = point_losses(pack, bias, idx[s:e][None], targets[s:e][None], shape, table, False,
                                       classes)
             out[s:e] = loss[0]
             if classes:
                 cls[s:e] = c[0]
     return (out, cls) if classes else out
+
+
+# ---------------------------------------------------------------------------------------------
+# The numerical specification, in plain torch
+# ---------------------------------------------------------------------------------------------
+
+
+def fused_point_ref(weights, latent_dim: int, latent_in: int, z: torch.Tensor, idx: torch.Tensor,
+                    targets: torch.Tensor, shape, table: torch.Tensor, precision: str = "bf16"):
+    """What `fused_point_kernel` computes, written with torch float32 ops: the kernel's spec.
+
+    weights: [(W (out, in), b (out,))] folded, output layer last; z (B, D) fp32; idx (B, K, 3)
+    int; targets (B, K) int; table (X+Y+Z, 2L) fp32 as for the kernel. Returns (per-point
+    cross-entropy (B, K) fp32, d(Σ_b mean_k loss)/dz (B, D) fp32).
+
+    The roundings are the kernel's: with precision 'bf16', the weights, γ, every stored h_l and
+    every δ that feeds a dot are rounded to bf16 (round to nearest even), products accumulated
+    in fp32; the hoisted z share (c0, cr), biases, logits, softmax, cross-entropy and the sums
+    Σ δ_0, Σ δ_LI stay fp32; Σ δ is taken before rounding. With 'float32' nothing is rounded (the
+    folded decoder in fp32, γ from the table).
+    """
+    dt = PRECISIONS[_checked_precision(precision)]
+    r = lambda x: x.to(dt).to(torch.float32)  # noqa: E731
+    D, LI = latent_dim, latent_in
+    X, Y = int(shape[0]), int(shape[1])
+    off = (0, X, X + Y)
+    gamma = r(torch.cat([table[idx[..., c].long() + off[c]] for c in range(3)], -1))
+    NL = len(weights) - 1
+    G = gamma.shape[-1]
+    HR = weights[LI][0].shape[1] - D - G
+    W = [r(w) for w, _ in weights]
+    c0 = z @ weights[0][0][:, :D].T + weights[0][1]
+    cr = z @ weights[LI][0][:, HR:HR + D].T + weights[LI][1]
+    hs = [r(torch.relu(gamma @ W[0][:, D:].T + c0[:, None]))]
+    for l in range(1, NL):
+        if l == LI:
+            pre = hs[-1] @ W[l][:, :HR].T + gamma @ W[l][:, HR + D:].T + cr[:, None]
+        else:
+            pre = hs[-1] @ W[l].T + weights[l][1]
+        hs.append(r(torch.relu(pre)))
+    logits = hs[-1] @ W[NL].T + weights[NL][1]
+    tgt = targets.long()
+    loss = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
+    d = torch.softmax(logits, -1) - torch.nn.functional.one_hot(tgt, logits.shape[-1]).float()
+    d = (r(d) @ W[NL]) * (hs[NL - 1] > 0)
+    sums = {NL - 1: d.sum(1)}
+    for l in range(NL - 1, 0, -1):
+        w = W[l][:, :HR] if l == LI else W[l]
+        d = (r(d) @ w) * (hs[l - 1] > 0)
+        sums[l - 1] = d.sum(1)
+    dz = (sums[0] @ weights[0][0][:, :D] + sums[LI] @ weights[LI][0][:, HR:HR + D]) / idx.shape[1]
+    return loss, dz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,7 +737,7 @@ def aot_compile(dims: Dims, cfg: TileConfig, precision: str, cc: int):
     from triton.runtime.jit import JITFunction
     if not isinstance(fused_point_kernel, JITFunction):
         raise RuntimeError("kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)")
-    op = "bf16" if normalise_precision(precision) == "bf16" else "fp32"
+    op = {"bf16": "bf16", "float32": "fp32"}[_checked_precision(precision)]
     pointers = dict(idx_ptr="*i32", tgt_ptr="*i32", tab_ptr="*fp32", fw_ptr=f"*{op}", bw_ptr=f"*{op}",
                     bias_ptr="*fp32", loss_ptr="*fp32", part_ptr="*fp32", scratch_ptr=f"*{op}",
                     cls_ptr="*u8")
