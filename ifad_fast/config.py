@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .errors import IfadError
 
-# k-means centres of the reference implementation for HCP T2 at 160³ (DESIGN.md §2).
+# k-means centres of the reference implementation for HCP T2 at 160³ (docs/numerics.md).
 HCP_T2_CENTRES = (0.00834, 0.16113, 0.25638, 0.33246, 0.40170,
                   0.47405, 0.55934, 0.66162, 0.79282, 0.96524)
+
+
+TrainPrior = Literal["paper", "reference", "none"]
+RestorePrior = Literal["paper", "none"]
+LatentInit = Literal["random", "mean"]
+
+
+def _check_choice(obj, field: str, choices) -> None:
+    """IfadError naming the valid values when obj.<field> is not one of the Literal `choices`."""
+    value, allowed = getattr(obj, field), get_args(choices)
+    if value not in allowed:
+        raise IfadError(f"{type(obj).__name__}.{field} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,7 @@ class TrainConfig:
     lr_latents: float = 1e-3
     lr_step_epochs: int = 500            # learning rates halve every this many epochs
     lr_gamma: float = 0.5
-    prior: str = "paper"                 # paper: ‖z‖²/σ² | reference: λ‖z‖ ramped, ‖z‖ ≤ max_norm | none
+    prior: TrainPrior = "paper"          # paper: ‖z‖²/σ² | reference: λ‖z‖ ramped, ‖z‖ ≤ max_norm | none
     sigma: float = 0.01
     norm_penalty: float = 1e-4
     norm_ramp_epochs: int = 100
@@ -61,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     brain_fraction: float = 0.0          # share of each volume's points drawn inside the brain (paper: 0)
 
+    def __post_init__(self):
+        _check_choice(self, "prior", TrainPrior)
+
 
 @dataclass(frozen=True)
 class RestoreConfig:
@@ -68,15 +84,19 @@ class RestoreConfig:
 
     phases: tuple = ((700, 16200),)
     lr: float = 1e-3
-    prior: str = "paper"                 # paper: ‖z‖²/σ² per scan, divided by K like the data term | none
+    prior: RestorePrior = "paper"        # paper: ‖z‖²/σ² per scan, divided by K like the data term | none
     sigma: float = 0.01
-    init: str = "random"                 # random: N(0, 1/D) | mean: mean training latent
+    init: LatentInit = "random"          # random: N(0, 1/D) | mean: mean training latent
     seed: int = 0
     lr_decay: float = 1.0                # multiply lr by this after each phase
     min_pool: int = 3
     avg_pool: int = 15
     chunk: int = 65536                   # voxels per chunk when scoring the grid
     brain_fraction: float = 0.0          # share of each step's points drawn inside the brain (paper: 0)
+
+    def __post_init__(self):
+        _check_choice(self, "prior", RestorePrior)
+        _check_choice(self, "init", LatentInit)
 
 
 SCHEDULES = {

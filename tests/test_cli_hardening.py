@@ -299,7 +299,7 @@ def _defect3_cases(tiny_run, tmp_path, monkeypatch):
         "model: class-count mismatch": (["restore", good, "-m", M("k", class_mismatch), "-o", out, *FAST],
                                         "5 intensity centres for a decoder of 10 classes", None),
         "model: unknown prior": (["restore", good, "-m", M("u", unknown_prior), "-o", out, *FAST],
-                                 "unknown latent prior 'magic'", None),
+                                 "prior must be one of paper, reference, none; got 'magic'", None),
     }
 
 
