@@ -213,6 +213,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
 
 
 def format_report(r: dict) -> str:
+    """The Markdown table of a run() result."""
     p32 = r["matmul_gflops"]["float32"]
     m, n, k = r["matmul_shape"]
     lines = [f"machine: {r['machine']}; {r['date']}; volume {r['resolution']}³; device {r['device']}",

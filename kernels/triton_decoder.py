@@ -410,6 +410,7 @@ def interpreted() -> bool:
 
 
 def device_cc(device: torch.device) -> int | None:
+    """Compute capability of a CUDA device as an int (8.6 -> 86); None for any other device."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -423,6 +424,7 @@ def config_for(cc: int | None, precision: str) -> TileConfig:
 
 
 def pick_config(device, precision: str) -> TileConfig:
+    """The tile configuration for `device` ('float32' or 'bf16')."""
     return config_for(device_cc(device), precision)
 
 
@@ -485,9 +487,11 @@ class Dims:
         return max(self.SW, self.HRP + self.GP)
 
     def nslot(self, need_grad: bool) -> int:
+        """Scratch slots per program: γ + two h slots forward-only; γ + NL h_l + two δ with the gradient."""
         return self.NL + 3 if need_grad else 3
 
     def constexprs(self, cfg: TileConfig, upcast: bool = False, dot_prec: str = "ieee") -> dict:
+        """The constexpr arguments of fused_point_kernel for this decoder and tile configuration."""
         return dict(NL=self.NL, LI=self.LI, HP=self.HP, HRP=self.HRP, SW=self.SW, RW=self.RW,
                     TWO_L=2 * self.L, G=self.G, GP=self.GP, GK=min(self.GP, cfg.BLOCK_K), C=self.C, CP=self.CP,
                     BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
@@ -557,8 +561,9 @@ class PackedDecoder:
         self.wrz = ws[LI][0][:, HR:HR + D].contiguous()        # (H, D)
         self.br = ws[LI][1]
 
-    # per-scan biases: c0 = W0z z + b0 at row 0, cr = Wrz z + br at row LI
     def scan_bias(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) -> (B, NL+1, SW) fp32 biases of every layer, with the hoisted z share per scan:
+        c0 = W0z z + b0 at row 0 and cr = Wrz z + br at row LI."""
         d = self.dims
         z = z.to(torch.float32)
         bias = self.bias.unsqueeze(0).repeat(z.shape[0], 1, 1)
@@ -573,6 +578,7 @@ class PackedDecoder:
 
 
 def _n_programs(pack: PackedDecoder, n_tiles: int) -> int:
+    """Persistent programs of one launch: SMs × programs_per_sm on a GPU, few in the interpreter."""
     if pack.device.type == "cuda":
         sms = torch.cuda.get_device_properties(pack.device).multi_processor_count
         return max(1, min(n_tiles, sms * pack.config.programs_per_sm))
