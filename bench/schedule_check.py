@@ -23,7 +23,7 @@ def main(n: int):
         for sched in ("paper", "fast"):
             rc = restore_config(model, sched)
             t0 = time.perf_counter()
-            res = restore_array(model, case.image, rc=rc, backend="cpu", device="cpu")
+            res = restore_array(model, case.image, case.affine, rc=rc, backend="cpu", device="cpu")
             g = res.model_grid
             brain = g.score > 0
             row[sched] = dict(seconds=time.perf_counter() - t0, points=sum(s * k for s, k in rc.phases),

@@ -2,7 +2,13 @@
 
     import ifad_fast as ifad
     model = ifad.load_model("run/model.pt")          # or ifad.default_model()
-    result = ifad.restore_array(model, volume)        # numpy (X, Y, Z) in, numpy maps out
+    result = ifad.restore_array(model, nib.load("scan.nii.gz"))   # or (volume, affine)
+    result.anomaly                                    # numpy (X, Y, Z), the scan's own grid
+
+A model with a physical frame (format 2, the default for new models) needs each scan's affine
+(voxel -> world mm): pass a nibabel image, or the array and its affine. Without one it raises
+IfadError rather than guess; cube-frame models (format-1 files such as the bundled one, or
+`--frame cube`) take bare arrays as before.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from .io import (NON_SCAN_SUFFIXES, OutputSet, Scan, case_name, check_output_fol
                  clean_stale_temporaries, find_scans, header_shape, load_scan, read_volume, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
-from .preprocess import IntensityEncoder, prepare
+from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .restore import Restoration, restore_classes
 
 #: Output name endings of a restored case: <case><suffix>; the JSON is written last.
@@ -62,6 +68,13 @@ def parse_phases(text: str) -> tuple:
     raise IfadError(f"unknown schedule {text!r}; use {', '.join(cfg.SCHEDULES)} or STEPSxPOINTS[,STEPSxPOINTS...]")
 
 
+PROTOCOLS = {
+    # the paper's setting: 700 Adam steps of 16,200 points, every voxel of the grid scored and kept
+    # (its evaluation on the model grid: `model_grid_maps`)
+    "paper": dict(schedule="paper", region="full"),
+}
+
+
 @dataclass
 class NativeResult:
     """Outputs in the scan's own grid (X, Y, Z)."""
@@ -69,37 +82,65 @@ class NativeResult:
     anomaly: np.ndarray          # float32
     restoration: np.ndarray      # float32 intensities (normalised units) of the restored classes
     classes: np.ndarray          # uint8 restored classes
-    model_grid: Restoration      # everything on the model grid
+    model_grid: Restoration      # everything on the score grid (the model grid, or N³ with resolution=N)
     seconds: float
+    placement: Placement | None = None   # how the scan sits in the score grid (model_affine, brain, to_native)
 
 
-def restore_arrays(model: Model, volumes: list[np.ndarray], rc: cfg.RestoreConfig | None = None,
+def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
                    backend="auto", device="cpu", precision="float32", region="brain",
-                   progress=False) -> list[NativeResult]:
-    """Restore native scans (each (X, Y, Z), skull-stripped, background 0) together."""
-    volumes = [check_volume(v, f"volume {i}") for i, v in enumerate(volumes)]
+                   progress=False, resolution: int | None = None) -> list[NativeResult]:
+    """Restore native scans together; outputs come back on each scan's own grid.
+
+    volumes: arrays (X, Y, Z) (skull-stripped, background 0) or nibabel images. affines: one
+    4x4 voxel -> world (mm) matrix per scan (None: the images' own; required by physical-frame
+    models, see the module docstring). resolution: score on an N³ grid of the same physical
+    extent (IF 3D*); the latent is searched on the model grid either way.
+    """
+    affines = [None] * len(volumes) if affines is None else list(affines)
+    if len(affines) != len(volumes):
+        raise IfadError(f"{len(volumes)} scans but {len(affines)} affines; pass one affine per scan")
+    scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
+    scans = [(check_volume(v, f"volume {i}"), a) for i, (v, a) in enumerate(scans)]
+    pc = model.preprocess
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
+                                   or resolution < 4):
+        raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
     rc = rc or restore_config(model)
     t0 = time.perf_counter()
     encoder = IntensityEncoder(model.centres.numpy())
-    prepared = [prepare(np.asarray(v, dtype=np.float32), encoder, model.preprocess,
-                        model.preprocess.test_mode_pool) for v in volumes]
+    prepared = [prepare(data, encoder, pc, pc.test_mode_pool, affine) for data, affine in scans]
+    scored = prepared
+    if resolution is not None and resolution != pc.resolution:
+        scored = [prepare(data, encoder, pc, pc.test_mode_pool, affine, resolution) for data, affine in scans]
     device = resolve_device(device) if isinstance(device, str) else device
     engine = make_backend(backend, model.decoder, device, precision) if isinstance(backend, str) else backend
     results = restore_classes(model, np.stack([p.classes for p in prepared]), rc, engine, device, precision,
-                              brain=np.stack([p.normalised > 0 for p in prepared]), region=region,
-                              progress=progress)
+                              brain=np.stack([p.brain for p in prepared]), region=region, progress=progress,
+                              score_classes=None if scored is prepared else np.stack([p.classes for p in scored]),
+                              score_brain=None if scored is prepared else np.stack([p.brain for p in scored]))
     seconds = (time.perf_counter() - t0) / len(volumes)
     out = []
-    for p, r in zip(prepared, results):
-        classes = p.grid.to_native(r.classes, mode="nearest")
-        out.append(NativeResult(anomaly=p.grid.to_native(r.anomaly), restoration=encoder.decode(classes),
-                                classes=classes, model_grid=r, seconds=seconds))
+    for p, r in zip(scored, results):
+        classes = p.placement.to_native(r.classes, mode="nearest")
+        out.append(NativeResult(anomaly=p.placement.to_native(r.anomaly), restoration=encoder.decode(classes),
+                                classes=classes, model_grid=r, seconds=seconds, placement=p.placement))
     return out
 
 
-def restore_array(model: Model, volume: np.ndarray, **kwargs) -> NativeResult:
-    """Restore one native scan (X, Y, Z); keyword arguments as for `restore_arrays`."""
-    return restore_arrays(model, [volume], **kwargs)[0]
+def restore_array(model: Model, volume, affine=None, **kwargs) -> NativeResult:
+    """Restore one scan: an array (X, Y, Z) with its affine, or a nibabel image; keyword
+    arguments as for `restore_arrays`."""
+    return restore_arrays(model, [volume], None if affine is None else [affine], **kwargs)[0]
+
+
+def model_grid_maps(result: NativeResult, label=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The paper's evaluation grid: (anomaly (N, N, N) float32, brain bool (N, N, N), label bool
+    (N, N, N) or None) on the score grid of `result` (the model grid unless restored at another
+    resolution). label: a native (X, Y, Z) lesion mask, resampled linearly (order 1), then > 0."""
+    placement = result.placement
+    lab = None if label is None else placement.label_to_model(label)
+    return result.model_grid.anomaly, placement.brain, lab
 
 
 def case_outputs(out_dir, name: str, threshold=None, figure: bool = False) -> dict[str, Path]:
@@ -170,7 +211,7 @@ def resolve_threshold(model: Model, threshold):
 def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = None, backend="auto",
                   device="cpu", precision="float32", region="brain", threshold=None, batch: int = 1,
                   progress=True, report=print, existing: str = "refuse", figure: bool = False,
-                  force: bool = False, max_voxels: int | None = None) -> list[dict]:
+                  force: bool = False, max_voxels: int | None = None, resolution: int | None = None) -> list[dict]:
     """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
     <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
     <case>_figure.png, and <case>_restore.json last (settings and provenance).
@@ -180,6 +221,7 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
     "continue" (skip the finished ones, redo the rest) or "overwrite". Everything is checked
     before the first restoration; then a scan that fails does not stop the others, and an
     IfadError naming the failed scans is raised at the end. Returns the written summaries.
+    resolution: score on an N³ grid of the model frame's extent (see `restore_arrays`).
     """
     if existing not in ("refuse", "continue", "overwrite"):
         raise IfadError(f"existing must be refuse, continue or overwrite, got {existing!r}")
@@ -197,7 +239,7 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
     provenance = dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
                       seed=rc.seed, device=str(device), backend=getattr(engine, "name", "?"), precision=precision,
                       schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=region,
-                      frame=_frame(model.preprocess))
+                      frame=_frame(model.preprocess), score_resolution=resolution or model.preprocess.resolution)
 
     plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
     inputs_resolved = {p.resolve(): p for p in paths}
@@ -229,12 +271,13 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
         except IfadError as exc:
             failed[p] = str(exc)
     k_max = max(k for _, k in rc.phases)
-    check_memory(restore_bytes(model.config, model.preprocess.resolution, k_max, batch), "restoring on the model grid",
+    grid_size = max(model.preprocess.resolution, resolution or 0)
+    check_memory(restore_bytes(model.config, grid_size, k_max, batch), "restoring on the model grid",
                  "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
     for p, shape in shapes.items():
         n, cube = int(np.prod(shape)), max(shape) ** 3
         try:
-            check_memory(restore_bytes(model.config, model.preprocess.resolution, k_max, batch, n, cube),
+            check_memory(restore_bytes(model.config, grid_size, k_max, batch, n, cube),
                          f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
         except IfadError as exc:
             failed[p] = str(exc)
@@ -264,7 +307,8 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
         if not scans:
             continue
         try:
-            results = restore_arrays(model, [s.data for s in scans], rc, engine, device, precision, region, progress)
+            results = restore_arrays(model, [s.data for s in scans], [s.affine for s in scans], rc, engine, device,
+                                     precision, region, progress, resolution)
         except (IfadError, MemoryError) as exc:
             why = str(exc) if isinstance(exc, IfadError) else \
                 "ran out of memory restoring it; use --batch 1 or a machine with more memory"

@@ -33,26 +33,27 @@ def machine() -> str:
 
 
 def mean_image(pc, n_healthy: int, progress=True) -> np.ndarray:
-    """Mean normalised model-grid image of the healthy training subjects (all on the MNI grid)."""
+    """Mean normalised model-grid image of the healthy training subjects (each placed by the model's frame)."""
     from .preprocess import to_model_grid
     from .synth import generate_healthy
 
     total = None
     for i in tqdm(range(n_healthy), desc="mean image", unit="scan", disable=None if progress else True):
-        vol = to_model_grid(generate_healthy(i, seed=TRAIN_SEED).image, pc)[0]
+        case = generate_healthy(i, seed=TRAIN_SEED)
+        vol = to_model_grid(case.image, case.affine, pc)[0]
         total = vol.astype(np.float64) if total is None else total + vol
     return (total / n_healthy).astype(np.float32)
 
 
-def baseline_map(image: np.ndarray, mean: np.ndarray, pc, rc) -> np.ndarray:
+def baseline_map(image: np.ndarray, mean: np.ndarray, pc, rc, affine=None) -> np.ndarray:
     """|scan − mean healthy image| on the model grid, the same post-processing, back to native."""
     from .preprocess import to_model_grid
     from .restore import postprocess
 
-    vol, grid, _ = to_model_grid(image, pc)
+    vol, placement, _ = to_model_grid(image, affine, pc)
     score = postprocess(np.abs(vol - mean), rc.min_pool, rc.avg_pool)
-    score[vol == 0] = 0.0
-    return grid.to_native(score)
+    score[~placement.brain] = 0.0
+    return placement.to_native(score)
 
 
 def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=None, schedule="fast",
@@ -75,10 +76,10 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
         for j in tqdm(range(n), desc=label, unit="case"):
             case = generate_lesion(j, seed=seed)
             t0 = time.perf_counter()
-            res = restore_array(model, case.image, rc=rc, backend=backend, device=device)
+            res = restore_array(model, case.image, case.affine, rc=rc, backend=backend, device=device)
             seconds.append(time.perf_counter() - t0)
             maps.append(res.anomaly)
-            base.append(baseline_map(case.image, mean, model.preprocess, rc))
+            base.append(baseline_map(case.image, mean, model.preprocess, rc, case.affine))
             masks.append(case.mask > 0)
             names.append(case.name)
         return maps, base, masks, names, seconds
@@ -126,7 +127,7 @@ def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "
     maps, masks = [], []
     for j in tqdm(range(n_val), desc="calibrate", unit="case"):
         case = generate_lesion(j, seed=VAL_SEED)
-        maps.append(restore_array(model, case.image, rc=rc, backend="auto", device="cpu").anomaly.ravel())
+        maps.append(restore_array(model, case.image, case.affine, rc=rc, backend="auto", device="cpu").anomaly.ravel())
         masks.append(case.mask.ravel() > 0)
     curve = curve_metrics(np.concatenate(maps), np.concatenate(masks))
     model.info = dict(model.info or {}, threshold=float(curve["threshold"]), threshold_schedule=schedule,

@@ -66,6 +66,14 @@ def _add_seed(p, default=0):
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=default, help=f"0..{MAX_SEED}")
 
 
+def _add_frame_args(p):
+    p.add_argument("--frame", choices=("physical", "cube"), default=None,
+                   help="physical: RAS, isotropic voxels, brain centred in a fixed box (default); "
+                        "cube: pad the scan to a cube of its own matrix (for scans already aligned)")
+    p.add_argument("--extent", type=float, default=None,
+                   help="side of the physical frame in mm (default: the preset's, paper 240)")
+
+
 def _add_input_checks(p):
     p.add_argument("--max-voxels", type=_int_in(1), default=None,
                    help="refuse scans with more voxels than this, read from the header "
@@ -83,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="encode scans as intensity-class volumes on the model grid")
     p.add_argument("inputs", nargs="+", help="NIfTI files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=160,
-                   help=f"model grid size, 4..{MAX_RESOLUTION} (default 160)")
+    p.add_argument("--preset", default="paper", help="paper | small | tiny: grid size and frame extent (default paper)")
+    p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,
+                   help=f"model grid size, 4..{MAX_RESOLUTION} (default: the preset's, paper 160)")
+    _add_frame_args(p)
     p.add_argument("--centres", default=None, help="JSON file of centres, or hcp-t2 (default: fit on the inputs)")
     p.add_argument("--fit-centres", action="store_true", help="fit k-means centres on the inputs (the default)")
     p.add_argument("--classes", type=_int_in(2, 255), default=10,
@@ -104,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--threads", type=_int_in(1, 4096), default=None, help="torch CPU threads")
+    _add_frame_args(p)
     _add_input_checks(p)
     _add_engine_args(p, backend=False)
 
@@ -111,13 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="NIfTI scans or folders")
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
     p.add_argument("-o", "--output", default="ifad_out", help="output folder (default ifad_out)")
-    p.add_argument("--schedule", default="fast", help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
+    p.add_argument("--schedule", default=None, help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
                         "without T (or with T = model), the threshold stored in the model")
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
-    p.add_argument("--region", choices=("brain", "full"), default="brain",
+    p.add_argument("--region", choices=("brain", "full"), default=None,
                    help="score voxels near the brain only (default) or the full grid")
+    p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,
+                   help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
+    p.add_argument("--protocol", choices=("paper",), default=None,
+                   help="paper: the paper's setting (schedule paper, region full)")
     p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
     p.add_argument("--figure", action="store_true", help="also write <case>_figure.png (slices, anomaly overlay)")
     again = p.add_mutually_exclusive_group()
@@ -206,18 +221,27 @@ def _output(path, option="-o"):
     return check_output_folder(path, option)
 
 
+def _frame_config(pc, args):
+    """The preset's PreprocessConfig with --frame / --extent applied."""
+    from . import config as cfg
+    if args.extent is not None and not (math.isfinite(args.extent) and args.extent > 0):
+        raise IfadError("--extent must be a positive number of millimetres")
+    return cfg.replace(pc, frame=args.frame, extent_mm=args.extent)
+
+
 def cmd_prepare(args):
-    """`ifad-fast prepare`: scans -> class volumes and manifest.json."""
+    """`ifad-fast prepare`: scans -> class volumes, brain masks and manifest.json."""
     from . import config as cfg
     from .dataset import prepare_scans
     from .preprocess import IntensityEncoder
 
     _output(args.output)
+    pc = _frame_config(cfg.replace(cfg.get_preset(args.preset).preprocess, resolution=args.resolution), args)
     encoder = None if (args.fit_centres or args.centres is None) else IntensityEncoder.load(args.centres)
-    manifest = prepare_scans(args.inputs, args.output, cfg.PreprocessConfig(resolution=args.resolution),
-                             args.mode_pool, encoder, k=args.classes, seed=args.seed, overwrite=args.overwrite,
-                             force=args.force, max_voxels=args.max_voxels, report=print)
-    print(f"prepared {len(manifest['cases'])} scans at {args.resolution}³ -> {args.output}")
+    manifest = prepare_scans(args.inputs, args.output, pc, args.mode_pool, encoder, k=args.classes,
+                             seed=args.seed, overwrite=args.overwrite, force=args.force,
+                             max_voxels=args.max_voxels, report=print)
+    print(f"prepared {len(manifest['cases'])} scans at {pc.resolution}³ ({pc.frame} frame) -> {args.output}")
 
 
 def cmd_train(args):
@@ -226,7 +250,7 @@ def cmd_train(args):
 
     from . import config as cfg
     from .backends import resolve_device
-    from .dataset import training_volumes
+    from .dataset import MANIFEST, training_volumes
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes
     from .train import Trainer, check_train_config, estimate_seconds
@@ -241,10 +265,14 @@ def cmd_train(args):
         raise IfadError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise IfadError(f"{out / 'checkpoint.pt'}: no checkpoint to resume from; start without --resume")
+    if (Path(args.data) / MANIFEST).is_file() and (args.frame or args.extent):
+        raise IfadError(f"{args.data} is a prepared folder: its frame was chosen by 'ifad-fast prepare'; "
+                        "drop --frame/--extent or pass the raw scans")
+    pc = _frame_config(preset.preprocess, args)
     clean_stale_temporaries(out)
-    volumes, names, centres = training_volumes(args.data, preset.preprocess, args.centres, out / "cache",
-                                               k=preset.model.n_classes, seed=tc.seed, force=args.force,
-                                               max_voxels=args.max_voxels)
+    volumes, brains, names, centres, pc = training_volumes(args.data, pc, args.centres, out / "cache",
+                                                           k=preset.model.n_classes, seed=tc.seed,
+                                                           force=args.force, max_voxels=args.max_voxels)
     if len(centres) != preset.model.n_classes:
         raise IfadError(f"{len(centres)} intensity centres but the {args.preset} model has "
                         f"{preset.model.n_classes} classes; pass matching --centres")
@@ -257,8 +285,9 @@ def cmd_train(args):
             f"the paper preset is GPU-sized: {tc.epochs} epochs on {len(names)} volumes need roughly "
             f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
             "use a GPU (--device cuda) or --preset small"))
-    trainer = Trainer(torch.from_numpy(volumes), preset.model, tc, preset.preprocess, centres, device, names,
-                      provenance=dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device)))
+    trainer = Trainer(torch.from_numpy(volumes), preset.model, tc, pc, centres, device, names,
+                      provenance=dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device)),
+                      brains=torch.from_numpy(brains))
     if args.resume:
         trainer.load(out)
     t0 = time.perf_counter()
@@ -282,18 +311,25 @@ def load_model_arg(spec, device):
 
 def cmd_restore(args):
     """`ifad-fast restore`: anomaly maps for scans or folders."""
-    from .api import resolve_threshold, restore_config, restore_files
+    from .api import PROTOCOLS, resolve_threshold, restore_config, restore_files
     from .backends import resolve_device
 
+    schedule, region = args.schedule or "fast", args.region or "brain"
+    if args.protocol:
+        protocol = PROTOCOLS[args.protocol]
+        for name, given in (("schedule", args.schedule), ("region", args.region)):
+            if given is not None and given != protocol[name]:
+                raise IfadError(f"--protocol {args.protocol} sets --{name} {protocol[name]}; drop --{name} {given}")
+        schedule, region = protocol["schedule"], protocol["region"]
     _output(args.output)
     device = resolve_device(args.device)
     model = load_model_arg(args.model, device)
     threshold = resolve_threshold(model, args.threshold)
-    rc = restore_config(model, args.schedule, seed=args.seed)
+    rc = restore_config(model, schedule, seed=args.seed)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     restore_files(model, args.inputs, args.output, rc, args.backend, device, args.precision,
-                  args.region, threshold, args.batch, existing=existing, figure=args.figure,
-                  force=args.force, max_voxels=args.max_voxels)
+                  region, threshold, args.batch, existing=existing, figure=args.figure,
+                  force=args.force, max_voxels=args.max_voxels, resolution=args.resolution)
 
 
 def cmd_evaluate(args):

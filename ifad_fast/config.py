@@ -47,12 +47,49 @@ class ModelConfig:
             raise IfadError(f"hidden ({self.hidden}) must exceed latent_dim + 6*n_freqs ({self.input_dim})")
 
 
+FRAMES = ("physical", "cube")
+NORMALISATIONS = ("minmax", "upper")
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """How a scan becomes a model-grid volume (stored in the model file; see preprocess.py).
+
+    frame 'physical': the scan is turned to the world's RAS axes, resampled to isotropic voxels of
+    extent_mm / resolution and placed with its brain's centre of mass at the grid centre.
+    frame 'cube': the scan is zero-padded to a cube of its own matrix and resampled to resolution³
+    (the only frame of model files of format version 1; right for scans already aligned).
+    normalisation 'minmax': non-zero voxels clipped to clip_percentiles, then (x - lo) / (hi - lo)
+    into [0, 1] (the paper's); 'upper': divided by the upper percentile (format-version-1 models).
+    """
+
     resolution: int = 160                # model grid is resolution³
     clip_percentiles: tuple = (2.0, 98.0)
     train_mode_pool: int = 2
     test_mode_pool: int = 3
+    frame: str = "physical"              # physical | cube
+    extent_mm: float = 240.0             # physical frame: side of the model box (160 × 1.5 mm)
+    normalisation: str = "minmax"        # minmax | upper
+
+    def __post_init__(self):
+        if self.frame not in FRAMES:
+            raise IfadError(f"unknown frame {self.frame!r}; use {' or '.join(FRAMES)}")
+        if self.normalisation not in NORMALISATIONS:
+            raise IfadError(f"unknown normalisation {self.normalisation!r}; use {' or '.join(NORMALISATIONS)}")
+        if not (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
+                and self.resolution >= 4):
+            raise IfadError(f"the model grid resolution must be an integer of at least 4, got {self.resolution!r}")
+        if not self.extent_mm > 0:
+            raise IfadError(f"the frame's extent must be positive millimetres, got {self.extent_mm!r}")
+
+    @property
+    def voxel_mm(self) -> float:
+        """Voxel size of the model grid in the physical frame (extent_mm / resolution)."""
+        return self.extent_mm / self.resolution
+
+
+# What a model file of format version 1 was trained with (keys its preprocess dict lacks).
+LEGACY_PREPROCESS = dict(frame="cube", normalisation="upper")
 
 
 @dataclass(frozen=True)
@@ -93,6 +130,7 @@ class RestoreConfig:
     avg_pool: int = 15
     chunk: int = 65536                   # voxels per chunk when scoring the grid
     brain_fraction: float = 0.0          # share of each step's points drawn inside the brain (paper: 0)
+    restart_per_phase: bool = False      # a new Adam (fresh moments) for each phase, as the reference notebook
 
     def __post_init__(self):
         _check_choice(self, "prior", RestorePrior)
@@ -103,7 +141,8 @@ SCHEDULES = {
     # warm start from the mean training latent, larger steps, then a short large-K polish
     "fast": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8),
     "paper": dict(phases=((700, 16200),), init="random"),
-    "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none"),
+    # the authors' notebook: two phases, a new Adam for each, no prior
+    "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none", restart_per_phase=True),
 }
 
 
@@ -120,13 +159,13 @@ PRESETS = {
     # No dropout (a short run underfits rather than overfits) and most points inside the brain.
     "small": Preset(
         ModelConfig(latent_dim=64, hidden=256, n_layers=6, latent_in=3, n_freqs=8, dropout=0.0),
-        PreprocessConfig(resolution=96),
+        PreprocessConfig(resolution=96, extent_mm=192.0),     # 2 mm voxels
         TrainConfig(epochs=250, volumes_per_batch=4, points_per_volume=4096, brain_fraction=0.8,
                     lr_weights=1e-3, lr_latents=1e-2, lr_step_epochs=100, checkpoint_every=5),
     ),
     "tiny": Preset(
         ModelConfig(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, dropout=0.0),
-        PreprocessConfig(resolution=24),
+        PreprocessConfig(resolution=24, extent_mm=192.0),     # 8 mm voxels
         TrainConfig(epochs=20, volumes_per_batch=2, points_per_volume=512,
                     lr_weights=2e-3, lr_latents=5e-3, lr_step_epochs=10, checkpoint_every=5),
     ),

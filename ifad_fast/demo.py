@@ -26,7 +26,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
     report("synthesising a glioma-like lesion case from the MNI152 maps ...")
     case = generate_lesion(0, seed=seed)
     rc = restore_config(model, "fast", seed=seed)
-    res = restore_array(model, case.image, rc=rc, backend=backend, device=device, progress=True)
+    res = restore_array(model, case.image, case.affine, rc=rc, backend=backend, device=device, progress=True)
     threshold = float((model.info or {}).get("threshold", np.percentile(res.anomaly[case.brain_mask > 0], 95)))
     predicted = res.anomaly >= threshold
 

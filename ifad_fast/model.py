@@ -20,7 +20,9 @@ from . import config as cfg
 from .errors import IfadError
 
 FORMAT = "ifad-fast-model"
-FORMAT_VERSION = 1
+# 1: cube frame and division by the upper percentile only; 2: the preprocess settings name their
+# frame (physical | cube) and normalisation (minmax | upper). Version-1 files load as cube + upper.
+FORMAT_VERSION = 2
 
 
 def positional_encoding(coords: torch.Tensor, n_freqs: int) -> torch.Tensor:
@@ -264,7 +266,7 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
     if not (1 <= mc.latent_dim <= 4096 and 1 <= mc.hidden <= 16384 and 2 <= mc.n_layers <= 64
             and 0 <= mc.n_freqs <= 32 and 2 <= mc.n_classes <= 255 and 0 <= mc.dropout < 1):
         raise _damaged(path, f"implausible decoder sizes {cfg.to_dict(mc)}")
-    pc = _typed_config(cfg.PreprocessConfig, meta["preprocess"], path, "preprocess", required=False)
+    pc = _typed_config(cfg.PreprocessConfig, preprocess_settings(meta), path, "preprocess", required=False)
     check_resolution(pc.resolution, str(path))
     train = meta.get("train")
     tc = _typed_config(cfg.TrainConfig, train, path, "train", required=False) if train else None
@@ -317,6 +319,15 @@ def load_model(path, device="cpu") -> Model:
     return Model(decoder=decoder.to(device).eval(), centres=payload["centres"].to(torch.float64),
                  preprocess=pc, latents=payload["latents"].to(torch.float32), train=train,
                  info=payload["meta"].get("info", {}), source=payload["source"], sha256=payload["sha256"])
+
+
+def preprocess_settings(meta: dict):
+    """The preprocess section of a model file's meta; format-version-1 files get their cube frame
+    and upper-percentile normalisation, which they predate naming."""
+    settings = meta["preprocess"]
+    if isinstance(settings, dict) and meta.get("format_version", 1) < 2:
+        settings = {**cfg.LEGACY_PREPROCESS, **settings}
+    return settings
 
 
 def bundled_model_path() -> Path:

@@ -1,11 +1,38 @@
-"""Scan -> model input: clip, normalise, pad to a cube, resample, encode as intensity classes.
+"""Scan -> model input, and back: the model frame, normalisation, intensity classes.
 
-And back: `GridMap.to_native` maps a model-grid volume onto the scan's own voxel grid.
+A scan (X, Y, Z) with its affine (voxel -> world millimetres; NIfTI world axes are RAS+:
+x to the subject's right, y anterior, z superior) enters the model through the frame stored in
+the model's PreprocessConfig:
+
+physical (new models)
+    A cube of side `extent_mm` (paper preset 160 × 1.5 mm = 240 mm; `small` 96 × 2 mm and `tiny`
+    24 × 8 mm = 192 mm, room for an adult brain) whose axes are the world's R, A, S axes, so the
+    scan's voxel order, flips (LPS, permuted axes) and obliquity all fall away. Its grid of
+    R³ isotropic voxels (v = extent_mm / R) is centred on the brain's centre of mass (the scan's
+    non-zero voxels, unweighted: robust to stray voxels and independent of intensities): model
+    voxel i sits at centre + (i - (R - 1)/2)·v. Model voxel -> world -> scan voxel is ONE affine
+    (`Placement.model_to_native`), evaluated by one trilinear interpolation in torch
+    (`resample`: grid_sample, float32, any device), zero outside the scan. Back to the scan's
+    grid through the inverse affine (trilinear for scores, nearest for classes); scan voxels
+    outside the frame get 0. A brain larger than the box is cut at its faces: the model never
+    sees the part outside, and that part gets 0 in every output.
+    Scoring at another resolution N (IF 3D*) keeps the box: the N³ grid's first and last voxel
+    centres are those of the R³ grid (voxel (R - 1)·v / (N - 1)), which matches the decoder's
+    corner-aligned coordinates (voxel i of an S-grid at -1 + 2i/(S - 1)).
+cube (model files of format version 1; `--frame cube` for scans that are already aligned)
+    The scan is zero-padded (centred) to a cube of its own largest side, resampled linearly
+    (corners aligned) to R³; orientation, voxel size and field of view are taken as they are.
+
+Intensities (non-zero voxels only): clipped to their 2nd/98th percentiles, then 'minmax'
+((x - p2)/(p98 - p2) into [0, 1], the paper's and its reference code's; new models) or 'upper'
+(divided by p98; format-version-1 models). After min-max the darkest brain voxels are 0 like the
+background, so the brain is never read back from intensities: it is the scan's non-zero support,
+carried through resampling explicitly (`Placement.brain`: the resampled support, > 0).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,27 +44,73 @@ from .errors import IfadError
 from .kernels.numba_ops import assign_nearest, mode_pool3d
 
 
-def normalise(data: np.ndarray, percentiles=(2.0, 98.0)) -> tuple[np.ndarray, tuple[float, float]]:
-    """Clip non-zero voxels to their percentiles and scale them into (0, 1]; zero stays zero.
+def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
+              brain: np.ndarray | None = None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Clip the brain's voxels to their percentiles and scale them; everything else is 0.
 
-    Positive scans are divided by the upper percentile, so the darkest tissue stays well
-    above the background (0) and never shares its intensity class. Scans with negative
-    values are min-max scaled into [0.05, 1]. Returns float32 (X, Y, Z) and (lo, hi).
+    data: (X, Y, Z); brain: bool of the same shape (default data != 0). method 'minmax':
+    (x - lo) / (hi - lo) into [0, 1]. 'upper' (format-version-1 models): positive scans divided
+    by the upper percentile, into (0, 1]; scans with negative values min-max scaled into
+    [0.05, 1]. Returns float32 (X, Y, Z) and (lo, hi).
     """
-    brain = data != 0
+    brain = data != 0 if brain is None else brain
     values = data[brain].astype(np.float64)
+    if values.size == 0:
+        raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
     lo, hi = np.percentile(values, percentiles)
     if not hi > lo:
         raise IfadError(f"the scan's brain intensities are constant ({hi:g}); pass a real MR scan")
     clipped = np.clip(values, lo, hi)
     out = np.zeros(data.shape, np.float32)
-    out[brain] = clipped / hi if lo > 0 else 0.05 + 0.95 * (clipped - lo) / (hi - lo)
+    if method == "minmax":
+        out[brain] = (clipped - lo) / (hi - lo)
+    elif method == "upper":
+        out[brain] = clipped / hi if lo > 0 else 0.05 + 0.95 * (clipped - lo) / (hi - lo)
+    else:
+        raise IfadError(f"unknown normalisation {method!r}; use minmax or upper")
     return out, (float(lo), float(hi))
+
+
+def resample(volume: torch.Tensor, index_affine: np.ndarray, out_shape, mode: str = "linear",
+             chunk_voxels: int = 1 << 22) -> torch.Tensor:
+    """Sample `volume` at the points `index_affine` maps an output grid's voxels to.
+
+    volume: (X, Y, Z) float32 tensor on any device; index_affine: 4x4, output voxel index ->
+    input voxel index (one affine: the whole mapping, one interpolation); out_shape: (I, J, K).
+    mode 'linear' (trilinear) or 'nearest'; zero outside the input (within one voxel of its
+    outermost voxel centres the linear weights blend with that zero). Returns (I, J, K) float32 on
+    volume's device, computed in slabs of about `chunk_voxels` output voxels.
+    """
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
+    device = volume.device
+    in_shape = tuple(volume.shape)
+    if min(in_shape) < 2:
+        raise IfadError(f"volume shape {in_shape} is too thin; pass a 3D scan")
+    # fold grid_sample's normalisation (align_corners=True: index 0 -> -1, S-1 -> +1) into the
+    # affine, and reverse the rows: grid_sample reads (z, y, x) for an (X, Y, Z) volume
+    norm = np.diag([*(2.0 / (s - 1) for s in in_shape), 1.0])
+    norm[:3, 3] = -1.0
+    m = (norm @ np.asarray(index_affine, dtype=np.float64))[:3][::-1]
+    m = torch.tensor(m.copy(), dtype=torch.float32, device=device)
+    i_n, j_n, k_n = (int(s) for s in out_shape)
+    j = torch.arange(j_n, device=device, dtype=torch.float32)
+    k = torch.arange(k_n, device=device, dtype=torch.float32)
+    base = m[:, 1, None, None] * j[None, :, None] + m[:, 2, None, None] * k[None, None, :] + m[:, 3, None, None]
+    src = volume.to(torch.float32)[None, None]
+    out = torch.empty((i_n, j_n, k_n), dtype=torch.float32, device=device)
+    rows = max(1, chunk_voxels // max(j_n * k_n, 1))
+    for a in range(0, i_n, rows):
+        i = torch.arange(a, min(a + rows, i_n), device=device, dtype=torch.float32)
+        grid = (m[:, 0, None, None, None] * i[None, :, None, None] + base[:, None]).permute(1, 2, 3, 0)
+        out[a:a + i.numel()] = F.grid_sample(src, grid[None], mode="bilinear" if mode == "linear" else "nearest",
+                                             padding_mode="zeros", align_corners=True)[0, 0]
+    return out
 
 
 @dataclass(frozen=True)
 class GridMap:
-    """How a native (X, Y, Z) grid sits in the model's resolution³ cube.
+    """The cube frame: how a native (X, Y, Z) grid sits in the model's resolution³ cube.
 
     The native volume is zero-padded (centred) to a cube of side `cube`, which is resampled
     linearly (corners aligned) to resolution³.
@@ -102,16 +175,20 @@ class IntensityEncoder:
         raise IfadError(f"unknown centre preset {name!r}; use hcp-t2 or a JSON file of centres")
 
     @classmethod
-    def fit(cls, volumes, k: int = 10, n_samples: int = 2_000_000, seed: int = 0) -> "IntensityEncoder":
-        """k-means (scikit-learn) on a seeded sample of non-zero voxels of normalised volumes.
+    def fit(cls, volumes, k: int = 10, n_samples: int = 2_000_000, seed: int = 0,
+            brains=None) -> "IntensityEncoder":
+        """k-means (scikit-learn) on a seeded sample of brain voxels of normalised volumes.
 
-        One centre is fixed at 0.0 for the background, the other k-1 are fitted on brain voxels,
-        so the background never shares a class with the darkest tissue.
+        brains: bool masks like `volumes` (default: each volume's non-zero voxels; pass the masks
+        for min-max normalised volumes, whose darkest brain voxels are 0). One centre is fixed at
+        0.0 for the background, the other k-1 are fitted on the brain voxels.
         """
         from sklearn.cluster import KMeans
 
         rng = np.random.default_rng(seed)
-        brains = [v[v > 0] for v in volumes]
+        if brains is None:
+            brains = [v > 0 for v in volumes]
+        brains = [v[b] for v, b in zip(volumes, brains)]
         total = sum(b.size for b in brains)
         if total < k:
             raise IfadError("too few brain voxels to fit intensity centres; pass more scans or use --centres hcp-t2")
@@ -151,44 +228,168 @@ def _raise_missing(spec):
     raise IfadError(f"{spec}: no such centres file or preset; pass a JSON file or hcp-t2")
 
 
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """Where a scan's voxel grid sits in the model grid, and the scan's brain on that grid.
+
+    native_shape (X, Y, Z); native_affine 4x4 (scan voxel -> world mm; the identity when a
+    cube-frame scan came without one); model_affine 4x4 (model voxel -> world mm); resolution R;
+    brain bool (R, R, R): the scan's non-zero support resampled linearly, > 0; grid: the cube
+    frame's GridMap (None in the physical frame).
+    """
+
+    frame: str
+    native_shape: tuple
+    native_affine: np.ndarray
+    model_affine: np.ndarray
+    resolution: int
+    brain: np.ndarray | None = None
+    grid: GridMap | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return (self.resolution,) * 3
+
+    @property
+    def model_to_native(self) -> np.ndarray:
+        """4x4: model voxel index -> native voxel index (one affine)."""
+        return np.linalg.inv(self.native_affine) @ self.model_affine
+
+    def to_model(self, volume: np.ndarray, mode: str = "linear") -> np.ndarray:
+        """Native (X, Y, Z) -> model grid (R, R, R) float32; mode 'linear' or 'nearest' (physical frame)."""
+        volume = np.asarray(volume)
+        if volume.shape != self.native_shape:
+            raise IfadError(f"volume shape {volume.shape} is not the scan's {self.native_shape}")
+        if self.grid is not None:
+            return self.grid.to_model(volume)
+        src = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        return resample(src, self.model_to_native, self.shape, mode).numpy()
+
+    def to_native(self, volume: np.ndarray, mode: str = "linear") -> np.ndarray:
+        """Model grid (R, R, R) -> native (X, Y, Z), dtype kept; mode 'linear' (scores) or 'nearest'
+        (classes). Every native voxel gets a value; those outside the frame get 0."""
+        volume = np.asarray(volume)
+        if self.grid is not None:
+            return self.grid.to_native(volume, mode)
+        src = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
+        out = resample(src, np.linalg.inv(self.model_to_native), self.native_shape, mode).numpy()
+        return out.astype(volume.dtype, copy=False)
+
+    def label_to_model(self, label: np.ndarray) -> np.ndarray:
+        """A native label map -> bool (R, R, R): label != 0 resampled linearly (order 1), then > 0,
+        as the paper evaluates on its model grid."""
+        return self.to_model((np.asarray(label) != 0).astype(np.float32)) > 0
+
+
+def brain_centre(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World position (3,) float64 of the centre of mass of a bool (X, Y, Z) mask (unweighted)."""
+    total = int(np.count_nonzero(brain))
+    if total == 0:
+        raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
+    centre = [float((np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
+                     * np.arange(brain.shape[axis])).sum()) / total for axis in range(3)]
+    return (np.asarray(affine, dtype=np.float64) @ [*centre, 1.0])[:3]
+
+
+def frame_affine(centre: np.ndarray, pc: cfg.PreprocessConfig, resolution: int | None = None) -> np.ndarray:
+    """World affine (4x4) of the physical frame's grid at `resolution` (default pc.resolution).
+
+    RAS axes, voxel pc.voxel_mm at pc.resolution, grid centre at `centre` (world mm). Another
+    resolution N keeps the first and last voxel centres: voxel (R - 1)·v / (N - 1).
+    """
+    n = int(resolution or pc.resolution)
+    if n < 2:
+        raise IfadError(f"the score grid needs at least 2 voxels a side, got {n}")
+    step = pc.voxel_mm * (pc.resolution - 1) / (n - 1)
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = np.asarray(centre, dtype=np.float64) - step * (n - 1) / 2.0
+    return affine
+
+
+def place(brain: np.ndarray, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
+          resolution: int | None = None) -> Placement:
+    """The frame's placement of a scan whose brain (non-zero support) is `brain` bool (X, Y, Z).
+
+    affine: 4x4 voxel -> world mm; None is allowed in the cube frame only (identity assumed).
+    The returned Placement carries the brain resampled to the model grid.
+    """
+    shape = tuple(int(s) for s in brain.shape)
+    n = int(resolution or pc.resolution)
+    if len(shape) != 3 or min(shape) < 2:
+        raise IfadError(f"scan shape {shape} is not a 3D volume; pass a 3D scan")
+    if affine is None:
+        if pc.frame != "cube":
+            raise IfadError("this model's frame is physical: pass the scan's affine (voxel -> world mm, "
+                            "e.g. nibabel's img.affine) or the nibabel image itself")
+        affine = np.eye(4)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise IfadError("the scan's affine must be a finite, invertible 4x4 voxel-to-world matrix")
+    if pc.frame == "cube":
+        grid = GridMap.for_shape(shape, n)
+        placement = Placement("cube", shape, affine, model_affine(grid, affine), n, grid=grid)
+    else:
+        placement = Placement("physical", shape, affine, frame_affine(brain_centre(brain, affine), pc, n), n)
+    return replace(placement, brain=placement.to_model(brain.astype(np.float32)) > 0)
+
+
 @dataclass
 class Prepared:
-    """A scan on the model grid: `normalised` float32 (R,R,R), `classes` uint8 (R,R,R)."""
+    """A scan on the model grid: `normalised` float32 (R,R,R), `classes` uint8 (R,R,R), its placement."""
 
     normalised: np.ndarray
     classes: np.ndarray
-    grid: GridMap
+    placement: Placement
     percentiles: tuple
 
-
-def to_model_grid(data: np.ndarray, pc: cfg.PreprocessConfig) -> tuple[np.ndarray, GridMap, tuple]:
-    """Native scan -> normalised model-grid volume (R, R, R) float32, its GridMap, percentiles."""
-    normalised, percentiles = normalise(data, pc.clip_percentiles)
-    grid = GridMap.for_shape(data.shape, pc.resolution)
-    return np.clip(grid.to_model(normalised), 0.0, 1.0), grid, percentiles
+    @property
+    def brain(self) -> np.ndarray:
+        """bool (R, R, R): the scan's brain on the model grid."""
+        return self.placement.brain
 
 
-def prepare(data: np.ndarray, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int) -> Prepared:
-    """Native scan -> model input: normalise, cube, resample, encode, mode-pool (1 = none)."""
-    volume, grid, percentiles = to_model_grid(data, pc)
+def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
+                  resolution: int | None = None) -> tuple[np.ndarray, Placement, tuple]:
+    """Native scan -> (normalised model-grid volume (R, R, R) float32 in [0, 1], Placement, percentiles).
+
+    data: (X, Y, Z) array, skull-stripped (background 0), or a nibabel image (its affine is used
+    when `affine` is None). resolution: the grid size (default pc.resolution; another N keeps the
+    frame's extent). The brain is the scan's non-zero support (placement.brain on the model grid).
+    """
+    if hasattr(data, "dataobj") and hasattr(data, "affine"):
+        affine = data.affine if affine is None else affine
+        data = np.asarray(data.dataobj, dtype=np.float32)
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 3:
+        raise IfadError(f"scan shape {data.shape} is not a 3D volume; pass a 3D scan")
+    brain = data != 0
+    normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain)
+    placement = place(brain, affine, pc, resolution)
+    return np.clip(placement.to_model(normalised), 0.0, 1.0), placement, percentiles
+
+
+def prepare(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int,
+            affine: np.ndarray | None = None, resolution: int | None = None) -> Prepared:
+    """Native scan -> model input: normalise, place in the frame, encode, mode-pool (1 = none)."""
+    volume, placement, percentiles = to_model_grid(data, affine, pc, resolution)
     classes = encoder.encode(volume)
     if mode_pool > 1:
         classes = mode_pool3d(classes, mode_pool, encoder.n_classes)
-    return Prepared(volume, classes, grid, percentiles)
+    return Prepared(volume, classes, placement, percentiles)
 
 
-def brain_region(normalised: np.ndarray, reach: int) -> np.ndarray:
-    """Voxels within Chebyshev distance `reach` of the brain (normalised > 0): bool (R, R, R)."""
+def brain_region(brain: np.ndarray, reach: int) -> np.ndarray:
+    """Voxels within Chebyshev distance `reach` of a brain mask (bool (R, R, R)): bool (R, R, R)."""
     from scipy.ndimage import maximum_filter
 
-    brain = normalised > 0
+    brain = np.asarray(brain, dtype=bool)
     if reach <= 0:
         return brain
     return maximum_filter(brain, size=2 * reach + 1, mode="constant", cval=False)
 
 
 def model_affine(grid: GridMap, affine: np.ndarray) -> np.ndarray:
-    """The world affine of the model grid: model voxel -> cube voxel -> native voxel -> world."""
+    """The cube frame's world affine of the model grid: model voxel -> cube voxel -> native voxel -> world."""
     s = (grid.cube - 1) / max(grid.resolution - 1, 1)
     to_native = np.diag([s, s, s, 1.0])
     to_native[:3, 3] = -np.asarray(grid.offset, dtype=np.float64)

@@ -2,9 +2,17 @@
 
 restore_classes(model, classes) -> Restoration; the anomaly score of a voxel is
 -log P(t = t_scan | z, p), min-pooled (3) then average-pooled (15).
+
+Scoring at another resolution (the paper's IF 3D*): the latent is searched on the model grid
+(R³) and the field is then evaluated on an N³ grid of the same frame (`score_classes`): the
+decoder is continuous, and voxel i of an S-grid is at -1 + 2i/(S - 1) for any S. The pooling
+windows are in voxels of the grid they run on; at N the min-pool stays 3 (it removes single-voxel
+speckle, which lives at the score grid's own voxel scale) and the average pool keeps its physical
+size: avg_pool · (N - 1)/(R - 1), rounded to the nearest odd size (`pools_at`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -35,6 +43,16 @@ class Restoration:
 def pool_reach(rc: cfg.RestoreConfig) -> int:
     """How far (in voxels, Chebyshev) a raw score can move the post-processed map."""
     return (rc.min_pool - 1) // 2 + (rc.avg_pool - 1) // 2
+
+
+def pools_at(rc: cfg.RestoreConfig, model_resolution: int, score_resolution: int) -> cfg.RestoreConfig:
+    """rc with the average-pool window scaled from the model grid to a score grid of another
+    resolution (same physical size, nearest odd window, at least 1); the min-pool is kept."""
+    if score_resolution == model_resolution:
+        return rc
+    scaled = rc.avg_pool * (score_resolution - 1) / max(model_resolution - 1, 1)
+    odd = max(1, 2 * int(math.floor((scaled - 1) / 2 + 0.5)) + 1)
+    return dataclasses.replace(rc, avg_pool=odd)
 
 
 def postprocess(score: torch.Tensor | np.ndarray, min_pool: int = 3, avg_pool: int = 15) -> np.ndarray:
@@ -79,6 +97,8 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
                      generator: torch.Generator, progress: bool = False, brain: torch.Tensor | None = None):
     """Adam on z over rc.phases of (steps, K). classes: (B, X, Y, Z) uint8 on the backend's device;
     brain: bool (B, X, Y, Z), where rc.brain_fraction of the points are drawn (default classes != 0).
+    rc.restart_per_phase: a new Adam (fresh moment estimates) at each phase, as the reference notebook;
+    otherwise one Adam throughout, its learning rate multiplied by rc.lr_decay at each new phase.
 
     Returns z (B, D) float32 and the per-step mean data loss (steps, B).
     """
@@ -93,7 +113,9 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     total = sum(steps for steps, _ in rc.phases)
     bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
     for phase, (steps, k) in enumerate(rc.phases):
-        if phase and rc.lr_decay != 1.0:
+        if phase and rc.restart_per_phase:
+            opt = torch.optim.Adam([z], lr=rc.lr * rc.lr_decay ** phase)
+        elif phase and rc.lr_decay != 1.0:
             for group in opt.param_groups:
                 group["lr"] *= rc.lr_decay
         reg = prior_weight(rc, k)
@@ -137,33 +159,47 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
                     backend="torch", device="cpu", precision="float32", brain: np.ndarray | None = None,
-                    region: str = "brain", progress: bool = False) -> list[Restoration]:
+                    region: str = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
+                    score_brain: np.ndarray | None = None) -> list[Restoration]:
     """Restore one or several encoded scans at once.
 
-    classes: (X, Y, Z) or (B, X, Y, Z) uint8 on the model grid. brain: bool mask of the same
-    shape (default: classes != 0). region 'brain' scores only voxels within the pooling reach
-    of the brain and zeroes the map outside the brain; 'full' scores and keeps every voxel.
+    classes: (X, Y, Z) or (B, X, Y, Z) uint8 on the model grid, where the latent is searched.
+    brain: bool mask of the same shape (default: classes != 0; pass the scan's own support when
+    class 0 can hold brain voxels, as after min-max normalisation). region 'brain' scores only
+    voxels within the pooling reach of the brain and zeroes the map outside the brain; 'full'
+    scores and keeps every voxel. score_classes / score_brain: the same scans encoded on another
+    grid of the same frame (e.g. N³), where the scores, the restoration and the pooling are then
+    computed (pools scaled by `pools_at`); default: the search grid.
     """
     classes = np.asarray(classes, dtype=np.uint8)
     single = classes.ndim == 3
     if single:
         classes = classes[None]
         brain = None if brain is None else np.asarray(brain)[None]
+        score_classes = None if score_classes is None else np.asarray(score_classes)[None]
+        score_brain = None if score_brain is None else np.asarray(score_brain)[None]
     if brain is None:
         brain = classes != 0
+    brain = np.asarray(brain, dtype=bool)
     device = torch.device(device)
     engine = backend if not isinstance(backend, str) else make_backend(backend, model.decoder, device, precision)
     gen = torch.Generator().manual_seed(rc.seed)
     z0 = initial_latents(model, classes.shape[0], rc, gen)
     cls_t = torch.from_numpy(classes).to(device)
-    z, trace = optimise_latents(engine, cls_t, z0, rc, gen, progress, torch.from_numpy(np.asarray(brain, bool)))
+    z, trace = optimise_latents(engine, cls_t, z0, rc, gen, progress, torch.from_numpy(brain))
+    if score_classes is None:
+        score_cls, score_brain, src = cls_t, brain, rc
+    else:
+        score_cls = torch.from_numpy(np.asarray(score_classes, dtype=np.uint8)).to(device)
+        score_brain = score_cls.cpu().numpy() != 0 if score_brain is None else np.asarray(score_brain, dtype=bool)
+        src = pools_at(rc, classes.shape[1], score_cls.shape[1])
     out = []
     for i in range(classes.shape[0]):
-        keep = torch.from_numpy(_dilate(brain[i], pool_reach(rc))).to(device) if region == "brain" else None
-        score, predicted = score_grid(engine, z[i], cls_t[i], keep, rc.chunk, progress)
-        anomaly = postprocess(score.cpu().numpy(), rc.min_pool, rc.avg_pool)
+        keep = torch.from_numpy(_dilate(score_brain[i], pool_reach(src))).to(device) if region == "brain" else None
+        score, predicted = score_grid(engine, z[i], score_cls[i], keep, rc.chunk, progress)
+        anomaly = postprocess(score.cpu().numpy(), src.min_pool, src.avg_pool)
         if region == "brain":
-            anomaly[~brain[i]] = 0.0
+            anomaly[~score_brain[i]] = 0.0
         out.append(Restoration(anomaly=anomaly, score=score.cpu().numpy(), classes=predicted.cpu().numpy(),
                                z=z[i].cpu().numpy(), losses=trace[:, i].tolist(),
                                scored_voxels=int(keep.sum()) if keep is not None else score.numel(),
@@ -173,4 +209,4 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
 
 def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
     from .preprocess import brain_region
-    return brain_region(mask.astype(np.float32), reach)
+    return brain_region(mask, reach)

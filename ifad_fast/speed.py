@@ -86,8 +86,9 @@ def benchmark_volume(resolution: int):
     from .preprocess import IntensityEncoder, prepare
     from .synth import generate_healthy
     case = generate_healthy(0, seed=123)
-    p = prepare(case.image, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=resolution), 3)
-    return p.classes, p.normalised > 0
+    p = prepare(case.image, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=resolution), 3,
+                case.affine)
+    return p.classes, p.brain
 
 
 def run(quick=False, backend="auto", device="auto", report=print) -> dict:

@@ -127,7 +127,8 @@ class Trainer:
     """
 
     def __init__(self, volumes: torch.Tensor, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
-                 pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None):
+                 pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None,
+                 brains: torch.Tensor | None = None):
         from . import __version__
 
         check_train_config(tc)
@@ -151,7 +152,8 @@ class Trainer:
             {"params": list(self.decoder.parameters()), "lr": tc.lr_weights},
             {"params": [self.latents], "lr": tc.lr_latents},
         ])
-        self.sampler = PointSampler(volumes.shape[1:], volumes != 0, tc.brain_fraction)
+        # brains: the scans' own support (bool like volumes); class 0 can hold brain voxels after min-max
+        self.sampler = PointSampler(volumes.shape[1:], volumes != 0 if brains is None else brains, tc.brain_fraction)
         self.epoch = 0
         self.log: list[dict] = []
         self.provenance = dict(provenance or {}, ifad_fast=__version__)

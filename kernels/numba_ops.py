@@ -122,11 +122,11 @@ def assign_nearest(volume: np.ndarray, centres: np.ndarray) -> np.ndarray:
 def window_offsets(window: int) -> tuple[int, int]:
     """Inclusive neighbour offsets ``(lo, hi)`` of a stride-1 'same' window of this size.
 
-    ``lo = -((window - 1) // 2)``, ``hi = window // 2``: centred for odd windows (3 -> -1..+1),
-    the extra voxel at the end for even ones (2 -> 0..+1, 4 -> -1..+2), as PyTorch's
-    ``padding='same'`` places it.
+    ``lo = -(window // 2)``, ``hi = (window - 1) // 2``: centred for odd windows (3 -> -1..+1),
+    the extra voxel at the start for even ones (2 -> -1..0, 4 -> -2..+1): window 2 looks back,
+    as the paper's reference code pools (pad one zero before, then a stride-1 2x2x2 window).
     """
-    return -((window - 1) // 2), window // 2
+    return -(window // 2), (window - 1) // 2
 
 
 @numba.njit(inline="always", cache=True)
@@ -239,8 +239,8 @@ def mode_pool3d(classes: np.ndarray, window: int, n_classes: int) -> np.ndarray:
 
     Boundary rule: along each axis the neighbourhood of index ``i`` is
     ``i + lo .. i + hi`` (inclusive) with ``(lo, hi) = window_offsets(window)``, i.e.
-    ``-((window-1)//2) .. window//2``: window 3 is centred (-1..+1); window 2 covers the voxel
-    and its forward neighbour (0..+1), the extra on the end like PyTorch's ``'same'`` padding.
+    ``-(window//2) .. (window-1)//2``: window 3 is centred (-1..+1); window 2 covers the voxel
+    and its backward neighbour (-1..0), as the paper's reference code (zero padding before).
     Neighbours outside the volume are not counted (equivalently: zero-padding of a one-hot
     encoding, where padded voxels vote for no class). Every window holds the voxel itself.
 

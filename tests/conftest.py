@@ -28,9 +28,11 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("random inputs", f"drawn with {seed_note()}"))
 
 
-AFFINE = np.array([[1.2, 0.0, 0.0, -10.0],
-                   [0.0, 1.1, 0.0, -20.0],
-                   [0.0, 0.0, 1.3, 5.0],
+# ~6 mm voxels: the toy brains (~30 voxels, an ellipsoid of 0.8 of the box) are adult-sized
+# (~150 mm), so they fit the physical frame of the `tiny` preset (192 mm) as real brains do.
+AFFINE = np.array([[6.0, 0.0, 0.0, -90.0],
+                   [0.0, 5.5, 0.0, -95.0],
+                   [0.0, 0.0, 6.5, -80.0],
                    [0.0, 0.0, 0.0, 1.0]])
 
 
@@ -80,7 +82,7 @@ def tiny_run(tmp_path_factory):
     healthy.mkdir()
     for i in range(4):
         write_nifti(healthy / f"h{i}.nii.gz", toy_brain(i)[0])
-    assert main(["prepare", str(healthy), "-o", str(root / "prep"), "--resolution", "24", "--classes", "10"]) == 0
+    assert main(["prepare", str(healthy), "-o", str(root / "prep"), "--preset", "tiny", "--classes", "10"]) == 0
     assert main(["train", str(root / "prep"), "-o", str(root / "run"), "--preset", "tiny", "--epochs", "6",
                  "--device", "cpu"]) == 0
     return root

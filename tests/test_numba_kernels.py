@@ -41,7 +41,7 @@ def _box_sum(a, axis, lo, hi):
 
 def mode_pool3d_ref(classes, window, n_classes):
     """One-hot (X,Y,Z,C), box sum of every channel over the window, argmax (first max)."""
-    lo, hi = -((window - 1) // 2), window // 2  # 3 -> -1..+1, 2 -> 0..+1
+    lo, hi = -(window // 2), (window - 1) // 2  # 3 -> -1..+1, 2 -> -1..0 (looks back, as the reference)
     counts = (classes[..., None] == np.arange(n_classes)).astype(np.int32)
     for axis in range(3):
         counts = _box_sum(counts, axis, lo, hi)
@@ -185,7 +185,7 @@ def test_mode_pool3d_matches_reference(seeded, shape, window, n_classes, skewed)
     "window, n_classes",
     [
         (1, 10),  # identity
-        (4, 5),  # even window, extra on the end: -1..+2
+        (4, 5),  # even window, extra at the start: -2..+1
         (5, 3),
         (3, 12),  # 12 classes x 5 bits = 60: the last packed case
         (3, 13),  # 65 bits: histogram path
@@ -205,10 +205,11 @@ def test_mode_pool3d_other_windows_and_class_counts(seeded, window, n_classes):
 
 
 def test_mode_pool3d_boundary_rule_by_hand():
-    # 1x1xN volumes make the offsets visible: window 2 looks forward (0..+1), 3 is centred.
+    # 1x1xN volumes make the offsets visible: window 2 looks back (-1..0, as the paper's
+    # reference code), 3 is centred; padded voxels vote for no class.
     classes = np.array([1, 0, 0, 1, 1, 0], dtype=np.uint8).reshape(1, 1, 6)
-    # window 2: {1,0}->0, {0,0}->0, {0,1}->0, {1,1}->1, {1,0}->0, {0}->0
-    np.testing.assert_array_equal(mode_pool3d(classes, 2, 2).ravel(), [0, 0, 0, 1, 0, 0])
+    # window 2: {1}->1, {1,0}->0, {0,0}->0, {0,1}->0, {1,1}->1, {1,0}->0
+    np.testing.assert_array_equal(mode_pool3d(classes, 2, 2).ravel(), [1, 0, 0, 0, 1, 0])
     # window 3: {1,0}->0, {1,0,0}->0, {0,0,1}->0, {0,1,1}->1, {1,1,0}->1, {1,0}->0
     np.testing.assert_array_equal(mode_pool3d(classes, 3, 2).ravel(), [0, 0, 0, 1, 1, 0])
 

@@ -12,9 +12,22 @@ from conftest import AFFINE, toy_brain
 from helpers import base_seed
 
 
-def test_normalise_clips_and_keeps_background_apart():
+def test_normalise_minmax_is_the_papers():
     img, _ = toy_brain(3)
     out, (lo, hi) = normalise(img)
+    brain = img != 0
+    np.testing.assert_allclose((lo, hi), np.percentile(img[brain], [2, 98]))
+    assert out[~brain].max() == 0.0
+    want = (np.clip(img[brain].astype(np.float64), lo, hi) - lo) / (hi - lo)
+    np.testing.assert_allclose(out[brain], want, rtol=1e-6, atol=1e-7)
+    assert out.min() == 0.0 and out.max() == pytest.approx(1.0)
+    # the darkest 2 % of the brain is 0 like the background: the brain must come from the support
+    assert (out[brain] == 0.0).mean() == pytest.approx(0.02, abs=0.02)
+
+
+def test_normalise_upper_keeps_background_apart():
+    img, _ = toy_brain(3)
+    out, (lo, hi) = normalise(img, method="upper")
     brain = img != 0
     assert out[~brain].max() == 0.0
     assert out[brain].min() >= lo / hi - 1e-6 and out[brain].min() > 0.1
@@ -49,7 +62,7 @@ def test_model_affine_maps_corners_to_native_world():
 
 
 def test_encoder_fit_has_background_class_and_sorted_centres():
-    vols = [normalise(toy_brain(i)[0])[0] for i in range(3)]
+    vols = [normalise(toy_brain(i)[0], method="upper")[0] for i in range(3)]
     enc = IntensityEncoder.fit(vols, k=5, n_samples=20000, seed=0)
     assert enc.centres[0] == 0.0 and np.all(np.diff(enc.centres) > 0)
     classes = enc.encode(vols[0])
@@ -71,23 +84,44 @@ def test_encoder_presets_and_files(tmp_path):
 
 def test_prepare_mode_pool_and_brain_region():
     img, _ = toy_brain(4)
-    p = prepare(img, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=20), mode_pool=3)
+    p = prepare(img, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=20), 3, AFFINE)
     assert p.classes.shape == (20, 20, 20) and p.classes.max() < 10
-    region = brain_region(p.normalised, 2)
-    assert region.sum() > (p.normalised > 0).sum()
-    assert region[p.normalised > 0].all()
+    # the brain is the resampled support, not the intensities (min-max puts brain voxels at 0)
+    assert p.brain.dtype == np.bool_ and p.brain[p.normalised > 0].all()
+    np.testing.assert_array_equal(p.brain, p.placement.to_model((img != 0).astype(np.float32)) > 0)
+    region = brain_region(p.brain, 2)
+    assert region.sum() > p.brain.sum()
+    assert region[p.brain].all()
 
 
 def test_prepare_cli_writes_classes_and_manifest(tmp_path, scan_dir):
     out = tmp_path / "prep"
-    assert main(["prepare", str(scan_dir), "-o", str(out), "--resolution", "16", "--classes", "6"]) == 0
+    assert main(["prepare", str(scan_dir), "-o", str(out), "--preset", "tiny", "--resolution", "16",
+                 "--classes", "6"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["cases"]) == 4 and len(manifest["centres"]) == 6
+    assert manifest["frame"] == "physical" and manifest["extent_mm"] == 192.0
     for case in manifest["cases"]:
         img = nib.load(str(out / f"{case['name']}_classes.nii.gz"))
         data = np.asarray(img.dataobj)
         assert data.shape == (16, 16, 16) and data.dtype == np.uint8 and 0 < data.max() < 6
         assert case["native_shape"] == [30, 34, 28]
+        # RAS axes, the tiny preset's 192 mm box at 16³: 12 mm voxels
+        np.testing.assert_allclose(img.affine[:3, :3], np.eye(3) * 12.0)
+        np.testing.assert_allclose(img.affine, case["model_affine"])
+        np.testing.assert_allclose(case["affine"], AFFINE)
+        brain = np.asarray(nib.load(str(out / f"{case['name']}_brain.nii.gz")).dataobj)
+        # mode pooling (window 2) may carry a class into the background's edge; the brain holds the rest
+        assert brain.shape == (16, 16, 16) and brain[data > 0].mean() > 0.9
+
+
+def test_prepare_cli_cube_frame(tmp_path, scan_dir):
+    out = tmp_path / "prep"
+    assert main(["prepare", str(scan_dir), "-o", str(out), "--resolution", "16", "--classes", "6",
+                 "--frame", "cube"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frame"] == "cube"
+    for case in manifest["cases"]:
+        img = nib.load(str(out / f"{case['name']}_classes.nii.gz"))
         g = GridMap(tuple(case["native_shape"]), case["cube"], tuple(case["offset"]), 16)
         np.testing.assert_allclose(img.affine, model_affine(g, np.array(case["affine"])))
-        np.testing.assert_allclose(case["affine"], AFFINE)
