@@ -16,13 +16,13 @@ def mode_pool3d_onehot_torch(classes: np.ndarray, window: int, n_classes: int) -
     """Stride-1 3D mode filter the one-hot way in PyTorch.
 
     one-hot (X,Y,Z,C) -> (1,C,X,Y,Z) float -> zero-pad ``-lo`` before and ``hi`` after on each
-    axis with ``(lo, hi) = (-((w-1)//2), w//2)`` (window 3: 1/1; window 2: 0/1, the extra on
-    the end like ``padding='same'``) -> ``avg_pool3d(w, stride=1)`` -> argmax over C.
+    axis with ``(lo, hi) = (-(w//2), (w-1)//2)`` (window 3: 1/1; window 2: 1/0, looking back as
+    the paper's reference code) -> ``avg_pool3d(w, stride=1)`` -> argmax over C.
     Padded voxels are zero in every channel so they vote for no class; the average is the
     count / w**3 (exact small integers scaled by one constant), so argmax picks the same
     class as on the counts, the first (lowest id) on ties.
     """
-    lo, hi = -((window - 1) // 2), window // 2
+    lo, hi = -(window // 2), (window - 1) // 2
     with torch.no_grad():
         k = torch.from_numpy(np.ascontiguousarray(classes)).long()
         onehot = F.one_hot(k, n_classes).permute(3, 0, 1, 2).unsqueeze(0).float()

@@ -176,7 +176,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                     sync=sync)
     t_grid_paper = t_chunk * n_grid / 65536
     from .preprocess import brain_region
-    region = torch.from_numpy(brain_region(brain_np.astype(np.float32), pool_reach(cfg.RestoreConfig()))).to(device)
+    region = torch.from_numpy(brain_region(brain_np, pool_reach(cfg.RestoreConfig()))).to(device)
     slab = torch.zeros_like(region)
     slab[shape[0] // 2] = region[shape[0] // 2]
     score_grid(impls["cpu float32"], z[0], classes, slab)                              # warm-up
