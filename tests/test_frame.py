@@ -213,11 +213,11 @@ def tiny_model():
     classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
     brains = np.stack([v[1].brain for v in vols])
     mc = dataclasses.replace(preset.model, n_classes=6)
-    tc = dataclasses.replace(preset.train, epochs=60, points_per_volume=1024, brain_fraction=0.8,
-                             lr_step_epochs=1000, prior="none")
+    tc = dataclasses.replace(preset.train, epochs=40, volumes_per_batch=4, points_per_volume=1024,
+                             brain_fraction=0.8, lr_weights=5e-3, lr_latents=1e-2, lr_step_epochs=1000, prior="none")
     trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
                       brains=torch.from_numpy(brains))
-    return trainer.run(60, progress=False)
+    return trainer.run(tc.epochs, progress=False)
 
 
 def _restore(model, img, affine, **kwargs):
