@@ -348,6 +348,13 @@ class Prepared:
         return self.placement.brain
 
 
+def as_scan(data, affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """An array or a nibabel image (its own affine used unless one is given) -> (float32 array, affine)."""
+    if hasattr(data, "dataobj") and hasattr(data, "affine"):
+        return np.asarray(data.dataobj, dtype=np.float32), (data.affine if affine is None else affine)
+    return np.asarray(data, dtype=np.float32), affine
+
+
 def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
                   resolution: int | None = None) -> tuple[np.ndarray, Placement, tuple]:
     """Native scan -> (normalised model-grid volume (R, R, R) float32 in [0, 1], Placement, percentiles).
@@ -356,10 +363,7 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     when `affine` is None). resolution: the grid size (default pc.resolution; another N keeps the
     frame's extent). The brain is the scan's non-zero support (placement.brain on the model grid).
     """
-    if hasattr(data, "dataobj") and hasattr(data, "affine"):
-        affine = data.affine if affine is None else affine
-        data = np.asarray(data.dataobj, dtype=np.float32)
-    data = np.asarray(data, dtype=np.float32)
+    data, affine = as_scan(data, affine)
     if data.ndim != 3:
         raise IfadError(f"scan shape {data.shape} is not a 3D volume; pass a 3D scan")
     brain = data != 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
