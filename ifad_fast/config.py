@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -47,8 +48,8 @@ class ModelConfig:
             raise IfadError(f"hidden ({self.hidden}) must exceed latent_dim + 6*n_freqs ({self.input_dim})")
 
 
-FRAMES = ("physical", "cube")
-NORMALISATIONS = ("minmax", "upper")
+Frame = Literal["physical", "cube"]
+Normalisation = Literal["minmax", "upper"]
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,17 @@ class PreprocessConfig:
     clip_percentiles: tuple = (2.0, 98.0)
     train_mode_pool: int = 2
     test_mode_pool: int = 3
-    frame: str = "physical"              # physical | cube
+    frame: Frame = "physical"
     extent_mm: float = 240.0             # physical frame: side of the model box (160 × 1.5 mm)
-    normalisation: str = "minmax"        # minmax | upper
+    normalisation: Normalisation = "minmax"
 
     def __post_init__(self):
-        if self.frame not in FRAMES:
-            raise IfadError(f"unknown frame {self.frame!r}; use {' or '.join(FRAMES)}")
-        if self.normalisation not in NORMALISATIONS:
-            raise IfadError(f"unknown normalisation {self.normalisation!r}; use {' or '.join(NORMALISATIONS)}")
+        _check_choice(self, "frame", Frame)
+        _check_choice(self, "normalisation", Normalisation)
         if not (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
                 and self.resolution >= 4):
             raise IfadError(f"the model grid resolution must be an integer of at least 4, got {self.resolution!r}")
-        if not self.extent_mm > 0:
+        if not (isinstance(self.extent_mm, (int, float)) and math.isfinite(self.extent_mm) and self.extent_mm > 0):
             raise IfadError(f"the frame's extent must be positive millimetres, got {self.extent_mm!r}")
 
     @property
