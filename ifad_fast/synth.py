@@ -366,196 +366,316 @@ def _draw_params(rng: np.random.Generator, lesion: bool, reference: bool = False
     return p
 
 
-def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> SynthCase:
-    t0 = time.perf_counter()
-    v = _check_voxel(voxel_mm)
-    tpl = _templates()
-    shape, affine = acquisition_grid(v)
-    lesion = stream == _LESION_STREAM
-    reference = stream == _REFERENCE
-    rng = _rng(max(stream, 0), index, seed) if not reference else np.random.default_rng(0)
-    p = _draw_params(rng, lesion, reference)
-    f32 = np.float32
+@dataclass(frozen=True)
+class _Grid:
+    """The output grid (`shape`, MNI-aligned `affine`, `v` mm voxels) and the coarse lattice of
+    the pull-back map: nodes every `step` voxels from voxel 0 (the last node may lie past the
+    grid), so that a block of nodes upsamples exactly onto the voxels it spans."""
 
-    # ---- pose: x (output world) = c0 + t + R S (u - c0), u in subject-anatomy space
-    c0 = tpl.brain_centre
-    A = _rotation(np.deg2rad(p["rot_deg"])) @ np.diag(p["scale"])
-    A_inv = np.linalg.inv(A)
-    t = np.asarray(p["shift_mm"], dtype=np.float64)
+    shape: tuple
+    affine: np.ndarray
+    v: float
+    step: int
+    n_nodes: tuple
 
-    def forward(u: np.ndarray) -> np.ndarray:  # subject anatomy -> output world
-        return c0 + t + (u - c0) @ A.T
+    @classmethod
+    def make(cls, v: float) -> "_Grid":
+        shape, affine = acquisition_grid(v)
+        step = max(1, int(round(3.0 / v)))
+        return cls(shape, affine, v, step, tuple(int(math.ceil((n - 1) / step)) + 1 for n in shape))
 
-    # ---- elastic displacement, a function of output position: cubic spline of ~25 mm nodes
-    elastic = (_Spline3(rng, _FOV_LO - 10.0, _FOV_HI + 10.0, 25.0, p["elastic_mm"])
-               if p["elastic_mm"] > 0 else None)
+    def node_axes(self) -> list[np.ndarray]:
+        """World mm of the nodes along each axis."""
+        return [np.arange(m) * self.step * self.v + o for m, o in zip(self.n_nodes, self.affine[:3, 3])]
 
-    # ---- lesion geometry (drawn before sampling: its mass effect moves the anatomy)
-    if lesion:
-        k = int(rng.integers(len(tpl.centres)))
-        c_t = tpl.centres[k] + rng.uniform(-1.0, 1.0, 3)
-        c_u = c_t.copy()
-        for _ in range(3):  # solve c_u + e(forward(c_u)) = c_t
-            c_u = c_t - elastic.at(forward(c_u))
-        c_out = forward(c_u)
-        lesion_ml = p["lesion_fraction_target"] * tpl.brain_ml * float(np.prod(p["scale"]))
-        r_lesion = (3.0 * lesion_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
-        r_core = r_lesion * p["core_share"] ** (1.0 / 3.0)
-        mass_d = min(p["mass_effect"] * r_core, 8.0)
-        mass_l = p["mass_decay"] * r_core
-        p["centre_mm"] = c_out.round(2).tolist()
 
-    # ---- pull-back map (output world -> template mm) on a coarse grid: nodes every `step`
-    # voxels from voxel 0 (the last node may lie past the grid), so that a block of nodes
-    # upsamples exactly onto the voxels it spans
-    step = max(1, int(round(3.0 / v)))
-    n_nodes = [int(math.ceil((n - 1) / step)) + 1 for n in shape]
-    coarse = [np.arange(m) * step * v + o for m, o in zip(n_nodes, affine[:3, 3])]
+@dataclass(frozen=True)
+class _Pose:
+    """x (output world) = c0 + t + A (u - c0), u in subject-anatomy space, A = R S."""
+
+    c0: np.ndarray
+    A: np.ndarray
+    t: np.ndarray
+
+    @classmethod
+    def from_params(cls, p: dict, tpl: _Templates) -> "_Pose":
+        A = _rotation(np.deg2rad(p["rot_deg"])) @ np.diag(p["scale"])
+        return cls(tpl.brain_centre, A, np.asarray(p["shift_mm"], dtype=np.float64))
+
+    def forward(self, u: np.ndarray) -> np.ndarray:
+        """Subject anatomy (..., 3) mm -> output world (..., 3) mm."""
+        return self.c0 + self.t + (u - self.c0) @ self.A.T
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        """Output world (..., 3) mm -> subject anatomy (..., 3) mm."""
+        return (x - self.c0 - self.t) @ np.linalg.inv(self.A).T + self.c0
+
+
+@dataclass(frozen=True)
+class _LesionGeometry:
+    """Where the tumour sits and how far its mass effect reaches (all in mm)."""
+
+    centre_u: np.ndarray    # in subject-anatomy space
+    centre: np.ndarray      # in the output world
+    radius: float           # of the sphere with the target lesion volume
+    core_radius: float
+    mass_mm: float          # largest displacement of the mass effect
+    mass_decay_mm: float    # its e-folding length outside the core
+
+
+@dataclass(frozen=True)
+class _PullBack:
+    """The pull-back map sampled at the coarse nodes (a, b, c)."""
+
+    nrm: np.ndarray         # (3, a, b, c) float32 grid_sample coordinates into the 1 mm templates
+    csf: np.ndarray         # (a, b, c) smoothed CSF share
+    depth: np.ndarray       # (a, b, c) depth below the brain surface (mm)
+    mask: np.ndarray        # (a, b, c) brain mask, linearly interpolated
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """The voxels of the coarse cells that touch the brain: nodes nlo..nhi (inclusive),
+    voxels lo..hi (exclusive)."""
+
+    nlo: np.ndarray
+    nhi: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def slices(self) -> tuple:
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi))
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(int(b - a) for a, b in zip(self.lo, self.hi))
+
+    def nodes(self, a: np.ndarray) -> np.ndarray:
+        """The crop's nodes of a coarse (..., a, b, c) array."""
+        return a[..., self.nlo[0]:self.nhi[0] + 1, self.nlo[1]:self.nhi[1] + 1, self.nlo[2]:self.nhi[2] + 1]
+
+    def upsample(self, coarse: np.ndarray, step: int) -> np.ndarray:
+        """(C, a, b, c) coarse nodes -> (C, *shape) voxels of the crop (trilinear)."""
+        up = _upsample(self.nodes(coarse), (self.nhi - self.nlo) * step + 1)
+        return up[:, :self.shape[0], :self.shape[1], :self.shape[2]]
+
+
+@dataclass
+class _Tissue:
+    """Partial-volume tissue fractions (float32, crop shape) and the brain mask (bool)."""
+
+    f_csf: np.ndarray
+    f_gm: np.ndarray
+    f_wm: np.ndarray
+    brain: np.ndarray
+
+    def labels(self) -> np.ndarray:
+        """uint8 label map: the largest fraction (1 CSF, 2 GM, 3 WM), 0 outside the brain."""
+        out = np.where(self.f_csf >= np.maximum(self.f_gm, self.f_wm), 1,
+                       np.where(self.f_gm >= self.f_wm, 2, 3)).astype(np.uint8)
+        out *= self.brain
+        return out
+
+
+def _lesion_geometry(rng: np.random.Generator, tpl: _Templates, p: dict, pose: _Pose,
+                     elastic: _Spline3 | None) -> _LesionGeometry:
+    """Tumour centre (a deep white-matter candidate, jittered) and size; drawn before the
+    anatomy is sampled because its mass effect moves the anatomy."""
+    k = int(rng.integers(len(tpl.centres)))
+    c_t = tpl.centres[k] + rng.uniform(-1.0, 1.0, 3)
+    c_u = c_t.copy()
+    for _ in range(3):  # solve c_u + e(forward(c_u)) = c_t
+        c_u = c_t - (elastic.at(pose.forward(c_u)) if elastic is not None else 0.0)
+    lesion_ml = p["lesion_fraction_target"] * tpl.brain_ml * float(np.prod(p["scale"]))
+    r_lesion = (3.0 * lesion_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    r_core = r_lesion * p["core_share"] ** (1.0 / 3.0)
+    return _LesionGeometry(centre_u=c_u, centre=pose.forward(c_u), radius=r_lesion, core_radius=r_core,
+                           mass_mm=min(p["mass_effect"] * r_core, 8.0), mass_decay_mm=p["mass_decay"] * r_core)
+
+
+def _pull_back(tpl: _Templates, grid: _Grid, pose: _Pose, elastic: _Spline3 | None,
+               lesion: _LesionGeometry | None, p: dict) -> _PullBack:
+    """Output world -> template mm at the coarse nodes: inverse pose, mass effect, elastic
+    displacement, ventricle enlargement; then the smooth template maps sampled there."""
+    coarse = grid.node_axes()
     x = np.stack(np.meshgrid(*coarse, indexing="ij"), -1)                  # (a, b, c, 3)
-    u = (x - c0 - t) @ A_inv.T + c0
-    if lesion:  # mass effect: sample closer to the tumour centre, pushing tissue outward
-        d = u - c_u
+    u = pose.inverse(x)
+    if lesion is not None:  # mass effect: sample closer to the tumour centre, pushing tissue outward
+        d = u - lesion.centre_u
         r = np.sqrt((d ** 2).sum(-1))
-        delta = np.where(r <= r_core, mass_d * r / max(r_core, 1e-6),
-                         mass_d * np.exp(-(r - r_core) / max(mass_l, 1e-6)))
+        r_core = lesion.core_radius
+        delta = np.where(r <= r_core, lesion.mass_mm * r / max(r_core, 1e-6),
+                         lesion.mass_mm * np.exp(-(r - r_core) / max(lesion.mass_decay_mm, 1e-6)))
         u = u - d * (delta / np.maximum(r, 1e-6))[..., None]
     p0 = u if elastic is None else u + np.moveaxis(elastic.on_grid(*coarse), 0, -1)
     sm_shape = tpl.smooth.shape[2:]
     if p["ventricle_mm"] > 0:  # ventricle enlargement: pull toward the lateral ventricles
         g = _sample(tpl.smooth[:, 3:], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
         p0 = p0 + p["ventricle_mm"] * np.moveaxis(g, 0, -1)
-    csf_s, depth_c, mask_c = _sample(tpl.smooth[:, :3], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
-    nrm = np.moveaxis(_grid_coords(p0, tpl.origin, 1.0, tpl.fine.shape[2:]), -1, 0).astype(f32)
+    csf_s, depth, mask = _sample(tpl.smooth[:, :3], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
+    nrm = np.moveaxis(_grid_coords(p0, tpl.origin, 1.0, tpl.fine.shape[2:]), -1, 0).astype(np.float32)
+    return _PullBack(nrm=nrm, csf=csf_s, depth=depth, mask=mask)
 
-    # coarse-level fields that are smooth: cortical atrophy share and intensity texture
-    chans = [nrm]
-    if p["atrophy"] > 0:  # outer GM beside CSF becomes CSF, regionally varying
+
+def _smooth_fields(rng: np.random.Generator, p: dict, pb: _PullBack, n_nodes) -> list[np.ndarray]:
+    """Coarse (1, a, b, c) fields, smooth enough to upsample: the share of GM turned into CSF by
+    cortical atrophy (regionally varying, outer cortex beside CSF) and the texture gain."""
+    fields = []
+    if p["atrophy"] > 0:
         region = np.clip(1.0 + 0.5 * _noise_on_grid(rng, (3, 4, 3), n_nodes), 0.0, 2.0)
-        outer = np.clip(1.0 - depth_c / 25.0, 0.0, 1.0)
-        chans.append(np.clip(p["atrophy"] * region * outer * np.clip(2.5 * csf_s, 0.0, 1.0), 0.0, 0.9)[None])
+        outer = np.clip(1.0 - pb.depth / p.get("atrophy_depth_mm", 25.0), 0.0, 1.0)
+        fields.append(np.clip(p["atrophy"] * region * outer * np.clip(2.5 * pb.csf, 0.0, 1.0), 0.0, 0.9)[None])
     if p["texture"] > 0:
-        chans.append((1.0 + p["texture"] * _noise_on_grid(rng, (6, 7, 6), n_nodes))[None])
+        fields.append((1.0 + p["texture"] * _noise_on_grid(rng, (6, 7, 6), n_nodes))[None])
+    return fields
 
-    # ---- crop: the voxels of the coarse cells that touch the brain
-    occ = np.argwhere(mask_c > 0.0)
+
+def _crop_box(grid: _Grid, mask: np.ndarray) -> _Crop:
+    """The crop: the coarse cells that touch the brain, one node of margin."""
+    occ = np.argwhere(mask > 0.0)
     nlo = np.maximum(occ.min(0) - 1, 0)
-    nhi = np.minimum(occ.max(0) + 1, np.asarray(n_nodes) - 1)
-    lo = nlo * step
-    hi = np.minimum(nhi * step + 1, shape)                                     # exclusive
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-    cshape = tuple(int(b - a) for a, b in zip(lo, hi))
-    block = np.concatenate(chans)[:, nlo[0]:nhi[0] + 1, nlo[1]:nhi[1] + 1, nlo[2]:nhi[2] + 1]
-    up = _upsample(block, (nhi - nlo) * step + 1)[:, :cshape[0], :cshape[1], :cshape[2]]
-    gm, wm, maskf = _sample(_fine_maps(round(v, 4)), np.moveaxis(up[:3], 0, -1))
+    nhi = np.minimum(occ.max(0) + 1, np.asarray(grid.n_nodes) - 1)
+    lo = nlo * grid.step
+    return _Crop(nlo=nlo, nhi=nhi, lo=lo, hi=np.minimum(nhi * grid.step + 1, grid.shape))
+
+
+def _tissue(p: dict, grid: _Grid, crop: _Crop, pb: _PullBack, fields: list[np.ndarray]) -> tuple[_Tissue, list]:
+    """Sample the 1 mm GM/WM/mask maps through the pull-back, normalise the fractions, apply
+    atrophy. Returns the tissue and the remaining upsampled fields (texture)."""
+    up = crop.upsample(np.concatenate([pb.nrm, *fields]), grid.step)
+    gm, wm, maskf = _sample(_fine_maps(round(grid.v, 4)), np.moveaxis(up[:3], 0, -1))
     rest = list(up[3:])
-    del up, block
-    brain = maskf > 0.5
+    del up
     csf = np.clip(maskf - gm - wm, 0.0, 1.0)
-    inv = 1.0 / np.maximum(gm + wm + csf, f32(1e-3))
-    f_gm, f_wm, f_csf = gm * inv, wm * inv, csf * inv
+    inv = 1.0 / np.maximum(gm + wm + csf, np.float32(1e-3))
+    t = _Tissue(f_csf=csf * inv, f_gm=gm * inv, f_wm=wm * inv, brain=maskf > 0.5)
     del gm, wm, csf, inv
     if p["atrophy"] > 0:
-        conv = rest.pop(0) * f_gm
-        f_gm -= conv
-        f_csf += conv
-        del conv
+        conv = rest.pop(0) * t.f_gm
+        t.f_gm -= conv
+        t.f_csf += conv
+    return t, rest
 
-    # ---- T2 contrast with partial volume, texture, small white-matter hyperintensities
-    img = f32(p["c_csf"]) * f_csf + f32(p["c_gm"]) * f_gm + f32(p["c_wm"]) * f_wm
+
+def _t2_image(p: dict, t: _Tissue, texture: list[np.ndarray]) -> np.ndarray:
+    """T2 contrast (CSF > GM > WM) with partial volume and texture: float32, crop shape."""
+    f32 = np.float32
+    img = f32(p["c_csf"]) * t.f_csf + f32(p["c_gm"]) * t.f_gm + f32(p["c_wm"]) * t.f_wm
     if p["texture"] > 0:
-        img *= rest.pop(0)
+        img *= texture.pop(0)
+    return img
+
+
+def _wm_spots(rng: np.random.Generator, p: dict, img: np.ndarray, t: _Tissue, pb: _PullBack,
+              grid: _Grid, crop: _Crop) -> list[dict]:
+    """Add small Gaussian white-matter hyperintensities to `img` in place; returns their record."""
+    if not p["n_wm_spots"]:
+        return []
+    f32, v, cshape, step = np.float32, grid.v, crop.shape, grid.step
+    deep = crop.nodes(pb.depth) > 8.0
+    deep = np.repeat(np.repeat(np.repeat(deep, step, 0), step, 1), step, 2)[:cshape[0], :cshape[1], :cshape[2]]
+    cand = np.flatnonzero((t.f_wm > 0.9) & t.brain & deep)
     spots = []
-    if p["n_wm_spots"]:
-        deep = depth_c[nlo[0]:nhi[0] + 1, nlo[1]:nhi[1] + 1, nlo[2]:nhi[2] + 1] > 8.0
-        deep = np.repeat(np.repeat(np.repeat(deep, step, 0), step, 1), step, 2)[:cshape[0], :cshape[1], :cshape[2]]
-        cand = np.flatnonzero((f_wm > 0.9) & brain & deep)
-        for _ in range(p["n_wm_spots"]):
-            ci = np.array(np.unravel_index(cand[int(rng.integers(cand.size))], cshape))
-            sig = float(rng.uniform(1.0, 2.5)) / v
-            amp = float(rng.uniform(0.04, 0.15))
-            rad = int(math.ceil(3 * sig))
-            slo = np.maximum(ci - rad, 0)
-            shi = np.minimum(ci + rad + 1, cshape)
-            sl = tuple(slice(a, b) for a, b in zip(slo, shi))
-            ax = [(np.arange(a, b) - c).astype(f32) for a, b, c in zip(slo, shi, ci)]
-            r2 = ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2
-            img[sl] += f32(amp) * np.exp(f32(-0.5 / sig ** 2) * r2) * f_wm[sl]
-            spots.append({"voxel": (ci + lo).tolist(), "sigma_mm": round(sig * v, 2), "amp": round(amp, 3)})
-    tissue = np.where(f_csf >= np.maximum(f_gm, f_wm), 1, np.where(f_gm >= f_wm, 2, 3)).astype(np.uint8)
-    tissue *= brain
-    del f_csf, f_gm
+    for _ in range(p["n_wm_spots"]):
+        ci = np.array(np.unravel_index(cand[int(rng.integers(cand.size))], cshape))
+        sig = float(rng.uniform(1.0, 2.5)) / v
+        amp = float(rng.uniform(0.04, 0.15))
+        rad = int(math.ceil(3 * sig))
+        slo = np.maximum(ci - rad, 0)
+        shi = np.minimum(ci + rad + 1, cshape)
+        sl = tuple(slice(a, b) for a, b in zip(slo, shi))
+        ax = [(np.arange(a, b) - c).astype(f32) for a, b, c in zip(slo, shi, ci)]
+        r2 = ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2
+        img[sl] += f32(amp) * np.exp(f32(-0.5 / sig ** 2) * r2) * t.f_wm[sl]
+        spots.append({"voxel": (ci + crop.lo).tolist(), "sigma_mm": round(sig * v, 2), "amp": round(amp, 3)})
+    return spots
 
-    # ---- lesion: oedema along white matter around a solid or necrotic core
-    les_crop = None
-    if lesion:
-        n_brain = int(brain.sum())
-        # a box around the centre in full-grid voxels (its size fixes the random fields, so the
-        # result does not depend on the crop), intersected with the crop
-        ci = (c_out - affine[:3, 3]) / v
-        rad = int(math.ceil(3.0 * r_lesion / v)) + 2
-        box_lo = np.floor(ci).astype(int) - rad
-        bshape = (2 * rad + 1,) * 3
-        blo = np.maximum(box_lo, lo)
-        bhi = np.minimum(box_lo + 2 * rad + 1, hi)
-        sl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, lo))            # in the crop
-        bsl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, box_lo))       # in the box
-        axes = [(np.arange(a, b) - ci[k]) * v for k, (a, b) in enumerate(zip(blo, bhi))]
-        d = np.stack(np.meshgrid(*axes, indexing="ij"), -1)                       # (..., 3) mm
-        Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-        radii = rng.uniform(0.75, 1.3, 3)
-        radii /= np.prod(radii) ** (1.0 / 3.0)
-        offset = rng.standard_normal(3) * 0.15 * r_lesion
-        r_e = np.sqrt(((((d - offset) @ Q) / radii) ** 2).sum(-1)) / r_lesion
-        n1 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
-        n2 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
-        n3 = _noise_on_grid(rng, (5, 5, 5), bshape)[bsl]
-        b_brain = brain[sl]
-        score = -r_e + 0.25 * n1 + p["wm_preference"] * (f_wm[sl] - 0.5)
-        target = int(round(p["lesion_fraction_target"] * n_brain))
-        for _ in range(4):  # keep the largest component, fill holes, hit the target size
-            raw = _topk_mask(score, b_brain, target)
-            lab, n = ndi.label(raw)
-            if n > 1:
-                sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-                raw = lab == 1 + int(np.argmax(sizes))
-            les = ndi.binary_fill_holes(raw) & b_brain
-            frac = les.sum() / n_brain
-            if 0.8 * p["lesion_fraction_target"] <= frac <= 1.25 * p["lesion_fraction_target"]:
-                break
-            target = int(round(target * p["lesion_fraction_target"] * n_brain / max(int(les.sum()), 1)))
-        if les.sum() > 0.10 * n_brain:  # guarantee the 1-10 % range (never needed in practice)
-            les = _topk_mask(score, les, int(0.10 * n_brain))
-        elif les.sum() < 0.01 * n_brain:
-            les = les | _topk_mask(score, b_brain, int(math.ceil(0.01 * n_brain)))
-        # core: rounder, centred on the tumour centre
-        r_c = np.sqrt((d ** 2).sum(-1)) / r_lesion
-        core_score = -r_c + 0.2 * n2
-        core = _topk_mask(core_score, les, int(round(p["core_share"] * les.sum())))
-        nec = (_topk_mask(core_score, core, int(round(p["necrotic_share"] * core.sum())))
-               if p["necrotic"] else np.zeros_like(core))
 
-        def soft(m):
-            return ndi.gaussian_filter(m.astype(f32), 0.6, truncate=3.0)
+def _lesion_mask(p: dict, score: np.ndarray, brain: np.ndarray, n_brain: int) -> np.ndarray:
+    """The top-scoring brain voxels as one filled component of about the target size (1-10 %)."""
+    target_frac = p["lesion_fraction_target"]
+    target = int(round(target_frac * n_brain))
+    for _ in range(4):  # keep the largest component, fill holes, hit the target size
+        raw = _topk_mask(score, brain, target)
+        lab, n = ndi.label(raw)
+        if n > 1:
+            sizes = ndi.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+            raw = lab == 1 + int(np.argmax(sizes))
+        les = ndi.binary_fill_holes(raw) & brain
+        frac = les.sum() / n_brain
+        if 0.8 * target_frac <= frac <= 1.25 * target_frac:
+            break
+        target = int(round(target * target_frac * n_brain / max(int(les.sum()), 1)))
+    if les.sum() > 0.10 * n_brain:  # guarantee the 1-10 % range (never needed in practice)
+        les = _topk_mask(score, les, int(0.10 * n_brain))
+    elif les.sum() < 0.01 * n_brain:
+        les = les | _topk_mask(score, brain, int(math.ceil(0.01 * n_brain)))
+    return les
 
-        s_les, s_core, s_nec = soft(les), soft(core), soft(nec)
-        closeness = np.clip(1.0 - r_c, 0.0, 1.0)
-        e_int = p["edema_int"] + 0.05 * closeness + 0.025 * n3
-        c_int = p["solid_int"] + 0.04 * n3
-        local = img[sl]
-        local = local * (1 - s_les) + s_les * np.maximum(local, e_int)
-        local = local * (1 - s_core) + s_core * c_int
-        local = local * (1 - s_nec) + s_nec * (p["necrosis_int"] + 0.02 * n2)
-        img[sl] = local
-        les_crop = np.zeros(cshape, np.uint8)
-        les_crop[sl] = les
-        tissue[les_crop > 0] = 4
-        p["lesion_fraction"] = round(float(les.sum()) / n_brain, 5)
-        p["core_fraction_of_lesion"] = round(float(core.sum()) / max(1, int(les.sum())), 4)
 
-    # ---- acquisition: bias field, Rician noise, skull stripping
+def _paint_lesion(p: dict, local: np.ndarray, les, core, nec, r_c, n2, n3) -> np.ndarray:
+    """Lesion intensities over `local` (a box of the image): oedema (brightest near the centre),
+    then the solid core, then necrosis, each blended through a softened mask."""
+    def soft(m):
+        return ndi.gaussian_filter(m.astype(np.float32), 0.6, truncate=3.0)
+
+    s_les, s_core, s_nec = soft(les), soft(core), soft(nec)
+    e_int = p["edema_int"] + 0.05 * np.clip(1.0 - r_c, 0.0, 1.0) + 0.025 * n3
+    local = local * (1 - s_les) + s_les * np.maximum(local, e_int)
+    local = local * (1 - s_core) + s_core * (p["solid_int"] + 0.04 * n3)
+    return local * (1 - s_nec) + s_nec * (p["necrosis_int"] + 0.02 * n2)
+
+
+def _insert_lesion(rng: np.random.Generator, p: dict, geom: _LesionGeometry, img: np.ndarray, t: _Tissue,
+                   grid: _Grid, crop: _Crop) -> tuple[np.ndarray, dict]:
+    """Paint oedema (along white matter) around a solid or necrotic core into `img` in place.
+
+    Returns the lesion mask (uint8, crop shape) and its measured fractions."""
+    v = grid.v
+    n_brain = int(t.brain.sum())
+    r_lesion = geom.radius
+    # a box around the centre in full-grid voxels (its size fixes the random fields, so the
+    # result does not depend on the crop), intersected with the crop
+    ci = (geom.centre - grid.affine[:3, 3]) / v
+    rad = int(math.ceil(3.0 * r_lesion / v)) + 2
+    box_lo = np.floor(ci).astype(int) - rad
+    bshape = (2 * rad + 1,) * 3
+    blo = np.maximum(box_lo, crop.lo)
+    bhi = np.minimum(box_lo + 2 * rad + 1, crop.hi)
+    sl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, crop.lo))        # in the crop
+    bsl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, box_lo))       # in the box
+    axes = [(np.arange(a, b) - ci[k]) * v for k, (a, b) in enumerate(zip(blo, bhi))]
+    d = np.stack(np.meshgrid(*axes, indexing="ij"), -1)                       # (..., 3) mm
+    Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    radii = rng.uniform(0.75, 1.3, 3)
+    radii /= np.prod(radii) ** (1.0 / 3.0)
+    offset = rng.standard_normal(3) * 0.15 * r_lesion
+    r_e = np.sqrt(((((d - offset) @ Q) / radii) ** 2).sum(-1)) / r_lesion
+    n1 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
+    n2 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
+    n3 = _noise_on_grid(rng, (5, 5, 5), bshape)[bsl]
+    les = _lesion_mask(p, -r_e + 0.25 * n1 + p["wm_preference"] * (t.f_wm[sl] - 0.5), t.brain[sl], n_brain)
+    # core: rounder, centred on the tumour centre
+    r_c = np.sqrt((d ** 2).sum(-1)) / r_lesion
+    core_score = -r_c + 0.2 * n2
+    core = _topk_mask(core_score, les, int(round(p["core_share"] * les.sum())))
+    nec = (_topk_mask(core_score, core, int(round(p["necrotic_share"] * core.sum())))
+           if p["necrotic"] else np.zeros_like(core))
+    img[sl] = _paint_lesion(p, img[sl], les, core, nec, r_c, n2, n3)
+    mask = np.zeros(crop.shape, np.uint8)
+    mask[sl] = les
+    return mask, dict(lesion_fraction=round(float(les.sum()) / n_brain, 5),
+                      core_fraction_of_lesion=round(float(core.sum()) / max(1, int(les.sum())), 4))
+
+
+def _acquire(rng: np.random.Generator, p: dict, img: np.ndarray, brain: np.ndarray, grid: _Grid,
+             crop: _Crop) -> np.ndarray:
+    """Bias field, Rician noise, intensity floor and scale, skull stripping (crop shape, float32)."""
+    f32 = np.float32
     if p["bias_sd"] > 0:
         coef = [float(c) for c in rng.standard_normal(9) * p["bias_sd"]]
-        X, Y, Z = (np.linspace(-1.0, 1.0, n, dtype=f32)[c] for n, c in zip(shape, crop))
+        X, Y, Z = (np.linspace(-1.0, 1.0, n, dtype=f32)[c] for n, c in zip(grid.shape, crop.slices))
         X, Y, Z = X[:, None, None], Y[None, :, None], Z[None, None, :]
         logb = (coef[0] * X + coef[1] * Y + coef[2] * Z + coef[3] * (X * X - f32(1 / 3))
                 + coef[4] * (Y * Y - f32(1 / 3)) + coef[5] * (Z * Z - f32(1 / 3))
@@ -564,10 +684,10 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> S
         del logb
     if p["snr"] is not None:
         sigma = f32(float(img[brain].mean()) / p["snr"])
-        n_re = rng.standard_normal(cshape, dtype=f32)
+        n_re = rng.standard_normal(crop.shape, dtype=f32)
         n_re *= sigma
         n_re += img
-        n_im = rng.standard_normal(cshape, dtype=f32)
+        n_im = rng.standard_normal(crop.shape, dtype=f32)
         n_im *= sigma
         n_re *= n_re
         n_im *= n_im
@@ -577,18 +697,49 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> S
     np.maximum(img, f32(_FLOOR), out=img)
     img *= f32(_INTENSITY_SCALE)
     img *= brain
+    return img
+
+
+def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> SynthCase:
+    """One subject: draw its parameters, then pose -> lesion geometry -> pull-back -> tissue ->
+    T2 image -> spots -> lesion -> acquisition. `info` = drawn parameters + measured results."""
+    t0 = time.perf_counter()
+    grid = _Grid.make(_check_voxel(voxel_mm))
+    tpl = _templates()
+    lesion = stream == _LESION_STREAM
+    reference = stream == _REFERENCE
+    rng = _rng(max(stream, 0), index, seed) if not reference else np.random.default_rng(0)
+    p = _draw_params(rng, lesion, reference)         # read only from here on
+    pose = _Pose.from_params(p, tpl)
+    # elastic displacement, a function of output position: cubic spline of ~25 mm nodes
+    elastic = (_Spline3(rng, _FOV_LO - 10.0, _FOV_HI + 10.0, 25.0, p["elastic_mm"])
+               if p["elastic_mm"] > 0 else None)
+    geom = _lesion_geometry(rng, tpl, p, pose, elastic) if lesion else None
+    pb = _pull_back(tpl, grid, pose, elastic, geom, p)
+    fields = _smooth_fields(rng, p, pb, grid.n_nodes)
+    crop = _crop_box(grid, pb.mask)
+    tissue, texture = _tissue(p, grid, crop, pb, fields)
+    img = _t2_image(p, tissue, texture)
+    spots = _wm_spots(rng, p, img, tissue, pb, grid, crop)
+    labels = tissue.labels()
+    result: dict = {}
+    mask = None
+    if geom is not None:
+        mask, stats = _insert_lesion(rng, p, geom, img, tissue, grid, crop)
+        labels[mask > 0] = 4
+        result.update(centre_mm=geom.centre.round(2).tolist(), **stats)
+    img = _acquire(rng, p, img, tissue.brain, grid, crop)
+    result.update(wm_spots=spots, shape=list(grid.shape), voxel_mm=grid.v,
+                  seconds=round(time.perf_counter() - t0, 3))
 
     def full(a, dtype):
-        out = np.zeros(shape, dtype)
-        out[crop] = a
+        out = np.zeros(grid.shape, dtype)
+        out[crop.slices] = a
         return out
 
-    p["wm_spots"] = spots
-    p["shape"] = list(shape)
-    p["voxel_mm"] = v
-    p["seconds"] = round(time.perf_counter() - t0, 3)
-    return SynthCase(name=name, image=full(img, f32), mask=None if les_crop is None else full(les_crop, np.uint8),
-                     brain_mask=full(brain, np.uint8), affine=affine, tissue=full(tissue, np.uint8), info=p)
+    return SynthCase(name=name, image=full(img, np.float32), mask=None if mask is None else full(mask, np.uint8),
+                     brain_mask=full(tissue.brain, np.uint8), affine=grid.affine,
+                     tissue=full(labels, np.uint8), info={**p, **result})
 
 
 # --------------------------------------------------------------------------------------------
