@@ -3,11 +3,14 @@
 Built from the MNI152 (2009) template tissue maps that ship inside nilearn's wheel, so
 nothing is downloaded. Each subject is the template anatomy, varied and re-imaged:
 
-* anatomy: ventricle enlargement (a smooth pull toward the lateral ventricles), cortical
-  atrophy (outer grey matter next to CSF turned into CSF), a few small white-matter
-  hyperintensities, and for lesion cases the mass effect of the tumour;
-* pose: a random affine (rotation ±8°, per-axis scale ±6 %, shift ±4 mm) and a smooth
-  elastic deformation (a coarse random displacement field, cubic-spline interpolated);
+* anatomy: head size (isotropic scale 0.91-1.09, brain volume ×0.75-1.30, times a per-axis
+  ±3 % shape), ventricle enlargement (a smooth pull of up to 8 mm toward the lateral
+  ventricles), cortical atrophy (up to 85 % of the outer grey matter next to CSF, reaching
+  15-35 mm deep, turned into CSF), a few small white-matter hyperintensities, and for lesion
+  cases the mass effect of the tumour;
+* pose: head tilt (rotation up to ±15° pitch, ±8° roll, ±10° yaw), shift ±8 mm in the field
+  of view, and a smooth elastic deformation (a coarse random displacement field,
+  cubic-spline interpolated);
 * contrast: per-subject T2 intensities (CSF > GM > WM), partial volume from the tissue maps;
 * lesion (glioma-like): oedema spreading preferentially along white matter around a solid or
   necrotic core, 1.5-9 % of the brain volume, with its binary mask (oedema + core);
@@ -18,6 +21,8 @@ nothing is downloaded. Each subject is the template anatomy, varied and re-image
 Every case is a pure function of (set, index, seed, voxel size): the random stream of healthy
 subject i is `SeedSequence([seed, 0, i])` and that of lesion case j `SeedSequence([seed, 1, j])`,
 so the two sets never share a stream and the same arguments give bit-identical output.
+Generator version 2 (wider head size, tilt, ventricle and atrophy ranges) draws different
+subjects from the same seeds than version 1 did: images made by version 1 are not reproduced.
 """
 from __future__ import annotations
 
@@ -54,7 +59,17 @@ _VOXEL_RANGE = (0.75, 8.0)
 _INTENSITY_SCALE = 1000.0   # relative intensities are multiplied by this
 _FLOOR = 0.02               # relative floor of brain intensities (zero means background downstream)
 _HEALTHY_STREAM, _LESION_STREAM, _REFERENCE = 0, 1, -1
-_VERSION = 1                # bump when the generator's output changes for the same arguments
+_VERSION = 2                # bump when the generator's output changes for the same arguments
+
+# Anatomical variety drawn per subject (version 2 widened all of these, so that a voxel-wise
+# baseline cannot win by the subjects' alignment alone):
+_TILT_DEG = np.array([15.0, 8.0, 10.0])  # ± rotation about x (pitch), y (roll), z (yaw)
+_HEAD_SCALE = (0.91, 1.09)               # isotropic head size, log-uniform (brain volume ×0.75-1.30)
+_ANISO = 0.03                            # ± per-axis shape on top of the head size
+_SHIFT_MM = 8.0                          # ± position in the MNI field of view, per axis
+_VENTRICLE_MM = 8.0                      # pull toward the lateral ventricles (85 % of subjects 0-8 mm)
+_ATROPHY = 0.85                          # largest share of outer cortex turned into CSF
+_ATROPHY_DEPTH_MM = (15.0, 35.0)         # how deep below the surface atrophy reaches
 
 
 @dataclass
@@ -335,16 +350,18 @@ def _topk_mask(score: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
 def _draw_params(rng: np.random.Generator, lesion: bool, reference: bool = False) -> dict:
     """The subject's scalar random parameters, drawn in a fixed order."""
     if reference:
-        return dict(rot_deg=[0.0] * 3, scale=[1.0] * 3, shift_mm=[0.0] * 3, elastic_mm=0.0,
-                    ventricle_mm=0.0, atrophy=0.0, c_csf=0.92, c_gm=0.52, c_wm=0.31,
+        return dict(rot_deg=[0.0] * 3, head_scale=1.0, scale=[1.0] * 3, shift_mm=[0.0] * 3, elastic_mm=0.0,
+                    ventricle_mm=0.0, atrophy=0.0, atrophy_depth_mm=25.0, c_csf=0.92, c_gm=0.52, c_wm=0.31,
                     n_wm_spots=0, bias_sd=0.0, snr=None, texture=0.0)
     p = {}
-    p["rot_deg"] = rng.uniform(-8.0, 8.0, 3).tolist()
-    p["scale"] = rng.uniform(0.94, 1.06, 3).tolist()
-    p["shift_mm"] = rng.uniform(-4.0, 4.0, 3).tolist()
+    p["rot_deg"] = (rng.uniform(-1.0, 1.0, 3) * _TILT_DEG).tolist()
+    p["head_scale"] = float(math.exp(rng.uniform(*np.log(_HEAD_SCALE))))
+    p["scale"] = (p["head_scale"] * rng.uniform(1.0 - _ANISO, 1.0 + _ANISO, 3)).tolist()
+    p["shift_mm"] = rng.uniform(-_SHIFT_MM, _SHIFT_MM, 3).tolist()
     p["elastic_mm"] = float(rng.uniform(1.0, 2.5))
-    p["ventricle_mm"] = float(rng.uniform(0.0, 4.5) if rng.random() < 0.85 else rng.uniform(0.0, 1.0))
-    p["atrophy"] = float(rng.uniform(0.0, 0.6))
+    p["ventricle_mm"] = float(rng.uniform(0.0, _VENTRICLE_MM) if rng.random() < 0.85 else rng.uniform(0.0, 1.0))
+    p["atrophy"] = float(rng.uniform(0.0, _ATROPHY))
+    p["atrophy_depth_mm"] = float(rng.uniform(*_ATROPHY_DEPTH_MM))
     p["c_csf"] = float(rng.uniform(0.85, 1.0))
     p["c_gm"] = float(rng.uniform(0.45, 0.60))
     p["c_wm"] = float(rng.uniform(0.25, 0.38))
@@ -524,7 +541,7 @@ def _smooth_fields(rng: np.random.Generator, p: dict, pb: _PullBack, n_nodes) ->
     fields = []
     if p["atrophy"] > 0:
         region = np.clip(1.0 + 0.5 * _noise_on_grid(rng, (3, 4, 3), n_nodes), 0.0, 2.0)
-        outer = np.clip(1.0 - pb.depth / p.get("atrophy_depth_mm", 25.0), 0.0, 1.0)
+        outer = np.clip(1.0 - pb.depth / p["atrophy_depth_mm"], 0.0, 1.0)
         fields.append(np.clip(p["atrophy"] * region * outer * np.clip(2.5 * pb.csf, 0.0, 1.0), 0.0, 0.9)[None])
     if p["texture"] > 0:
         fields.append((1.0 + p["texture"] * _noise_on_grid(rng, (6, 7, 6), n_nodes))[None])

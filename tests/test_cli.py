@@ -106,3 +106,15 @@ def test_console_script_help_and_version():
     out = subprocess.run([sys.executable, "-m", "ifad_fast.cli", "restore", "/nonexistent.nii.gz", "-m", "x.pt"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_synth_voxel_mm(tmp_path, capsys):
+    """`synth --voxel-mm` sets the voxel size in mm (`--resolution` is the grid size elsewhere)."""
+    code, out, _ = run(capsys, "synth", "-o", tmp_path / "s", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4)
+    assert code == 0 and "1 healthy" in out
+    img = nib.load(tmp_path / "s" / "healthy" / "healthy_0000.nii.gz")
+    assert np.allclose(img.header.get_zooms(), (4.0, 4.0, 4.0))
+    code, _, err = run(capsys, "synth", "-o", tmp_path / "t", "--healthy", 1, "--voxel-mm", 0.1)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "t" / "healthy").exists()
+    with pytest.raises(SystemExit):
+        main(["synth", "-o", str(tmp_path / "u"), "--resolution", "2"])

@@ -4,6 +4,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
+from scipy.stats import spearmanr
 
 from ifad_fast import synth
 from ifad_fast.errors import IfadError
@@ -37,7 +39,7 @@ def test_grid_and_types(healthy_case):
     assert c.brain_mask.dtype == np.uint8 and c.tissue.dtype == np.uint8
     assert c.affine.shape == (4, 4) and c.affine.dtype == np.float64 and np.array_equal(c.affine, affine)
     brain = c.brain_mask > 0
-    assert 1.4e6 < brain.sum() * 1.5 ** 3 < 2.4e6          # a brain-sized volume, in mm^3
+    assert 1.2e6 < brain.sum() * 1.5 ** 3 < 2.8e6          # a brain-sized volume, in mm^3
     assert np.all(c.image[~brain] == 0)
     assert c.image[brain].min() >= 0.02 * 1000 * 0.999     # no zeros inside the brain
     assert np.isfinite(c.image).all()
@@ -113,3 +115,49 @@ def test_bad_arguments():
         synth.generate_lesion(-1)
     with pytest.raises(IfadError):
         synth.acquisition_grid(float("nan"))
+
+
+@pytest.fixture(scope="module")
+def varied_subjects():
+    return [synth.generate_healthy(i, seed=3, voxel_mm=COARSE) for i in range(8)]
+
+
+def test_anatomical_variety_drawn_per_subject(varied_subjects):
+    """Head size, tilt, ventricles and atrophy vary across subjects, within their stated ranges,
+    and the same seed draws the same parameters again."""
+    info = [c.info for c in varied_subjects]
+    for key, spread in (("head_scale", 0.06), ("ventricle_mm", 3.0), ("atrophy", 0.3), ("atrophy_depth_mm", 5.0)):
+        values = np.array([i[key] for i in info])
+        assert np.ptp(values) > spread, (key, values)
+    assert all(0.91 <= i["head_scale"] <= 1.09 for i in info)
+    assert all(0.0 <= i["ventricle_mm"] <= 8.0 and 0.0 <= i["atrophy"] <= 0.85 for i in info)
+    rot = np.array([i["rot_deg"] for i in info])
+    assert np.all(np.abs(rot) <= [15.0, 8.0, 10.0]) and np.abs(rot[:, 0]).max() > 8.0   # beyond v1's ±8°
+    scale = np.array([i["scale"] for i in info]) / np.array([i["head_scale"] for i in info])[:, None]
+    assert np.all(np.abs(scale - 1.0) <= 0.03 + 1e-12)
+    again = synth.generate_healthy(5, seed=3, voxel_mm=COARSE)
+    assert {k: v for k, v in again.info.items() if k != "seconds"} == \
+        {k: v for k, v in info[5].items() if k != "seconds"}
+    other = synth.generate_healthy(5, seed=4, voxel_mm=COARSE).info
+    assert other["head_scale"] != info[5]["head_scale"] and other["rot_deg"] != info[5]["rot_deg"]
+
+
+def test_anatomical_variety_is_realised(varied_subjects):
+    """The drawn parameters show in the images: brain volume follows the head size (within 3 %),
+    CSF near the brain's centre follows the ventricle pull, CSF in the outer 9 mm follows atrophy
+    (Spearman rank correlation ≥ 0.8 over 8 subjects)."""
+    vox = COARSE ** 3
+    ventricles, outer_csf = [], []
+    for c in varied_subjects:
+        brain = c.brain_mask > 0
+        expected = synth._templates().brain_ml * 1000.0 * float(np.prod(c.info["scale"]))
+        assert brain.sum() * vox == pytest.approx(expected, rel=0.03), c.name
+        centre = np.argwhere(brain).mean(0)
+        r = np.linalg.norm((np.indices(brain.shape) - centre[:, None, None, None]) * COARSE, axis=0)
+        ventricles.append(np.count_nonzero((c.tissue == 1) & (r < 25.0)))
+        depth = ndi.distance_transform_edt(brain, sampling=COARSE)
+        outer = brain & (depth <= 9.0)
+        outer_csf.append(np.count_nonzero((c.tissue == 1) & outer) / np.count_nonzero(outer))
+    info = [c.info for c in varied_subjects]
+    assert spearmanr([i["ventricle_mm"] for i in info], ventricles).statistic >= 0.8
+    assert spearmanr([i["atrophy"] for i in info], outer_csf).statistic >= 0.8
