@@ -167,7 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed and accuracy benchmarks")
     p.add_argument("what", choices=("speed", "accuracy"))
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats, for development")
-    p.add_argument("-o", "--output", default=None, help="folder for the report (json)")
+    p.add_argument("-o", "--output", default=None, help="folder for the report (json; accuracy also md)")
+    acc = p.add_argument_group("accuracy only")
+    acc.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
+    acc.add_argument("--train", default=None, metavar="PRESET",
+                     help="train IF 3D here on the healthy scans instead (paper | small | tiny)")
+    acc.add_argument("--epochs", type=_int_in(1), default=None, help="with --train: epochs (default the preset's)")
+    acc.add_argument("--acquisitions", default=None,
+                     help="comma-separated acquisitions of the test scans (default all: "
+                          "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged)")
+    acc.add_argument("--n-test", type=_int_in(1), default=None, help="test cases (default 24, quick 2)")
+    acc.add_argument("--n-val", type=_int_in(1), default=None, help="validation cases (default 6, quick 2)")
+    acc.add_argument("--n-healthy", type=_int_in(1), default=None,
+                     help="healthy training scans (default: as many as the model was trained on)")
+    acc.add_argument("--schedule", default="fast", help="restoration schedule (default fast)")
+    acc.add_argument("--vae-steps", type=_int_in(1), default=None, help="VAE training steps (default 1000, quick 300)")
     _add_engine_args(p)
     return parser
 
@@ -365,16 +379,30 @@ def cmd_demo(args):
     run_demo(args.output, seed=args.seed, backend=args.backend, device=args.device)
 
 
+_ACCURACY_ONLY = dict(model=None, train=None, epochs=None, acquisitions=None, n_test=None, n_val=None,
+                      n_healthy=None, schedule="fast", vae_steps=None)
+
+
 def cmd_bench(args):
     """`ifad-fast bench`: the speed or accuracy benchmark."""
     if args.output is not None:
         _output(args.output)
     if args.what == "speed":
+        given = [k for k, default in _ACCURACY_ONLY.items() if getattr(args, k) != default]
+        if given:
+            raise IfadError(f"--{given[0].replace('_', '-')} is an option of 'bench accuracy', not 'bench speed'")
         from .benchmark import speed
         speed(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output)
     else:
         from .benchmark import accuracy
-        accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output)
+        if args.model is not None and args.train is not None:
+            raise IfadError("pass either --model (a trained model) or --train PRESET, not both")
+        if args.epochs is not None and args.train is None:
+            raise IfadError("--epochs goes with --train PRESET")
+        accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output,
+                 model=args.model, train=args.train, epochs=args.epochs, acquisitions=args.acquisitions,
+                 n_test=args.n_test, n_val=args.n_val, n_healthy=args.n_healthy, schedule=args.schedule,
+                 vae_steps=args.vae_steps)
 
 
 COMMANDS = dict(prepare=cmd_prepare, train=cmd_train, restore=cmd_restore, evaluate=cmd_evaluate,

@@ -86,3 +86,14 @@ def tiny_run(tmp_path_factory):
     assert main(["train", str(root / "prep"), "-o", str(root / "run"), "--preset", "tiny", "--epochs", "6",
                  "--device", "cpu"]) == 0
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for tiny tensors: faster, and immune to other jobs on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
