@@ -5,8 +5,8 @@ x to the subject's right, y anterior, z superior) enters the model through the f
 the model's PreprocessConfig:
 
 physical (new models)
-    A cube of side `extent_mm` (paper preset 160 × 1.5 mm = 240 mm; `small` 96 × 2 mm and `tiny`
-    24 × 8 mm = 192 mm, room for an adult brain) whose axes are the world's R, A, S axes, so the
+    A cube of side `extent_mm` (paper preset 160 × 1.5 mm = 240 mm; `small` 96 × 2.33 mm = 224 mm,
+    room for a large adult brain whose centre of mass is off its box centre; `tiny` 24 × 8 mm = 192 mm) whose axes are the world's R, A, S axes, so the
     scan's voxel order, flips (LPS, permuted axes) and obliquity all fall away. Its grid of
     R³ isotropic voxels (v = extent_mm / R) is centred on the brain's centre of mass (the scan's
     non-zero voxels, unweighted: robust to stray voxels and independent of intensities): model
