@@ -150,6 +150,12 @@ def case_outputs(out_dir, name: str, threshold=None, figure: bool = False) -> di
     return {k: Path(out_dir) / f"{name}{OUTPUT_FILES[k]}" for k in keys}
 
 
+def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False) -> list[str]:
+    """Names of the cases among `paths` that already have some outputs in `out_dir`."""
+    return [case_name(p) for p in paths
+            if _case_state(case_outputs(out_dir, case_name(p), threshold, figure)) != "absent"]
+
+
 def _case_state(files: dict[str, Path]) -> str:
     """'absent' (nothing written), 'complete' (a readable JSON and every file) or 'partial'."""
     if not any(p.exists() for p in files.values()):
@@ -211,7 +217,8 @@ def resolve_threshold(model: Model, threshold):
 def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = None, backend="auto",
                   device="cpu", precision="float32", region="brain", threshold=None, batch: int = 1,
                   progress=True, report=print, existing: str = "refuse", figure: bool = False,
-                  force: bool = False, max_voxels: int | None = None, resolution: int | None = None) -> list[dict]:
+                  force: bool = False, max_voxels: int | None = None, resolution: int | None = None,
+                  shard: tuple[int, int] | None = None) -> list[dict]:
     """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
     <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
     <case>_figure.png, and <case>_restore.json last (settings and provenance).
@@ -222,6 +229,8 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
     before the first restoration; then a scan that fails does not stop the others, and an
     IfadError naming the failed scans is raised at the end. Returns the written summaries.
     resolution: score on an N³ grid of the model frame's extent (see `restore_arrays`).
+    shard: (rank, world) -- restore only cases rank, rank + world, ... of the sorted scan list
+    (one of `world` processes sharing the work; each case is written by exactly one of them).
     """
     if existing not in ("refuse", "continue", "overwrite"):
         raise IfadError(f"existing must be refuse, continue or overwrite, got {existing!r}")
@@ -231,6 +240,13 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
         raise IfadError(f"region must be brain or full, got {region!r}")
     threshold = resolve_threshold(model, threshold)
     paths = find_scans(inputs)
+    if shard is not None:
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise IfadError(f"shard {rank} of {world} does not exist")
+        paths = paths[rank::world]
+        if not paths:
+            return []
     out_dir = check_output_folder(out_dir)
     rc = rc or restore_config(model)
     check_schedule(rc.phases)
@@ -240,6 +256,8 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
                       seed=rc.seed, device=str(device), backend=getattr(engine, "name", "?"), precision=precision,
                       schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=region,
                       frame=_frame(model.preprocess), score_resolution=resolution or model.preprocess.resolution)
+    if shard is not None:
+        provenance["shard"] = list(shard)
 
     plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
     inputs_resolved = {p.resolve(): p for p in paths}
@@ -248,7 +266,7 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
             if f.resolve() in inputs_resolved:
                 raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
     states = {p: _case_state(files) for p, files in plan.items()}
-    present = [case_name(p) for p, st in states.items() if st != "absent"]
+    present = cases_with_outputs(paths, out_dir, threshold, figure)
     if present and existing == "refuse":
         shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
         raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
@@ -465,3 +483,51 @@ def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out
     if out_dir is not None:
         save_json(Path(out_dir) / "metrics.json", result)
     return result
+
+
+@dataclass(frozen=True)
+class RestoreJob:
+    """`restore_files` arguments as every process of a sharded restore sees them (picklable)."""
+
+    model: str | None            # model file or run folder; None: the bundled model
+    inputs: tuple
+    out_dir: str
+    rc: cfg.RestoreConfig
+    backend: str = "auto"
+    device: str = "cpu"          # cpu | cuda (process r of a CUDA run takes cuda:LOCAL_RANK)
+    precision: str = "float32"
+    region: str = "brain"
+    threshold: float | None = None
+    batch: int = 1
+    existing: str = "refuse"
+    figure: bool = False
+    force: bool = False
+    max_voxels: int | None = None
+    resolution: int | None = None
+    threads: int | None = None
+
+
+def restore_shard(job: RestoreJob) -> dict:
+    """This process's shard of `job` (RANK of WORLD_SIZE from the environment, as set by
+    distributed.launch or torchrun): {"written": cases written, "error": one line or None}."""
+    import os
+
+    import torch
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(job.device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    model = default_model(device) if job.model is None else load_model(job.model, device)
+    tag = f"[{rank + 1}/{world}] " if world > 1 else ""
+    try:
+        written = restore_files(model, job.inputs, job.out_dir, job.rc, job.backend, device, job.precision,
+                                job.region, job.threshold, job.batch, progress=rank == 0,
+                                report=lambda line: print(tag + line, flush=True), existing=job.existing,
+                                figure=job.figure, force=job.force, max_voxels=job.max_voxels,
+                                resolution=job.resolution, shard=(rank, world) if world > 1 else None)
+    except IfadError as exc:
+        return dict(written=None, error=str(exc))
+    return dict(written=len(written), error=None)

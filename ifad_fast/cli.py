@@ -113,7 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--threads", type=_int_in(1, 4096), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_int_in(1, 4096), default=None, help="torch CPU threads (per process)")
+    p.add_argument("--volumes-per-batch", type=_int_in(1), default=None,
+                   help="volumes in each (global) batch, whatever --nproc is (default: the preset's)")
+    p.add_argument("--nproc", type=_int_in(1, 1024), default=None,
+                   help="data-parallel processes started here (gloo on CPU, NCCL with one GPU each); "
+                        "leave out under torchrun")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                   help="bf16: autocast for the decoder, float32 weights (GPUs / CPUs with native bf16)")
     _add_frame_args(p)
     _add_input_checks(p)
     _add_engine_args(p, backend=False)
@@ -139,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--continue", dest="resume", action="store_true",
                        help="skip cases whose outputs are complete in the output folder, do the rest")
     again.add_argument("--overwrite", action="store_true", help="redo cases whose outputs already exist")
+    p.add_argument("--nproc", type=_int_in(1, 1024), default=None,
+                   help="processes started here, each restoring its share of the cases (one GPU each "
+                        "with --device cuda); leave out under torchrun")
     _add_seed(p)
     _add_input_checks(p)
     _add_engine_args(p)
@@ -259,21 +269,26 @@ def cmd_prepare(args):
 
 
 def cmd_train(args):
-    """`ifad-fast train`: validate everything, load the data, train (Ctrl-C saves a checkpoint)."""
-    import torch
+    """`ifad-fast train`: validate everything, load the data, train (Ctrl-C saves a checkpoint).
+
+    --nproc N: N processes started here (distributed.launch); under torchrun each process runs
+    this command, rank 0 preparing the data while the others wait.
+    """
+    import os
 
     from . import config as cfg
     from .backends import resolve_device
     from .dataset import MANIFEST, training_volumes
+    from .distributed import SINGLE, env_world, from_env, launch
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes
-    from .train import Trainer, check_train_config, estimate_seconds
+    from .train import TrainJob, check_train_config, estimate_seconds, train_job
 
     preset = cfg.get_preset(args.preset)
-    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
+                                        volumes_per_batch=args.volumes_per_batch))
     device = resolve_device(args.device)
+    nproc, world = _processes(args, device)
     out = _output(args.output)
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise IfadError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
@@ -283,31 +298,60 @@ def cmd_train(args):
         raise IfadError(f"{args.data} is a prepared folder: its frame was chosen by 'ifad-fast prepare'; "
                         "drop --frame/--extent or pass the raw scans")
     pc = _frame_config(preset.preprocess, args)
-    clean_stale_temporaries(out)
+    group = from_env(device)[0] if world > 1 else SINGLE      # under torchrun: join now, prepare on rank 0
+    if group.main:
+        clean_stale_temporaries(out)
+    else:
+        group.barrier()
     volumes, brains, names, centres, pc = training_volumes(args.data, pc, args.centres, out / "cache",
                                                            k=preset.model.n_classes, seed=tc.seed,
-                                                           force=args.force, max_voxels=args.max_voxels)
+                                                           progress=group.main, force=args.force,
+                                                           max_voxels=args.max_voxels)
+    if group.main:
+        group.barrier()
     if len(centres) != preset.model.n_classes:
         raise IfadError(f"{len(centres)} intensity centres but the {args.preset} model has "
                         f"{preset.model.n_classes} classes; pass matching --centres")
     check_memory(train_bytes(preset.model, tc, preset.preprocess.resolution, len(names)),
                  f"training on {len(names)} volumes at {preset.preprocess.resolution}³",
                  "train on fewer volumes, use a smaller preset or a machine with more memory", device)
-    if args.preset == "paper" and device.type == "cpu":
+    if args.preset == "paper" and device.type == "cpu" and group.main:
         seconds, rate = estimate_seconds(preset.model, tc, len(names), tc.epochs, device)
         warnings.warn(IfadWarning(
             f"the paper preset is GPU-sized: {tc.epochs} epochs on {len(names)} volumes need roughly "
             f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
             "use a GPU (--device cuda) or --preset small"))
-    trainer = Trainer(torch.from_numpy(volumes), preset.model, tc, pc, centres, device, names,
-                      provenance=dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device)),
-                      brains=torch.from_numpy(brains))
-    if args.resume:
-        trainer.load(out)
-    t0 = time.perf_counter()
-    trainer.run(tc.epochs, out)
-    print(f"trained {args.preset} model on {len(names)} volumes for {trainer.epoch} epochs "
-          f"({time.perf_counter() - t0:.0f} s), final loss {trainer.log[-1]['loss']:.4f} -> {out / 'model.pt'}")
+    threads = args.threads
+    if threads is None and nproc > 1 and device.type == "cpu":
+        threads = max(1, (os.cpu_count() or 1) // nproc)
+    provenance = dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device))
+    job = TrainJob(volumes=str(volumes.filename), brains=str(brains.filename), names=tuple(names),
+                   centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
+                   out=str(out), device=str(device), resume=args.resume, precision=args.precision,
+                   threads=threads, provenance=tuple(provenance.items()))
+    summary = launch(train_job, nproc, job)[0] if nproc > 1 else train_job(job)
+    if group.main:
+        procs = max(nproc, world)
+        print(f"trained {args.preset} model on {len(names)} volumes for {summary['epochs']} epochs"
+              f"{f' in {procs} processes' if procs > 1 else ''} ({summary['seconds']:.0f} s), "
+              f"final loss {summary['final_loss']:.4f} -> {out / 'model.pt'}")
+
+
+def _processes(args, device) -> tuple[int, int]:
+    """(--nproc, or 1; WORLD_SIZE under torchrun, or 1), checked against each other and the GPUs."""
+    from .distributed import env_world
+
+    world = env_world()
+    if world > 1 and args.nproc not in (None, 1):
+        raise IfadError(f"running under torchrun (WORLD_SIZE={world}): leave --nproc out")
+    nproc = 1 if args.nproc is None else args.nproc
+    if nproc > 1 and device.type == "cuda":
+        import torch
+        if device.index is not None:
+            raise IfadError(f"--nproc {nproc} puts process r on cuda:r; pass --device cuda, not {device}")
+        if torch.cuda.device_count() < nproc:
+            raise IfadError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    return nproc, world
 
 
 def load_model_arg(spec, device):
@@ -324,9 +368,18 @@ def load_model_arg(spec, device):
 
 
 def cmd_restore(args):
-    """`ifad-fast restore`: anomaly maps for scans or folders."""
-    from .api import PROTOCOLS, resolve_threshold, restore_config, restore_files
+    """`ifad-fast restore`: anomaly maps for scans or folders.
+
+    --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
+    every case is written once, by one process; --continue skips the cases already finished.
+    """
+    import os
+
+    from .api import (PROTOCOLS, RestoreJob, cases_with_outputs, resolve_threshold, restore_config, restore_files,
+                      restore_shard)
     from .backends import resolve_device
+    from .distributed import launch
+    from .io import find_scans
 
     schedule, region = args.schedule or "fast", args.region or "brain"
     if args.protocol:
@@ -337,13 +390,32 @@ def cmd_restore(args):
         schedule, region = protocol["schedule"], protocol["region"]
     _output(args.output)
     device = resolve_device(args.device)
-    model = load_model_arg(args.model, device)
+    nproc, world = _processes(args, device)
+    alone = nproc == 1 and world == 1
+    model = load_model_arg(args.model, device if alone else "cpu")   # shared: each process loads its own
     threshold = resolve_threshold(model, args.threshold)
     rc = restore_config(model, schedule, seed=args.seed)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
-    restore_files(model, args.inputs, args.output, rc, args.backend, device, args.precision,
-                  region, threshold, args.batch, existing=existing, figure=args.figure,
-                  force=args.force, max_voxels=args.max_voxels, resolution=args.resolution)
+    if alone:
+        restore_files(model, args.inputs, args.output, rc, args.backend, device, args.precision,
+                      region, threshold, args.batch, existing=existing, figure=args.figure,
+                      force=args.force, max_voxels=args.max_voxels, resolution=args.resolution)
+        return
+    if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
+        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, args.figure)
+        if present:
+            shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+            raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
+                            "cases or --overwrite to redo them")
+    threads = max(1, (os.cpu_count() or 1) // nproc) if device.type == "cpu" and nproc > 1 else None
+    job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
+                     device=str(device), precision=args.precision, region=region, threshold=threshold,
+                     batch=args.batch, existing=existing, figure=args.figure, force=args.force,
+                     max_voxels=args.max_voxels, resolution=args.resolution, threads=threads)
+    results = launch(restore_shard, nproc, job) if nproc > 1 else [restore_shard(job)]
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        raise IfadError("; ".join(errors))
 
 
 def cmd_evaluate(args):

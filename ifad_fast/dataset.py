@@ -6,10 +6,17 @@ can hold brain voxels after min-max normalisation) and `manifest.json` (the prep
 frame included, centres, and per case its source, native shape, affine, model affine and
 percentiles). The files are written as one set (io.OutputSet): class files under
 temporary names, renamed at the end, the manifest last, so an interrupted prepare leaves no
-class files without a manifest. `train` reads such a folder, or prepares raw scans into a cache.
+class files without a manifest. `volumes.npy` and `brains.npy` hold the same classes and brain
+masks stacked ((N, R, R, R) uint8) for training. `train` reads such a folder, or prepares raw
+scans into a cache.
+
+Training memory-maps the stacks read-only: the volumes are stored once, in the OS page cache,
+shared by every training process, and paged in and out when they do not fit in RAM. A folder
+prepared without stacks (older versions) gets them built once in the run's cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,12 +25,13 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
-from .io import (OutputSet, case_name, clean_stale_temporaries, find_scans, header_shape, load_scan, save_json,
-                 save_volume)
+from .io import (OutputSet, atomic_path, case_name, clean_stale_temporaries, find_scans, header_shape, load_scan,
+                 save_json, save_volume)
 from .limits import check_memory, check_resolution, prepare_bytes
 from .preprocess import IntensityEncoder, mode_pool3d, to_model_grid
 
 MANIFEST = "manifest.json"
+STACKS = {"classes": "volumes.npy", "brains": "brains.npy"}      # (N, R, R, R) uint8 each
 FIT_VOLUMES = 32
 
 
@@ -77,6 +85,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                                        brains=[c[1].brain for c in cached.values()])
     cases = []
     with OutputSet() as outputs:
+        stacks = _StackWriter(outputs, out_dir, len(paths) - len(failed))
         for i, path in enumerate(tqdm(paths, desc="prepare", unit="scan", disable=None if progress else True)):
             if path in failed:
                 continue
@@ -93,16 +102,18 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
             name = case_name(path)
             save_volume(outputs.add(targets[i]), classes, placement.model_affine, dtype=np.uint8)
             save_volume(outputs.add(brain_targets[i]), placement.brain, placement.model_affine, dtype=np.uint8)
+            stacks.add(len(cases), classes=classes, brains=placement.brain)
             case = dict(name=name, source=str(path.resolve()), native_shape=list(scan.data.shape),
                         model_shape=list(classes.shape), affine=scan.affine.tolist(),
                         model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
             if placement.grid is not None:
                 case.update(cube=placement.grid.cube, offset=list(placement.grid.offset))
             cases.append(case)
+        stacks.close(len(cases))
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
                         mode_pool=mode_pool, centres=encoder.centres.tolist(), cases=cases,
-                        failed={str(p): why for p, why in failed.items()})
+                        failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
         if cases:
             save_json(outputs.add(out_dir / MANIFEST), manifest)
     keep = {t.name for t in [*targets, *brain_targets]}
@@ -115,6 +126,36 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         done = f"the other {len(cases)} were written to {out_dir}" if cases else "nothing was written"
         raise IfadError(f"{len(failed)} of {len(paths)} scans failed ({done}): {_failures(failed)}")
     return manifest
+
+
+class _StackWriter:
+    """The set's classes and brains stacked into STACKS, written through `outputs` (so renamed with
+    the set, before its manifest) case by case; `close(n)` trims them to the n cases written."""
+
+    def __init__(self, outputs: OutputSet, out_dir: Path, capacity: int):
+        self.outputs, self.out_dir, self.capacity, self.arrays = outputs, Path(out_dir), capacity, None
+
+    def _open(self, n: int, shape) -> dict:
+        return {key: np.lib.format.open_memmap(self.outputs.add(self.out_dir / name), mode="w+", dtype=np.uint8,
+                                               shape=(n,) + tuple(shape)) for key, name in STACKS.items()}
+
+    def add(self, row: int, **volumes):
+        if self.arrays is None:
+            self.arrays = self._open(self.capacity, volumes["classes"].shape)
+        for key, volume in volumes.items():
+            self.arrays[key][row] = volume
+
+    def close(self, n: int):
+        if self.arrays is None:
+            return
+        if n < self.capacity:              # a scan failed while reading: shorter stacks, renamed after
+            full, self.arrays = self.arrays, self._open(n, self.arrays["classes"].shape[1:])
+            for key in full:
+                for row in range(n):
+                    self.arrays[key][row] = full[key][row]
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays = None
 
 
 def _failures(failed: dict) -> str:
@@ -147,13 +188,8 @@ def manifest_preprocess(manifest: dict, pc: cfg.PreprocessConfig) -> cfg.Preproc
         raise IfadError(f"{MANIFEST}: unusable preprocess settings ({exc}); run 'ifad-fast prepare' again") from None
 
 
-def load_prepared(folder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """A prepared folder -> (classes (N, R, R, R) uint8, brains (N, R, R, R) bool, case names, manifest).
-
-    Folders from before brain masks were written get classes != 0 as their brains.
-    """
-    from .io import read_volume
-
+def read_manifest(folder) -> dict:
+    """The manifest of a prepared folder, checked (its fields, its class files present)."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -167,30 +203,89 @@ def load_prepared(folder) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
             or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in manifest["cases"])):
         raise IfadError(f"{folder / MANIFEST}: not a manifest written by 'ifad-fast prepare'; "
                         "pass a folder of scans or the output of 'ifad-fast prepare'")
-    volumes, brains, names = [], [], []
+    if not manifest["cases"]:
+        raise IfadError(f"{folder}: the manifest lists no cases; prepare some scans first")
     for case in manifest["cases"]:
         path = folder / f"{case['name']}_classes.nii.gz"
         if not path.is_file():
             raise IfadError(f"{path}: listed in the manifest but missing; run 'ifad-fast prepare' again")
+    return manifest
+
+
+def _read_cases(folder: Path, manifest: dict, classes_out: np.ndarray, brains_out: np.ndarray):
+    """Every case's class volume and brain mask, checked, into the (N, R, R, R) outputs.
+
+    Folders from before brain masks were written get classes != 0 as their brains.
+    """
+    from .io import read_volume
+
+    n_classes = len(manifest["centres"])
+    for i, case in enumerate(manifest["cases"]):
+        path = folder / f"{case['name']}_classes.nii.gz"
         volume = read_volume(path, what="class volume")
-        n_classes = len(manifest["centres"])
         if volume.shape != (manifest["resolution"],) * 3 or volume.min() < 0 or volume.max() >= n_classes:
             raise IfadError(f"{path}: not a class volume of this prepared set (shape or class ids); "
                             "run 'ifad-fast prepare' again")
-        volumes.append(volume.astype(np.uint8))
+        classes_out[i] = volume
         brain = folder / f"{case['name']}_brain.nii.gz"
         if brain.is_file():
             brain = read_volume(brain, what="brain mask")
             if brain.shape != volume.shape:
                 raise IfadError(f"{folder / case['name']}_brain.nii.gz: not a brain mask of this prepared set "
                                 "(shape); run 'ifad-fast prepare' again")
-            brains.append(brain > 0)
+            brains_out[i] = brain > 0
         else:
-            brains.append(volumes[-1] != 0)
-        names.append(case["name"])
-    if not volumes:
-        raise IfadError(f"{folder}: the manifest lists no cases; prepare some scans first")
-    return np.stack(volumes), np.stack(brains), names, manifest
+            brains_out[i] = volume != 0
+
+
+def _stacks_fit(folder: Path, shape) -> bool:
+    """Whether `folder` holds STACKS of `shape`, uint8."""
+    for name in STACKS.values():
+        try:
+            stack = np.load(folder / name, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if stack.dtype != np.uint8 or stack.shape != tuple(shape):
+            return False
+    return True
+
+
+def _open_stacks(folder: Path):
+    return tuple(np.load(folder / STACKS[key], mmap_mode="r") for key in ("classes", "brains"))
+
+
+def load_prepared(folder, cache_dir=None) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """A prepared folder -> (classes (N, R, R, R) uint8, brains (N, R, R, R) uint8 or bool, case names,
+    manifest).
+
+    The folder's stacks (`volumes.npy`, `brains.npy`) memory-mapped read-only when it has them;
+    else, with `cache_dir`, stacks built there once (reused while the manifest is unchanged) and
+    memory-mapped; else read into memory.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    names = [case["name"] for case in manifest["cases"]]
+    shape = (len(names),) + (manifest["resolution"],) * 3
+    if manifest.get("stacks") == STACKS and _stacks_fit(folder, shape):
+        return (*_open_stacks(folder), names, manifest)
+    if cache_dir is None:
+        volumes, brains = np.empty(shape, dtype=np.uint8), np.empty(shape, dtype=bool)
+        _read_cases(folder, manifest, volumes, brains)
+        return volumes, brains, names, manifest
+    cache_dir = Path(cache_dir)
+    key = dict(folder=str(folder.resolve()), manifest=hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest())
+    key_file = cache_dir / "stacks_key.json"
+    if not (key_file.is_file() and json.loads(key_file.read_text()) == key and _stacks_fit(cache_dir, shape)):
+        with atomic_path(cache_dir / STACKS["classes"]) as classes_tmp, \
+                atomic_path(cache_dir / STACKS["brains"]) as brains_tmp:
+            stacks = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                      for tmp in (classes_tmp, brains_tmp)]
+            _read_cases(folder, manifest, *stacks)
+            for stack in stacks:
+                stack.flush()
+            del stacks
+        save_json(key_file, key)
+    return (*_open_stacks(cache_dir), names, manifest)
 
 
 def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, cache_dir,
@@ -198,18 +293,19 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
                      max_voxels: int | None = None):
     """Training data from a prepared folder, or from raw scans prepared into `cache_dir` once.
 
-    Returns (classes (N, R, R, R) uint8, brains (N, R, R, R) bool, names, centres (C,) float64,
-    the PreprocessConfig the volumes were made with: pc, or a prepared folder's frame and
-    normalisation).
+    Returns (classes (N, R, R, R) uint8, brains (N, R, R, R) uint8 -- both read-only memmaps --,
+    names, centres (C,) float64, the PreprocessConfig the volumes were made with: pc, or a
+    prepared folder's frame and normalisation).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise IfadError(f"{data_dir}: no such folder; pass a folder of healthy scans or a prepared folder")
     if (data_dir / MANIFEST).is_file():
-        volumes, brains, names, manifest = load_prepared(data_dir)
+        manifest = read_manifest(data_dir)
         if manifest["resolution"] != pc.resolution:
             raise IfadError(f"{data_dir} was prepared at {manifest['resolution']}³ but the model needs "
                             f"{pc.resolution}³; prepare again with --resolution {pc.resolution}")
+        volumes, brains, names, manifest = load_prepared(data_dir, cache_dir)
         return volumes, brains, names, np.asarray(manifest["centres"]), manifest_preprocess(manifest, pc)
     cache_dir = Path(cache_dir)
     sources = sorted(str(p.resolve()) for p in find_scans([data_dir]))
@@ -222,5 +318,5 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
         prepare_scans([data_dir], cache_dir, pc, pc.train_mode_pool, encoder, k=k, seed=seed, progress=progress,
                       overwrite=True, force=force, max_voxels=max_voxels)
         save_json(key_file, key)
-    volumes, brains, names, manifest = load_prepared(cache_dir)
+    volumes, brains, names, manifest = load_prepared(cache_dir, cache_dir)
     return volumes, brains, names, np.asarray(manifest["centres"]), pc

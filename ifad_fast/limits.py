@@ -100,9 +100,11 @@ def restore_bytes(mc, resolution: int, points_per_step: int, batch: int = 1, nat
 
 
 def train_bytes(mc, tc, resolution: int, n_volumes: int) -> int:
-    """Peak bytes of training: the class volumes and their point lists, one batch's points."""
-    per_voxel = 2 + (8 if tc.brain_fraction > 0 else 0)
-    return n_volumes * per_voxel * resolution ** 3 + tc.volumes_per_batch * tc.points_per_volume * point_bytes(mc)
+    """Peak bytes of training: the brain sampler's tables and one batch's points. The class
+    volumes are memory-mapped (paged in and out by the OS), so they are not counted."""
+    from .sampling import sampler_bytes
+    tables = sampler_bytes(n_volumes, (resolution,) * 3) if tc.brain_fraction > 0 else 0
+    return tables + tc.volumes_per_batch * tc.points_per_volume * point_bytes(mc)
 
 
 def prepare_bytes(resolution: int, native_voxels: int, cube_voxels: int) -> int:

@@ -11,7 +11,8 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
 - the post-processing (min-pool 3 + avg-pool 15: direct pooling on the benchmark's device vs
   prefix sums);
 - the total per scan; achieved GFLOP/s from counted FLOPs; the measured matmul peak
-  (2048×512·512×512 on a CPU, 8192³ on a GPU).
+  (2048×512·512×512 on a CPU, 8192³ on a GPU);
+- training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/train_speed.py).
 
 Only warm calls are timed: every timed piece runs once untimed first (the fast restoration and
 the grid on a short schedule / a small region), so one-off costs (allocation, CUDA context and
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from . import config as cfg
 from . import reference as paper
+from . import train_speed
 from .backends import TorchBackend, resolve_device
 from .benchmark import machine
 from .fast import FastBackend
@@ -208,6 +210,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                             fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
                   postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast),
                   total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast))
+    result["training"] = train_speed.training(quick, device, report=lambda _: None)
     report(format_report(result))
     return result
 
@@ -245,4 +248,6 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total per scan** | paper code, paper schedule (extrapolated) | {t['paper_straightforward']:.0f} | 1.0× | | |")
     label = "fast schedule shortened 10× (--quick: not comparable)" if r["quick"] else "fast schedule"
     lines.append(f"| **total per scan** | cpu float32, {label}, brain region | {t['fast']:.1f} | {t['ratio']:.1f}× | | |")
+    if "training" in r:
+        lines += ["", train_speed.format_training(r["training"])]
     return "\n".join(lines)

@@ -6,6 +6,20 @@ bit-for-bit (weights, latents, Adam state, RNG states, loss log). They are only 
 between epochs: Ctrl-C asks the run to stop at the end of the current epoch (a second Ctrl-C
 stops at once, keeping the last checkpoint), so a resumed run repeats an uninterrupted one.
 `loss.jsonl` gets a line after every epoch.
+Data parallel (`group` with world size W > 1, see distributed.py): the decoder weights, the
+latent table (N × D: 1 MB for 1,000 volumes at D = 256) and their Adam state are replicated on
+every process and stay identical: every process draws the whole global batch from the same
+seeded generator (so the batches do not depend on W), computes the cross-entropy of its own
+K/W points of every volume, and one all-reduce per step sums the weight gradients, the
+gradients of the batch's latents and the loss; every process then takes the same Adam step.
+The run is therefore the single-process run, up to the order of float sums, for any W; a
+checkpoint written at one world size resumes at any other. Points rather than volumes are
+split so the processes' shares are equal whatever S and W are.
+
+The step (`hoisted_logits`): z's share of layer 0 and of layer `latent_in` is one vector per
+volume (W_z·z + b), not per point, so the per-point matmuls read γ(p) (6L wide) instead of
+[z, γ(p)] (D + 6L), and no gradient is formed for the per-point copies of z. precision="bf16"
+runs the decoder under torch.autocast (weights, Adam and the loss stay float32).
 """
 from __future__ import annotations
 
@@ -15,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +38,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as cfg
+from .distributed import SINGLE, Group, from_env
 from .errors import IfadError
 from .io import atomic_path, describe_os_error, save_json
-from .model import Decoder, Model, layer_shapes, save_model
-from .sampling import PointSampler
+from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
+from .sampling import PointSampler, as_tensor
+
+PRECISIONS = ("float32", "bf16")
 
 
 def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
@@ -50,6 +68,42 @@ def _renorm_(latents: torch.Tensor, rows: torch.Tensor, max_norm: float):
     with torch.no_grad():
         norms = latents[rows].norm(dim=1, keepdim=True)
         latents[rows] *= torch.clamp(max_norm / (norms + 1e-7), max=1.0)
+
+
+def hoisted_logits(decoder: Decoder, z: torch.Tensor, idx: torch.Tensor, shape) -> torch.Tensor:
+    """decoder.logits_at(z, idx, shape) computed with z's terms once per volume; differentiable.
+
+    z: (B, D) float32; idx: (B, K, 3) voxel indices -> (B, K, C) logits. Layer 0 is
+    W0γ·γ(p) + (W0z·z + b0) and layer latent_in is W_rh·h + W_rγ·γ(p) + (W_rz·z + b_r), the
+    bracketed terms (B, H) broadcast over the K points; dropout as in Decoder.forward.
+    """
+    mc = decoder.config
+    d, e = mc.latent_dim, 6 * mc.n_freqs
+    enc = positional_encoding(voxel_coords(idx, shape), mc.n_freqs).to(z.dtype)  # (B, K, 6L)
+    layers = decoder.layers
+    h = enc
+    for i, layer in enumerate(layers[:-1]):
+        w = layer.weight                                                     # weight norm applied once
+        if i == 0:
+            pre = F.linear(enc, w[:, d:]) + F.linear(z, w[:, :d], layer.bias)[:, None]
+        elif i == mc.latent_in:
+            hr = w.shape[1] - d - e
+            pre = (F.linear(h, w[:, :hr]) + F.linear(enc, w[:, hr + d:])
+                   + F.linear(z, w[:, hr:hr + d], layer.bias)[:, None])
+        else:
+            pre = F.linear(h, w, layer.bias)
+        h = F.relu(pre)
+        if mc.dropout > 0:
+            h = F.dropout(h, mc.dropout, decoder.training)
+    return layers[-1](h)
+
+
+def plain_logits(decoder: Decoder, z: torch.Tensor, idx: torch.Tensor, shape) -> torch.Tensor:
+    """The reference step's forward: every point reads [z, γ(p)] (Decoder.logits_at)."""
+    return decoder.logits_at(z, idx, shape)
+
+
+STEPS = {"hoisted": hoisted_logits, "plain": plain_logits}
 
 
 MAX_SEED = 2 ** 32 - 1        # scikit-learn's k-means (centre fitting) takes seeds up to this
@@ -97,15 +151,17 @@ class _StopAfterEpoch:
     """While active (main thread only), the first SIGINT only sets `requested`; a second one
     raises KeyboardInterrupt at once."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.requested = False
+        self.announce = announce
         self._previous = None
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("interrupt: finishing this epoch, then saving a checkpoint (Ctrl-C again to stop now "
+        if self.announce:
+            print("interrupt: finishing this epoch, then saving a checkpoint (Ctrl-C again to stop now "
               "without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
@@ -119,27 +175,60 @@ class _StopAfterEpoch:
         return False
 
 
+def _fits_on(device: torch.device, *tensors) -> bool:
+    """Whether the tensors (class volumes, brain masks) take at most a quarter of the GPU's free memory."""
+    try:
+        free = torch.cuda.mem_get_info(device)[0]
+    except Exception:
+        return False
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None) <= free // 4
+
+
 class Trainer:
     """Holds the state of one training run; `run(epochs)` advances it, `save`/`load` persist it.
 
-    provenance: what config.json (and the model's info) should say about the run, e.g. the
-    data folder and preset name; the ifad-fast version is added.
+    volumes: (N, X, Y, Z) uint8 class volumes, a tensor or numpy array, and brains (optional,
+    same shape, nonzero = brain: where tc.brain_fraction of the points are drawn; default the
+    nonzero classes); numpy memmaps are read in place (never copied); on a GPU they are copied to it when they take at most a quarter of
+    its free memory (point draws and class lookups then run there). provenance: what config.json (and the model's info) should say
+    about the run, e.g. the data folder and preset name; the ifad-fast version is added.
+    group: this process's place in a data-parallel run (default: alone). precision: float32 or
+    bf16 (autocast). step: hoisted (the fast step) or plain (the reference).
     """
 
-    def __init__(self, volumes: torch.Tensor, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
+    def __init__(self, volumes, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
                  pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None,
-                 brains: torch.Tensor | None = None):
+                 brains=None, group: Group = SINGLE, precision: str = "float32", step: str = "hoisted"):
         from . import __version__
 
         check_train_config(tc)
+        volumes = as_tensor(volumes)
         if volumes.ndim != 4 or volumes.shape[0] < 1:
             raise IfadError("training needs at least one encoded volume")
+        brains = None if brains is None else as_tensor(brains)
+        if brains is not None and brains.shape != volumes.shape:
+            raise IfadError(f"brain masks {tuple(brains.shape)} do not match the volumes {tuple(volumes.shape)}")
         if int(volumes.max()) >= mc.n_classes:
             raise IfadError(f"volumes hold class {int(volumes.max())} but the model has {mc.n_classes} classes; "
                             "use centres with as many classes as the model")
+        if precision not in PRECISIONS:
+            raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+        if step not in STEPS:
+            raise IfadError(f"unknown training step {step!r}; choose {' or '.join(STEPS)}")
         self.device = torch.device(device)
-        self.volumes = volumes.to(self.device)
+        if precision == "bf16" and self.device.type == "cpu":
+            from .fast import _cpu_has_native_bf16
+            if not _cpu_has_native_bf16():
+                import warnings
+                warnings.warn("precision='bf16' on a CPU without native bf16 instructions: its bf16 matmuls "
+                              "are emulated and much slower than float32", RuntimeWarning, stacklevel=2)
+        if self.device.type == "cuda" and _fits_on(self.device, volumes, brains):
+            volumes = volumes.to(self.device)         # point draws and class lookups on the GPU too
+            brains = None if brains is None else brains.to(self.device)
+        self.volumes = volumes                        # else it stays where it is (CPU / memmap)
+        self.flat = volumes.reshape(volumes.shape[0], -1)
         self.mc, self.tc, self.pc = mc, tc, pc
+        self.group, self.precision, self.logits = group, precision, STEPS[step]
         self.centres = torch.as_tensor(np.asarray(centres), dtype=torch.float64)
         self.names = list(names) if names is not None else [f"vol{i}" for i in range(len(volumes))]
         self.generator = torch.Generator().manual_seed(tc.seed)
@@ -152,8 +241,9 @@ class Trainer:
             {"params": list(self.decoder.parameters()), "lr": tc.lr_weights},
             {"params": [self.latents], "lr": tc.lr_latents},
         ])
-        # brains: the scans' own support (bool like volumes); class 0 can hold brain voxels after min-max
-        self.sampler = PointSampler(volumes.shape[1:], volumes != 0 if brains is None else brains, tc.brain_fraction)
+        # brains: the scans' own support (nonzero = brain, like volumes): class 0 can hold brain voxels
+        # after min-max normalisation; without them, the nonzero classes
+        self.sampler = PointSampler(volumes.shape[1:], volumes if brains is None else brains, tc.brain_fraction)
         self.epoch = 0
         self.log: list[dict] = []
         self.provenance = dict(provenance or {}, ifad_fast=__version__)
@@ -163,36 +253,73 @@ class Trainer:
         self.optimizer.param_groups[0]["lr"] = self.tc.lr_weights * factor
         self.optimizer.param_groups[1]["lr"] = self.tc.lr_latents * factor
 
+    def _share(self, k: int) -> slice:
+        """This process's points of each volume: a contiguous K/W slice of range(K)."""
+        g = self.group
+        return slice(g.rank * k // g.world, (g.rank + 1) * k // g.world)
+
     def train_epoch(self) -> float:
         """One pass over every volume; returns the epoch's mean data loss (cross-entropy)."""
-        tc, shape = self.tc, tuple(self.volumes.shape[1:])
+        tc, shape, g = self.tc, tuple(self.volumes.shape[1:]), self.group
         self.decoder.train()
         self._set_learning_rates()
         # dropout draws from torch's global RNG: reseed it from the run's own generator each epoch
-        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)))
-        n = len(self.volumes)
+        # (plus the rank: each process drops out on its own points)
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)) + g.rank)
+        n, k = len(self.volumes), tc.points_per_volume
         order = torch.randperm(n, generator=self.generator)
-        flat = self.volumes.reshape(n, -1)
-        total, count = 0.0, 0
+        params = list(self.decoder.parameters())
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0   # no sync per step
         for start in range(0, n, tc.volumes_per_batch):
             rows = order[start:start + tc.volumes_per_batch]
-            k = tc.points_per_volume
-            idx, lin = self.sampler.draw(rows, k, self.generator)
-            rows_d, idx, lin = rows.to(self.device), idx.to(self.device), lin.to(self.device)
-            targets = flat[rows_d].gather(1, lin).long()
+            idx, lin = self.sampler.draw(rows, k, self.generator, part=self._share(k))
+            targets = self.flat[rows.to(self.flat.device)[:, None], lin.to(self.flat.device)]  # (B, P) uint8
+            rows_d, idx, targets = rows.to(self.device), idx.to(self.device), targets.to(self.device).long()
             if tc.prior == "reference":
                 _renorm_(self.latents, rows_d, tc.max_norm)
             z = self.latents[rows_d]
-            logits = self.decoder.logits_at(z, idx, shape)
-            data = F.cross_entropy(logits.reshape(-1, self.mc.n_classes), targets.reshape(-1))
-            loss = data + latent_prior(z, tc, self.epoch, k)
+            with autocast:
+                logits = self.logits(self.decoder, z, idx, shape)
+            points = len(rows) * k                                           # the global batch's points
+            data = F.cross_entropy(logits.reshape(-1, self.mc.n_classes).float(), targets.reshape(-1),
+                                   reduction="sum")
+            loss = data / points
+            if g.main:                                                       # the prior is counted once
+                loss = loss + latent_prior(z, tc, self.epoch, k)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            data_sum = self._all_reduce_grads(params, rows_d, data.detach())
             self.optimizer.step()
-            total += data.item() * len(rows)
-            count += len(rows)
+            total += data_sum
+            count += points
         self.epoch += 1
-        return total / count
+        return total.item() / count
+
+    def _all_reduce_grads(self, params, rows_d, data_sum: torch.Tensor) -> torch.Tensor:
+        """Sum the weight gradients, the batch latents' gradients and the data loss over processes.
+
+        One flat buffer, one all_reduce; the latent rows outside the batch have zero gradient
+        everywhere and are left out. Returns the summed data loss (a 0-d tensor).
+        """
+        if self.group.world == 1:
+            return data_sum
+        grads = [p.grad.reshape(-1) for p in params]
+        zrows = self.latents.grad[rows_d]
+        flat = torch.cat(grads + [zrows.reshape(-1), data_sum.reshape(1).to(zrows.dtype)])
+        self.group.all_reduce_(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+        self.latents.grad[rows_d] = flat[offset:offset + zrows.numel()].view_as(zrows)
+        return flat[-1]
+
+    def checksum(self) -> float:
+        """A float64 digest of the replicated state (weights and latents)."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() + (p.double() ** 2).sum() for p in
+                             list(self.decoder.parameters()) + [self.latents]))
 
     def run(self, epochs: int, run_dir: Path | None = None, progress: bool = True) -> Model:
         """Train until `epochs` epochs are done, checkpointing every tc.checkpoint_every and on Ctrl-C.
@@ -203,9 +330,10 @@ class Trainer:
         if run_dir is not None:
             run_dir = Path(run_dir)
             self._write_loss_log(run_dir)        # drops lines of epochs after the checkpoint
-        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch", disable=None if progress else True)
+        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch",
+                   disable=None if progress and self.group.main else True)
         try:
-            with _StopAfterEpoch() as stop:
+            with _StopAfterEpoch(announce=self.group.main) as stop:
                 while self.epoch < epochs:
                     t0 = time.perf_counter()
                     loss = self.train_epoch()
@@ -214,13 +342,16 @@ class Trainer:
                     self.log.append(row)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     bar.update(1)
+                    stopping = self.group.any(stop.requested)      # every process stops after the same epoch
                     if run_dir is not None:
-                        if self.epoch % self.tc.checkpoint_every == 0 or self.epoch == epochs or stop.requested:
+                        if self.epoch % self.tc.checkpoint_every == 0 or self.epoch == epochs or stopping:
+                            if not self.group.agree(self.checksum()):
+                                raise RuntimeError(f"the training processes' states differ at epoch {self.epoch}")
                             self.save(run_dir)
                         else:
                             self._append_loss(run_dir, row)
-                    if stop.requested and self.epoch < epochs:
-                        if run_dir is not None:
+                    if stopping and self.epoch < epochs:
+                        if run_dir is not None and self.group.main:
                             bar.write(f"interrupted: checkpoint saved at epoch {self.epoch} in {run_dir}; "
                                       "continue with --resume")
                         raise KeyboardInterrupt
@@ -229,10 +360,14 @@ class Trainer:
         return self.model()
 
     def _write_loss_log(self, run_dir: Path):
+        if not self.group.main:
+            return
         with atomic_path(run_dir / "loss.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(row) + "\n" for row in self.log))
 
     def _append_loss(self, run_dir: Path, row: dict):
+        if not self.group.main:
+            return
         try:
             with open(run_dir / "loss.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -250,7 +385,12 @@ class Trainer:
                            "final_loss": self.log[-1]["loss"] if self.log else None})
 
     def save(self, run_dir: Path):
-        """model.pt (inference), checkpoint.pt (+ optimiser and RNG state), config.json, loss.jsonl."""
+        """model.pt (inference), checkpoint.pt (+ optimiser and RNG state), config.json, loss.jsonl.
+
+        Only the main process writes (the state is the same in every process).
+        """
+        if not self.group.main:
+            return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_model(self.model(), run_dir / "model.pt")
@@ -263,11 +403,12 @@ class Trainer:
         save_json(run_dir / "config.json", {**self.provenance, "epochs_done": self.epoch,
                                             "model": cfg.to_dict(self.mc), "train": cfg.to_dict(self.tc),
                                             "preprocess": cfg.to_dict(self.pc),
-                                            "centres": self.centres.tolist(), "volumes": self.names})
+                                            "centres": self.centres.tolist(), "volumes": self.names,
+                                            "processes": self.group.world, "precision": self.precision})
         self._write_loss_log(run_dir)
 
     def load(self, run_dir: Path):
-        """Continue from run_dir/checkpoint.pt."""
+        """Continue from run_dir/checkpoint.pt (written at any number of processes)."""
         path = Path(run_dir) / "checkpoint.pt"
         if not path.is_file():
             raise IfadError(f"{path}: no checkpoint to resume from; start without --resume")
@@ -283,3 +424,44 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.generator.set_state(state["generator"])
         self.log = json.loads(state["log"])
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training run as every process sees it (picklable: it is sent to spawned processes)."""
+
+    volumes: str                 # a (N, R, R, R) uint8 .npy stack, memory-mapped by each process
+    brains: str | None           # the brain masks' stack (same shape), or None: the nonzero classes
+    names: tuple
+    centres: tuple
+    model: cfg.ModelConfig
+    train: cfg.TrainConfig
+    preprocess: cfg.PreprocessConfig
+    out: str                     # run folder
+    device: str = "cpu"          # cpu | cuda (each process of a CUDA run takes cuda:LOCAL_RANK) | cuda:N alone
+    resume: bool = False
+    precision: str = "float32"
+    threads: int | None = None
+    progress: bool = True
+    provenance: tuple = ()       # (key, value) pairs for config.json and the model's info
+
+
+def train_job(job: TrainJob) -> dict:
+    """This process's part of `job`: alone, under distributed.launch, or under torchrun.
+
+    Returns {"epochs", "final_loss", "seconds"} (the same in every process).
+    """
+    group, device = from_env(torch.device(job.device))
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    volumes = np.load(job.volumes, mmap_mode="r")
+    brains = None if job.brains is None else np.load(job.brains, mmap_mode="r")
+    trainer = Trainer(volumes, job.model, job.train, job.preprocess, np.asarray(job.centres), device,
+                      job.names, provenance=dict(job.provenance), brains=brains, group=group,
+                      precision=job.precision)
+    if job.resume:
+        trainer.load(job.out)
+    t0 = time.perf_counter()
+    trainer.run(job.train.epochs, Path(job.out), progress=job.progress)
+    return dict(epochs=trainer.epoch, final_loss=trainer.log[-1]["loss"] if trainer.log else None,
+                seconds=time.perf_counter() - t0)

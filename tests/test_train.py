@@ -83,3 +83,71 @@ def test_reference_prior_bounds_latent_norm():
     t.run(1, progress=False)
     # rows are renormalised before each use; after one step they sit near the bound
     assert t.latents.detach().norm(dim=1).max() < 0.05 + 0.05
+
+
+@pytest.mark.parametrize("dtype,dropout,tol", [(torch.float64, 0.0, 1e-10), (torch.float32, 0.0, 2e-5),
+                                               (torch.float32, 0.3, 2e-5)])
+def test_hoisted_step_equals_plain_autograd_step(dtype, dropout, tol):
+    """Loss and every gradient (weight-norm g and v, biases, z) of the fast step vs Decoder.logits_at."""
+    from ifad_fast.model import Decoder
+    from ifad_fast.train import hoisted_logits, plain_logits
+
+    mc = cfg.ModelConfig(latent_dim=12, hidden=48, n_layers=5, latent_in=3, n_freqs=3, n_classes=6, dropout=dropout)
+    gen = torch.Generator().manual_seed(11)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        decoder = Decoder(mc).to(dtype).train()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=dtype))
+    shape = (9, 10, 11)
+    z0 = torch.randn(3, mc.latent_dim, generator=gen, dtype=dtype) * 0.5
+    idx = (torch.rand(3, 200, 3, generator=gen) * torch.tensor(shape)).long()
+    targets = torch.randint(0, mc.n_classes, (3, 200), generator=gen)
+
+    def loss_and_grads(fn):
+        decoder.zero_grad(set_to_none=True)
+        z = z0.clone().requires_grad_(True)
+        torch.manual_seed(7)                                  # same dropout masks for both
+        loss = torch.nn.functional.cross_entropy(fn(decoder, z, idx, shape).reshape(-1, mc.n_classes),
+                                                 targets.reshape(-1))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in decoder.parameters()] + [z.grad.clone()]
+
+    ref_loss, ref_grads = loss_and_grads(plain_logits)
+    loss, grads = loss_and_grads(hoisted_logits)
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=0)
+    assert len(grads) == len(ref_grads) == 3 * (mc.n_layers + 1) + 1
+    for g, r in zip(grads, ref_grads):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+
+
+def test_bf16_training_loss_curve_tracks_float32():
+    """The gate for precision='bf16': a 25-epoch loss curve within 1 % of float32's, epoch by epoch."""
+    import warnings
+
+    vols = toy_volumes(4)
+    curves = {}
+    for precision in ("float32", "bf16"):
+        mc, tc, pc = tiny()
+        mc = dataclasses.replace(mc, dropout=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)       # emulated bf16 on this CPU: slow, not wrong
+            t = Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4), precision=precision)
+        t.run(25, progress=False)
+        curves[precision] = np.array([row["loss"] for row in t.log])
+    assert not np.array_equal(curves["bf16"], curves["float32"])     # bf16 was really used
+    assert curves["float32"][-1] < 0.6 * curves["float32"][0]
+    np.testing.assert_allclose(curves["bf16"], curves["float32"], rtol=1e-2)
+
+
+def test_trainer_reads_a_memory_mapped_stack_in_place(tmp_path):
+    vols = toy_volumes()
+    np.save(tmp_path / "v.npy", vols.numpy())
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    a, b = trainer(mapped, brain_fraction=0.5), trainer(vols, brain_fraction=0.5)
+    assert a.volumes.data_ptr() == mapped.ctypes.data
+    a.run(2, progress=False)
+    b.run(2, progress=False)
+    assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]

@@ -1,0 +1,231 @@
+"""Data-parallel training over processes: the process group, its collectives, and the launcher.
+
+`ifad-fast train --nproc N` starts N processes itself (`launch`: spawned, rendezvous on a free
+port of 127.0.0.1, gloo on CPUs bound to the loopback interface, NCCL on GPUs with rank r on
+cuda:r); under `torchrun --nproc_per_node=N ifad-fast train ...` the same code reads RANK,
+WORLD_SIZE and LOCAL_RANK from the environment (`from_env`). Each process runs the same
+training function; `Group` is what it knows of the others. With one process every
+collective is a no-op and nothing of torch.distributed is touched.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from .errors import IfadError
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in the run: rank r of `world`, LOCAL_RANK `local` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes files and shows progress."""
+        return self.rank == 0
+
+    def all_reduce_(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum `flat` over all processes, in place; every process gets the same bits back."""
+        if self.world > 1:
+            torch.distributed.all_reduce(flat)
+        return flat
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true in any process (the same answer in every process)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item() > 0
+
+    def agree(self, value: float) -> bool:
+        """Whether every process holds the same `value` (e.g. a checksum of replicated state)."""
+        if self.world == 1:
+            return True
+        both = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+        return both[0].item() == value and -both[1].item() == value
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives run: cuda:local under NCCL, else the CPU."""
+        if self.world > 1 and torch.distributed.get_backend() == "nccl":
+            return torch.device("cuda", self.local)
+        return torch.device("cpu")
+
+
+SINGLE = Group()
+
+
+def env_world() -> int:
+    """WORLD_SIZE set by torchrun (or by `launch`), 1 when absent."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise IfadError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def from_env(device: torch.device) -> tuple[Group, torch.device]:
+    """Join the process group described by RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+
+    Returns (group, this process's device: cuda:LOCAL_RANK for a CUDA run). World size 1: SINGLE.
+    """
+    world = env_world()
+    if world <= 1:
+        return SINGLE, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise IfadError(f"process {rank} wants cuda:{local} but this machine has "
+                            f"{torch.cuda.device_count()} GPUs; start at most that many processes per machine")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             rank=rank, world_size=world,
+                                             device_id=device if device.type == "cuda" else None)
+    return Group(rank=rank, world=world, local=local), device
+
+
+def leave():
+    """Leave the process group, if this process joined one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()]
+    return "lo" if "lo" in names else None
+
+
+def _worker(rank: int, world: int, port: int, fn, args, conn):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    lo = _loopback_interface()
+    if lo and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = lo
+    import threading
+
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())        # not tqdm's default process lock: a terminated rank would leak it
+    code = 0
+    try:
+        conn.send(("done", fn(*args)))
+    except IfadError as exc:
+        conn.send(("user", str(exc)))
+        code = 2
+    except KeyboardInterrupt:               # Ctrl-C: the run saved its checkpoint (see train.Trainer.run)
+        conn.send(("interrupted", None))
+        code = 130
+    except BaseException:
+        conn.send(("crash", traceback.format_exc()))
+        code = 1
+    finally:
+        conn.close()
+        leave()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)              # no interpreter teardown (seconds with torch loaded): all is written
+
+
+def launch(fn, nproc: int, *args):
+    """Run fn(*args) in `nproc` spawned processes (RANK, WORLD_SIZE, ... set for a process group);
+    returns their results, by rank.
+
+    A user error (IfadError) in any process stops the others and is raised here with its
+    message; any other failure raises RuntimeError with that process's traceback. Ctrl-C in the
+    terminal reaches every process: training finishes its epoch, saves and stops (then
+    KeyboardInterrupt is raised here); a second Ctrl-C stops everything at once.
+    """
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    if nproc < 1:
+        raise IfadError(f"--nproc must be at least 1, got {nproc}")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs, conns = [], {}
+    for rank in range(nproc):
+        reader, writer = ctx.Pipe(duplex=False)
+        procs.append(ctx.Process(target=_worker, args=(rank, nproc, port, fn, args, writer)))
+        procs[-1].start()
+        writer.close()
+        conns[reader] = rank
+    results, failure, interrupted, signals = {}, None, False, 0
+    try:
+        while conns and failure is None:
+            try:
+                for conn in wait(list(conns)):
+                    rank = conns.pop(conn)
+                    try:
+                        kind, payload = conn.recv()
+                    except EOFError:                    # died without a word (killed, out of memory)
+                        procs[rank].join()
+                        code = procs[rank].exitcode
+                        how = (f"was killed by signal {-code}{' (out of memory?)' if code == -9 else ''}"
+                               if code < 0 else f"exited with code {code} before reporting (see its messages above)")
+                        kind, payload = "user", (f"process {rank} of {nproc} {how}; the others were stopped; "
+                                                 "--resume continues from the last checkpoint")
+                    conn.close()
+                    if kind == "done":
+                        results[rank] = payload
+                    elif kind == "interrupted":
+                        interrupted = True
+                    else:
+                        failure = failure or (kind, rank, payload)
+            except KeyboardInterrupt:                   # the processes got it too: wait for them to save
+                signals += 1
+                if signals > 1:
+                    for p in procs:
+                        p.join(5)
+                    raise
+    except BaseException:
+        _stop(procs)
+        raise
+    finally:
+        for conn in conns:
+            conn.close()
+    if failure is not None:
+        _stop(procs)
+        kind, rank, payload = failure
+        if kind == "user":
+            raise IfadError(payload)
+        raise RuntimeError(f"training process {rank} failed:\n{payload}")
+    for p in procs:
+        p.join()
+    if interrupted or signals:
+        raise KeyboardInterrupt
+    return [results[r] for r in range(nproc)]
+
+
+def _stop(procs):
+    """Terminate (then kill) the processes this launch started that are still running."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
