@@ -1,4 +1,4 @@
-"""Training volumes stored once: prepare's volumes.npy, memory-mapped, or a stack built in the run cache."""
+"""Training volumes stored once: prepare's volumes.npy / brains.npy, memory-mapped, or stacks built in the run cache."""
 import json
 from pathlib import Path
 
@@ -6,48 +6,54 @@ import nibabel as nib
 import numpy as np
 
 from ifad_fast import config as cfg
-from ifad_fast.dataset import MANIFEST, STACK, load_prepared, prepare_scans, training_volumes
+from ifad_fast.dataset import MANIFEST, STACKS, load_prepared, prepare_scans, training_volumes
 
 
-def _nifti_classes(folder, manifest):
-    return np.stack([np.asarray(nib.load(str(folder / f"{c['name']}_classes.nii.gz")).dataobj)
+def _nifti(folder, manifest, suffix):
+    return np.stack([np.asarray(nib.load(str(folder / f"{c['name']}_{suffix}.nii.gz")).dataobj)
                      for c in manifest["cases"]])
 
 
-def test_prepare_writes_a_stack_equal_to_the_nifti_classes_and_training_maps_it(tmp_path, scan_dir):
+def test_prepare_writes_stacks_equal_to_the_nifti_files_and_training_maps_them(tmp_path, scan_dir):
     out = tmp_path / "prep"
-    pc = cfg.PreprocessConfig(resolution=16)
+    pc = cfg.replace(cfg.get_preset("tiny").preprocess, resolution=16)
     manifest = prepare_scans([scan_dir], out, pc, 2, k=6, progress=False)
-    assert manifest["stack"] == STACK and not list(out.glob(".*part*"))
-    volumes, names, centres = training_volumes(out, pc, None, tmp_path / "cache", progress=False)
-    assert isinstance(volumes, np.memmap) and Path(volumes.filename) == (out / STACK).resolve()
-    assert not volumes.flags.writeable and volumes.dtype == np.uint8 and volumes.shape == (4, 16, 16, 16)
-    np.testing.assert_array_equal(volumes, _nifti_classes(out, manifest))
+    assert manifest["stacks"] == STACKS and not list(out.glob(".*part*"))
+    volumes, brains, names, centres, _ = training_volumes(out, pc, None, tmp_path / "cache", progress=False)
+    for stack, name, suffix in ((volumes, STACKS["classes"], "classes"), (brains, STACKS["brains"], "brain")):
+        assert isinstance(stack, np.memmap) and Path(stack.filename) == (out / name).resolve()
+        assert not stack.flags.writeable and stack.dtype == np.uint8 and stack.shape == (4, 16, 16, 16)
+        np.testing.assert_array_equal(stack, _nifti(out, manifest, suffix))
+    assert brains.any() and (brains <= 1).all()
     assert names == [c["name"] for c in manifest["cases"]] and len(centres) == 6
     assert not (tmp_path / "cache").exists()                # nothing copied
 
 
-def test_a_folder_without_a_stack_gets_one_in_the_cache_rebuilt_when_the_manifest_changes(tmp_path, scan_dir):
+def test_a_folder_without_stacks_gets_them_in_the_cache_rebuilt_when_the_manifest_changes(tmp_path, scan_dir):
     out, cache = tmp_path / "prep", tmp_path / "cache"
-    pc = cfg.PreprocessConfig(resolution=16)
+    pc = cfg.replace(cfg.get_preset("tiny").preprocess, resolution=16)
     prepare_scans([scan_dir], out, pc, 2, k=6, progress=False)
-    (out / STACK).unlink()                                   # as prepared by an older version
+    for name in STACKS.values():                             # as prepared by an older version
+        (out / name).unlink()
     manifest = json.loads((out / MANIFEST).read_text())
-    del manifest["stack"]
+    del manifest["stacks"]
     (out / MANIFEST).write_text(json.dumps(manifest))
-    in_memory, _, _ = load_prepared(out)
-    assert not isinstance(in_memory, np.memmap)
-    np.testing.assert_array_equal(in_memory, _nifti_classes(out, manifest))
+    classes, brains, _, _ = load_prepared(out)
+    assert not isinstance(classes, np.memmap)
+    np.testing.assert_array_equal(classes, _nifti(out, manifest, "classes"))
+    np.testing.assert_array_equal(brains, _nifti(out, manifest, "brain") > 0)
 
-    first, _, _ = load_prepared(out, cache)
-    assert isinstance(first, np.memmap) and Path(first.filename) == (cache / STACK).resolve()
-    np.testing.assert_array_equal(first, in_memory)
-    stamp = (cache / STACK).stat().st_mtime_ns
+    first = load_prepared(out, cache)
+    assert all(isinstance(a, np.memmap) for a in first[:2])
+    assert Path(first[0].filename) == (cache / STACKS["classes"]).resolve()
+    np.testing.assert_array_equal(first[0], classes)
+    np.testing.assert_array_equal(first[1], brains)
+    stamp = (cache / STACKS["classes"]).stat().st_mtime_ns
     load_prepared(out, cache)
-    assert (cache / STACK).stat().st_mtime_ns == stamp        # reused
+    assert (cache / STACKS["classes"]).stat().st_mtime_ns == stamp        # reused
 
     manifest["cases"] = manifest["cases"][:2]                 # the folder changed: rebuilt
     (out / MANIFEST).write_text(json.dumps(manifest))
-    second, names, _ = load_prepared(out, cache)
-    assert second.shape == (2, 16, 16, 16) and len(names) == 2
-    np.testing.assert_array_equal(second, in_memory[:2])
+    second, second_brains, names, _ = load_prepared(out, cache)
+    assert second.shape == second_brains.shape == (2, 16, 16, 16) and len(names) == 2
+    np.testing.assert_array_equal(second, classes[:2])

@@ -142,12 +142,17 @@ def test_bf16_training_loss_curve_tracks_float32():
     np.testing.assert_allclose(curves["bf16"], curves["float32"], rtol=1e-2)
 
 
-def test_trainer_reads_a_memory_mapped_stack_in_place(tmp_path):
+def test_trainer_reads_memory_mapped_stacks_in_place(tmp_path):
     vols = toy_volumes()
+    brains = (vols > 0).to(torch.uint8)
     np.save(tmp_path / "v.npy", vols.numpy())
-    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
-    a, b = trainer(mapped, brain_fraction=0.5), trainer(vols, brain_fraction=0.5)
-    assert a.volumes.data_ptr() == mapped.ctypes.data
+    np.save(tmp_path / "b.npy", brains.numpy())
+    mapped, mapped_brains = (np.load(tmp_path / name, mmap_mode="r") for name in ("v.npy", "b.npy"))
+    mc, tc, pc = tiny(brain_fraction=0.5)
+    a = Trainer(mapped, mc, tc, pc, centres=np.linspace(0, 1, 4), brains=mapped_brains)
+    b = Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4), brains=brains.bool())
+    assert a.volumes.data_ptr() == mapped.ctypes.data                  # neither stack copied
+    assert a.sampler.flat.data_ptr() == mapped_brains.ctypes.data
     a.run(2, progress=False)
     b.run(2, progress=False)
     assert [r["loss"] for r in a.log] == [r["loss"] for r in b.log]
