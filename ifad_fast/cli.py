@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -279,7 +278,7 @@ def cmd_train(args):
     from . import config as cfg
     from .backends import resolve_device
     from .dataset import MANIFEST, training_volumes
-    from .distributed import SINGLE, env_world, from_env, launch
+    from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes
     from .train import TrainJob, check_train_config, estimate_seconds, train_job

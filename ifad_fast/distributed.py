@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 
