@@ -328,7 +328,8 @@ def cmd_train(args):
                    centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
                    out=str(out), device=str(device), resume=args.resume, precision=args.precision,
                    threads=threads, provenance=tuple(provenance.items()))
-    summary = launch(train_job, nproc, job)[0] if nproc > 1 else train_job(job)
+    summary = (launch(train_job, nproc, job, hint="--resume continues from the last checkpoint")[0]
+               if nproc > 1 else train_job(job))
     if group.main:
         procs = max(nproc, world)
         print(f"trained {args.preset} model on {len(names)} volumes for {summary['epochs']} epochs"
@@ -411,7 +412,8 @@ def cmd_restore(args):
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
                      batch=args.batch, existing=existing, figure=args.figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads)
-    results = launch(restore_shard, nproc, job) if nproc > 1 else [restore_shard(job)]
+    results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
+               if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]
     if errors:
         raise IfadError("; ".join(errors))

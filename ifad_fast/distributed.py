@@ -1,11 +1,12 @@
-"""Data-parallel training over processes: the process group, its collectives, and the launcher.
+"""Work over several processes: the process group, its collectives, and the launcher.
 
 `ifad-fast train --nproc N` starts N processes itself (`launch`: spawned, rendezvous on a free
 port of 127.0.0.1, gloo on CPUs bound to the loopback interface, NCCL on GPUs with rank r on
-cuda:r); under `torchrun --nproc_per_node=N ifad-fast train ...` the same code reads RANK,
-WORLD_SIZE and LOCAL_RANK from the environment (`from_env`). Each process runs the same
+cuda:r); under `torchrun --nproc_per_node=N -m ifad_fast.cli train ...` the same code reads
+RANK, WORLD_SIZE and LOCAL_RANK from the environment (`from_env`). Each process runs the same
 training function; `Group` is what it knows of the others. With one process every
-collective is a no-op and nothing of torch.distributed is touched.
+collective is a no-op and nothing of torch.distributed is touched. `restore --nproc N` uses
+`launch` too, without a process group (each process restores its own cases).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Group:
         return flat
 
     def barrier(self):
+        """Wait until every process gets here."""
         if self.world > 1:
             torch.distributed.barrier()
 
@@ -148,12 +150,13 @@ def _worker(rank: int, world: int, port: int, fn, args, conn):
     os._exit(code)              # no interpreter teardown (seconds with torch loaded): all is written
 
 
-def launch(fn, nproc: int, *args):
+def launch(fn, nproc: int, *args, hint: str = ""):
     """Run fn(*args) in `nproc` spawned processes (RANK, WORLD_SIZE, ... set for a process group);
     returns their results, by rank.
 
     A user error (IfadError) in any process stops the others and is raised here with its
-    message; any other failure raises RuntimeError with that process's traceback. Ctrl-C in the
+    message; a process that dies without a word (killed) too, with `hint` (how to go on) added;
+    any other failure raises RuntimeError with that process's traceback. Ctrl-C in the
     terminal reaches every process: training finishes its epoch, saves and stops (then
     KeyboardInterrupt is raised here); a second Ctrl-C stops everything at once.
     """
@@ -184,8 +187,8 @@ def launch(fn, nproc: int, *args):
                         code = procs[rank].exitcode
                         how = (f"was killed by signal {-code}{' (out of memory?)' if code == -9 else ''}"
                                if code < 0 else f"exited with code {code} before reporting (see its messages above)")
-                        kind, payload = "user", (f"process {rank} of {nproc} {how}; the others were stopped; "
-                                                 "--resume continues from the last checkpoint")
+                        kind, payload = "user", f"process {rank} of {nproc} {how}; the others were stopped" + \
+                            (f"; {hint}" if hint else "")
                     conn.close()
                     if kind == "done":
                         results[rank] = payload
@@ -210,7 +213,7 @@ def launch(fn, nproc: int, *args):
         kind, rank, payload = failure
         if kind == "user":
             raise IfadError(payload)
-        raise RuntimeError(f"training process {rank} failed:\n{payload}")
+        raise RuntimeError(f"process {rank} of {nproc} failed:\n{payload}")
     for p in procs:
         p.join()
     if interrupted or signals:

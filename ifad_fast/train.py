@@ -6,6 +6,7 @@ bit-for-bit (weights, latents, Adam state, RNG states, loss log). They are only 
 between epochs: Ctrl-C asks the run to stop at the end of the current epoch (a second Ctrl-C
 stops at once, keeping the last checkpoint), so a resumed run repeats an uninterrupted one.
 `loss.jsonl` gets a line after every epoch.
+
 Data parallel (`group` with world size W > 1, see distributed.py): the decoder weights, the
 latent table (N × D: 1 MB for 1,000 volumes at D = 256) and their Adam state are replicated on
 every process and stay identical: every process draws the whole global batch from the same
