@@ -9,21 +9,22 @@ import sys
 import time
 
 
-from ifad_fast.api import default_model, restore_array, restore_config
+from ifad_fast.api import Restorer, default_model
 from ifad_fast.metrics import curve_metrics
 from ifad_fast.synth import generate_lesion
 
 
 def main(n: int):
     model = default_model()
+    restorers = {sched: Restorer(model, "cpu", "cpu", schedule=sched) for sched in ("paper", "fast")}
     rows = []
     for j in range(n):
         case = generate_lesion(j, seed=1)
         row = {"case": case.name}
-        for sched in ("paper", "fast"):
-            rc = restore_config(model, sched)
+        for sched, restorer in restorers.items():
+            rc = restorer.rc
             t0 = time.perf_counter()
-            res = restore_array(model, case.image, case.affine, rc=rc, backend="cpu", device="cpu")
+            res = restorer.restore_array(case.image, case.affine)
             g = res.model_grid
             brain = g.score > 0
             row[sched] = dict(seconds=time.perf_counter() - t0, points=sum(s * k for s, k in rc.phases),

@@ -7,7 +7,7 @@
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "default_model": "api", "restore_array": "api", "restore_arrays": "api", "restore_files": "api",
+    "default_model": "api", "Restorer": "api", "restore_array": "api", "restore_arrays": "api", "restore_files": "api",
     "restore_config": "api", "evaluate_folders": "api", "load_model": "model", "evaluate": "metrics",
     "IfadError": "errors",
 }

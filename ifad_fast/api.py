@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import config as cfg
-from .backends import make_backend, resolve_device
+from .backends import resolve_backend, resolve_device
 from .errors import IfadError
 from .io import (NON_SCAN_SUFFIXES, OutputSet, Scan, case_name, check_output_folder, check_volume,
                  clean_stale_temporaries, find_scans, header_shape, load_scan, read_volume, save_json, save_volume)
@@ -52,9 +52,21 @@ def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.Res
     base.update({k: v for k, v in overrides.items() if v is not None})
     rc = cfg.RestoreConfig(**base)
     check_schedule(rc.phases)
-    if isinstance(rc.seed, bool) or not isinstance(rc.seed, int) or not 0 <= rc.seed < 2 ** 63:
-        raise IfadError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {rc.seed!r}")
+    _check_seed(rc.seed)
     return rc
+
+
+def _check_seed(seed):
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise IfadError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {seed!r}")
+
+
+def _check_files_options(existing: str, batch) -> None:
+    """IfadError for a bad `existing` or `batch` of restore_files (before any work)."""
+    if existing not in ("refuse", "continue", "overwrite"):
+        raise IfadError(f"existing must be refuse, continue or overwrite, got {existing!r}")
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise IfadError(f"--batch must be at least 1, got {batch}")
 
 
 def parse_phases(text: str) -> tuple:
@@ -87,45 +99,225 @@ class NativeResult:
     placement: Placement | None = None   # how the scan sits in the score grid (model_affine, brain, to_native)
 
 
-def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
-                   backend="auto", device="cpu", precision="float32", region="brain",
-                   progress=False, resolution: int | None = None) -> list[NativeResult]:
-    """Restore native scans together; outputs come back on each scan's own grid.
+class Restorer:
+    """Restores scans with one model, set up once (in the style of nnU-Net's predictor).
 
-    volumes: arrays (X, Y, Z) (skull-stripped, background 0) or nibabel images. affines: one
-    4x4 voxel -> world (mm) matrix per scan (None: the images' own; required by physical-frame
-    models, see the module docstring). resolution: score on an N³ grid of the same physical
-    extent (IF 3D*); the latent is searched on the model grid either way.
+        restorer = Restorer(model, backend="auto", device="auto", precision="float32", schedule="fast")
+        result = restorer.restore_array(nib.load("scan.nii.gz"))          # NativeResult
+        results = restorer.restore_arrays([img1, img2])                    # restored together
+        summaries = restorer.restore_files(["scans/"], "out/", threshold="model")
+
+    Everything a restoration depends on is fixed here and resolved once: the device ('auto':
+    CUDA if present), the backend (a name, 'auto' by `backends.make_backend`'s policy, or a
+    Backend already built), the precision, the latent search (`schedule`: fast | paper |
+    reference | 'STEPSxK[,STEPSxK...]' or a RestoreConfig; `seed` and keyword `overrides` such as
+    lr=... replace its fields), the scored region (brain | full) and the score resolution
+    (None: the model grid; N: an N³ grid of the same frame, IF 3D*). progress: show progress bars.
     """
-    affines = [None] * len(volumes) if affines is None else list(affines)
-    if len(affines) != len(volumes):
-        raise IfadError(f"{len(volumes)} scans but {len(affines)} affines; pass one affine per scan")
-    scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
-    scans = [(check_volume(v, f"volume {i}"), a) for i, (v, a) in enumerate(scans)]
-    pc = model.preprocess
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
-                                   or resolution < 4):
-        raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
-    rc = rc or restore_config(model)
-    t0 = time.perf_counter()
-    encoder = IntensityEncoder(model.centres.numpy())
-    prepared = [prepare(data, encoder, pc, pc.test_mode_pool, affine) for data, affine in scans]
-    scored = prepared
-    if resolution is not None and resolution != pc.resolution:
-        scored = [prepare(data, encoder, pc, pc.test_mode_pool, affine, resolution) for data, affine in scans]
-    device = resolve_device(device) if isinstance(device, str) else device
-    engine = make_backend(backend, model.decoder, device, precision) if isinstance(backend, str) else backend
-    results = restore_classes(model, np.stack([p.classes for p in prepared]), rc, engine, device, precision,
-                              brain=np.stack([p.brain for p in prepared]), region=region, progress=progress,
-                              score_classes=None if scored is prepared else np.stack([p.classes for p in scored]),
-                              score_brain=None if scored is prepared else np.stack([p.brain for p in scored]))
-    seconds = (time.perf_counter() - t0) / len(volumes)
-    out = []
-    for p, r in zip(scored, results):
-        classes = p.placement.to_native(r.classes, mode="nearest")
-        out.append(NativeResult(anomaly=p.placement.to_native(r.anomaly), restoration=encoder.decode(classes),
-                                classes=classes, model_grid=r, seconds=seconds, placement=p.placement))
-    return out
+
+    def __init__(self, model: Model, backend="auto", device="auto", precision: str = "float32",
+                 schedule="fast", region: str = "brain", resolution: int | None = None, seed: int | None = None,
+                 *, progress: bool = False, **overrides):
+        if region not in ("brain", "full"):
+            raise IfadError(f"region must be brain or full, got {region!r}")
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
+                                       or resolution < 4):
+            raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
+        if isinstance(schedule, cfg.RestoreConfig):
+            rc = cfg.replace(schedule, seed=seed, **overrides)
+            check_schedule(rc.phases)
+            _check_seed(rc.seed)
+        else:
+            rc = restore_config(model, schedule, seed=seed, **overrides)
+        self.model, self.rc, self.region, self.progress = model, rc, region, bool(progress)
+        self.resolution = None if resolution is None else int(resolution)
+        self.engine = resolve_backend(backend, model.decoder, device, precision)
+        self.device, self.precision = self.engine.device, self.engine.precision
+        self.encoder = IntensityEncoder(model.centres.numpy())
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend that runs (torch | cpu | triton)."""
+        return self.engine.name
+
+    def restore_array(self, volume, affine=None) -> NativeResult:
+        """Restore one scan: an array (X, Y, Z) with its affine, or a nibabel image."""
+        return self.restore_arrays([volume], None if affine is None else [affine])[0]
+
+    def restore_arrays(self, volumes, affines=None) -> list[NativeResult]:
+        """Restore native scans together; outputs come back on each scan's own grid.
+
+        volumes: arrays (X, Y, Z) (skull-stripped, background 0) or nibabel images. affines: one
+        4x4 voxel -> world (mm) matrix per scan (None: the images' own; required by physical-frame
+        models, see the module docstring). The latent is searched on the model grid; the maps are
+        scored at `resolution` when one was given.
+        """
+        affines = [None] * len(volumes) if affines is None else list(affines)
+        if len(affines) != len(volumes):
+            raise IfadError(f"{len(volumes)} scans but {len(affines)} affines; pass one affine per scan")
+        scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
+        scans = [(check_volume(v, f"volume {i}"), a) for i, (v, a) in enumerate(scans)]
+        pc, encoder, resolution = self.model.preprocess, self.encoder, self.resolution
+        t0 = time.perf_counter()
+        prepared = [prepare(data, encoder, pc, pc.test_mode_pool, affine) for data, affine in scans]
+        scored = prepared
+        if resolution is not None and resolution != pc.resolution:
+            scored = [prepare(data, encoder, pc, pc.test_mode_pool, affine, resolution) for data, affine in scans]
+        results = restore_classes(self.model, np.stack([p.classes for p in prepared]), self.rc, self.engine,
+                                  self.device, brain=np.stack([p.brain for p in prepared]), region=self.region,
+                                  progress=self.progress,
+                                  score_classes=None if scored is prepared else np.stack([p.classes for p in scored]),
+                                  score_brain=None if scored is prepared else np.stack([p.brain for p in scored]))
+        seconds = (time.perf_counter() - t0) / len(volumes)
+        out = []
+        for p, r in zip(scored, results):
+            classes = p.placement.to_native(r.classes, mode="nearest")
+            out.append(NativeResult(anomaly=p.placement.to_native(r.anomaly), restoration=encoder.decode(classes),
+                                    classes=classes, model_grid=r, seconds=seconds, placement=p.placement))
+        return out
+
+    def provenance(self) -> dict:
+        """What a restore JSON records about the settings (model file and hash, seed, device, ...)."""
+        model, rc = self.model, self.rc
+        return dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
+                    seed=rc.seed, device=str(self.device), backend=self.backend, precision=self.precision,
+                    schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=self.region,
+                    frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution)
+
+    def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
+                      existing: str = "refuse", figure: bool = False, force: bool = False,
+                      max_voxels: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
+        """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
+        <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
+        <case>_figure.png, and <case>_restore.json last (settings and provenance).
+
+        threshold: None, a number, or "model" (the model's stored threshold). batch: scans
+        restored together. existing: what to do with cases whose outputs are already in
+        `out_dir`: "refuse" (an IfadError before any work), "continue" (skip the finished ones,
+        redo the rest) or "overwrite". Everything is checked before the first restoration; then a
+        scan that fails does not stop the others, and an IfadError naming the failed scans is
+        raised at the end. Returns the written summaries.
+
+        shard: (rank, world) -- restore only cases rank, rank + world, ... of the sorted scan list
+        (one of `world` processes sharing the work; each case is written by exactly one of them).
+        """
+        _check_files_options(existing, batch)
+        model, rc, region, resolution = self.model, self.rc, self.region, self.resolution
+        threshold = resolve_threshold(model, threshold)
+        paths = find_scans(inputs)
+        if shard is not None:
+            rank, world = shard
+            if not 0 <= rank < world:
+                raise IfadError(f"shard {rank} of {world} does not exist")
+            paths = paths[rank::world]
+            if not paths:
+                return []
+        out_dir = check_output_folder(out_dir)
+        provenance = self.provenance()
+        if shard is not None:
+            provenance["shard"] = list(shard)
+        plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
+        inputs_resolved = {p.resolve(): p for p in paths}
+        for p, files in plan.items():
+            for f in files.values():
+                if f.resolve() in inputs_resolved:
+                    raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
+        states = {p: _case_state(files) for p, files in plan.items()}
+        present = cases_with_outputs(paths, out_dir, threshold, figure)
+        if present and existing == "refuse":
+            shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+            raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
+                            "or --overwrite to redo them")
+        todo = list(paths)
+        if existing == "continue":
+            for p in paths:
+                if states[p] == "complete":
+                    _check_same_settings(plan[p]["summary"], provenance, threshold)
+            todo = [p for p in paths if states[p] != "complete"]
+            if len(todo) < len(paths):
+                report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
+
+        # everything that can be known before the first restoration: headers, sizes, memory
+        failed: dict[Path, str] = {}
+        shapes = {}
+        for p in todo:
+            try:
+                shapes[p] = header_shape(p, max_voxels, "scan")
+            except IfadError as exc:
+                failed[p] = str(exc)
+        k_max = max(k for _, k in rc.phases)
+        grid_size = max(model.preprocess.resolution, resolution or 0)
+        check_memory(restore_bytes(model.config, grid_size, k_max, batch), "restoring on the model grid",
+                     "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
+        for p, shape in shapes.items():
+            n, cube = int(np.prod(shape)), max(shape) ** 3
+            try:
+                check_memory(restore_bytes(model.config, grid_size, k_max, batch, n, cube),
+                             f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
+            except IfadError as exc:
+                failed[p] = str(exc)
+        clean_stale_temporaries(out_dir)
+
+        runnable = [p for p in todo if p not in failed]
+        total, done, restored, t_start = len(todo), 0, 0, time.perf_counter()
+        summaries = []
+
+        def log(name, text):
+            nonlocal done
+            done += 1
+            report(f"{done}/{total} {name}: {text}")
+
+        for p in todo:
+            if p in failed:
+                log(case_name(p), f"failed: {failed[p]}")
+        for start in range(0, len(runnable), batch):
+            group = runnable[start:start + batch]
+            scans = []
+            for p in group:
+                try:
+                    scans.append(load_scan(p, max_voxels=max_voxels, force=force))
+                except IfadError as exc:
+                    failed[p] = str(exc)
+                    log(case_name(p), f"failed: {exc}")
+            if not scans:
+                continue
+            try:
+                results = self.restore_arrays([s.data for s in scans], [s.affine for s in scans])
+            except (IfadError, MemoryError) as exc:
+                why = str(exc) if isinstance(exc, IfadError) else \
+                    "ran out of memory restoring it; use --batch 1 or a machine with more memory"
+                for scan in scans:
+                    failed[scan.path] = f"{scan.path}: {why}"
+                    log(scan.name, f"failed: {why}")
+                continue
+            for scan, res in zip(scans, results):
+                if not (np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all()):
+                    failed[scan.path] = (f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan "
+                                         "is unusable); nothing was written for it")
+                    log(scan.name, f"failed: {failed[scan.path]}")
+                    continue
+                summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
+                                               provenance=provenance, figure=figure))
+                restored += 1
+                left = sum(1 for q in runnable if q not in failed) - restored
+                log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
+                               f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
+                               f"{_eta(time.perf_counter() - t_start, restored, left)}")
+        if failed:
+            if len(todo) == 1:
+                raise IfadError(next(iter(failed.values())))
+            raise IfadError(f"{len(failed)} of {len(todo)} scans failed ({len(summaries)} written to {out_dir}): "
+                            + "; ".join(failed.values()))
+        return summaries
+
+
+def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
+                   backend="auto", device="auto", precision="float32", region="brain",
+                   progress=False, resolution: int | None = None) -> list[NativeResult]:
+    """`Restorer(model, ...).restore_arrays(volumes, affines)` in one call; rc: the RestoreConfig
+    (default: the fast schedule). See `Restorer`."""
+    return Restorer(model, backend, device, precision, rc or "fast", region, resolution,
+                    progress=progress).restore_arrays(volumes, affines)
 
 
 def restore_array(model: Model, volume, affine=None, **kwargs) -> NativeResult:
@@ -215,144 +407,16 @@ def resolve_threshold(model: Model, threshold):
 
 
 def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = None, backend="auto",
-                  device="cpu", precision="float32", region="brain", threshold=None, batch: int = 1,
+                  device="auto", precision="float32", region="brain", threshold=None, batch: int = 1,
                   progress=True, report=print, existing: str = "refuse", figure: bool = False,
                   force: bool = False, max_voxels: int | None = None, resolution: int | None = None,
                   shard: tuple[int, int] | None = None) -> list[dict]:
-    """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
-    <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
-    <case>_figure.png, and <case>_restore.json last (settings and provenance).
-
-    threshold: None, a number, or "model" (the model's stored threshold). existing: what to do
-    with cases whose outputs are already in `out_dir`: "refuse" (an IfadError before any work),
-    "continue" (skip the finished ones, redo the rest) or "overwrite". Everything is checked
-    before the first restoration; then a scan that fails does not stop the others, and an
-    IfadError naming the failed scans is raised at the end. Returns the written summaries.
-    resolution: score on an N³ grid of the model frame's extent (see `restore_arrays`).
-    shard: (rank, world) -- restore only cases rank, rank + world, ... of the sorted scan list
-    (one of `world` processes sharing the work; each case is written by exactly one of them).
-    """
-    if existing not in ("refuse", "continue", "overwrite"):
-        raise IfadError(f"existing must be refuse, continue or overwrite, got {existing!r}")
-    if batch < 1:
-        raise IfadError(f"--batch must be at least 1, got {batch}")
-    if region not in ("brain", "full"):
-        raise IfadError(f"region must be brain or full, got {region!r}")
-    threshold = resolve_threshold(model, threshold)
-    paths = find_scans(inputs)
-    if shard is not None:
-        rank, world = shard
-        if not 0 <= rank < world:
-            raise IfadError(f"shard {rank} of {world} does not exist")
-        paths = paths[rank::world]
-        if not paths:
-            return []
-    out_dir = check_output_folder(out_dir)
-    rc = rc or restore_config(model)
-    check_schedule(rc.phases)
-    device = resolve_device(device) if isinstance(device, str) else device
-    engine = make_backend(backend, model.decoder, device, precision) if isinstance(backend, str) else backend
-    provenance = dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
-                      seed=rc.seed, device=str(device), backend=getattr(engine, "name", "?"), precision=precision,
-                      schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=region,
-                      frame=_frame(model.preprocess), score_resolution=resolution or model.preprocess.resolution)
-    if shard is not None:
-        provenance["shard"] = list(shard)
-
-    plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
-    inputs_resolved = {p.resolve(): p for p in paths}
-    for p, files in plan.items():
-        for f in files.values():
-            if f.resolve() in inputs_resolved:
-                raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
-    states = {p: _case_state(files) for p, files in plan.items()}
-    present = cases_with_outputs(paths, out_dir, threshold, figure)
-    if present and existing == "refuse":
-        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
-                        "or --overwrite to redo them")
-    todo = list(paths)
-    if existing == "continue":
-        for p in paths:
-            if states[p] == "complete":
-                _check_same_settings(plan[p]["summary"], provenance, threshold)
-        todo = [p for p in paths if states[p] != "complete"]
-        if len(todo) < len(paths):
-            report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
-
-    # everything that can be known before the first restoration: headers, sizes, memory
-    failed: dict[Path, str] = {}
-    shapes = {}
-    for p in todo:
-        try:
-            shapes[p] = header_shape(p, max_voxels, "scan")
-        except IfadError as exc:
-            failed[p] = str(exc)
-    k_max = max(k for _, k in rc.phases)
-    grid_size = max(model.preprocess.resolution, resolution or 0)
-    check_memory(restore_bytes(model.config, grid_size, k_max, batch), "restoring on the model grid",
-                 "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
-    for p, shape in shapes.items():
-        n, cube = int(np.prod(shape)), max(shape) ** 3
-        try:
-            check_memory(restore_bytes(model.config, grid_size, k_max, batch, n, cube),
-                         f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
-        except IfadError as exc:
-            failed[p] = str(exc)
-    clean_stale_temporaries(out_dir)
-
-    runnable = [p for p in todo if p not in failed]
-    total, done, restored, t_start = len(todo), 0, 0, time.perf_counter()
-    summaries = []
-
-    def log(name, text):
-        nonlocal done
-        done += 1
-        report(f"{done}/{total} {name}: {text}")
-
-    for p in todo:
-        if p in failed:
-            log(case_name(p), f"failed: {failed[p]}")
-    for start in range(0, len(runnable), batch):
-        group = runnable[start:start + batch]
-        scans = []
-        for p in group:
-            try:
-                scans.append(load_scan(p, max_voxels=max_voxels, force=force))
-            except IfadError as exc:
-                failed[p] = str(exc)
-                log(case_name(p), f"failed: {exc}")
-        if not scans:
-            continue
-        try:
-            results = restore_arrays(model, [s.data for s in scans], [s.affine for s in scans], rc, engine, device,
-                                     precision, region, progress, resolution)
-        except (IfadError, MemoryError) as exc:
-            why = str(exc) if isinstance(exc, IfadError) else \
-                "ran out of memory restoring it; use --batch 1 or a machine with more memory"
-            for scan in scans:
-                failed[scan.path] = f"{scan.path}: {why}"
-                log(scan.name, f"failed: {why}")
-            continue
-        for scan, res in zip(scans, results):
-            if not (np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all()):
-                failed[scan.path] = (f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan "
-                                     "is unusable); nothing was written for it")
-                log(scan.name, f"failed: {failed[scan.path]}")
-                continue
-            summaries.append(write_outputs(scan, res, out_dir, threshold, engine, rc, region,
-                                           provenance=provenance, figure=figure))
-            restored += 1
-            left = sum(1 for q in runnable if q not in failed) - restored
-            log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
-                           f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
-                           f"{_eta(time.perf_counter() - t_start, restored, left)}")
-    if failed:
-        if len(todo) == 1:
-            raise IfadError(next(iter(failed.values())))
-        raise IfadError(f"{len(failed)} of {len(todo)} scans failed ({len(summaries)} written to {out_dir}): "
-                        + "; ".join(failed.values()))
-    return summaries
+    """`Restorer(model, ...).restore_files(inputs, out_dir, ...)` in one call; rc: the
+    RestoreConfig (default: the fast schedule). See `Restorer.restore_files`."""
+    _check_files_options(existing, batch)
+    restorer = Restorer(model, backend, device, precision, rc or "fast", region, resolution, progress=progress)
+    return restorer.restore_files(inputs, out_dir, threshold, batch, report, existing, figure, force, max_voxels,
+                                  shard)
 
 
 def _version() -> str:
@@ -523,11 +587,12 @@ def restore_shard(job: RestoreJob) -> dict:
     model = default_model(device) if job.model is None else load_model(job.model, device)
     tag = f"[{rank + 1}/{world}] " if world > 1 else ""
     try:
-        written = restore_files(model, job.inputs, job.out_dir, job.rc, job.backend, device, job.precision,
-                                job.region, job.threshold, job.batch, progress=rank == 0,
-                                report=lambda line: print(tag + line, flush=True), existing=job.existing,
-                                figure=job.figure, force=job.force, max_voxels=job.max_voxels,
-                                resolution=job.resolution, shard=(rank, world) if world > 1 else None)
+        restorer = Restorer(model, job.backend, device, job.precision, job.rc, job.region, job.resolution,
+                            progress=rank == 0)
+        written = restorer.restore_files(job.inputs, job.out_dir, job.threshold, job.batch,
+                                         report=lambda line: print(tag + line, flush=True), existing=job.existing,
+                                         figure=job.figure, force=job.force, max_voxels=job.max_voxels,
+                                         shard=(rank, world) if world > 1 else None)
     except IfadError as exc:
         return dict(written=None, error=str(exc))
     return dict(written=len(written), error=None)

@@ -192,6 +192,30 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_backend(backend, decoder: Decoder, device="auto", precision: str = "float32") -> Backend:
+    """The one place where what a caller asked for becomes a Backend: `backend` a name
+    (BACKENDS; 'auto' picks by `make_backend`'s policy) or a Backend already built; `device` a
+    name ('auto': CUDA if present, see `resolve_device`) or a torch.device. A Backend passed in
+    keeps its own device and precision; naming another device with it is an IfadError."""
+    if isinstance(backend, Backend):
+        if not (isinstance(device, str) and device == "auto"):
+            asked = resolve_device(device) if isinstance(device, str) else torch.device(device)
+            if not _same_device(asked, backend.device):
+                raise IfadError(f"the {backend.name} backend given runs on {backend.device}, not on {asked}; "
+                                "build it on that device or leave the device out")
+        return backend
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return make_backend(backend, decoder, device, precision)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index is None or b.index is None:
+        return True
+    return a.index == b.index
+
+
 def make_backend(name: str, decoder: Decoder, device, precision: str = "float32") -> Backend:
     """Build the named backend on `device` ('auto' picks the fastest that works here)."""
     if name not in BACKENDS:

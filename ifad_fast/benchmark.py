@@ -124,13 +124,12 @@ def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str,
     return trainer.run(tc.epochs, progress=progress)
 
 
-def _methods(model, baselines, rc, engine, device) -> dict:
+def _methods(restorer, baselines) -> dict:
     """Method name -> function of an acquired scan giving its anomaly map on the scan's grid."""
-    from .api import restore_array
     from .baselines import anomaly_map
 
-    methods = {IF3D: lambda scan: restore_array(model, scan.image, affine=scan.affine, rc=rc, backend=engine,
-                                                device=device).anomaly}
+    model, rc = restorer.model, restorer.rc
+    methods = {IF3D: lambda scan: restorer.restore_array(scan.image, scan.affine).anomaly}
     for label, b in baselines.items():
         methods[label] = lambda scan, b=b: anomaly_map(b, scan.image, scan.affine, model.preprocess, rc)
     return methods
@@ -218,8 +217,8 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     """
     from . import config as cfg
     from .acquisition import reacquire
-    from .api import default_model, parse_phases, restore_config
-    from .backends import make_backend, resolve_device
+    from .api import Restorer, default_model, parse_phases
+    from .backends import resolve_device
     from .baselines import DenseVAE, MeanImage
     from .model import Model, load_model
     from .synth import generate_lesion
@@ -245,8 +244,9 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
         described += f", {model.info['epochs']} epochs"
     baselines = {MEAN: MeanImage().fit(volumes), VAE: DenseVAE(setup.vae).fit(volumes, brains, progress)}
     del volumes, brains
-    rc = restore_config(model, schedule)
-    methods = _methods(model, baselines, rc, make_backend(backend, model.decoder, device), device)
+    restorer = Restorer(model, backend, device, schedule=schedule)
+    rc = restorer.rc
+    methods = _methods(restorer, baselines)
 
     val, test = _Scored(), _Scored()
     for j in tqdm(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
@@ -262,7 +262,7 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     bar.close()
 
     result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
-                  backend=backend, model=described, frame=model.preprocess.frame, setup=asdict(setup),
+                  backend=restorer.backend, precision=restorer.precision, model=described, frame=model.preprocess.frame, setup=asdict(setup),
                   restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior),
                   vae_final_loss=float(np.mean(baselines[VAE].losses[-20:])),
                   methods=_evaluate(val, test, methods, setup))
@@ -289,17 +289,17 @@ def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print
 
 def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print):
     """Store the validation set's best-Dice threshold (lesion seed 1) in the model's info and save it."""
-    from .api import restore_array, restore_config
+    from .api import Restorer
     from .metrics import curve_metrics
     from .model import load_model, save_model
     from .synth import generate_lesion
 
     model = load_model(model_path)
-    rc = restore_config(model, schedule)
+    restorer = Restorer(model, "auto", "cpu", schedule=schedule)
     maps, masks = [], []
     for j in tqdm(range(n_val), desc="calibrate", unit="case"):
         case = generate_lesion(j, seed=VAL_SEED)
-        maps.append(restore_array(model, case.image, case.affine, rc=rc, backend="auto", device="cpu").anomaly.ravel())
+        maps.append(restorer.restore_array(case.image, case.affine).anomaly.ravel())
         masks.append(case.mask.ravel() > 0)
     curve = curve_metrics(np.concatenate(maps), np.concatenate(masks))
     model.info = dict(model.info or {}, threshold=float(curve["threshold"]), threshold_schedule=schedule,

@@ -368,14 +368,14 @@ def load_model_arg(spec, device):
 
 
 def cmd_restore(args):
-    """`ifad-fast restore`: anomaly maps for scans or folders.
+    """`ifad-fast restore`: anomaly maps for scans or folders (one `api.Restorer`).
 
     --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
     every case is written once, by one process; --continue skips the cases already finished.
     """
     import os
 
-    from .api import (PROTOCOLS, RestoreJob, cases_with_outputs, resolve_threshold, restore_config, restore_files,
+    from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
                       restore_shard)
     from .backends import resolve_device
     from .distributed import launch
@@ -397,9 +397,9 @@ def cmd_restore(args):
     rc = restore_config(model, schedule, seed=args.seed)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     if alone:
-        restore_files(model, args.inputs, args.output, rc, args.backend, device, args.precision,
-                      region, threshold, args.batch, existing=existing, figure=args.figure,
-                      force=args.force, max_voxels=args.max_voxels, resolution=args.resolution)
+        restorer = Restorer(model, args.backend, device, args.precision, rc, region, args.resolution, progress=True)
+        restorer.restore_files(args.inputs, args.output, threshold, args.batch, existing=existing,
+                               figure=args.figure, force=args.force, max_voxels=args.max_voxels)
         return
     if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
         present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, args.figure)

@@ -12,7 +12,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
 
     Returns the case's metrics (Dice at the model's stored threshold, best Dice, AP, AUROC).
     """
-    from .api import default_model, restore_array, restore_config
+    from .api import Restorer, default_model
     from .backends import resolve_device
     from .figures import slices_figure
     from .io import save_json, save_volume
@@ -25,8 +25,8 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
     model = default_model(device)
     report("synthesising a glioma-like lesion case from the MNI152 maps ...")
     case = generate_lesion(0, seed=seed)
-    rc = restore_config(model, "fast", seed=seed)
-    res = restore_array(model, case.image, case.affine, rc=rc, backend=backend, device=device, progress=True)
+    restorer = Restorer(model, backend, device, schedule="fast", seed=seed, progress=True)
+    res = restorer.restore_array(case.image, case.affine)
     threshold = float((model.info or {}).get("threshold", np.percentile(res.anomaly[case.brain_mask > 0], 95)))
     predicted = res.anomaly >= threshold
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as cfg
-from .backends import make_backend
+from .backends import resolve_backend
 from .model import Model
 from .sampling import PointSampler
 
@@ -158,7 +158,7 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
 
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
-                    backend="torch", device="cpu", precision="float32", brain: np.ndarray | None = None,
+                    backend="auto", device="auto", precision="float32", brain: np.ndarray | None = None,
                     region: str = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
                     score_brain: np.ndarray | None = None) -> list[Restoration]:
     """Restore one or several encoded scans at once.
@@ -169,7 +169,8 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     voxels within the pooling reach of the brain and zeroes the map outside the brain; 'full'
     scores and keeps every voxel. score_classes / score_brain: the same scans encoded on another
     grid of the same frame (e.g. N³), where the scores, the restoration and the pooling are then
-    computed (pools scaled by `pools_at`); default: the search grid.
+    computed (pools scaled by `pools_at`); default: the search grid. backend, device and precision
+    are resolved by `backends.resolve_backend` (a Backend object, or names; 'auto' by default).
     """
     classes = np.asarray(classes, dtype=np.uint8)
     single = classes.ndim == 3
@@ -181,8 +182,8 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     if brain is None:
         brain = classes != 0
     brain = np.asarray(brain, dtype=bool)
-    device = torch.device(device)
-    engine = backend if not isinstance(backend, str) else make_backend(backend, model.decoder, device, precision)
+    engine = resolve_backend(backend, model.decoder, device, precision)
+    device = engine.device
     gen = torch.Generator().manual_seed(rc.seed)
     z0 = initial_latents(model, classes.shape[0], rc, gen)
     cls_t = torch.from_numpy(classes).to(device)

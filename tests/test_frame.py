@@ -284,7 +284,7 @@ def test_format_1_model_gives_the_cube_path_map(tiny_model, tmp_path):
     rc = restore_config(model, "5x512", seed=0)
     got = restore_array(model, img, rc=rc, backend="torch", device="cpu")
     grid, volume, classes = _old_cube_path(img, model)
-    ref = restore_classes(model, classes, rc, backend="torch", brain=volume > 0)[0]
+    ref = restore_classes(model, classes, rc, backend="torch", device="cpu", brain=volume > 0)[0]
     np.testing.assert_array_equal(got.anomaly, grid.to_native(ref.anomaly))
     np.testing.assert_array_equal(got.classes, grid.to_native(ref.classes, mode="nearest"))
 
@@ -363,9 +363,9 @@ def test_restore_cli_resolution_and_protocol(tiny_model, tmp_path, capsys, monke
     np.testing.assert_allclose(out.affine, affine)
     # --protocol paper: schedule paper, region full; a conflicting --schedule is a one-line user error
     seen = {}
-    monkeypatch.setattr(api, "restore_files", lambda model, inputs, out, rc, *a, **k: seen.update(rc=rc, a=a))
+    monkeypatch.setattr(api.Restorer, "restore_files", lambda self, *a, **k: seen.update(rc=self.rc, region=self.region))
     assert main(args[:-2] + ["-o", str(tmp_path / "b"), "--protocol", "paper"]) == 0
-    assert seen["rc"].phases == ((700, 16200),) and seen["a"][3] == "full"
+    assert seen["rc"].phases == ((700, 16200),) and seen["region"] == "full"
     capsys.readouterr()
     assert main(args + ["-o", str(tmp_path / "c"), "--protocol", "paper"]) == 2
     assert "--protocol paper sets --schedule paper" in capsys.readouterr().err

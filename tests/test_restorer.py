@@ -1,0 +1,106 @@
+"""The Restorer (ifad_fast/api.py): one object resolves the device, backend and schedule once;
+the module-level restore_array/restore_arrays/restore_files are thin wrappers around it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import AFFINE, toy_brain
+from helpers import base_seed, random_decoder
+
+from ifad_fast import config as cfg
+from ifad_fast.api import Restorer, restore_array, restore_arrays, restore_config, restore_files
+from ifad_fast.backends import TorchBackend
+from ifad_fast.errors import IfadError
+from ifad_fast.fast import FastBackend
+from ifad_fast.model import Model
+
+MC = cfg.ModelConfig(latent_dim=8, hidden=40, n_layers=3, latent_in=1, n_freqs=3, n_classes=6)
+PC = cfg.PreprocessConfig(resolution=20, extent_mm=192.0)       # 9.6 mm voxels: the toy brains fit
+SCHEDULE = "5x300,2x600"
+
+
+def random_model(seed: int, frame: str = "physical") -> Model:
+    """An untrained model (random decoder, random sorted centres with 0 first): the pipelines are
+    compared number for number, so the weights need not mean anything."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.cat((torch.zeros(1, dtype=torch.float64),
+                         torch.rand(MC.n_classes - 1, generator=g, dtype=torch.float64).sort().values))
+    return Model(decoder=random_decoder(MC, seed), centres=centres, preprocess=cfg.replace(PC, frame=frame),
+                 latents=torch.randn(4, MC.latent_dim, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(base_seed())
+
+
+def scans(n: int, offset: int = 0):
+    """n fresh toy brains (with lesions) drawn from the test seed."""
+    return [toy_brain(base_seed() + offset + i, lesion=True)[0] for i in range(n)]
+
+
+def same(a, b):
+    """Two NativeResults equal bit for bit (native maps, classes, latent, loss trace)."""
+    for name in ("anomaly", "restoration", "classes"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    np.testing.assert_array_equal(a.model_grid.z, b.model_grid.z)
+    assert a.model_grid.losses == b.model_grid.losses
+
+
+def test_restorer_resolves_once_and_the_wrappers_call_it(model):
+    img = scans(1)[0]
+    r = Restorer(model, "auto", "cpu", schedule=SCHEDULE, seed=3)
+    assert isinstance(r.engine, FastBackend) and r.backend == "cpu" and r.device == torch.device("cpu")
+    assert r.rc == restore_config(model, SCHEDULE, seed=3) and r.precision == "float32"
+    one = r.restore_array(img, AFFINE)
+    same(one, r.restore_array(img, AFFINE))                                 # built once, reusable
+    same(one, restore_array(model, img, AFFINE, rc=r.rc, backend="cpu", device="cpu"))
+    two = restore_arrays(model, [img, img[::-1].copy()], [AFFINE, AFFINE], rc=r.rc, backend="cpu", device="cpu")
+    same(two[0], r.restore_arrays([img, img[::-1].copy()], [AFFINE, AFFINE])[0])
+    # a RestoreConfig is a schedule too; seed and overrides replace its fields
+    r2 = Restorer(model, "torch", "cpu", schedule=r.rc, seed=4, lr=0.5)
+    assert r2.rc.seed == 4 and r2.rc.lr == 0.5 and r2.rc.phases == r.rc.phases and r2.backend == "torch"
+
+
+def test_restorer_takes_a_backend_object_on_its_own_device(model):
+    engine = TorchBackend(model.decoder, "cpu")
+    r = Restorer(model, engine, schedule=SCHEDULE)
+    assert r.engine is engine and r.device == torch.device("cpu")
+    if torch.cuda.is_available():
+        with pytest.raises(IfadError, match="runs on cpu"):
+            Restorer(model, engine, "cuda", schedule=SCHEDULE)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(region="skull"), "region must be brain or full"),
+    (dict(resolution=3), "at least 4"),
+    (dict(resolution=True), "at least 4"),
+    (dict(schedule="fastest"), "unknown schedule"),
+    (dict(seed=-1), "seed must be"),
+    (dict(backend="fortran"), "unknown backend"),
+    (dict(precision="half"), "unknown precision"),
+])
+def test_restorer_refuses_bad_settings_before_any_work(model, kwargs, message):
+    with pytest.raises(IfadError, match=message):
+        Restorer(model, **{"device": "cpu", **kwargs})
+
+
+def test_restore_files_wrapper_writes_what_the_restorer_writes(model, tmp_path):
+    import nibabel as nib
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, img in enumerate(scans(2, offset=10)):
+        nib.save(nib.Nifti1Image(img, AFFINE), str(src / f"c{i}.nii.gz"))
+    rc = restore_config(model, SCHEDULE, seed=1)
+    a = restore_files(model, [src], tmp_path / "a", rc, "cpu", "cpu", batch=2, progress=False, report=lambda s: None)
+    b = Restorer(model, "cpu", "cpu", schedule=rc).restore_files([src], tmp_path / "b", batch=2, report=lambda s: None)
+    assert [s["case"] for s in a] == [s["case"] for s in b] == ["c0", "c1"]
+    for s in a:
+        for key in ("anomaly", "restoration"):
+            x = nib.load(str(tmp_path / "a" / s["files"][key])).get_fdata()
+            y = nib.load(str(tmp_path / "b" / s["files"][key])).get_fdata()
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(IfadError, match="--batch must be at least 1"):
+        restore_files(model, [src], tmp_path / "c", rc, "cpu", "cpu", batch=0)
