@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import config as cfg
 from .backends import resolve_backend, resolve_device
@@ -29,7 +30,7 @@ from .io import (NON_SCAN_SUFFIXES, OutputSet, Scan, case_name, check_output_fol
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
-from .restore import Restoration, restore_classes
+from .restore import Restoration, StageTimes, restore_batch
 
 #: Output name endings of a restored case: <case><suffix>; the JSON is written last.
 OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
@@ -97,6 +98,7 @@ class NativeResult:
     model_grid: Restoration      # everything on the score grid (the model grid, or N³ with resolution=N)
     seconds: float
     placement: Placement | None = None   # how the scan sits in the score grid (model_affine, brain, to_native)
+    stages: dict | None = None           # seconds per stage for the batch (Restorer(time_stages=True))
 
 
 class Restorer:
@@ -113,13 +115,28 @@ class Restorer:
     reference | 'STEPSxK[,STEPSxK...]' or a RestoreConfig; `seed` and keyword `overrides` such as
     lr=... replace its fields), the scored region (brain | full) and the score resolution
     (None: the model grid; N: an N³ grid of the same frame, IF 3D*). progress: show progress bars.
+
+    pipeline: where a scan is prepared and restored. 'host': NumPy and Numba preprocessing, points
+    drawn from a CPU generator and copied each step (the CPU path); 'device': the scan is copied to
+    the device once and everything -- percentiles, frame, encoding, mode-pool, point draws (a
+    generator on the device), latent search, score grid, pooling, the trip back to the scan's grid
+    -- runs there; the maps are copied back once. 'auto' (default): 'device' on CUDA, else 'host'.
+    On torch's CPU device the two give the same numbers (tests/test_device_pipeline.py).
+    cuda_graphs: replay each phase's step from a CUDA graph (default: on for the device pipeline on
+    CUDA; ignored elsewhere). time_stages: record seconds per stage (prepare, search, grid, post,
+    native) in each NativeResult.stages, waiting for the device at each stage's end.
     """
+
+    PIPELINES = ("auto", "host", "device")
 
     def __init__(self, model: Model, backend="auto", device="auto", precision: str = "float32",
                  schedule="fast", region: str = "brain", resolution: int | None = None, seed: int | None = None,
-                 *, progress: bool = False, **overrides):
+                 *, progress: bool = False, pipeline: str = "auto", cuda_graphs: bool | None = None,
+                 time_stages: bool = False, **overrides):
         if region not in ("brain", "full"):
             raise IfadError(f"region must be brain or full, got {region!r}")
+        if pipeline not in self.PIPELINES:
+            raise IfadError(f"pipeline must be one of {', '.join(self.PIPELINES)}, got {pipeline!r}")
         if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
                                        or resolution < 4):
             raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
@@ -134,6 +151,12 @@ class Restorer:
         self.engine = resolve_backend(backend, model.decoder, device, precision)
         self.device, self.precision = self.engine.device, self.engine.precision
         self.encoder = IntensityEncoder(model.centres.numpy())
+        cuda = self.device.type == "cuda"
+        self.pipeline = pipeline if pipeline != "auto" else "device" if cuda else "host"
+        on_device = self.pipeline == "device"
+        self.adam = ("fused" if cuda else "foreach") if on_device else "default"
+        self.cuda_graphs = cuda and on_device and (cuda_graphs is None or bool(cuda_graphs))
+        self.time_stages = bool(time_stages)
 
     @property
     def backend(self) -> str:
@@ -157,24 +180,48 @@ class Restorer:
             raise IfadError(f"{len(volumes)} scans but {len(affines)} affines; pass one affine per scan")
         scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
         scans = [(check_volume(v, f"volume {i}"), a) for i, (v, a) in enumerate(scans)]
-        pc, encoder, resolution = self.model.preprocess, self.encoder, self.resolution
         t0 = time.perf_counter()
-        prepared = [prepare(data, encoder, pc, pc.test_mode_pool, affine) for data, affine in scans]
-        scored = prepared
-        if resolution is not None and resolution != pc.resolution:
-            scored = [prepare(data, encoder, pc, pc.test_mode_pool, affine, resolution) for data, affine in scans]
-        results = restore_classes(self.model, np.stack([p.classes for p in prepared]), self.rc, self.engine,
-                                  self.device, brain=np.stack([p.brain for p in prepared]), region=self.region,
-                                  progress=self.progress,
-                                  score_classes=None if scored is prepared else np.stack([p.classes for p in scored]),
-                                  score_brain=None if scored is prepared else np.stack([p.brain for p in scored]))
+        stage = StageTimes(self.device, enabled=self.time_stages)
+        on_device = self.pipeline == "device"
+        pc, resolution = self.model.preprocess, self.resolution
+        with stage("prepare"):
+            # the device pipeline's one copy of each scan to the device
+            inputs = [torch.from_numpy(data).to(self.device) if on_device else data for data, _ in scans]
+            prepared = scored = self._prepare(inputs, scans, None)
+            if resolution is not None and resolution != pc.resolution:
+                scored = self._prepare(inputs, scans, resolution)
+
+            def batch(items):
+                return torch.stack(items) if on_device else torch.from_numpy(np.stack(items)).to(self.device)
+            classes, brain = batch([p.classes for p in prepared]), batch([p.brain for p in prepared])
+            score_classes = None if scored is prepared else batch([p.classes for p in scored])
+            score_brain = None if scored is prepared else batch([p.brain for p in scored])
+        generator = torch.Generator(self.device if on_device else "cpu").manual_seed(self.rc.seed)
+        maps = restore_batch(self.engine, self.model, classes, self.rc, generator, brain=brain, region=self.region,
+                             progress=self.progress, score_classes=score_classes, score_brain=score_brain,
+                             adam=self.adam, graphs=self.cuda_graphs, stages=stage)
+        with stage("native"):
+            grids = maps.to_host()
+            native = []
+            for i, (p, r) in enumerate(zip(scored, grids)):
+                placement = p.placement
+                if on_device:     # back to the scan's grid on the device, then the one copy out
+                    anomaly = placement.to_native(maps.anomaly[i]).cpu().numpy()
+                    classes = placement.to_native(maps.classes[i], mode="nearest").cpu().numpy()
+                    placement = dataclasses.replace(placement, brain=placement.brain.cpu().numpy())
+                else:
+                    anomaly, classes = placement.to_native(r.anomaly), placement.to_native(r.classes, mode="nearest")
+                native.append((anomaly, classes, placement))
         seconds = (time.perf_counter() - t0) / len(volumes)
-        out = []
-        for p, r in zip(scored, results):
-            classes = p.placement.to_native(r.classes, mode="nearest")
-            out.append(NativeResult(anomaly=p.placement.to_native(r.anomaly), restoration=encoder.decode(classes),
-                                    classes=classes, model_grid=r, seconds=seconds, placement=p.placement))
-        return out
+        return [NativeResult(anomaly=anomaly, restoration=self.encoder.decode(classes), classes=classes, model_grid=r,
+                             seconds=seconds, placement=placement, stages=dict(stage.seconds) if stage.enabled else None)
+                for (anomaly, classes, placement), r in zip(native, grids)]
+
+    def _prepare(self, inputs, scans, resolution):
+        """Each scan on the model grid (or the N³ score grid), as arrays or on the device."""
+        pc = self.model.preprocess
+        return [prepare(x, self.encoder, pc, pc.test_mode_pool, affine, resolution)
+                for x, (_, affine) in zip(inputs, scans)]
 
     def provenance(self) -> dict:
         """What a restore JSON records about the settings (model file and hash, seed, device, ...)."""
@@ -182,7 +229,8 @@ class Restorer:
         return dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
                     seed=rc.seed, device=str(self.device), backend=self.backend, precision=self.precision,
                     schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=self.region,
-                    frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution)
+                    frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution,
+                    pipeline=self.pipeline)
 
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool = False, force: bool = False,

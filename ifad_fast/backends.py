@@ -24,6 +24,7 @@ weight norm folded, evaluated in float32 with plain torch ops, autograd for the 
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -74,6 +75,9 @@ class Backend:
 
     name = "?"
     precisions: tuple = ("float32",)
+    # True when a checked=True mean_loss neither synchronises with nor copies from the host, so a
+    # restoration step can be captured in a CUDA graph (restore.optimise_latents)
+    graph_safe = False
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32"):
         self.precision = parse_precision(precision, self.precisions, f"the {self.name} backend")
@@ -81,31 +85,44 @@ class Backend:
         self.device = torch.device(device)
 
     # ------------------------------------------------------------------ public, checked
-    def mean_loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape) -> torch.Tensor:
+    # checked=True: the caller has validated the inputs already (restore.py checks the class
+    # volume once per restoration and draws indices inside the grid by construction), so the
+    # per-call range checks -- one host synchronisation per call on a GPU -- are skipped.
+    def mean_loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape, *,
+                  checked: bool = False) -> torch.Tensor:
         """z (B, D) float32, idx (B, K, 3) int, targets (B, K) int -> (B,) float32 mean
         cross-entropy over the K points of each scan, differentiable with respect to z."""
-        shape = self._check(z, idx, targets, shape, batched=True)
-        return self._mean_loss(z, idx, targets, shape)
+        shape = _grid_shape(shape) if checked else self._check(z, idx, targets, shape, batched=True)
+        with self.matmul_precision():
+            return self._mean_loss(z, idx, targets, shape)
 
     @torch.no_grad()
     def score(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, *, checked: bool = False) -> torch.Tensor:
         """z (D,), idx (M, 3) int, targets (M,) int -> (M,) float32 -log P(t | z, p); written into
         `out` ((M,) float32 on the backend's device) when given."""
-        shape = self._check(z, idx, targets, shape, batched=False)
+        shape = _grid_shape(shape) if checked else self._check(z, idx, targets, shape, batched=False)
         if out is not None and (out.shape != (idx.shape[0],) or out.dtype != torch.float32
                                 or out.device != self.device):
             raise IfadError("score: out must be a float32 tensor of shape (M,) on the backend's device")
-        scores = self._score(z.detach(), idx, targets, shape, out)
+        with self.matmul_precision():
+            scores = self._score(z.detach(), idx, targets, shape, out)
         if out is not None and scores is not out:
             scores = out.copy_(scores)
         return scores
 
     @torch.no_grad()
-    def score_and_classes(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape):
+    def score_and_classes(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape, *,
+                          checked: bool = False):
         """Like score, plus the most likely class per voxel: ((M,) float32, (M,) uint8)."""
-        shape = self._check(z, idx, targets, shape, batched=False)
-        return self._score_and_classes(z.detach(), idx, targets, shape)
+        shape = _grid_shape(shape) if checked else self._check(z, idx, targets, shape, batched=False)
+        with self.matmul_precision():
+            return self._score_and_classes(z.detach(), idx, targets, shape)
+
+    def matmul_precision(self):
+        """A context in which this backend's float32 matmuls run at its precision: TF32 tensor
+        cores for 'tf32' (set for the call only, restored after), unchanged otherwise."""
+        return tf32_matmuls() if self.precision == "tf32" else nullcontext()
 
     # ------------------------------------------------------------------ to implement
     def _mean_loss(self, z, idx, targets, shape) -> torch.Tensor:
@@ -121,12 +138,7 @@ class Backend:
     # ------------------------------------------------------------------ checks
     def _check(self, z, idx, targets, shape, batched: bool) -> tuple[int, int, int]:
         """Shapes, dtypes and ranges of one call; returns the grid shape as three ints."""
-        try:
-            shape = tuple(int(s) for s in shape)
-        except (TypeError, ValueError):
-            raise IfadError(f"grid shape must be three sizes, got {shape!r}") from None
-        if len(shape) != 3 or min(shape) < 1:
-            raise IfadError(f"grid shape must be three positive sizes, got {shape}")
+        shape = _grid_shape(shape)
         D = self.config.latent_dim
         if batched:
             ok = (z.dim() == 2 and z.shape[1] == D and idx.dim() == 3 and idx.shape[0] == z.shape[0]
@@ -153,6 +165,42 @@ class Backend:
             if bad_targets:
                 raise IfadError(f"targets must be class ids in 0..{self.config.n_classes - 1}")
         return shape
+
+
+def _grid_shape(shape) -> tuple[int, int, int]:
+    """(X, Y, Z) as three positive ints; IfadError otherwise."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise IfadError(f"grid shape must be three sizes, got {shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise IfadError(f"grid shape must be three positive sizes, got {shape}")
+    return shape
+
+
+def check_classes(classes: torch.Tensor, n_classes: int, what: str = "classes") -> None:
+    """IfadError unless `classes` is an integer tensor of class ids in 0..n_classes-1: the one
+    range check of a restoration (a single host read), after which backend calls pass checked=True."""
+    if classes.is_floating_point() or classes.dtype == torch.bool:
+        raise IfadError(f"{what} must be integer class ids, got {classes.dtype}")
+    if classes.numel():
+        lo, hi = torch.aminmax(classes.reshape(-1))
+        lo, hi = (int(v) for v in torch.stack((lo.long(), hi.long())).tolist())
+        if lo < 0 or hi >= n_classes:
+            raise IfadError(f"{what} must be class ids in 0..{n_classes - 1}, found {lo if lo < 0 else hi}; "
+                            "the scans were encoded with other centres than this model's")
+
+
+@contextmanager
+def tf32_matmuls():
+    """float32 matmuls on TF32 tensor cores inside the block (torch.set_float32_matmul_precision
+    'high'); the previous setting is restored on exit."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class TorchBackend(Backend):

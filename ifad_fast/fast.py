@@ -22,7 +22,8 @@ What it does differently (the identities are derived in docs/numerics.md):
    sums. The chunk's activations stay cache-resident and are overwritten by the next chunk;
    backward() is then dL/dz = grad_output/K · (W0z^T Σδ0 + W_rz^T Σδ_r), a (B, D) scaling.
 4. Activation and δ buffers are preallocated per chunk size and reused across calls (the tables
-   and buffers live in `BoundedCache`s: 8 grid shapes, 4 chunk sizes); points
+   and buffers live in `BoundedCache`s: 8 grid shapes, 4 chunk sizes), so a call allocates
+   little and copies nothing from the host (a step can be captured in a CUDA graph); points
    run in chunks of `chunk` rows (default: 1024 on one CPU thread, 8192 on several -- see
    `default_chunk`; 32768 on CUDA). `torch.set_num_threads` is left to the caller; on a shared
    2-core machine one thread was the faster choice.
@@ -121,6 +122,7 @@ class FastBackend(Backend):
 
     name = "cpu"
     precisions = ("float32", "bf16")
+    graph_safe = True
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32", chunk: int | None = None):
         super().__init__(decoder, device, precision)
@@ -167,6 +169,7 @@ class FastBackend(Backend):
         self.n_hidden = n_hidden
         self._tables = BoundedCache(8)          # grid shape -> per-axis tables
         self._buffers = BoundedCache(4)         # chunk rows -> _Buffers
+        self._offsets = BoundedCache(8)         # (B, X, Y) -> table row offsets
 
     # ---------------------------------------------------------------- the contract (checked inputs)
     def _mean_loss(self, z, idx, targets, shape):
@@ -261,9 +264,15 @@ class FastBackend(Backend):
         cr = torch.addmm(self.br, z, self.Wrz.t())                       # (B, H_r)
         T0 = torch.cat(((P0[:Sx][None] + c0[:, None]).reshape(B * Sx, -1), P0[Sx:]))
         Tr = torch.cat(((Pr[:Sx][None] + cr[:, None]).reshape(B * Sx, -1), Pr[Sx:]))
-        rows = idx.to(dev, torch.long) + torch.tensor([0, B * Sx, B * Sx + Sy], device=dev)
-        rows[..., 0] += (torch.arange(B, device=dev) * Sx)[:, None]
+        rows = idx.to(dev, torch.long) + self._offsets.get((B, Sx, Sy), lambda: self._row_offsets(B, Sx, Sy))
         return T0, Tr, rows
+
+    def _row_offsets(self, B, Sx, Sy):
+        """(B, 1, 3) int64: where scan b's x, y and z rows start in the per-call tables (made once per
+        batch size and grid, so a step copies nothing from the host)."""
+        off = torch.tensor([[0, B * Sx, B * Sx + Sy]], dtype=torch.long).repeat(B, 1)
+        off[:, 0] = torch.arange(B) * Sx
+        return off[:, None].to(self.device)
 
     def _forward(self, bufs, T0, Tr, rows):
         """One chunk of m points (rows (m, 3)) through the hidden layers and the output layer.

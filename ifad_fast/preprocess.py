@@ -28,10 +28,16 @@ Intensities (non-zero voxels only): clipped to their 2nd/98th percentiles, then 
 (divided by p98; format-version-1 models). After min-max the darkest brain voxels are 0 like the
 background, so the brain is never read back from intensities: it is the scan's non-zero support,
 carried through resampling explicitly (`Placement.brain`: the resampled support, > 0).
+
+Two paths, one set of functions: a NumPy array runs on the host (NumPy percentiles, the Numba
+kernels of kernels/numba_ops.py), a torch tensor stays on its device (the percentiles by
+`percentiles_torch`, the kernels of kernels/torch_ops.py, the frame's resampling in torch); on
+torch's CPU device both give the same numbers bit for bit (tests/test_device_pipeline.py).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,6 +48,7 @@ import torch.nn.functional as F
 from . import config as cfg
 from .errors import IfadError
 from .kernels.numba_ops import assign_nearest, mode_pool3d
+from .kernels.torch_ops import assign_nearest_torch, mode_pool3d_torch
 
 
 def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
@@ -53,22 +60,72 @@ def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
     by the upper percentile, into (0, 1]; scans with negative values min-max scaled into
     [0.05, 1]. Returns float32 (X, Y, Z) and (lo, hi).
     """
+    if isinstance(data, torch.Tensor):
+        return normalise_torch(data, percentiles, method, brain)
     brain = data != 0 if brain is None else brain
     values = data[brain].astype(np.float64)
-    if values.size == 0:
-        raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
+    _check_brain_values(values.size)
     lo, hi = np.percentile(values, percentiles)
-    if not hi > lo:
-        raise IfadError(f"the scan's brain intensities are constant ({hi:g}); pass a real MR scan")
+    _check_range(lo, hi)
     clipped = np.clip(values, lo, hi)
     out = np.zeros(data.shape, np.float32)
-    if method == "minmax":
-        out[brain] = (clipped - lo) / (hi - lo)
-    elif method == "upper":
-        out[brain] = clipped / hi if lo > 0 else 0.05 + 0.95 * (clipped - lo) / (hi - lo)
-    else:
-        raise IfadError(f"unknown normalisation {method!r}; use minmax or upper")
+    out[brain] = _scale(clipped, lo, hi, method)
     return out, (float(lo), float(hi))
+
+
+def normalise_torch(data: torch.Tensor, percentiles=(2.0, 98.0), method: str = "minmax",
+                    brain: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[float, float]]:
+    """`normalise` on a tensor, on its device: float32 (X, Y, Z) on data's device and (lo, hi);
+    the same numbers as the NumPy version bit for bit (float64 values, `percentiles_torch`)."""
+    brain = data != 0 if brain is None else brain
+    values = data[brain].to(torch.float64)
+    _check_brain_values(values.numel())
+    lo, hi = percentiles_torch(values, percentiles).tolist()
+    _check_range(lo, hi)
+    out = torch.zeros(data.shape, dtype=torch.float32, device=data.device)
+    out[brain] = _scale(values.clamp(lo, hi), lo, hi, method).to(torch.float32)
+    return out, (lo, hi)
+
+
+def percentiles_torch(values: torch.Tensor, q) -> torch.Tensor:
+    """NumPy's default ('linear') percentiles of a 1-D tensor, on its device: (len(q),) float64.
+
+    The same arithmetic as np.percentile, so float64 results agree bit for bit: q / 100, the
+    virtual index (n - 1)·q, its floor and the next order statistic (the last one past the end),
+    and NumPy's two-sided lerp (a + (b - a)·t for t < 0.5, b - (b - a)·(1 - t) otherwise).
+    """
+    v = torch.sort(values.reshape(-1).to(torch.float64)).values
+    n = v.numel()
+    if n == 0:
+        raise ValueError("percentiles of an empty tensor")
+    out = []
+    for p in q:
+        virtual = (n - 1) * (float(p) / 100)
+        below = math.floor(virtual)
+        below = n - 1 if virtual >= n - 1 else max(below, 0)
+        a, b = v[below], v[min(below + 1, n - 1)]
+        t = virtual - below
+        out.append(a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t))
+    return torch.stack(out)
+
+
+def _check_brain_values(n: int) -> None:
+    if n == 0:
+        raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
+
+
+def _check_range(lo, hi) -> None:
+    if not hi > lo:
+        raise IfadError(f"the scan's brain intensities are constant ({hi:g}); pass a real MR scan")
+
+
+def _scale(clipped, lo, hi, method: str):
+    """Clipped brain values (float64 array or tensor) -> normalised (see `normalise`)."""
+    if method == "minmax":
+        return (clipped - lo) / (hi - lo)
+    if method == "upper":
+        return clipped / hi if lo > 0 else 0.05 + 0.95 * (clipped - lo) / (hi - lo)
+    raise IfadError(f"unknown normalisation {method!r}; use minmax or upper")
 
 
 def resample(volume: torch.Tensor, index_affine: np.ndarray, out_shape, mode: str = "linear",
@@ -127,16 +184,25 @@ class GridMap:
         offset = tuple((cube - s) // 2 for s in shape)
         return cls(tuple(int(s) for s in shape), int(cube), offset, int(resolution))
 
-    def to_model(self, volume: np.ndarray) -> np.ndarray:
-        """Native (X, Y, Z) float -> model grid (R, R, R) float32 (linear)."""
+    def to_model(self, volume):
+        """Native (X, Y, Z) float -> model grid (R, R, R) float32 (linear); a tensor stays on its device."""
+        if isinstance(volume, torch.Tensor):
+            cube = torch.zeros((self.cube,) * 3, dtype=torch.float32, device=volume.device)
+            cube[self._native_slices()] = volume
+            return _resample_tensor(cube, self.resolution, "trilinear")
         cube = np.zeros((self.cube,) * 3, np.float32)
         cube[self._native_slices()] = volume
         return _resample(cube, self.resolution, "trilinear")
 
-    def to_native(self, volume: np.ndarray, mode: str = "linear") -> np.ndarray:
-        """Model grid (R, R, R) -> native (X, Y, Z); mode 'linear' (scores) or 'nearest' (classes)."""
+    def to_native(self, volume, mode: str = "linear"):
+        """Model grid (R, R, R) -> native (X, Y, Z), dtype kept; mode 'linear' (scores) or 'nearest'
+        (classes); a tensor stays on its device."""
+        how = "trilinear" if mode == "linear" else "nearest"
+        if isinstance(volume, torch.Tensor):
+            out = _resample_tensor(volume.to(torch.float32), self.cube, how)
+            return out[self._native_slices()].to(volume.dtype)
         dtype = volume.dtype
-        out = _resample(volume.astype(np.float32), self.cube, "trilinear" if mode == "linear" else "nearest")
+        out = _resample(volume.astype(np.float32), self.cube, how)
         return out[self._native_slices()].astype(dtype, copy=False)
 
     def _native_slices(self):
@@ -144,15 +210,20 @@ class GridMap:
 
 
 def _resample(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
-    if volume.shape == (size,) * 3:
-        return volume.astype(np.float32, copy=True)
-    t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    return _resample_tensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), size, mode).numpy()
+
+
+def _resample_tensor(volume: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """A cube (S, S, S) float32 tensor -> (size, size, size) float32 on its device, corners aligned;
+    mode 'trilinear' or 'nearest'."""
+    if tuple(volume.shape) == (size,) * 3:
+        return volume.to(torch.float32, copy=True)
     if mode == "nearest":
-        # exact nearest sample under the corner-aligned convention used for coordinates
-        idx = [torch.round(torch.linspace(0, s - 1, size)).long() for s in volume.shape]
-        out = t[0, 0][idx[0]][:, idx[1]][:, :, idx[2]]
-        return out.numpy()
-    return F.interpolate(t, size=(size,) * 3, mode=mode, align_corners=True)[0, 0].numpy()
+        # exact nearest sample under the corner-aligned convention used for coordinates (the
+        # indices computed on the CPU, so every device samples the same voxels)
+        idx = [torch.round(torch.linspace(0, s - 1, size)).long().to(volume.device) for s in volume.shape]
+        return volume[idx[0]][:, idx[1]][:, :, idx[2]]
+    return F.interpolate(volume[None, None], size=(size,) * 3, mode=mode, align_corners=True)[0, 0]
 
 
 class IntensityEncoder:
@@ -197,11 +268,17 @@ class IntensityEncoder:
         km = KMeans(n_clusters=k - 1, n_init=3, random_state=seed).fit(sample.reshape(-1, 1).astype(np.float64))
         return cls(np.concatenate([[0.0], km.cluster_centers_.ravel()]))
 
-    def encode(self, volume: np.ndarray) -> np.ndarray:
-        """Normalised float volume (X, Y, Z) -> uint8 class ids."""
+    def encode(self, volume):
+        """Normalised float volume (X, Y, Z) -> uint8 class ids (Numba for arrays; a tensor stays on
+        its device, through kernels/torch_ops.py: the same ids bit for bit)."""
+        if isinstance(volume, torch.Tensor):
+            return assign_nearest_torch(volume, self.centres)
         return assign_nearest(np.ascontiguousarray(volume, dtype=np.float32), self.centres)
 
-    def decode(self, classes: np.ndarray) -> np.ndarray:
+    def decode(self, classes):
+        """uint8 class ids -> float32 intensities (the centres); a tensor stays on its device."""
+        if isinstance(classes, torch.Tensor):
+            return torch.as_tensor(self.centres, device=classes.device)[classes.long()].to(torch.float32)
         return self.centres[classes].astype(np.float32)
 
     def save(self, path) -> Path:
@@ -255,19 +332,29 @@ class Placement:
         """4x4: model voxel index -> native voxel index (one affine)."""
         return np.linalg.inv(self.native_affine) @ self.model_affine
 
-    def to_model(self, volume: np.ndarray, mode: str = "linear") -> np.ndarray:
-        """Native (X, Y, Z) -> model grid (R, R, R) float32; mode 'linear' or 'nearest' (physical frame)."""
-        volume = np.asarray(volume)
-        if volume.shape != self.native_shape:
-            raise IfadError(f"volume shape {volume.shape} is not the scan's {self.native_shape}")
+    def to_model(self, volume, mode: str = "linear"):
+        """Native (X, Y, Z) -> model grid (R, R, R) float32; mode 'linear' or 'nearest' (physical
+        frame). A NumPy array gives an array; a tensor stays on its device."""
+        on_device = isinstance(volume, torch.Tensor)
+        volume = volume if on_device else np.asarray(volume)
+        if tuple(volume.shape) != self.native_shape:
+            raise IfadError(f"volume shape {tuple(volume.shape)} is not the scan's {self.native_shape}")
         if self.grid is not None:
             return self.grid.to_model(volume)
+        if on_device:
+            return resample(volume.to(torch.float32), self.model_to_native, self.shape, mode)
         src = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
         return resample(src, self.model_to_native, self.shape, mode).numpy()
 
-    def to_native(self, volume: np.ndarray, mode: str = "linear") -> np.ndarray:
+    def to_native(self, volume, mode: str = "linear"):
         """Model grid (R, R, R) -> native (X, Y, Z), dtype kept; mode 'linear' (scores) or 'nearest'
-        (classes). Every native voxel gets a value; those outside the frame get 0."""
+        (classes). Every native voxel gets a value; those outside the frame get 0. A NumPy array
+        gives an array; a tensor stays on its device."""
+        if isinstance(volume, torch.Tensor):
+            if self.grid is not None:
+                return self.grid.to_native(volume, mode)
+            out = resample(volume.to(torch.float32), np.linalg.inv(self.model_to_native), self.native_shape, mode)
+            return out.to(volume.dtype)
         volume = np.asarray(volume)
         if self.grid is not None:
             return self.grid.to_native(volume, mode)
@@ -281,13 +368,20 @@ class Placement:
         return self.to_model((np.asarray(label) != 0).astype(np.float32)) > 0
 
 
-def brain_centre(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """World position (3,) float64 of the centre of mass of a bool (X, Y, Z) mask (unweighted)."""
-    total = int(np.count_nonzero(brain))
+def brain_centre(brain, affine: np.ndarray) -> np.ndarray:
+    """World position (3,) float64 of the centre of mass of a bool (X, Y, Z) mask (unweighted);
+    `brain` a NumPy array or a tensor (summed on its device: exact integer sums either way)."""
+    if isinstance(brain, torch.Tensor):
+        per_axis = [brain.sum(dim=tuple(a for a in range(3) if a != axis), dtype=torch.int64) for axis in range(3)]
+        sums = [per_axis[0].sum()] + [(c * torch.arange(c.numel(), device=c.device)).sum() for c in per_axis]
+        total, *moments = torch.stack(sums).tolist()
+    else:
+        total = int(np.count_nonzero(brain))
+        moments = [(np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
+                    * np.arange(brain.shape[axis])).sum() for axis in range(3)]
     if total == 0:
         raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
-    centre = [float((np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
-                     * np.arange(brain.shape[axis])).sum()) / total for axis in range(3)]
+    centre = [float(m) / total for m in moments]
     return (np.asarray(affine, dtype=np.float64) @ [*centre, 1.0])[:3]
 
 
@@ -306,12 +400,13 @@ def frame_affine(centre: np.ndarray, pc: cfg.PreprocessConfig, resolution: int |
     return affine
 
 
-def place(brain: np.ndarray, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
+def place(brain, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
           resolution: int | None = None) -> Placement:
     """The frame's placement of a scan whose brain (non-zero support) is `brain` bool (X, Y, Z).
 
     affine: 4x4 voxel -> world mm; None is allowed in the cube frame only (identity assumed).
-    The returned Placement carries the brain resampled to the model grid.
+    The returned Placement carries the brain resampled to the model grid (a tensor on brain's
+    device when `brain` is a tensor).
     """
     shape = tuple(int(s) for s in brain.shape)
     n = int(resolution or pc.resolution)
@@ -330,12 +425,14 @@ def place(brain: np.ndarray, affine: np.ndarray | None, pc: cfg.PreprocessConfig
         placement = Placement("cube", shape, affine, model_affine(grid, affine), n, grid=grid)
     else:
         placement = Placement("physical", shape, affine, frame_affine(brain_centre(brain, affine), pc, n), n)
-    return replace(placement, brain=placement.to_model(brain.astype(np.float32)) > 0)
+    weights = brain.to(torch.float32) if isinstance(brain, torch.Tensor) else brain.astype(np.float32)
+    return replace(placement, brain=placement.to_model(weights) > 0)
 
 
 @dataclass
 class Prepared:
-    """A scan on the model grid: `normalised` float32 (R,R,R), `classes` uint8 (R,R,R), its placement."""
+    """A scan on the model grid: `normalised` float32 (R,R,R), `classes` uint8 (R,R,R), its placement.
+    NumPy arrays, or tensors on the scan's device when the scan came as a tensor."""
 
     normalised: np.ndarray
     classes: np.ndarray
@@ -349,7 +446,10 @@ class Prepared:
 
 
 def as_scan(data, affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """An array or a nibabel image (its own affine used unless one is given) -> (float32 array, affine)."""
+    """An array or a nibabel image (its own affine used unless one is given) -> (float32 array, affine);
+    a tensor stays a tensor (float32, on its device)."""
+    if isinstance(data, torch.Tensor):
+        return data.to(torch.float32), affine
     if hasattr(data, "dataobj") and hasattr(data, "affine"):
         return np.asarray(data.dataobj, dtype=np.float32), (data.affine if affine is None else affine)
     return np.asarray(data, dtype=np.float32), affine
@@ -360,25 +460,31 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     """Native scan -> (normalised model-grid volume (R, R, R) float32 in [0, 1], Placement, percentiles).
 
     data: (X, Y, Z) array, skull-stripped (background 0), or a nibabel image (its affine is used
-    when `affine` is None). resolution: the grid size (default pc.resolution; another N keeps the
-    frame's extent). The brain is the scan's non-zero support (placement.brain on the model grid).
+    when `affine` is None), or a tensor (then everything stays on its device). resolution: the grid
+    size (default pc.resolution; another N keeps the frame's extent). The brain is the scan's
+    non-zero support (placement.brain on the model grid).
     """
     data, affine = as_scan(data, affine)
     if data.ndim != 3:
-        raise IfadError(f"scan shape {data.shape} is not a 3D volume; pass a 3D scan")
+        raise IfadError(f"scan shape {tuple(data.shape)} is not a 3D volume; pass a 3D scan")
     brain = data != 0
     normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain)
     placement = place(brain, affine, pc, resolution)
-    return np.clip(placement.to_model(normalised), 0.0, 1.0), placement, percentiles
+    volume = placement.to_model(normalised)
+    if isinstance(volume, torch.Tensor):
+        return volume.clamp_(0.0, 1.0), placement, percentiles
+    return np.clip(volume, 0.0, 1.0), placement, percentiles
 
 
 def prepare(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int,
             affine: np.ndarray | None = None, resolution: int | None = None) -> Prepared:
-    """Native scan -> model input: normalise, place in the frame, encode, mode-pool (1 = none)."""
+    """Native scan -> model input: normalise, place in the frame, encode, mode-pool (1 = none).
+    A NumPy scan (or nibabel image) is prepared on the host; a tensor on its device."""
     volume, placement, percentiles = to_model_grid(data, affine, pc, resolution)
     classes = encoder.encode(volume)
     if mode_pool > 1:
-        classes = mode_pool3d(classes, mode_pool, encoder.n_classes)
+        pool = mode_pool3d_torch if isinstance(classes, torch.Tensor) else mode_pool3d
+        classes = pool(classes, mode_pool, encoder.n_classes)
     return Prepared(volume, classes, placement, percentiles)
 
 

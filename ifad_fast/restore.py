@@ -9,11 +9,22 @@ decoder is continuous, and voxel i of an S-grid is at -1 + 2i/(S - 1) for any S.
 windows are in voxels of the grid they run on; at N the min-pool stays 3 (it removes single-voxel
 speckle, which lives at the score grid's own voxel scale) and the average pool keeps its physical
 size: avg_pool · (N - 1)/(R - 1), rounded to the nearest odd size (`pools_at`).
+
+Where it runs: `restore_batch` keeps everything on the class volumes' device -- the latent
+search (points drawn where the generator lives), the score grid, the brain region (`dilate`)
+and the pooling (`postprocess`) -- and copies nothing to the host until the caller asks
+(`DeviceMaps.to_host`). The class volumes are validated once (`backends.check_classes`), so
+every backend call passes checked=True and a step never waits for the host; the loss trace is
+kept on the device. On CUDA, `optimise_latents(graphs=True)` replays each phase's step from a
+CUDA graph. `restore_classes` is the NumPy-in, NumPy-out entry on top of it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import config as cfg
-from .backends import resolve_backend
+from .backends import check_classes, resolve_backend
+from .errors import IfadError
 from .model import Model
 from .sampling import PointSampler
 
@@ -55,37 +67,56 @@ def pools_at(rc: cfg.RestoreConfig, model_resolution: int, score_resolution: int
     return dataclasses.replace(rc, avg_pool=odd)
 
 
-def postprocess(score: torch.Tensor | np.ndarray, min_pool: int = 3, avg_pool: int = 15) -> np.ndarray:
+def postprocess(score, min_pool: int = 3, avg_pool: int = 15):
     """3D min-pool then average-pool, stride 1, same size; zero padding counts in the average.
 
-    The average pool is three 1-D box sums from float64 prefix sums: the numbers of
-    avg_pool3d(k, padding=k//2, count_include_pad=True) at O(1) work per voxel, any volume size.
+    score: (X, Y, Z) float. A NumPy array (or array-like) gives a float32 array (computed with
+    torch on the CPU); a tensor gives a float32 tensor on its own device. The average pool is
+    three 1-D box sums from float64 prefix sums: the numbers of avg_pool3d(k, padding=k//2,
+    count_include_pad=True) at O(1) work per voxel, any volume size.
     """
-    x = torch.as_tensor(np.asarray(score, dtype=np.float32))[None, None]
+    on_device = isinstance(score, torch.Tensor)
+    x = score.to(torch.float32) if on_device else torch.as_tensor(np.asarray(score, dtype=np.float32))
+    x = x[None, None]
     if min_pool > 1:
         x = -F.max_pool3d(-x, min_pool, stride=1, padding=min_pool // 2)
     x = x[0, 0].double()
     if avg_pool > 1:
         for axis in range(3):
-            x = _box_mean(x, avg_pool, axis)
-    return x.float().numpy()
+            x = _box_sum(x, avg_pool, axis) / avg_pool
+    x = x.float()
+    return x if on_device else x.numpy()
 
 
-def _box_mean(x: torch.Tensor, k: int, axis: int) -> torch.Tensor:
-    """Mean over a centred window of k along `axis`, zeros beyond the edges, divisor k."""
+def _box_sum(x: torch.Tensor, k: int, axis: int) -> torch.Tensor:
+    """Sum over a centred window of k along `axis`, zeros beyond the edges (prefix sums; integer
+    inputs are summed in int64, exactly)."""
     n = x.shape[axis]
     pad = [0, 0] * 3
     pad[2 * (2 - axis)] = k // 2 + 1           # F.pad counts axes from the last
     pad[2 * (2 - axis) + 1] = k // 2
     c = F.pad(x, pad).cumsum(axis)
-    return (c.narrow(axis, k, n) - c.narrow(axis, 0, n)) / k
+    return c.narrow(axis, k, n) - c.narrow(axis, 0, n)
+
+
+def dilate(mask: torch.Tensor, reach: int) -> torch.Tensor:
+    """Voxels within Chebyshev distance `reach` of a bool (X, Y, Z) mask, on its device: bool
+    (X, Y, Z), equal to preprocess.brain_region (SciPy's maximum filter) bit for bit."""
+    if reach <= 0:
+        return mask.to(torch.bool)
+    x = mask.to(torch.int32)
+    for axis in range(3):
+        x = _box_sum(x, 2 * reach + 1, axis)
+    return x > 0
 
 
 def initial_latents(model: Model, n: int, rc: cfg.RestoreConfig, generator: torch.Generator) -> torch.Tensor:
+    """(n, D) float32 starting latents: the mean training latent (rc.init 'mean'), else N(0, 1/D)
+    drawn from `generator` on its device."""
     d = model.config.latent_dim
     if rc.init == "mean" and model.latents.numel():
         return model.latents.mean(0, keepdim=True).repeat(n, 1).float()
-    return torch.randn(n, d, generator=generator) / math.sqrt(d)
+    return torch.randn(n, d, generator=generator, device=generator.device) / math.sqrt(d)
 
 
 def prior_weight(rc: cfg.RestoreConfig, k: int) -> float:
@@ -93,68 +124,248 @@ def prior_weight(rc: cfg.RestoreConfig, k: int) -> float:
     return 1.0 / (rc.sigma ** 2 * k) if rc.prior == "paper" else 0.0
 
 
+ADAM = ("default", "foreach", "fused")
+
+
+def _adam(z: torch.Tensor, lr: float, kind: str, capturable: bool) -> torch.optim.Adam:
+    """Adam on [z]: kind 'default' (torch's own choice), 'foreach' or 'fused'; capturable: its
+    step count lives on the device, as a CUDA graph needs."""
+    options = dict(foreach=True) if kind == "foreach" else dict(fused=True) if kind == "fused" else {}
+    return torch.optim.Adam([z], lr=lr, capturable=capturable, **options)
+
+
 def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.RestoreConfig,
-                     generator: torch.Generator, progress: bool = False, brain: torch.Tensor | None = None):
+                     generator: torch.Generator, progress: bool = False, brain: torch.Tensor | None = None,
+                     *, adam: str = "default", graphs: bool = False, checked: bool = False):
     """Adam on z over rc.phases of (steps, K). classes: (B, X, Y, Z) uint8 on the backend's device;
     brain: bool (B, X, Y, Z), where rc.brain_fraction of the points are drawn (default classes != 0).
+    B latents are searched together, each with its own point draws (scans or slices alike).
     rc.restart_per_phase: a new Adam (fresh moment estimates) at each phase, as the reference notebook;
     otherwise one Adam throughout, its learning rate multiplied by rc.lr_decay at each new phase.
 
-    Returns z (B, D) float32 and the per-step mean data loss (steps, B).
+    The points are drawn where `generator` lives (a CPU generator: copied to the device each step;
+    a generator on the classes' device: drawn there). The classes are range-checked once here
+    (unless `checked`: the caller did), then every step calls the backend with checked=True and
+    keeps its loss on the device, so a step never waits for the host. adam: 'default' | 'foreach'
+    | 'fused' (the same numbers as 'default' on the CPU for 'foreach'). graphs: on CUDA, with a
+    graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`_GraphedStep`;
+    eager steps if capture fails); ignored elsewhere.
+
+    Returns z (B, D) float32 and the per-step mean data loss (steps, B) float32, both on the
+    classes' device.
     """
+    if adam not in ADAM:
+        raise ValueError(f"adam must be one of {ADAM}, got {adam!r}")
     device = classes.device
-    b, shape = classes.shape[0], tuple(classes.shape[1:])
+    b, shape = classes.shape[0], tuple(int(s) for s in classes.shape[1:])
+    if not checked:
+        check_classes(classes, backend.config.n_classes)
     flat = classes.reshape(b, -1).long()
     z = z0.clone().to(device).requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=rc.lr)
-    sampler = PointSampler(shape, brain if brain is not None else classes != 0, rc.brain_fraction)
-    rows = torch.arange(b)
-    trace = []
+    graphs = bool(graphs) and device.type == "cuda" and getattr(backend, "graph_safe", False)
+    focus = (brain if brain is not None else classes != 0).to(generator.device)    # the draws run there
+    sampler = PointSampler(shape, focus, rc.brain_fraction)
+    rows = torch.arange(b, device=generator.device)
     total = sum(steps for steps, _ in rc.phases)
+    trace = torch.zeros(total, b, dtype=torch.float32, device=device)
     bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
+    opt, done = _adam(z, rc.lr, adam, graphs), 0
     for phase, (steps, k) in enumerate(rc.phases):
         if phase and rc.restart_per_phase:
-            opt = torch.optim.Adam([z], lr=rc.lr * rc.lr_decay ** phase)
+            opt = _adam(z, rc.lr * rc.lr_decay ** phase, adam, graphs)
         elif phase and rc.lr_decay != 1.0:
             for group in opt.param_groups:
                 group["lr"] *= rc.lr_decay
         reg = prior_weight(rc, k)
-        for _ in range(steps):
-            idx, lin = sampler.draw(rows, k, generator)
-            idx, lin = idx.to(device), lin.to(device)
-            targets = flat.gather(1, lin)
-            data_loss = backend.mean_loss(z, idx, targets, shape)
+
+        def step(idx, targets, opt=opt, reg=reg):
+            data_loss = backend.mean_loss(z, idx, targets, shape, checked=True)
             loss = data_loss.sum() + reg * (z * z).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            trace.append(data_loss.detach().cpu())
+            return data_loss.detach()
+
+        run = _GraphedStep(step, opt) if graphs and steps > _GraphedStep.WARMUP + 1 else step
+        for _ in range(steps):
+            idx, lin = sampler.draw(rows, k, generator)
+            idx, lin = idx.to(device), lin.to(device)
+            trace[done] = run(idx, flat.gather(1, lin))
+            done += 1
             bar.update(1)
+        if isinstance(run, _GraphedStep) and run.fallback:
+            warnings.warn(f"CUDA graph capture failed, phase {phase + 1} ran eagerly: {run.fallback}",
+                          RuntimeWarning, stacklevel=2)
+        del run
     bar.close()
-    return z.detach(), torch.stack(trace) if trace else torch.zeros(0, b)
+    return z.detach(), trace
+
+
+class _GraphedStep:
+    """One phase's optimiser step replayed from a CUDA graph (static shapes: K is fixed within a
+    phase). The first WARMUP calls run eagerly on a side stream (they create the backend's buffers
+    and Adam's state, and compile kernels), the next is captured, and every later call copies its
+    points and targets into the graph's inputs and replays it. If capture fails, the phase goes on
+    with eager steps and `fallback` says why."""
+
+    WARMUP = 2
+
+    def __init__(self, step, opt):
+        self.step, self.opt = step, opt
+        self.graph, self.fallback, self.calls = None, None, 0
+
+    def __call__(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self.idx.copy_(idx)
+            self.targets.copy_(targets)
+            self.graph.replay()
+            return self.out
+        if self.fallback is not None:
+            return self.step(idx, targets)
+        if self.calls < self.WARMUP:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.step(idx, targets)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        try:
+            self.idx, self.targets = idx.clone(), targets.clone()
+            self.opt.zero_grad(set_to_none=True)       # backward then allocates the grad from the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.step(self.idx, self.targets)
+        except Exception as exc:                        # capture is not possible here: run eagerly
+            self.fallback = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self.opt.zero_grad(set_to_none=True)
+            return self.step(idx, targets)
+        self.graph = graph
+        graph.replay()
+        return self.out
 
 
 @torch.no_grad()
 def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Tensor | None,
-               chunk: int = 65536, progress: bool = False):
+               chunk: int = 65536, progress: bool = False, *, checked: bool = False):
     """Per-voxel cross-entropy of one scan. classes: (X, Y, Z) uint8; region: bool (X, Y, Z) or None.
 
-    Returns (scores float32 (X, Y, Z), 0 outside the region; most likely classes uint8 (X, Y, Z)).
+    Returns (scores float32 (X, Y, Z), 0 outside the region; most likely classes uint8 (X, Y, Z)),
+    on the classes' device. The classes are range-checked once (unless `checked`), the backend
+    then runs with checked=True.
     """
-    shape = tuple(classes.shape)
+    shape = tuple(int(s) for s in classes.shape)
     device = classes.device
+    if not checked:
+        check_classes(classes, backend.config.n_classes)
     flat_cls = classes.reshape(-1).long()
     lin = region.reshape(-1).nonzero().squeeze(1) if region is not None else torch.arange(flat_cls.numel(), device=device)
     scores = torch.zeros(flat_cls.numel(), dtype=torch.float32, device=device)
     predicted = torch.zeros(flat_cls.numel(), dtype=torch.uint8, device=device)
     strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
+    sizes = torch.tensor(shape, device=device)
     for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
         part = lin[start:start + chunk]
-        idx = (part[:, None] // strides) % torch.tensor(shape, device=device)
-        ce, cls = backend.score_and_classes(z, idx, flat_cls[part], shape)
+        idx = (part[:, None] // strides) % sizes
+        ce, cls = backend.score_and_classes(z, idx, flat_cls[part], shape, checked=True)
         scores[part] = ce.float()
         predicted[part] = cls.to(torch.uint8)
     return scores.reshape(shape), predicted.reshape(shape)
+
+
+class StageTimes:
+    """Wall seconds per named stage of a restoration: `with times("grid"): ...` adds the block's
+    time, after waiting for `device` (so the GPU work queued in the block counts). `seconds` maps
+    stage -> seconds in first-seen order. Disabled (enabled=False), it times and waits for nothing."""
+
+    def __init__(self, device=None, enabled: bool = True):
+        self.device = None if device is None else torch.device(device)
+        self.enabled = bool(enabled)
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return self._timed(name) if self.enabled else nullcontext()
+
+    @contextmanager
+    def _timed(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+@dataclass
+class DeviceMaps:
+    """A batch restored on the device: anomaly, score float32 and classes uint8 (B, N, N, N) on the
+    score grid, z (B, D) float32, losses (steps, B) float32, scored voxels (B,) int64; all on the
+    device until `to_host`."""
+
+    anomaly: torch.Tensor
+    score: torch.Tensor
+    classes: torch.Tensor
+    z: torch.Tensor
+    losses: torch.Tensor
+    scored: torch.Tensor
+    region: str = "brain"
+
+    def to_host(self) -> list[Restoration]:
+        """One Restoration (NumPy) per scan; each array crosses to the host once, for the batch."""
+        anomaly, score, classes = self.anomaly.cpu().numpy(), self.score.cpu().numpy(), self.classes.cpu().numpy()
+        z, losses, scored = self.z.cpu().numpy(), self.losses.cpu(), self.scored.tolist()
+        return [Restoration(anomaly=anomaly[i], score=score[i], classes=classes[i], z=z[i],
+                            losses=losses[:, i].tolist(), scored_voxels=int(scored[i]), region=self.region)
+                for i in range(anomaly.shape[0])]
+
+
+def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
+                  *, brain: torch.Tensor | None = None, region: str = "brain", progress: bool = False,
+                  score_classes: torch.Tensor | None = None, score_brain: torch.Tensor | None = None,
+                  adam: str = "default", graphs: bool = False, stages=None) -> DeviceMaps:
+    """Restore a batch of encoded scans on the classes' device (the backend's): search, score, pool.
+
+    classes: (B, R, R, R) uint8 on the model grid; brain: bool like it (default classes != 0);
+    score_classes / score_brain: the same scans on another grid of the same frame, where the
+    scores are computed (see `restore_classes`). generator: draws z0 and the points (on its own
+    device, see `optimise_latents`, with `adam` and `graphs`). stages: a `StageTimes` to record
+    search / grid / post, or None. Returns DeviceMaps (nothing copied to the host).
+    """
+    stage = stages or StageTimes(enabled=False)
+    n_classes = backend.config.n_classes
+    check_classes(classes, n_classes)
+    brain = classes != 0 if brain is None else brain.to(torch.bool)
+    if score_classes is None:
+        score_cls, score_brain, src = classes, brain, rc
+    else:
+        check_classes(score_classes, n_classes, "score classes")
+        score_cls = score_classes
+        score_brain = score_cls != 0 if score_brain is None else score_brain.to(torch.bool)
+        src = pools_at(rc, classes.shape[1], score_cls.shape[1])
+    with stage("search"):
+        z0 = initial_latents(model, classes.shape[0], rc, generator)
+        z, trace = optimise_latents(backend, classes, z0, rc, generator, progress, brain, adam=adam,
+                                    graphs=graphs, checked=True)
+    scores, anomalies, predicted, scored = [], [], [], []
+    for i in range(classes.shape[0]):
+        with stage("grid"):
+            keep = dilate(score_brain[i], pool_reach(src)) if region == "brain" else None
+            score, cls = score_grid(backend, z[i], score_cls[i], keep, rc.chunk, progress, checked=True)
+        with stage("post"):
+            anomaly = postprocess(score, src.min_pool, src.avg_pool)
+            if region == "brain":
+                anomaly.masked_fill_(~score_brain[i], 0.0)
+        scores.append(score)
+        anomalies.append(anomaly)
+        predicted.append(cls)
+        scored.append(keep.sum() if keep is not None else torch.full((), score.numel(), device=score.device))
+    return DeviceMaps(anomaly=torch.stack(anomalies), score=torch.stack(scores), classes=torch.stack(predicted),
+                      z=z, losses=trace, scored=torch.stack(scored), region=region)
 
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
@@ -171,43 +382,21 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     grid of the same frame (e.g. N³), where the scores, the restoration and the pooling are then
     computed (pools scaled by `pools_at`); default: the search grid. backend, device and precision
     are resolved by `backends.resolve_backend` (a Backend object, or names; 'auto' by default).
+    The points are drawn from a CPU generator seeded with rc.seed (the same draws on any device);
+    the work runs on the backend's device (`restore_batch`) and the results come back as NumPy.
     """
-    classes = np.asarray(classes, dtype=np.uint8)
-    single = classes.ndim == 3
-    if single:
-        classes = classes[None]
-        brain = None if brain is None else np.asarray(brain)[None]
-        score_classes = None if score_classes is None else np.asarray(score_classes)[None]
-        score_brain = None if score_brain is None else np.asarray(score_brain)[None]
-    if brain is None:
-        brain = classes != 0
-    brain = np.asarray(brain, dtype=bool)
+    if region not in ("brain", "full"):
+        raise IfadError(f"region must be brain or full, got {region!r}")
     engine = resolve_backend(backend, model.decoder, device, precision)
     device = engine.device
-    gen = torch.Generator().manual_seed(rc.seed)
-    z0 = initial_latents(model, classes.shape[0], rc, gen)
-    cls_t = torch.from_numpy(classes).to(device)
-    z, trace = optimise_latents(engine, cls_t, z0, rc, gen, progress, torch.from_numpy(brain))
-    if score_classes is None:
-        score_cls, score_brain, src = cls_t, brain, rc
-    else:
-        score_cls = torch.from_numpy(np.asarray(score_classes, dtype=np.uint8)).to(device)
-        score_brain = score_cls.cpu().numpy() != 0 if score_brain is None else np.asarray(score_brain, dtype=bool)
-        src = pools_at(rc, classes.shape[1], score_cls.shape[1])
-    out = []
-    for i in range(classes.shape[0]):
-        keep = torch.from_numpy(_dilate(score_brain[i], pool_reach(src))).to(device) if region == "brain" else None
-        score, predicted = score_grid(engine, z[i], score_cls[i], keep, rc.chunk, progress)
-        anomaly = postprocess(score.cpu().numpy(), src.min_pool, src.avg_pool)
-        if region == "brain":
-            anomaly[~score_brain[i]] = 0.0
-        out.append(Restoration(anomaly=anomaly, score=score.cpu().numpy(), classes=predicted.cpu().numpy(),
-                               z=z[i].cpu().numpy(), losses=trace[:, i].tolist(),
-                               scored_voxels=int(keep.sum()) if keep is not None else score.numel(),
-                               region=region))
-    return out
 
+    def batch(a, dtype):
+        if a is None:
+            return None
+        a = np.asarray(a, dtype=dtype)
+        return torch.from_numpy(a[None] if a.ndim == 3 else a).to(device)
 
-def _dilate(mask: np.ndarray, reach: int) -> np.ndarray:
-    from .preprocess import brain_region
-    return brain_region(mask, reach)
+    maps = restore_batch(engine, model, batch(classes, np.uint8), rc, torch.Generator().manual_seed(rc.seed),
+                         brain=batch(brain, bool), region=region, progress=progress,
+                         score_classes=batch(score_classes, np.uint8), score_brain=batch(score_brain, bool))
+    return maps.to_host()

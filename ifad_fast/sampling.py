@@ -43,9 +43,11 @@ class PointSampler:
 
     focus: (N, X, Y, Z) tensor or numpy array (a memmap is read in place, never copied) whose
     nonzero voxels are the focus (e.g. the brain mask, or the class volumes themselves), or None
-    for uniform draws over the whole grid. Random numbers come from `generator` on the CPU, so
-    the draws are the same on any device; the focus lookups run where `focus` lives, and the
-    draws are returned there (on the CPU without a focus).
+    for uniform draws over the whole grid. Random numbers come from `generator`, on the
+    generator's device: a CPU generator gives the same draws on any device; a generator on the
+    focus's device draws there, with no host round trip (the device pipeline). The focus lookups
+    run where `focus` lives, and the draws are returned there (on the generator's device when no
+    point is drawn from a focus).
     """
 
     def __init__(self, shape, focus=None, fraction: float = 0.0):
@@ -68,6 +70,7 @@ class PointSampler:
                 self.seg[i] = per_seg[:, :-1].to(self.seg.dtype)
                 torch.cumsum(per_seg[:, -1], 0, out=self.starts[i, 1:])
             self.counts = self.starts[:, -1].cpu().long()
+            self._counts = self.starts[:, -1].long()                       # where the lookups run
             if (self.counts == 0).any():
                 self.fraction = 0.0
 
@@ -79,24 +82,27 @@ class PointSampler:
         return sum(t.numel() * t.element_size() for t in (self.starts, self.seg))
 
     def draw(self, rows: torch.Tensor, k: int, generator: torch.Generator, part: slice | None = None):
-        """rows: (B,) volume ids -> (idx (B, P, 3) long, lin (B, P) long) on the sampler's device.
+        """rows: (B,) volume ids -> (idx (B, P, 3) long, lin (B, P) long) on the focus's device, or on
+        the generator's when no point is drawn from a focus.
 
         The random numbers of all K points are always drawn, so `generator` advances the same
         whatever `part` is; `part` (a slice of range(K)) returns only those points: the share of
         one process when several split a batch.
         """
-        b, (sx, sy, sz) = rows.numel(), self.shape
+        b, (sx, sy, sz), dev = rows.numel(), self.shape, generator.device
         p0, p1, _ = (part or slice(0, k)).indices(k)
         p1 = max(p0, p1)
-        lin = (torch.rand(b, k, generator=generator, dtype=torch.float64)[:, p0:p1] * (sx * sy * sz)).long()
-        lin = lin.to(self.device)
+        lin = (torch.rand(b, k, generator=generator, dtype=torch.float64, device=dev)[:, p0:p1]
+               * (sx * sy * sz)).long()
         n_focus = int(round(self.fraction * k))
         if n_focus:
-            u = torch.rand(b, n_focus, generator=generator, dtype=torch.float64)
+            lin = lin.to(self.device)
+            u = torch.rand(b, n_focus, generator=generator, dtype=torch.float64, device=dev)
             f1 = min(p1, n_focus)
             if f1 > p0:
-                pick = (u[:, p0:f1] * self.counts[rows][:, None]).long()
-                lin[:, :f1 - p0] = self._locate(rows, pick)
+                rows_d = rows.to(self.device)
+                pick = (u[:, p0:f1].to(self.device) * self._counts[rows_d][:, None]).long()
+                lin[:, :f1 - p0] = self._locate(rows_d, pick)
         idx = torch.stack((lin // (sy * sz), (lin // sz) % sy, lin % sz), dim=-1)
         return idx, lin
 

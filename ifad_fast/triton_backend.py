@@ -75,6 +75,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     precisions = ("float32", "bf16")
+    graph_safe = True
 
     def __init__(self, decoder: Decoder, device="cuda", precision: str = "float32",
                  chunk: int = 1 << 20):
