@@ -132,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
                         "without T (or with T = model), the threshold stored in the model")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32")
+    p.add_argument("--precision", choices=("float32", "bf16", "tf32"), default="float32",
+                   help="float32 (default); bf16 (bfloat16 operands, float32 accumulation) or tf32 "
+                        "(float32 matmuls on TF32 tensor cores, CUDA only): faster, gated against float32")
     p.add_argument("--region", choices=("brain", "full"), default=None,
                    help="score voxels near the brain only (default) or the full grid")
     p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,

@@ -33,6 +33,8 @@ What it does differently (the identities are derived in docs/numerics.md):
    (AVX2 only) torch's bf16 matmuls are several times slower than float32: use it on CUDA or
    on CPUs with AVX512-BF16/AMX.
 6. `score` runs the same forward in chunks, no grad, into a preallocated float32 output.
+7. precision="tf32" (CUDA only): the float32 path with its matmuls on TF32 tensor cores, set
+   for each call only (`Backend.matmul_precision`). Gated like bf16: losses within 1e-2 of float32.
 
 Per point the paper-size decoder then costs 1.52 M multiply-adds forward (1.84 M in the plain
 decoder, 1.58 M with only z hoisted) and 1.52 M backward to z (no weight gradients).
@@ -121,7 +123,7 @@ class FastBackend(Backend):
     """Folded, z-hoisted, γ-tabulated, weight-gradient-free decoder evaluation (any device)."""
 
     name = "cpu"
-    precisions = ("float32", "bf16")
+    precisions = ("float32", "bf16", "tf32")
     graph_safe = True
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32", chunk: int | None = None):

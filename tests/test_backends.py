@@ -113,3 +113,84 @@ def test_axis_encoding_rows_are_the_reference_encoding():
     idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
     gathered = torch.cat([tab[idx[:, 0]], tab[4 + idx[:, 1]], tab[13 + idx[:, 2]]], -1)
     assert torch.equal(gathered, positional_encoding(voxel_coords(idx, shape), L))   # bit for bit
+
+
+# --------------------------------------------------------------------------- auto policy, tf32, triton gate
+
+
+def test_tf32_is_a_cuda_precision_refused_elsewhere(tmp_path, capsys):
+    dec = random_decoder(MC, base_seed())
+    assert parse_precision("tf32") == "tf32"
+    with pytest.raises(IfadError, match="TF32 tensor cores of a CUDA GPU.*--precision float32"):
+        FastBackend(dec, "cpu", "tf32")
+    with pytest.raises(IfadError, match="TF32"):
+        make_backend("auto", dec, "cpu", "tf32")
+    with pytest.raises(IfadError, match="float32 only; use --backend cpu for tf32"):
+        TorchBackend(dec, "cpu", "tf32")
+    from ifad_fast.cli import main
+    assert main(["restore", str(tmp_path / "scan.nii.gz"), "-o", str(tmp_path / "out"), "--device", "cpu",
+                 "--precision", "tf32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tf32" in err[0] and "CUDA" in err[0]
+
+
+def test_auto_picks_the_cpu_backend_off_cuda():
+    dec = random_decoder(MC, base_seed())
+    from ifad_fast.backends import auto_backend
+    for precision in ("float32", "bf16", "fp32"):
+        assert auto_backend(MC, "cpu", precision) == "cpu"
+    assert isinstance(make_backend("auto", dec, "cpu"), FastBackend)
+
+
+@pytest.fixture
+def pretend_cuda(monkeypatch):
+    """A pretended CUDA GPU of compute capability cc (set `pretend_cuda(cc)`) on which the triton
+    backend could run: enough to reach the hardware gate, which acts before any GPU work."""
+    pytest.importorskip("triton", reason="triton is not installed: the gate names triton's GPU families")
+    import ifad_fast.backends as backends
+    import ifad_fast.triton_backend as tb
+
+    def set_cc(cc):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(cc, 10))
+        monkeypatch.setattr(backends, "_triton_usable", lambda device: torch.device(device).type == "cuda")
+        monkeypatch.setattr(tb, "triton_unavailable_reason", lambda device: None)
+    return set_cc
+
+
+def test_auto_picks_triton_only_for_hardware_checked_bf16(pretend_cuda):
+    from ifad_fast.backends import auto_backend
+    paper, small = cfg.ModelConfig(), cfg.get_preset("small").model
+    pretend_cuda(90)
+    assert auto_backend(paper, "cuda", "bf16") == "triton"
+    assert auto_backend(cfg.ModelConfig(latent_dim=16), "cuda", "bfloat16") == "triton"
+    assert auto_backend(paper, "cuda", "float32") == "cpu"      # triton float32 measured slower than torch
+    assert auto_backend(paper, "cuda", "tf32") == "cpu"
+    assert auto_backend(small, "cuda", "bf16") == "cpu"         # latent_dim 64: a wrong z-gradient on an H200
+    pretend_cuda(80)
+    assert auto_backend(paper, "cuda", "bf16") == "cpu"         # never checked on an A100-class GPU
+
+
+def test_triton_bf16_refuses_shapes_not_checked_on_hardware(pretend_cuda):
+    from ifad_fast.model import Decoder
+    from ifad_fast.triton_backend import HARDWARE_CHECKED, TritonBackend, hardware_check_error, hardware_key
+
+    small = cfg.get_preset("small").model
+    pretend_cuda(90)
+    with pytest.raises(IfadError, match="has not been checked on this GPU.*latent_dim 64.*--backend cpu.*float32"):
+        TritonBackend(Decoder(small), torch.device("cuda", 0), "bf16")
+    assert hardware_check_error(small, "cuda", "float32") is None        # float32 is not gated
+    assert hardware_check_error(small, "cpu", "bf16") is None            # the interpreter is a check itself
+    assert hardware_key(cfg.ModelConfig(), 90, "bf16") in HARDWARE_CHECKED
+    assert hardware_check_error(cfg.ModelConfig(), "cuda", "bf16", cc=86) is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: tf32 needs one")
+def test_tf32_is_gated_against_float32_on_cuda():
+    dec = random_decoder(MC, base_seed())
+    z, idx, targets = random_batch(MC, SHAPE, 2, 401, base_seed())
+    z, idx, targets = z.cuda(), idx.cuda(), targets.cuda()
+    before = torch.get_float32_matmul_precision()
+    ref = FastBackend(dec, "cuda", "float32").mean_loss(z, idx, targets, SHAPE)
+    got = FastBackend(dec, "cuda", "tf32").mean_loss(z, idx, targets, SHAPE)
+    assert torch.get_float32_matmul_precision() == before                 # scoped to the call
+    assert rel(got, ref) < 1e-2, (base_seed(), rel(got, ref))
