@@ -148,7 +148,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     (unless `checked`: the caller did), then every step calls the backend with checked=True and
     keeps its loss on the device, so a step never waits for the host. adam: 'default' | 'foreach'
     | 'fused' (the same numbers as 'default' on the CPU for 'foreach'). graphs: on CUDA, with a
-    graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`_GraphedStep`;
+    graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`GraphedStep`;
     eager steps if capture fails); ignored elsewhere.
 
     Returns z (B, D) float32 and the per-step mean data loss (steps, B) float32, both on the
@@ -186,14 +186,14 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
             opt.step()
             return data_loss.detach()
 
-        run = _GraphedStep(step, opt) if graphs and steps > _GraphedStep.WARMUP + 1 else step
+        run = GraphedStep(step, opt) if graphs and steps > GraphedStep.WARMUP + 1 else step
         for _ in range(steps):
             idx, lin = sampler.draw(rows, k, generator)
             idx, lin = idx.to(device), lin.to(device)
             trace[done] = run(idx, flat.gather(1, lin))
             done += 1
             bar.update(1)
-        if isinstance(run, _GraphedStep) and run.fallback:
+        if isinstance(run, GraphedStep) and run.fallback:
             warnings.warn(f"CUDA graph capture failed, phase {phase + 1} ran eagerly: {run.fallback}",
                           RuntimeWarning, stacklevel=2)
         del run
@@ -201,7 +201,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     return z.detach(), trace
 
 
-class _GraphedStep:
+class GraphedStep:
     """One phase's optimiser step replayed from a CUDA graph (static shapes: K is fixed within a
     phase). The first WARMUP calls run eagerly on a side stream (they create the backend's buffers
     and Adam's state, and compile kernels), the next is captured, and every later call copies its

@@ -12,6 +12,11 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
   prefix sums);
 - the total per scan; achieved GFLOP/s from counted FLOPs; the measured matmul peak
   (2048×512·512×512 on a CPU, 8192³ on a GPU);
+- the stage breakdown of one whole restore of the native scan with the fast schedule through the
+  Restorer (`stage_breakdown`): prepare (normalise, frame, encode, mode-pool), search (the latent
+  search), grid (the brain-region score grid), post (pooling), native (back to the scan's grid),
+  each with its share; the host pipeline, and on CUDA the device pipeline with and without CUDA
+  graphs;
 - training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/train_speed.py).
 
 Only warm calls are timed: every timed piece runs once untimed first (the fast restoration and
@@ -34,7 +39,7 @@ from .backends import TorchBackend, resolve_device
 from .benchmark import machine
 from .fast import FastBackend
 from .model import Decoder, layer_shapes
-from .restore import optimise_latents, pool_reach, postprocess, score_grid
+from .restore import GraphedStep, optimise_latents, pool_reach, postprocess, score_grid
 
 
 def macs_per_point(mc: cfg.ModelConfig, hoisted: bool) -> int:
@@ -82,21 +87,63 @@ def matmul_peak(dtype, device: torch.device) -> float:
     return 10 * 2 * m * n * k / timed(run, 5, sync=_sync(device)) / 1e9
 
 
+def benchmark_case():
+    """The synthetic MNI152 brain every row is timed on (healthy subject 0 of seed 123)."""
+    from .synth import generate_healthy
+    return generate_healthy(0, seed=123)
+
+
 def benchmark_volume(resolution: int):
     """A synthetic MNI152 brain at resolution³: (classes uint8 with the HCP T2 centres, brain mask bool)."""
     from .preprocess import IntensityEncoder, prepare
-    from .synth import generate_healthy
-    case = generate_healthy(0, seed=123)
+    case = benchmark_case()
     p = prepare(case.image, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=resolution), 3,
                 case.affine)
     return p.classes, p.brain
 
 
+STAGES = ("prepare", "search", "grid", "post", "native")
+
+
+def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: torch.device, backend="auto",
+                    quick: bool = False) -> list[dict]:
+    """Seconds per stage of whole restores of the benchmark scan (its native grid in, maps on it
+    out) with the fast schedule through `api.Restorer(time_stages=True)`: a model made of
+    `decoder`, the HCP T2 centres and `z` as its mean training latent, at resolution³. One untimed
+    restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows: the host pipeline; on CUDA also the
+    device pipeline with and without CUDA graphs. quick: the schedule's steps divided by 10."""
+    from .api import Restorer
+    from .model import Model
+
+    model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
+                  preprocess=cfg.PreprocessConfig(resolution=resolution), latents=z.detach().cpu().float())
+    case = benchmark_case()
+    rc = cfg.RestoreConfig(**{**cfg.SCHEDULES["fast"], "prior": "none"})
+    if quick:
+        rc = cfg.replace(rc, phases=tuple((max(1, s // 10), k) for s, k in rc.phases))
+    settings = [("host", None)]
+    if device.type == "cuda":
+        settings += [("device", True), ("device", False)]
+    rows = []
+    for pipeline, graphs in settings:
+        kw = dict(pipeline=pipeline, cuda_graphs=graphs, time_stages=True)
+        warm = cfg.replace(rc, phases=tuple((GraphedStep.WARMUP + 2, k) for _, k in rc.phases))
+        Restorer(model, backend, device, schedule=warm, **kw).restore_array(case.image, case.affine)
+        restorer = Restorer(model, backend, device, schedule=rc, **kw)
+        result = restorer.restore_array(case.image, case.affine)
+        label = pipeline + ("" if graphs is None else ", CUDA graphs" if restorer.cuda_graphs else ", no graphs")
+        rows.append(dict(pipeline=label, backend=restorer.backend, precision=restorer.precision,
+                         points=sum(st * k for st, k in rc.phases), seconds=result.seconds,
+                         stages={k: result.stages.get(k, 0.0) for k in STAGES}))
+    return rows
+
+
 def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     """Run the suite on `device` ('auto': CUDA if present); report the table, return the numbers.
 
-    `backend` is accepted for the CLI's sake; the suite times the paper-style code, `torch` and
-    `cpu` (FastBackend) on the device whatever it says.
+    The step, grid and post-processing rows time the paper-style code, `torch` and `cpu`
+    (FastBackend) on the device whatever `backend` says; the stage breakdown restores with
+    `backend` ('auto': the API's choice).
     """
     device = resolve_device(device)
     sync = _sync(device)
@@ -196,6 +243,8 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     raw = scores.cpu().numpy()
     t_post_fast = timed(lambda: postprocess(raw), 2)
 
+    breakdown = stage_breakdown(decoder, z, res, device, backend, quick)
+
     total_paper = t_paper * 700 * 16200 / k + t_grid_paper + t_post_direct
     total_fast = t_fast_restore + t_grid_fast + t_post_fast
     peak32 = matmul_peak(torch.float32, device)
@@ -208,7 +257,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                   grid=dict(paper_full_extrapolated=t_grid_paper, fast_region=t_grid_fast,
                             region_voxels=n_region, grid_voxels=n_grid,
                             fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
-                  postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast),
+                  postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast), stages=breakdown,
                   total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast))
     result["training"] = train_speed.training(quick, device, report=lambda _: None)
     report(format_report(result))
@@ -248,6 +297,16 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total per scan** | paper code, paper schedule (extrapolated) | {t['paper_straightforward']:.0f} | 1.0× | | |")
     label = "fast schedule shortened 10× (--quick: not comparable)" if r["quick"] else "fast schedule"
     lines.append(f"| **total per scan** | cpu float32, {label}, brain region | {t['fast']:.1f} | {t['ratio']:.1f}× | | |")
+    if r.get("stages"):
+        lines += ["", f"stage breakdown of one whole restore through the Restorer ({label}, the scan's native grid "
+                  "in and out; seconds and share of the total):", "",
+                  "| pipeline | backend | " + " | ".join(STAGES) + " | total |",
+                  "|---|---|" + "---:|" * (len(STAGES) + 1)]
+        for row in r["stages"]:
+            total = sum(row["stages"].values()) or 1.0
+            cells = [f"{row['stages'][k]:.2f} ({100 * row['stages'][k] / total:.0f} %)" for k in STAGES]
+            lines.append(f"| {row['pipeline']} | {row['backend']} {row['precision']} | " + " | ".join(cells)
+                         + f" | {row['seconds']:.2f} |")
     if "training" in r:
         lines += ["", train_speed.format_training(r["training"])]
     return "\n".join(lines)

@@ -104,3 +104,14 @@ def test_restore_files_wrapper_writes_what_the_restorer_writes(model, tmp_path):
             np.testing.assert_array_equal(x, y)
     with pytest.raises(IfadError, match="--batch must be at least 1"):
         restore_files(model, [src], tmp_path / "c", rc, "cpu", "cpu", batch=0)
+
+
+def test_stage_times_name_every_stage_of_a_restore(model):
+    """time_stages=True records the five stages `ifad-fast bench speed` reports (their values are
+    timings: only their presence is tested)."""
+    from ifad_fast.speed import STAGES
+
+    img = scans(1, offset=40)[0]
+    timed = Restorer(model, "cpu", "cpu", schedule=SCHEDULE, time_stages=True).restore_array(img, AFFINE)
+    assert tuple(timed.stages) == STAGES and all(v >= 0 for v in timed.stages.values())
+    assert Restorer(model, "cpu", "cpu", schedule=SCHEDULE).restore_array(img, AFFINE).stages is None
