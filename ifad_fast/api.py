@@ -213,8 +213,9 @@ class Restorer:
                     anomaly, classes = placement.to_native(r.anomaly), placement.to_native(r.classes, mode="nearest")
                 native.append((anomaly, classes, placement))
         seconds = (time.perf_counter() - t0) / len(volumes)
+        stages = dict(stage.seconds) if stage.enabled else None
         return [NativeResult(anomaly=anomaly, restoration=self.encoder.decode(classes), classes=classes, model_grid=r,
-                             seconds=seconds, placement=placement, stages=dict(stage.seconds) if stage.enabled else None)
+                             seconds=seconds, placement=placement, stages=stages)
                 for (anomaly, classes, placement), r in zip(native, grids)]
 
     def _prepare(self, inputs, scans, resolution):

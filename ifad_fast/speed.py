@@ -110,8 +110,9 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
     """Seconds per stage of whole restores of the benchmark scan (its native grid in, maps on it
     out) with the fast schedule through `api.Restorer(time_stages=True)`: a model made of
     `decoder`, the HCP T2 centres and `z` as its mean training latent, at resolution³. One untimed
-    restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows: the host pipeline; on CUDA also the
-    device pipeline with and without CUDA graphs. quick: the schedule's steps divided by 10."""
+    restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows:
+    the host pipeline; on CUDA also the device pipeline with and without CUDA graphs. quick: the
+    schedule's steps divided by 10."""
     from .api import Restorer
     from .model import Model
 
