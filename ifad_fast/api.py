@@ -186,7 +186,8 @@ class Restorer:
         pc, resolution = self.model.preprocess, self.resolution
         with stage("prepare"):
             # the device pipeline's one copy of each scan to the device
-            inputs = [torch.from_numpy(data).to(self.device) if on_device else data for data, _ in scans]
+            inputs = [torch.from_numpy(np.ascontiguousarray(data)).to(self.device) if on_device else data
+                      for data, _ in scans]
             prepared = scored = self._prepare(inputs, scans, None)
             if resolution is not None and resolution != pc.resolution:
                 scored = self._prepare(inputs, scans, resolution)

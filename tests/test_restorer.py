@@ -56,8 +56,11 @@ def test_restorer_resolves_once_and_the_wrappers_call_it(model):
     one = r.restore_array(img, AFFINE)
     same(one, r.restore_array(img, AFFINE))                                 # built once, reusable
     same(one, restore_array(model, img, AFFINE, rc=r.rc, backend="cpu", device="cpu"))
-    two = restore_arrays(model, [img, img[::-1].copy()], [AFFINE, AFFINE], rc=r.rc, backend="cpu", device="cpu")
-    same(two[0], r.restore_arrays([img, img[::-1].copy()], [AFFINE, AFFINE])[0])
+    two = restore_arrays(model, [img, img[::-1]], [AFFINE, AFFINE], rc=r.rc, backend="cpu", device="cpu")
+    same(two[1], r.restore_arrays([img, img[::-1]], [AFFINE, AFFINE])[1])
+    # a flipped view (negative strides) goes through the device pipeline too
+    same(two[1], Restorer(model, "cpu", "cpu", schedule=r.rc, pipeline="device").restore_arrays(
+        [img, img[::-1]], [AFFINE, AFFINE])[1])
     # a RestoreConfig is a schedule too; seed and overrides replace its fields
     r2 = Restorer(model, "torch", "cpu", schedule=r.rc, seed=4, lr=0.5)
     assert r2.rc.seed == 4 and r2.rc.lr == 0.5 and r2.rc.phases == r.rc.phases and r2.backend == "torch"
