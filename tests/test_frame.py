@@ -2,6 +2,7 @@
 outputs return exactly to each scan's own grid; format-1 models keep their cube behaviour."""
 import dataclasses
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from ifad_fast import config as cfg
-from ifad_fast.api import default_model, model_grid_maps, restore_array, restore_config
+from ifad_fast.api import model_grid_maps, restore_array, restore_config
 from ifad_fast.errors import IfadError
-from ifad_fast.model import FORMAT_VERSION, bundled_model_path, load_model, save_model
+from ifad_fast.model import FORMAT_VERSION, load_model, save_model
 from ifad_fast.preprocess import (GridMap, IntensityEncoder, mode_pool3d, normalise, prepare, resample,
                                   to_model_grid)
 from ifad_fast.restore import optimise_latents, restore_classes
@@ -182,11 +183,15 @@ def test_physical_frame_needs_an_affine_and_takes_nibabel_images():
 # --------------------------------------------------------------------------- model files
 
 
+# The model bundled before the frame existed (small preset, format 1), kept as it was written.
+FORMAT_1_MODEL = Path(__file__).parent / "fixtures" / "format1_small_model.pt"
+
+
 def test_format_1_model_loads_as_cube_and_upper(tmp_path):
-    payload = torch.load(bundled_model_path(), map_location="cpu", weights_only=True)
+    payload = torch.load(FORMAT_1_MODEL, map_location="cpu", weights_only=True)
     meta = json.loads(payload["meta"])
     assert meta["format_version"] == 1 and "frame" not in meta["preprocess"]
-    model = default_model()
+    model = load_model(FORMAT_1_MODEL)
     assert model.preprocess.frame == "cube" and model.preprocess.normalisation == "upper"
     # saved again, it is a format-2 file that names its frame and loads the same
     save_model(model, tmp_path / "m.pt")
@@ -254,8 +259,8 @@ def _old_cube_path(img, model):
     return grid, volume, mode_pool3d(encoder.encode(volume), 3, encoder.n_classes)
 
 
-def test_bundled_format_1_model_prepares_scans_as_before():
-    model = default_model()
+def test_format_1_model_prepares_scans_as_before():
+    model = load_model(FORMAT_1_MODEL)
     shape, affine = acquisition("lps", voxel=4.0)
     img, _ = brain_image(world_of(shape, affine), np.random.default_rng(3), lesion=True)
     grid, volume, classes = _old_cube_path(img, model)
