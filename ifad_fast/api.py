@@ -70,6 +70,14 @@ def _check_files_options(existing: str, batch) -> None:
         raise IfadError(f"--batch must be at least 1, got {batch}")
 
 
+def check_variant_options(model: Model, resolution: int | None = None) -> None:
+    """IfadError for options a model's variant cannot honour: a 2D model restores and scores axial
+    slices of its own grid, so it takes no other score resolution."""
+    if model.config.variant == "2d" and resolution is not None and resolution != model.preprocess.resolution:
+        raise IfadError("a 2D model scores the axial slices it restores, on its own grid "
+                        f"({model.preprocess.resolution}³): drop --resolution")
+
+
 def parse_phases(text: str) -> tuple:
     """'200x8192,30x32768' -> ((200, 8192), (30, 32768))."""
     try:
@@ -140,6 +148,7 @@ class Restorer:
         if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
                                        or resolution < 4):
             raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
+        check_variant_options(model, resolution)
         if isinstance(schedule, cfg.RestoreConfig):
             rc = cfg.replace(schedule, seed=seed, **overrides)
             check_schedule(rc.phases)
@@ -228,11 +237,14 @@ class Restorer:
     def provenance(self) -> dict:
         """What a restore JSON records about the settings (model file and hash, seed, device, ...)."""
         model, rc = self.model, self.rc
-        return dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
-                    seed=rc.seed, device=str(self.device), backend=self.backend, precision=self.precision,
-                    schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=self.region,
-                    frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution,
-                    pipeline=self.pipeline)
+        out = dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
+                   seed=rc.seed, device=str(self.device), backend=self.backend, precision=self.precision,
+                   schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=self.region,
+                   frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution,
+                   pipeline=self.pipeline, variant=model.config.variant)
+        if model.config.variant == "2d":
+            out["slice_step"] = rc.slice_step
+        return out
 
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool = False, force: bool = False,
@@ -416,9 +428,9 @@ def _check_same_settings(summary_path: Path, provenance: dict, threshold):
     except (OSError, ValueError):
         return
     before = dict(model=(old.get("model") or {}).get("sha256"), schedule=old.get("schedule"),
-                  region=old.get("region"), threshold=old.get("threshold"))
+                  region=old.get("region"), threshold=old.get("threshold"), slice_step=old.get("slice_step"))
     now = dict(model=provenance["model"]["sha256"], schedule=provenance["schedule"], region=provenance["region"],
-               threshold=threshold)
+               threshold=threshold, slice_step=provenance.get("slice_step"))
     for key, value in before.items():
         if value != now[key]:
             what = "model (another file hash)" if key == "model" else f"{key} ({value!r}, now {now[key]!r})"

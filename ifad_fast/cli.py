@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="encode scans as intensity-class volumes on the model grid")
     p.add_argument("inputs", nargs="+", help="NIfTI files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--preset", default="paper", help="paper | small | tiny: grid size and frame extent (default paper)")
+    p.add_argument("--preset", default="paper",
+                   help="paper | small | tiny (or their -2d variants): grid size and frame extent (default paper)")
     p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,
                    help=f"model grid size, 4..{MAX_RESOLUTION} (default: the preset's, paper 160)")
     _add_frame_args(p)
@@ -106,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the auto-decoder on healthy scans")
     p.add_argument("data", help="folder of healthy NIfTI scans, or the output of 'prepare'")
     p.add_argument("-o", "--output", required=True, help="run folder (model.pt, checkpoint.pt, loss.jsonl)")
-    p.add_argument("--preset", default="paper", help="paper | small | tiny (default paper)")
+    p.add_argument("--preset", default="paper",
+                   help="paper | small | tiny: IF 3D, a latent per volume; paper-2d | small-2d | tiny-2d: "
+                        "IF 2D, a latent per axial slice (default paper)")
     p.add_argument("--epochs", type=_int_in(1), default=None)
     _add_seed(p, default=None)
     p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
     p.add_argument("--protocol", choices=("paper",), default=None,
                    help="paper: the paper's setting (schedule paper, region full)")
+    p.add_argument("--slice-step", type=_int_in(1, MAX_RESOLUTION), default=None, metavar="N",
+                   help="2D models: restore one axial slice in N, its score filling N slices (default 4, the paper's)")
     p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
     p.add_argument("--figure", action="store_true", help="also write <case>_figure.png (slices, anomaly overlay)")
     again = p.add_mutually_exclusive_group()
@@ -396,7 +401,9 @@ def cmd_restore(args):
     alone = nproc == 1 and world == 1
     model = load_model_arg(args.model, device if alone else "cpu")   # shared: each process loads its own
     threshold = resolve_threshold(model, args.threshold)
-    rc = restore_config(model, schedule, seed=args.seed)
+    if args.slice_step is not None and model.config.variant != "2d":
+        raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
+    rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     if alone:
         restorer = Restorer(model, args.backend, device, args.precision, rc, region, args.resolution, progress=True)

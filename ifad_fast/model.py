@@ -22,7 +22,17 @@ from .errors import IfadError
 FORMAT = "ifad-fast-model"
 # 1: cube frame and division by the upper percentile only; 2: the preprocess settings name their
 # frame (physical | cube) and normalisation (minmax | upper). Version-1 files load as cube + upper.
+# 3 (FORMAT_VERSION_2D, the newest read here): the model settings name their variant. Only 2D
+# models are written as 3, so a reader that predates IF 2D refuses them rather than taking slice
+# latents for volume latents; 3D models are still written as 2 (FORMAT_VERSION). Files of
+# versions 1 and 2 load as variant 3d.
 FORMAT_VERSION = 2
+FORMAT_VERSION_2D = 3
+
+
+def format_version(mc: cfg.ModelConfig) -> int:
+    """The format version a model of this configuration is written with: 3 for 2D models, else 2."""
+    return FORMAT_VERSION_2D if mc.variant == "2d" else FORMAT_VERSION
 
 
 def positional_encoding(coords: torch.Tensor, n_freqs: int) -> torch.Tensor:
@@ -130,7 +140,7 @@ class Model:
     decoder: Decoder
     centres: torch.Tensor           # (C,) float64, sorted
     preprocess: cfg.PreprocessConfig
-    latents: torch.Tensor           # (N_train, D) float32
+    latents: torch.Tensor           # (N_train, D) float32: one per volume (3d) or per brain slice (2d)
     train: cfg.TrainConfig | None = None
     info: dict | None = None
     source: str | None = None       # the file it was loaded from
@@ -142,7 +152,7 @@ class Model:
 
     def to_payload(self) -> dict:
         """The file contents: JSON meta, decoder state dict, centres (C,) float64, latents (N, D) float32."""
-        meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
+        meta = dict(format=FORMAT, format_version=format_version(self.config),
                     model=cfg.to_dict(self.config), preprocess=cfg.to_dict(self.preprocess),
                     train=cfg.to_dict(self.train) if self.train else None, info=self.info or {})
         return dict(meta=json.dumps(meta),
@@ -193,9 +203,9 @@ def load_payload(path) -> dict:
     if isinstance(version, bool) or not isinstance(version, int):
         raise IfadError(f"{path}: damaged model file (format_version {version!r} is not a number); "
                         "retrain or re-download it")
-    if version > FORMAT_VERSION:
+    if version > FORMAT_VERSION_2D:
         raise IfadError(f"{path}: model format {meta['format_version']} is newer than this ifad-fast "
-                        f"understands ({FORMAT_VERSION}); upgrade ifad-fast")
+                        f"understands ({FORMAT_VERSION_2D}); upgrade ifad-fast")
     payload["meta"] = meta
     payload["source"] = str(path.resolve())
     payload["sha256"] = hashlib.sha256(raw).hexdigest()
@@ -262,7 +272,10 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
     for key in ("decoder", "centres", "latents"):
         if key not in payload:
             raise _damaged(path, f"no {key}")
-    mc = _typed_config(cfg.ModelConfig, meta["model"], path, "model", required=True)
+    model_settings = meta["model"]
+    if isinstance(model_settings, dict) and "variant" not in model_settings and meta.get("format_version", 1) < 3:
+        model_settings = {**model_settings, "variant": "3d"}        # files before IF 2D
+    mc = _typed_config(cfg.ModelConfig, model_settings, path, "model", required=True)
     if not (1 <= mc.latent_dim <= 4096 and 1 <= mc.hidden <= 16384 and 2 <= mc.n_layers <= 64
             and 0 <= mc.n_freqs <= 32 and 2 <= mc.n_classes <= 255 and 0 <= mc.dropout < 1):
         raise _damaged(path, f"implausible decoder sizes {cfg.to_dict(mc)}")

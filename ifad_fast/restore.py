@@ -50,6 +50,7 @@ class Restoration:
     losses: list = field(default_factory=list)   # mean data loss per step
     scored_voxels: int = 0
     region: str = "brain"
+    slices: np.ndarray | None = None     # 2D models: the restored axial slices (S,) int; z is then (S, D)
 
 
 def pool_reach(rc: cfg.RestoreConfig) -> int:
@@ -136,7 +137,7 @@ def _adam(z: torch.Tensor, lr: float, kind: str, capturable: bool) -> torch.opti
 
 def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.RestoreConfig,
                      generator: torch.Generator, progress: bool = False, brain: torch.Tensor | None = None,
-                     *, adam: str = "default", graphs: bool = False, checked: bool = False):
+                     *, adam: str = "default", graphs: bool = False, checked: bool = False, points=None):
     """Adam on z over rc.phases of (steps, K). classes: (B, X, Y, Z) uint8 on the backend's device;
     brain: bool (B, X, Y, Z), where rc.brain_fraction of the points are drawn (default classes != 0).
     B latents are searched together, each with its own point draws (scans or slices alike).
@@ -149,7 +150,10 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     keeps its loss on the device, so a step never waits for the host. adam: 'default' | 'foreach'
     | 'fused' (the same numbers as 'default' on the CPU for 'foreach'). graphs: on CUDA, with a
     graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`GraphedStep`;
-    eager steps if capture fails); ignored elsewhere.
+    eager steps if capture fails); ignored elsewhere. points: a callable K -> (idx (B, K, 3) long,
+    targets (B, K) long) on the classes' device, the points of each latent z[b] (the 2D variant's
+    per-slice draws, ifad_fast/slices.py); it replaces the draws above, and `classes` then only
+    gives the grid shape and the device.
 
     Returns z (B, D) float32 and the per-step mean data loss (steps, B) float32, both on the
     classes' device.
@@ -157,15 +161,20 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     if adam not in ADAM:
         raise ValueError(f"adam must be one of {ADAM}, got {adam!r}")
     device = classes.device
-    b, shape = classes.shape[0], tuple(int(s) for s in classes.shape[1:])
+    b, shape = z0.shape[0], tuple(int(s) for s in classes.shape[1:])
     if not checked:
         check_classes(classes, backend.config.n_classes)
-    flat = classes.reshape(b, -1).long()
     z = z0.clone().to(device).requires_grad_(True)
     graphs = bool(graphs) and device.type == "cuda" and getattr(backend, "graph_safe", False)
-    focus = (brain if brain is not None else classes != 0).to(generator.device)    # the draws run there
-    sampler = PointSampler(shape, focus, rc.brain_fraction)
-    rows = torch.arange(b, device=generator.device)
+    if points is None:
+        flat = classes.reshape(b, -1).long()
+        focus = (brain if brain is not None else classes != 0).to(generator.device)    # the draws run there
+        sampler = PointSampler(shape, focus, rc.brain_fraction)
+        rows = torch.arange(b, device=generator.device)
+
+        def points(k):
+            idx, lin = sampler.draw(rows, k, generator)
+            return idx.to(device), flat.gather(1, lin.to(device))
     total = sum(steps for steps, _ in rc.phases)
     trace = torch.zeros(total, b, dtype=torch.float32, device=device)
     bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
@@ -188,9 +197,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
 
         run = GraphedStep(step, opt) if graphs and steps > GraphedStep.WARMUP + 1 else step
         for _ in range(steps):
-            idx, lin = sampler.draw(rows, k, generator)
-            idx, lin = idx.to(device), lin.to(device)
-            trace[done] = run(idx, flat.gather(1, lin))
+            trace[done] = run(*points(k))
             done += 1
             bar.update(1)
         if isinstance(run, GraphedStep) and run.fallback:
@@ -314,13 +321,20 @@ class DeviceMaps:
     losses: torch.Tensor
     scored: torch.Tensor
     region: str = "brain"
+    slices: list | None = None        # 2D models: per scan, its restored axial slices (S_i,) int64;
+                                      # z then holds their latents, scan after scan (sum S_i, D)
 
     def to_host(self) -> list[Restoration]:
         """One Restoration (NumPy) per scan; each array crosses to the host once, for the batch."""
         anomaly, score, classes = self.anomaly.cpu().numpy(), self.score.cpu().numpy(), self.classes.cpu().numpy()
         z, losses, scored = self.z.cpu().numpy(), self.losses.cpu(), self.scored.tolist()
-        return [Restoration(anomaly=anomaly[i], score=score[i], classes=classes[i], z=z[i],
-                            losses=losses[:, i].tolist(), scored_voxels=int(scored[i]), region=self.region)
+        if self.slices is None:
+            zs, slices = z, [None] * len(anomaly)
+        else:
+            zs, slices = np.split(z, np.cumsum([len(s) for s in self.slices])[:-1]), self.slices
+        return [Restoration(anomaly=anomaly[i], score=score[i], classes=classes[i], z=zs[i],
+                            losses=losses[:, i].tolist(), scored_voxels=int(scored[i]), region=self.region,
+                            slices=slices[i])
                 for i in range(anomaly.shape[0])]
 
 
@@ -336,6 +350,12 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
     device, see `optimise_latents`, with `adam` and `graphs`). stages: a `StageTimes` to record
     search / grid / post, or None. Returns DeviceMaps (nothing copied to the host).
     """
+    if model.config.variant == "2d":            # IF 2D: one latent per restored axial slice
+        from .slices import restore_slices
+        if score_classes is not None:
+            raise IfadError("a 2D model scores the slices it restores, on its own grid: drop --resolution")
+        return restore_slices(backend, model, classes, rc, generator, brain=brain, region=region, progress=progress,
+                              adam=adam, graphs=graphs, stages=stages)
     stage = stages or StageTimes(enabled=False)
     n_classes = backend.config.n_classes
     check_classes(classes, n_classes)

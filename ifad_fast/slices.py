@@ -1,0 +1,249 @@
+"""IF 2D, the paper's slice variant, on the 3D engine: one latent per axial slice.
+
+The paper's 2D experiments assign a latent code to each axial slice instead of the whole volume,
+the prediction also conditioned on the axial coordinate. Here the decoder is unchanged: γ(p)
+encodes all three coordinates of a voxel, so a slice latent's field is the decoder evaluated at
+that slice's axial coordinate. A 2D model differs from a 3D one only in what its latents stand
+for (`ModelConfig.variant`), so training and restoration run on the same code and backends.
+
+Axial axis: the model grid's last axis. In the physical frame the grid's axes are world R, A, S,
+so it is the superior axis whatever the scan's voxel order (LPS, permuted axes, oblique); in the
+cube frame it is the scan's own last axis, taken as acquired.
+
+Training (`SliceSampler`, used by train.Trainer): the samples are the (volume, axial slice) pairs
+whose slice holds brain (at least one brain voxel; the other slices would only teach background).
+The latent table has one row per such slice, volume-major, each volume's brain slices in
+increasing order (`slice_table`); it is recomputed from the training data, so a resumed run
+checks that it has as many rows. An epoch visits every row once; a batch is `volumes_per_batch`
+slices of `points_per_volume` points drawn inside each slice, `brain_fraction` of them among the
+slice's brain voxels, the rest uniformly over the slice.
+
+Restoration (`restore_slices`, called by restore.restore_classes for 2D models): the axial axis is
+cut into blocks of `slice_step` consecutive slices (`blocks`; the paper: 4, i.e. 40 of 160), each
+restored at one slice with its own latent. The restored slices of all scans are ONE batch of
+latents through restore.optimise_latents and the backend, whose rows draw their points inside their
+own slice. A phase's K stays the points per scan and step: it is spread over the blocks, each slice
+drawing ceil(K / blocks) points (`points_per_slice`; the paper's 700 × 16,200 at 160³ and step 4:
+405 per slice), so a 2D step costs what a 3D step does. Row r draws from its own generator, seeded
+from (seed, slice index) (`slice_seed`), its initial latent first: a slice's latent does not depend
+on which other slices are restored with it. Each slice is scored with its latent, the score fills
+its block (replicated `slice_step` times along the axial axis) and the usual 3D post-processing
+(min-pool 3, average-pool 15) runs on the whole volume. A restored slice without brain is not
+searched: its block scores 0 (and restores class 0). The restoration (classes) is replicated like
+the score.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from . import config as cfg
+from .errors import IfadError
+from .model import Model
+
+
+def blocks(depth: int, step: int) -> list[tuple[int, int, int]]:
+    """The axial axis of `depth` slices in blocks of `step`: (restored slice, start, stop) per block.
+
+    Block j covers slices [j·step, min((j+1)·step, depth)) and is restored at slice
+    j·step + (step - 1)//2 (the last, shorter block: at most its last slice).
+    """
+    if step < 1:
+        raise IfadError(f"the slice step must be at least 1, got {step}")
+    out = []
+    for start in range(0, depth, step):
+        stop = min(start + step, depth)
+        out.append((min(start + (step - 1) // 2, stop - 1), start, stop))
+    return out
+
+
+def points_per_slice(k: int, depth: int, step: int) -> int:
+    """Points each restored slice draws per step when a scan's budget is K: ceil(K / blocks)."""
+    return -(-int(k) // len(blocks(depth, step)))
+
+
+def slice_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of the generator of slice `index` under restoration seed `seed`."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0])
+
+
+def points_in_slices(u: torch.Tensor, u_focus: torch.Tensor | None, cum: torch.Tensor | None,
+                     area: int) -> torch.Tensor:
+    """In-slice linear indices (x·Y + y) from uniform random numbers.
+
+    u: (B, K) float64 in [0, 1): uniform over the slice's `area` = X·Y voxels. u_focus: (B, F)
+    float64 or None: the first F points are the floor(u·count)-th focus voxel of each slice
+    instead (rows with no focus voxel keep their uniform points). cum: (B, X·Y) the cumulative
+    focus count of each slice in linear order. Returns (B, K) long.
+    """
+    lin = (u * area).long()
+    if u_focus is not None and u_focus.shape[1]:
+        counts = cum[:, -1:]
+        pick = (u_focus * counts).long()
+        found = torch.searchsorted(cum, pick, right=True).clamp_(max=area - 1)
+        f = u_focus.shape[1]
+        lin[:, :f] = torch.where(counts > 0, found, lin[:, :f])
+    return lin
+
+
+def _focus_slices(focus, vols: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+    """Bool (B, X, Y): the axial slice slices[b] of volume vols[b] of `focus` (tensor or array)."""
+    if isinstance(focus, torch.Tensor):
+        return focus[vols.to(focus.device), :, :, slices.to(focus.device)].cpu() != 0
+    return torch.from_numpy(np.stack([np.asarray(focus[int(v), :, :, int(s)]) != 0
+                                      for v, s in zip(vols, slices)]))
+
+
+def slice_table(focus) -> torch.Tensor:
+    """(M, 2) long: (volume, axial slice) of every slice of `focus` (N, X, Y, Z; nonzero = brain,
+    a tensor or an array, read one volume at a time) that holds at least one focus voxel;
+    volume-major, slices in increasing order."""
+    rows = []
+    for v in range(focus.shape[0]):
+        f = focus[v]
+        f = f.cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+        has = (f != 0).reshape(-1, f.shape[-1]).any(0)
+        rows.extend((v, int(s)) for s in np.flatnonzero(has))
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 2)
+
+
+class SliceSampler:
+    """Training draws of the 2D variant: K points per (volume, axial slice) sample.
+
+    focus: (N, X, Y, Z) tensor or array, nonzero = brain (kept by reference, read a batch of
+    slices at a time). `table` (M, 2): the samples (see slice_table); fraction: share of each
+    slice's points drawn among its focus voxels. Random numbers come from the caller's generator
+    on the CPU.
+    """
+
+    def __init__(self, focus, fraction: float = 0.0):
+        self.focus = focus
+        self.shape = tuple(int(s) for s in focus.shape[1:])
+        self.fraction = float(fraction)
+        self.table = slice_table(focus)
+        if len(self.table) == 0:
+            raise IfadError("no training volume holds brain voxels; pass skull-stripped scans")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def draw(self, rows: torch.Tensor, k: int, generator: torch.Generator, part: slice | None = None):
+        """rows: (B,) sample ids -> (volume ids (B,) long, idx (B, P, 3) long, lin (B, P) long
+        indices into each volume's flattened grid), on the CPU.
+
+        Every random number of the K points is drawn (uniform ones, then the focus ones), so the
+        generator advances the same whatever `part` is; `part` (a slice of range(K)) returns only
+        those points.
+        """
+        sx, sy, sz = self.shape
+        b = rows.numel()
+        u = torch.rand(b, k, generator=generator, dtype=torch.float64)
+        n_focus = int(round(self.fraction * k))
+        u_focus = torch.rand(b, n_focus, generator=generator, dtype=torch.float64) if n_focus else None
+        vols, sl = self.table[rows].unbind(1)
+        cum = _focus_slices(self.focus, vols, sl).reshape(b, -1).cumsum(1) if n_focus else None
+        lin2d = points_in_slices(u, u_focus, cum, sx * sy)
+        if part is not None:
+            lin2d = lin2d[:, part]
+        z = sl[:, None].expand_as(lin2d)
+        idx = torch.stack((lin2d // sy, lin2d % sy, z), dim=-1)
+        return vols, idx, lin2d * sz + z
+
+
+class _RowDraws:
+    """optimise_latents' `points` for restored slices: row r draws inside its slice from its own
+    generator (uniform numbers first, then the brain ones), so rows never share random numbers."""
+
+    def __init__(self, classes2d: torch.Tensor, brain2d: torch.Tensor, slices: torch.Tensor, fraction: float,
+                 generators: list[torch.Generator], device):
+        b, self.sx, self.sy = classes2d.shape
+        self.targets = classes2d.reshape(b, -1).long().to(device)
+        self.cum = brain2d.reshape(b, -1).long().cumsum(1)
+        self.slices, self.fraction, self.generators, self.device = slices, fraction, generators, device
+
+    def __call__(self, k: int):
+        n_focus = int(round(self.fraction * k))
+        u = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in self.generators])
+        u_focus = None
+        if n_focus:
+            u_focus = torch.stack([torch.rand(n_focus, generator=g, dtype=torch.float64) for g in self.generators])
+        lin2d = points_in_slices(u, u_focus, self.cum, self.sx * self.sy)
+        idx = torch.stack((lin2d // self.sy, lin2d % self.sy, self.slices[:, None].expand_as(lin2d)), dim=-1)
+        lin2d = lin2d.to(self.device)
+        return idx.to(self.device), self.targets.gather(1, lin2d)
+
+
+def search_slices(model: Model, engine, classes: torch.Tensor, brain: np.ndarray, rows, rc: cfg.RestoreConfig,
+                  progress: bool = False):
+    """The latent search of restored slices, one latent each, as one batch.
+
+    classes: (N, X, Y, Z) uint8 on the backend's device; brain: bool (N, X, Y, Z) NumPy; rows:
+    (scan, axial slice) pairs. rc.phases' K are points per scan (see the module docstring).
+    Returns z (B, D) float32 and the per-step mean data loss (steps, B), as optimise_latents.
+    """
+    from .restore import initial_latents, optimise_latents
+
+    depth = classes.shape[-1]
+    per_slice = tuple((steps, points_per_slice(k, depth, rc.slice_step)) for steps, k in rc.phases)
+    rc_rows = dataclasses.replace(rc, phases=per_slice)
+    scan = torch.tensor([i for i, _ in rows], dtype=torch.long)
+    slices = torch.tensor([s for _, s in rows], dtype=torch.long)
+    generators = [torch.Generator().manual_seed(slice_seed(rc.seed, s)) for _, s in rows]
+    z0 = torch.cat([initial_latents(model, 1, rc, g) for g in generators]).float()
+    classes2d = classes[scan.to(classes.device), :, :, slices.to(classes.device)]
+    brain2d = torch.from_numpy(np.stack([brain[i, :, :, s] for i, s in rows]))
+    draws = _RowDraws(classes2d, brain2d, slices, rc.brain_fraction, generators, classes.device)
+    return optimise_latents(engine, classes, z0, rc_rows, None, progress, points=draws)
+
+
+def restore_slices(model: Model, classes: np.ndarray, brain: np.ndarray, rc: cfg.RestoreConfig, engine,
+                   region: str = "brain", progress: bool = False):
+    """IF 2D restoration of scans on the model grid (see the module docstring).
+
+    classes: (N, X, Y, Z) uint8; brain: bool (N, X, Y, Z); the axial axis is the last. Returns a
+    restore.Restoration per scan: the anomaly map and the raw score (replicated from the restored
+    slices), the classes, z (S, D) and `slices` (S,) of the restored slices holding brain, the
+    per-step data loss averaged over them.
+    """
+    from .restore import Restoration, _dilate, pool_reach, postprocess, score_grid
+
+    n, shape = classes.shape[0], tuple(classes.shape[1:])
+    plan = blocks(shape[2], rc.slice_step)
+    rows, where = [], []
+    for i in range(n):
+        mine = [(s, a, b) for s, a, b in plan if brain[i, :, :, s].any()]
+        if not mine:
+            raise IfadError(f"the brain of scan {i} lies in none of the restored slices (one in {rc.slice_step}); "
+                            "use a smaller --slice-step")
+        where.append(mine)
+        rows.extend((i, s) for s, _, _ in mine)
+    device = engine.device
+    cls_t = torch.from_numpy(classes).to(device)
+    z, trace = search_slices(model, engine, cls_t, brain, rows, rc, progress)
+
+    out, r = [], 0
+    plane = torch.zeros(shape, dtype=torch.bool, device=device)
+    for i in range(n):
+        keep = _dilate(brain[i], pool_reach(rc)) if region == "brain" else None
+        score = torch.zeros(shape, dtype=torch.float32, device=device)
+        predicted = torch.zeros(shape, dtype=torch.uint8, device=device)
+        first, scored = r, 0
+        for s, a, b in where[i]:
+            plane[:, :, s] = True if keep is None else torch.from_numpy(keep[:, :, a:b].any(2)).to(device)
+            scored += int(plane[:, :, s].sum())
+            ce, cls = score_grid(engine, z[r], cls_t[i], plane, rc.chunk, progress)
+            score[:, :, a:b] = ce[:, :, s:s + 1]
+            predicted[:, :, a:b] = cls[:, :, s:s + 1]
+            plane[:, :, s] = False
+            r += 1
+        raw = score.cpu().numpy()
+        anomaly = postprocess(raw, rc.min_pool, rc.avg_pool)
+        if region == "brain":
+            anomaly[~brain[i]] = 0.0
+        out.append(Restoration(anomaly=anomaly, score=raw, classes=predicted.cpu().numpy(),
+                               z=z[first:r].cpu().numpy(), losses=trace[:, first:r].mean(1).tolist(),
+                               scored_voxels=scored, region=region,
+                               slices=np.array([s for s, _, _ in where[i]], dtype=np.int64)))
+    return out
