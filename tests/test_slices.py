@@ -1,0 +1,191 @@
+"""IF 2D: one latent per axial slice on the 3D engine (ifad_fast/slices.py)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ifad_fast import config as cfg
+from ifad_fast.api import restore_array
+from ifad_fast.backends import TorchBackend
+from ifad_fast.errors import IfadError
+from ifad_fast.model import FORMAT_VERSION, FORMAT_VERSION_2D, Model, load_model, save_model
+from ifad_fast.restore import postprocess, restore_classes
+from ifad_fast.slices import SliceSampler, blocks, points_per_slice, search_slices, slice_table
+from helpers import base_seed, grid_indices, numpy_rng, random_decoder
+
+MC = dataclasses.replace(cfg.get_preset("tiny-2d").model, n_classes=4)
+
+
+def random_model(pc=cfg.PreprocessConfig(resolution=16, extent_mm=192.0), seed=0) -> Model:
+    """A 2D model with random weights: enough for everything that does not need a trained field."""
+    return Model(random_decoder(MC, base_seed() + seed), torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64),
+                 pc, torch.zeros(3, MC.latent_dim))
+
+
+def random_scan(shape, seed=0):
+    """Classes (X, Y, Z) uint8 and a brain mask: a box of random classes, slices 0, 1 and the last empty."""
+    rng = numpy_rng(seed)
+    brain = np.zeros(shape, bool)
+    brain[2:-2, 1:-1, 2:-1] = True
+    classes = np.where(brain, rng.integers(0, MC.n_classes, shape), 0).astype(np.uint8)
+    return classes, brain
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("depth, step", [(160, 4), (24, 4), (10, 4), (9, 4), (7, 1), (5, 8)])
+def test_blocks_tile_the_axial_axis(depth, step):
+    plan = blocks(depth, step)
+    assert len(plan) == -(-depth // step)
+    covered = np.concatenate([np.arange(a, b) for _, a, b in plan])
+    np.testing.assert_array_equal(covered, np.arange(depth))          # every slice once, in order
+    for s, a, b in plan:
+        assert a <= s < b and b - a <= step and s == min(a + (step - 1) // 2, b - 1)
+    if (depth, step) == (160, 4):                                        # the paper: 40 of 160
+        assert [s for s, _, _ in plan][:3] == [1, 5, 9] and points_per_slice(16200, depth, step) == 405
+
+
+def test_restored_slices_fill_their_blocks_and_are_scored_with_their_own_latent():
+    model = random_model()
+    classes, brain = random_scan((12, 10, 16))
+    rc = cfg.RestoreConfig(phases=((3, 64),), seed=5, brain_fraction=0.5)
+    res = restore_classes(model, classes, rc, backend="torch", brain=brain, region="full")[0]
+    plan = blocks(16, 4)                                                 # restored at 1, 5, 9, 13
+    assert list(res.slices) == [s for s, _, _ in plan if brain[:, :, s].any()] == [5, 9, 13]
+    assert res.z.shape == (3, MC.latent_dim) and len(res.losses) == 3
+    backend = TorchBackend(model.decoder)
+    for s, a, b in plan:
+        if s not in res.slices:                                          # no brain: not searched, score 0
+            assert (res.score[:, :, a:b] == 0).all() and (res.classes[:, :, a:b] == 0).all()
+            continue
+        z = torch.from_numpy(res.z[list(res.slices).index(s)])
+        idx = grid_indices((12, 10, 1))
+        idx[:, 2] = s
+        want = backend.score(z, idx, torch.from_numpy(classes[:, :, s]).reshape(-1).long(), (12, 10, 16))
+        for t in range(a, b):                                            # replicated along the axial axis
+            np.testing.assert_allclose(res.score[:, :, t], want.reshape(12, 10).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(res.anomaly, postprocess(res.score, rc.min_pool, rc.avg_pool))
+
+
+def test_brain_region_gives_the_full_map_inside_the_brain():
+    model = random_model()
+    classes, brain = random_scan((22, 21, 16))
+    brain[:8], brain[-8:], brain[:, :8] = False, False, False           # reach 1 + 2 = 3 stays inside the grid
+    rc = cfg.RestoreConfig(phases=((2, 64),), seed=1, avg_pool=5)
+    full = restore_classes(model, classes, rc, backend="torch", brain=brain, region="full")[0]
+    near = restore_classes(model, classes, rc, backend="torch", brain=brain, region="brain")[0]
+    assert near.scored_voxels < full.scored_voxels
+    np.testing.assert_allclose(near.anomaly[brain], full.anomaly[brain], rtol=1e-6, atol=1e-6)
+    assert (near.anomaly[~brain] == 0).all()
+
+
+@pytest.mark.parametrize("init, fraction", [("random", 0.5), ("mean", 0.0)])
+def test_slices_restored_together_equal_each_restored_alone(init, fraction):
+    """40 slices (160 at step 4) in one batch vs one at a time, same seed: each row draws its start and
+    its points from its own generator, and Adam and the backend treat rows independently."""
+    model = random_model(cfg.PreprocessConfig(resolution=160))
+    model.latents = torch.randn(3, MC.latent_dim, generator=torch.Generator().manual_seed(base_seed()))
+    classes, brain = random_scan((6, 5, 160))
+    rc = cfg.RestoreConfig(phases=((3, 1200), (2, 2000)), seed=11, init=init, brain_fraction=fraction,
+                           prior="paper", sigma=0.5, lr_decay=0.5)
+    rows = [(0, s) for s, _, _ in blocks(160, 4)]
+    assert len(rows) == 40
+    backend = TorchBackend(model.decoder)
+    cls = torch.from_numpy(classes)[None]
+    together, trace = search_slices(model, backend, cls, brain[None], rows, rc)
+    assert together.shape == (40, MC.latent_dim) and trace.shape == (5, 40)
+    for r, row in enumerate(rows):
+        alone, alone_trace = search_slices(model, backend, cls, brain[None], [row], rc)
+        torch.testing.assert_close(alone[0], together[r], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alone_trace[:, 0], trace[:, r], rtol=1e-5, atol=1e-6)
+    other, _ = search_slices(model, backend, cls, brain[None], rows, dataclasses.replace(rc, seed=12))
+    assert not torch.equal(other, together)
+
+
+def test_fast_backend_gives_the_reference_slices():
+    model = random_model()
+    classes, brain = random_scan((12, 10, 16), seed=3)
+    rc = cfg.RestoreConfig(phases=((4, 96),), seed=2, brain_fraction=0.5)
+    ref = restore_classes(model, classes, rc, backend="torch", brain=brain)[0]
+    fast = restore_classes(model, classes, rc, backend="cpu", brain=brain)[0]
+    np.testing.assert_array_equal(fast.slices, ref.slices)
+    np.testing.assert_allclose(fast.z, ref.z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.anomaly, ref.anomaly, rtol=1e-4, atol=1e-5)
+
+
+def test_a_brain_between_the_restored_slices_is_refused():
+    classes, brain = random_scan((8, 8, 16))
+    brain[:] = False
+    brain[2:6, 2:6, 2:4] = True                                          # slices 2, 3: restored are 1, 5, ...
+    with pytest.raises(IfadError, match="slice-step"):
+        restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch", brain=brain)
+
+
+# --------------------------------------------------------------------------- the sampler of training
+
+
+def test_slice_sampler_draws_inside_each_slice_and_its_brain():
+    rng = numpy_rng(7)
+    focus = torch.from_numpy(rng.random((3, 9, 7, 6)) < 0.3)
+    focus[1, :, :, 2] = False                                            # a slice without brain: no sample
+    focus[2] = False
+    focus[2, 4, 3, 5] = True                                             # one voxel is enough
+    table = slice_table(focus)
+    want = [(v, s) for v in range(3) for s in range(6) if focus[v, :, :, s].any()]
+    assert [tuple(r) for r in table.tolist()] == want
+    sampler = SliceSampler(focus.numpy(), fraction=0.75)                 # arrays (memmaps) are read in place
+    rows = torch.tensor([len(table) - 1, 0, 5])
+    gen = torch.Generator().manual_seed(base_seed())
+    vols, idx, lin = sampler.draw(rows, 400, gen)
+    np.testing.assert_array_equal(vols, table[rows, 0])
+    assert idx.shape == (3, 400, 3) and (idx[..., 2] == table[rows, 1][:, None]).all()
+    assert (idx >= 0).all() and (idx < torch.tensor([9, 7, 6])).all()
+    assert torch.equal((idx[..., 0] * 7 + idx[..., 1]) * 6 + idx[..., 2], lin)
+    inside = focus.reshape(3, -1)[vols[:, None], lin]
+    assert inside[:, :300].all()
+    assert inside[0, 300:].float().mean() < 0.1                          # the one-voxel slice: uniform misses it
+    # `part` returns a share of the same draw and advances the generator the same
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    _, whole, _ = sampler.draw(rows, 50, g1)
+    _, share, _ = sampler.draw(rows, 50, g2, part=slice(20, 35))
+    assert torch.equal(share, whole[:, 20:35]) and torch.equal(g1.get_state(), g2.get_state())
+
+
+# --------------------------------------------------------------------------- model files and options
+
+
+def test_2d_models_are_format_3_and_older_files_load_as_3d(tmp_path):
+    model = random_model()
+    save_model(model, tmp_path / "m2d.pt")
+    meta = json.loads(torch.load(tmp_path / "m2d.pt", weights_only=True)["meta"])
+    assert meta["format_version"] == FORMAT_VERSION_2D == 3 and meta["model"]["variant"] == "2d"
+    assert load_model(tmp_path / "m2d.pt").config == MC
+    flat = Model(random_decoder(dataclasses.replace(MC, variant="3d"), 1), model.centres, model.preprocess,
+                 model.latents)
+    payload = flat.to_payload()
+    meta = json.loads(payload["meta"])
+    assert meta["format_version"] == FORMAT_VERSION == 2
+    del meta["model"]["variant"]                                         # as written before IF 2D
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt").config.variant == "3d"
+    meta["model"]["variant"] = "2.5d"
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(IfadError, match="damaged model file"):
+        load_model(tmp_path / "bad.pt")
+
+
+def test_slice_step_and_resolution_are_checked():
+    with pytest.raises(IfadError, match="slice step"):
+        cfg.RestoreConfig(slice_step=0)
+    with pytest.raises(IfadError, match="variant"):
+        dataclasses.replace(MC, variant="2D")
+    model = random_model()
+    img = np.zeros((10, 10, 10), np.float32)
+    img[2:8, 2:8, 2:8] = 1.0 + numpy_rng(1).random((6, 6, 6))
+    with pytest.raises(IfadError, match="drop --resolution"):
+        restore_array(model, img, np.eye(4) * [8, 8, 8, 1], resolution=20, backend="torch", device="cpu")
