@@ -321,12 +321,17 @@ def cmd_train(args):
     check_memory(train_bytes(preset.model, tc, preset.preprocess.resolution, len(names)),
                  f"training on {len(names)} volumes at {preset.preprocess.resolution}³",
                  "train on fewer volumes, use a smaller preset or a machine with more memory", device)
-    if args.preset == "paper" and device.type == "cpu" and group.main:
-        seconds, rate = estimate_seconds(preset.model, tc, len(names), tc.epochs, device)
+    if args.preset in ("paper", "paper-2d") and device.type == "cpu" and group.main:
+        samples, what = len(names), f"{len(names)} volumes"
+        if preset.model.variant == "2d":                 # a sample per brain slice
+            from .slices import slice_table
+            samples = len(slice_table(brains))
+            what += f" ({samples} slices)"
+        seconds, rate = estimate_seconds(preset.model, tc, samples, tc.epochs, device)
         warnings.warn(IfadWarning(
-            f"the paper preset is GPU-sized: {tc.epochs} epochs on {len(names)} volumes need roughly "
+            f"the {args.preset} preset is GPU-sized: {tc.epochs} epochs on {what} need roughly "
             f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
-            "use a GPU (--device cuda) or --preset small"))
+            f"use a GPU (--device cuda) or --preset {args.preset.replace('paper', 'small')}"))
     threads = args.threads
     if threads is None and nproc > 1 and device.type == "cpu":
         threads = max(1, (os.cpu_count() or 1) // nproc)

@@ -129,9 +129,17 @@ class SliceSampler:
     def __len__(self) -> int:
         return len(self.table)
 
+    def volumes_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The volume of each sample in `rows` ((B,) long, on rows' device)."""
+        return self.table.to(rows.device)[rows, 0]
+
+    def slices_per_volume(self, n_volumes: int) -> list[int]:
+        """How many samples (latents) each of the n_volumes training volumes has."""
+        return torch.bincount(self.table[:, 0], minlength=n_volumes).tolist()
+
     def draw(self, rows: torch.Tensor, k: int, generator: torch.Generator, part: slice | None = None):
-        """rows: (B,) sample ids -> (volume ids (B,) long, idx (B, P, 3) long, lin (B, P) long
-        indices into each volume's flattened grid), on the CPU.
+        """rows: (B,) sample ids -> (idx (B, P, 3) long, lin (B, P) long indices into the flattened
+        grid of each sample's volume, `volumes_of(rows)`), on the CPU, as PointSampler.draw.
 
         Every random number of the K points is drawn (uniform ones, then the focus ones), so the
         generator advances the same whatever `part` is; `part` (a slice of range(K)) returns only
@@ -149,7 +157,7 @@ class SliceSampler:
             lin2d = lin2d[:, part]
         z = sl[:, None].expand_as(lin2d)
         idx = torch.stack((lin2d // sy, lin2d % sy, z), dim=-1)
-        return vols, idx, lin2d * sz + z
+        return idx, lin2d * sz + z
 
 
 class _RowDraws:

@@ -1,6 +1,8 @@
 """Auto-decoder training: per-volume latents learnt jointly with the decoder weights.
 
-Each epoch visits every training volume once, in batches of S volumes × K random voxels;
+Each epoch visits every training volume once, in batches of S volumes × K random voxels (a 2D
+model: every axial slice holding brain, in batches of S slices × K voxels of each slice, one
+latent per slice; ifad_fast/slices.py);
 loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
 bit-for-bit (weights, latents, Adam state, RNG states, loss log). They are only ever written
 between epochs: Ctrl-C asks the run to stop at the end of the current epoch (a second Ctrl-C
@@ -44,6 +46,7 @@ from .errors import IfadError
 from .io import atomic_path, describe_os_error, save_json
 from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
 from .sampling import PointSampler, as_tensor
+from .slices import SliceSampler
 
 PRECISIONS = ("float32", "bf16")
 
@@ -127,6 +130,7 @@ def estimate_seconds(mc: cfg.ModelConfig, tc: cfg.TrainConfig, n_volumes: int, e
                      device="cpu") -> tuple[float, float]:
     """A rough training-time estimate: (seconds, measured matmul FLOP/s on `device`).
 
+    n_volumes: the training samples (volumes; brain slices for a 2D model).
     FLOPs = 6 × (multiply-adds of one point's forward) × points per epoch × epochs (forward,
     then backward for activations and weights), run at half the rate of a plain float32 matmul
     of the decoder's width measured here (training never reaches the matmul peak).
@@ -236,15 +240,20 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tc.seed)
             self.decoder = Decoder(mc).to(self.device)
-        self.latents = (torch.randn(len(volumes), mc.latent_dim, generator=self.generator)
+        # brains: the scans' own support (nonzero = brain, like volumes): class 0 can hold brain voxels
+        # after min-max normalisation; without them, the nonzero classes
+        focus = volumes if brains is None else brains
+        if mc.variant == "2d":      # IF 2D: a sample, and a latent, per axial slice holding brain (slices.py)
+            self.sampler = SliceSampler(focus, tc.brain_fraction)
+        else:
+            self.sampler = PointSampler(volumes.shape[1:], focus, tc.brain_fraction)
+        n_samples = len(self.sampler) if mc.variant == "2d" else len(volumes)
+        self.latents = (torch.randn(n_samples, mc.latent_dim, generator=self.generator)
                         * tc.latent_init_std).to(self.device).requires_grad_(True)
         self.optimizer = torch.optim.Adam([
             {"params": list(self.decoder.parameters()), "lr": tc.lr_weights},
             {"params": [self.latents], "lr": tc.lr_latents},
         ])
-        # brains: the scans' own support (nonzero = brain, like volumes): class 0 can hold brain voxels
-        # after min-max normalisation; without them, the nonzero classes
-        self.sampler = PointSampler(volumes.shape[1:], volumes if brains is None else brains, tc.brain_fraction)
         self.epoch = 0
         self.log: list[dict] = []
         self.provenance = dict(provenance or {}, ifad_fast=__version__)
@@ -267,7 +276,7 @@ class Trainer:
         # dropout draws from torch's global RNG: reseed it from the run's own generator each epoch
         # (plus the rank: each process drops out on its own points)
         torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=self.generator)) + g.rank)
-        n, k = len(self.volumes), tc.points_per_volume
+        n, k = len(self.latents), tc.points_per_volume       # the samples: volumes, or (volume, slice) pairs in 2D
         order = torch.randperm(n, generator=self.generator)
         params = list(self.decoder.parameters())
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
@@ -275,7 +284,8 @@ class Trainer:
         for start in range(0, n, tc.volumes_per_batch):
             rows = order[start:start + tc.volumes_per_batch]
             idx, lin = self.sampler.draw(rows, k, self.generator, part=self._share(k))
-            targets = self.flat[rows.to(self.flat.device)[:, None], lin.to(self.flat.device)]  # (B, P) uint8
+            vols = self.sampler.volumes_of(rows) if self.mc.variant == "2d" else rows
+            targets = self.flat[vols.to(self.flat.device)[:, None], lin.to(self.flat.device)]  # (B, P) uint8
             rows_d, idx, targets = rows.to(self.device), idx.to(self.device), targets.to(self.device).long()
             if tc.prior == "reference":
                 _renorm_(self.latents, rows_d, tc.max_norm)
@@ -383,7 +393,13 @@ class Trainer:
         return Model(decoder=decoder.eval(), centres=self.centres, preprocess=self.pc,
                      latents=self.latents.detach().cpu().clone(), train=self.tc,
                      info={**self.provenance, "epochs": self.epoch, "volumes": self.names,
-                           "final_loss": self.log[-1]["loss"] if self.log else None})
+                           "final_loss": self.log[-1]["loss"] if self.log else None, **self._sample_info()})
+
+    def _sample_info(self) -> dict:
+        """2D models: how many latents (brain slices) each training volume has."""
+        if self.mc.variant != "2d":
+            return {}
+        return {"slices_per_volume": self.sampler.slices_per_volume(len(self.volumes))}
 
     def save(self, run_dir: Path):
         """model.pt (inference), checkpoint.pt (+ optimiser and RNG state), config.json, loss.jsonl.

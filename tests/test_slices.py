@@ -139,8 +139,10 @@ def test_slice_sampler_draws_inside_each_slice_and_its_brain():
     sampler = SliceSampler(focus.numpy(), fraction=0.75)                 # arrays (memmaps) are read in place
     rows = torch.tensor([len(table) - 1, 0, 5])
     gen = torch.Generator().manual_seed(base_seed())
-    vols, idx, lin = sampler.draw(rows, 400, gen)
+    idx, lin = sampler.draw(rows, 400, gen)
+    vols = sampler.volumes_of(rows)
     np.testing.assert_array_equal(vols, table[rows, 0])
+    assert sampler.slices_per_volume(4) == [int(focus[v].reshape(-1, 6).any(0).sum()) for v in range(3)] + [0]
     assert idx.shape == (3, 400, 3) and (idx[..., 2] == table[rows, 1][:, None]).all()
     assert (idx >= 0).all() and (idx < torch.tensor([9, 7, 6])).all()
     assert torch.equal((idx[..., 0] * 7 + idx[..., 1]) * 6 + idx[..., 2], lin)
@@ -149,8 +151,8 @@ def test_slice_sampler_draws_inside_each_slice_and_its_brain():
     assert inside[0, 300:].float().mean() < 0.1                          # the one-voxel slice: uniform misses it
     # `part` returns a share of the same draw and advances the generator the same
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    _, whole, _ = sampler.draw(rows, 50, g1)
-    _, share, _ = sampler.draw(rows, 50, g2, part=slice(20, 35))
+    whole, _ = sampler.draw(rows, 50, g1)
+    share, _ = sampler.draw(rows, 50, g2, part=slice(20, 35))
     assert torch.equal(share, whole[:, 20:35]) and torch.equal(g1.get_state(), g2.get_state())
 
 
@@ -189,3 +191,142 @@ def test_slice_step_and_resolution_are_checked():
     img[2:8, 2:8, 2:8] = 1.0 + numpy_rng(1).random((6, 6, 6))
     with pytest.raises(IfadError, match="drop --resolution"):
         restore_array(model, img, np.eye(4) * [8, 8, 8, 1], resolution=20, backend="torch", device="cpu")
+
+
+# --------------------------------------------------------------------------- training, and a trained model
+
+
+def test_2d_trainer_has_a_latent_per_brain_slice_and_resumes_exactly(tmp_path):
+    from test_train import tiny, toy_volumes
+    from ifad_fast.train import Trainer
+
+    vols = toy_volumes(3, size=12, seed=2)
+    mc, tc, pc = tiny(epochs=3, volumes_per_batch=5, points_per_volume=64, brain_fraction=0.5, checkpoint_every=1)
+    mc = dataclasses.replace(mc, variant="2d")
+    make = lambda: Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4))        # noqa: E731
+    full = make()
+    per_volume = [int((v != 0).reshape(-1, 12).any(0).sum()) for v in vols]
+    assert len(full.latents) == sum(per_volume) and full.model().info["slices_per_volume"] == per_volume
+    full.run(3, progress=False)
+    losses = [row["loss"] for row in full.log]
+    first = make()
+    first.run(1, tmp_path, progress=False)
+    resumed = make()
+    resumed.load(tmp_path)
+    resumed.run(3, tmp_path, progress=False)
+    torch.testing.assert_close(full.latents, resumed.latents, rtol=0, atol=0)
+    assert [row["loss"] for row in resumed.log] == losses
+    model = load_model(tmp_path / "model.pt")
+    assert model.config.variant == "2d" and model.latents.shape == (sum(per_volume), mc.latent_dim)
+    with pytest.raises(IfadError, match="cannot resume"):              # other data: other slices, other rows
+        other = Trainer(toy_volumes(2, size=12, seed=2), mc, tc, pc, centres=np.linspace(0, 1, 4))
+        other.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model_2d():
+    """A tiny-2d model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
+    from test_frame import CENTRE, RADII, acquisition, brain_image, world_of
+    from ifad_fast.preprocess import IntensityEncoder, mode_pool3d, to_model_grid
+    from ifad_fast.train import Trainer
+
+    preset = cfg.get_preset("tiny-2d")
+    rng = np.random.default_rng(0)
+    vols = []
+    for _ in range(8):
+        shape, affine = acquisition("ras", voxel=4.0)
+        img, _ = brain_image(world_of(shape, affine), rng, radii=RADII * rng.uniform(0.92, 1.08, 3),
+                             centre=CENTRE + rng.normal(0, 4, 3))
+        vols.append(to_model_grid(img, affine, preset.preprocess))
+    encoder = IntensityEncoder.fit([v[0] for v in vols], k=6, seed=0, brains=[v[1].brain for v in vols])
+    classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
+    brains = np.stack([v[1].brain for v in vols])
+    mc = dataclasses.replace(preset.model, n_classes=6)
+    tc = dataclasses.replace(preset.train, epochs=12, volumes_per_batch=16, points_per_volume=256,
+                             brain_fraction=0.8, lr_weights=5e-3, lr_latents=1e-2, lr_step_epochs=1000, prior="none")
+    trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
+                      brains=torch.from_numpy(brains))
+    return trainer.run(tc.epochs, progress=False)
+
+
+def _restore(model, img, affine):
+    from ifad_fast.api import restore_config
+    rc = restore_config(model, "30x1536", lr=2e-2, seed=0)
+    return restore_array(model, img, affine, rc=rc, backend="torch", device="cpu")
+
+
+def test_trained_2d_model_detects_a_bright_lesion(model_2d):
+    from test_frame import acquisition, brain_image, world_of
+    from ifad_fast.metrics import curve_metrics
+
+    shape, affine = acquisition("ras", voxel=4.0)
+    img, lesion = brain_image(world_of(shape, affine), np.random.default_rng(20), lesion=True)
+    res = _restore(model_2d, img, affine)
+    assert res.anomaly.shape == shape and res.model_grid.slices is not None
+    brain = img != 0
+    auroc = curve_metrics(res.anomaly[brain], lesion[brain])["auroc"]
+    assert auroc > 0.6, auroc
+
+
+def test_axial_axis_is_world_superior_for_ras_lps_and_permuted_scans(model_2d):
+    """The same anatomy as RAS, as LPS (array flipped in x and y) and with the array's axes permuted
+    to (I, R, A): the restored slices are the model grid's last axis (world S) every time, so each
+    map is the RAS map flipped or permuted like its scan. (3 mm voxels: not aligned with the 8 mm
+    model grid, where the brain's `> 0` threshold would tie.)"""
+    from test_frame import acquisition, brain_image, world_of
+
+    shape, affine = acquisition("ras", voxel=3.0)
+    img, _ = brain_image(world_of(shape, affine), np.random.default_rng(21), lesion=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:2, 3] = [shape[0] - 1, shape[1] - 1]
+    # permuted: new voxel (i, j, k) is old voxel (j, k, Z - 1 - i)
+    perm = np.array([[0.0, 1, 0, 0], [0, 0, 1, 0], [-1, 0, 0, shape[2] - 1], [0, 0, 0, 1]])
+    ras = _restore(model_2d, img, affine)
+    a = _restore(model_2d, img[::-1, ::-1].copy(), affine @ lps)
+    b = _restore(model_2d, img.transpose(2, 0, 1)[::-1].copy(), affine @ perm)
+    for other in (a, b):
+        np.testing.assert_array_equal(other.model_grid.slices, ras.model_grid.slices)
+        np.testing.assert_allclose(other.model_grid.z, ras.model_grid.z, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.anomaly[::-1, ::-1], ras.anomaly, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b.anomaly, ras.anomaly.transpose(2, 0, 1)[::-1], rtol=1e-4, atol=1e-5)
+    for r in (ras, a, b):                   # the model grid's axes are world R, A, S: its last axis is S
+        m = r.placement.model_affine[:3, :3]
+        assert np.allclose(m, np.diag(np.diag(m))) and (np.diag(m) > 0).all()
+    # on the model grid the raw score is constant along the last axis within each block
+    score = ras.model_grid.score
+    for s, lo, hi in blocks(score.shape[2], 4):
+        assert (score[:, :, lo:hi] == score[:, :, s:s + 1]).all()
+    assert not (score[:, :, 3] == score[:, :, 4]).all()                  # and changes between blocks
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys):
+    from conftest import toy_brain, write_nifti
+    from ifad_fast.cli import main
+
+    run = tmp_path / "run2d"
+    assert main(["train", str(tiny_run / "prep"), "-o", str(run), "--preset", "tiny-2d", "--epochs", "1",
+                 "--device", "cpu"]) == 0
+    model = load_model(run)
+    assert model.config.variant == "2d" and len(model.latents) == sum(model.info["slices_per_volume"])
+    write_nifti(tmp_path / "case.nii.gz", toy_brain(30, lesion=True)[0])
+    args = ["restore", str(tmp_path / "case.nii.gz"), "-m", str(run), "--schedule", "3x256", "--backend", "torch",
+            "--device", "cpu"]
+    assert main(args + ["-o", str(tmp_path / "out"), "--slice-step", "2"]) == 0
+    summary = json.loads((tmp_path / "out" / "case_restore.json").read_text())
+    assert summary["variant"] == "2d" and summary["slice_step"] == 2 and summary["restore"]["slice_step"] == 2
+    capsys.readouterr()
+    # --continue with another slice step is refused; --resolution is refused for a 2D model
+    assert main(args + ["-o", str(tmp_path / "out"), "--continue"]) == 2
+    assert "slice_step" in capsys.readouterr().err
+    assert main(args + ["-o", str(tmp_path / "o2"), "--resolution", "32"]) == 2
+    assert "drop --resolution" in capsys.readouterr().err
+    # --slice-step is refused for a 3D model, and bench speed takes no --model
+    assert main(["restore", str(tmp_path / "case.nii.gz"), "-m", str(tiny_run / "run"), "-o", str(tmp_path / "o3"),
+                 "--slice-step", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--slice-step is for 2D models" in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", "speed", "-m", str(run)]) == 2
+    assert "bench accuracy" in capsys.readouterr().err
