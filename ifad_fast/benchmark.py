@@ -3,8 +3,9 @@
 The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MNI152 maps:
 
 1. Healthy training scans: subjects 0..N-1 of the healthy stream, seed 0 (`synth`, 1.5 mm),
-   the set the bundled model was trained on (N = the model's number of training latents); or
-   IF 3D is trained on them here (`train=PRESET`).
+   the set the bundled model was trained on (N = the model's number of training volumes); or
+   IF 3D (IF 2D for a -2d preset) is trained on them here (`train=PRESET`). A second model
+   (`compare`, e.g. IF 2D beside IF 3D) is scored on the same cases as one more method.
 2. Baselines trained on the same scans, each seeing a scan through the model's own
    `to_model_grid`, with the model's post-processing (`baselines`): the mean-image baseline and
    the dense VAE of the paper's Table 1.
@@ -36,7 +37,7 @@ from .baselines import VAEConfig
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
-IF3D, MEAN, VAE = "IF 3D", "mean image", "VAE"
+IF3D, IF2D, MEAN, VAE = "IF 3D", "IF 2D", "mean image", "VAE"
 
 
 def machine() -> str:
@@ -104,7 +105,7 @@ def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
 
 def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str, epochs: int | None = None,
                device="cpu", progress: bool = True):
-    """Train IF 3D (`preset`) on model-grid volumes (R, R, R) float32 with their brains (bool): k-means
+    """Train IF 3D (`preset`; IF 2D for a -2d preset) on model-grid volumes (R, R, R) float32 with their brains (bool): k-means
     centres fitted on them, encoded and mode-pooled as for training, `epochs` (default the
     preset's). -> Model."""
     import torch
@@ -124,12 +125,22 @@ def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str,
     return trainer.run(tc.epochs, progress=progress)
 
 
-def _methods(restorer, baselines) -> dict:
-    """Method name -> function of an acquired scan giving its anomaly map on the scan's grid."""
+def if_label(model) -> str:
+    """The method name of an implicit-field model: IF 3D or IF 2D, by its variant."""
+    return IF3D if model.config.variant == "3d" else IF2D
+
+
+def _methods(restorer, baselines, compare=None) -> dict:
+    """Method name -> function of an acquired scan giving its anomaly map on the scan's grid.
+
+    compare: the Restorer of one more implicit-field model, or None."""
     from .baselines import anomaly_map
 
     model, rc = restorer.model, restorer.rc
-    methods = {IF3D: lambda scan: restorer.restore_array(scan.image, scan.affine).anomaly}
+    methods = {}
+    for r in [restorer, *([compare] if compare is not None else [])]:
+        label = if_label(r.model) if if_label(r.model) not in methods else f"{if_label(r.model)} (compared)"
+        methods[label] = lambda scan, r=r: r.restore_array(scan.image, scan.affine).anomaly
     for label, b in baselines.items():
         methods[label] = lambda scan, b=b: anomaly_map(b, scan.image, scan.affine, model.preprocess, rc)
     return methods
@@ -184,7 +195,9 @@ def accuracy_markdown(result: dict) -> str:
     lines += ["", f"{s['n_test']} test cases (lesion seed {TEST_SEED}, synthesised at {s['source_mm']} mm) × "
               f"{len(s['acquisitions'])} acquisitions; thresholds from {s['n_val']} validation cases (lesion seed "
               f"{VAL_SEED}, {s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}). "
-              f"Brain voxels only. IF 3D: {result['model']} ({result['frame']} frame), schedule {s['schedule']}."]
+              f"Brain voxels only. {result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), "
+              f"schedule {s['schedule']}."
+              + (f" {result['compared']['method']}: {result['compared']['model']}." if "compared" in result else "")]
     return "\n".join(lines)
 
 
@@ -207,11 +220,14 @@ def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, h
 def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=None, schedule="fast",
              n_test=None, n_val=None, acquisitions=None, n_healthy=None, train=None, epochs=None,
              vae_steps=None, source_mm: float = 1.0, healthy_mm: float = 1.5, report=print,
-             progress: bool = True) -> dict:
+             progress: bool = True, compare=None) -> dict:
     """Run the accuracy protocol (module docstring); write accuracy.json and accuracy.md to `out_dir`.
 
     model: a Model, a model file, or None for the bundled model; train: a preset name to train
-    IF 3D here on the healthy scans instead (`epochs` overrides the preset's). Defaults: 24 test
+    IF 3D (IF 2D for a -2d preset) here on the healthy scans instead (`epochs` overrides the
+    preset's). compare: a second model (Model or file; e.g. IF 2D beside IF 3D), scored on the
+    same cases with the same schedule and reported as its own method (IF 3D / IF 2D by variant;
+    the healthy scans and baselines follow the first model's frame). Defaults: 24 test
     and 6 validation cases, every acquisition; `quick`: 2 and 2, at most 8 healthy scans, a
     300-step VAE. Returns the result dict (as written to accuracy.json).
     """
@@ -234,8 +250,11 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
             "given model" if isinstance(model, Model) else str(model))
         model = default_model(device) if model is None else model if isinstance(model, Model) else load_model(model, device)
         pc = model.preprocess
+    if compare is not None:
+        compared = compare if isinstance(compare, Model) else load_model(compare, device)
     if setup.n_healthy is None:   # the model's own training set size; quick: at most 8
-        n = len(model.latents) if model is not None and model.latents.numel() else 16
+        trained_on = (model.info or {}).get("volumes") if model is not None else None   # 2D: latents are slices
+        n = len(trained_on) if trained_on else len(model.latents) if model is not None and model.latents.numel() else 16
         setup = replace(setup, n_healthy=min(n, 8) if quick else n)
 
     volumes, brains = healthy_volumes(setup.n_healthy, pc, setup.healthy_mm, progress)
@@ -246,7 +265,8 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     del volumes, brains
     restorer = Restorer(model, backend, device, schedule=schedule)
     rc = restorer.rc
-    methods = _methods(restorer, baselines)
+    other = None if compare is None else Restorer(compared, backend, device, schedule=schedule)
+    methods = _methods(restorer, baselines, other)
 
     val, test = _Scored(), _Scored()
     for j in tqdm(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
@@ -262,10 +282,16 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     bar.close()
 
     result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
-                  backend=restorer.backend, precision=restorer.precision, model=described, frame=model.preprocess.frame, setup=asdict(setup),
+                  backend=restorer.backend, precision=restorer.precision, model=described, method=if_label(model),
+                  frame=model.preprocess.frame, setup=asdict(setup),
                   restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior),
                   vae_final_loss=float(np.mean(baselines[VAE].losses[-20:])),
                   methods=_evaluate(val, test, methods, setup))
+    if compare is not None:
+        result["compared"] = dict(model="given model" if isinstance(compare, Model) else str(compare),
+                                  method=list(methods)[1], frame=compared.preprocess.frame,
+                                  restore=dict(phases=[list(p) for p in other.rc.phases], init=other.rc.init,
+                                               lr=other.rc.lr, prior=other.rc.prior, slice_step=other.rc.slice_step))
     table = accuracy_markdown(result)
     report(table)
     if out_dir:

@@ -186,8 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="folder for the report (json; accuracy also md)")
     acc = p.add_argument_group("accuracy only")
     acc.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
+    acc.add_argument("--compare", default=None, metavar="MODEL",
+                     help="also score this model on the same cases, e.g. an IF 2D model beside IF 3D "
+                          "(reported as IF 3D or IF 2D by its variant)")
     acc.add_argument("--train", default=None, metavar="PRESET",
-                     help="train IF 3D here on the healthy scans instead (paper | small | tiny)")
+                     help="train IF 3D here on the healthy scans instead (paper | small | tiny; -2d: IF 2D)")
     acc.add_argument("--epochs", type=_int_in(1), default=None, help="with --train: epochs (default the preset's)")
     acc.add_argument("--acquisitions", default=None,
                      help="comma-separated acquisitions of the test scans (default all: "
@@ -467,7 +470,7 @@ def cmd_demo(args):
 
 
 _ACCURACY_ONLY = dict(model=None, train=None, epochs=None, acquisitions=None, n_test=None, n_val=None,
-                      n_healthy=None, schedule="fast", vae_steps=None)
+                      n_healthy=None, schedule="fast", vae_steps=None, compare=None)
 
 
 def cmd_bench(args):
@@ -489,7 +492,7 @@ def cmd_bench(args):
         accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output,
                  model=args.model, train=args.train, epochs=args.epochs, acquisitions=args.acquisitions,
                  n_test=args.n_test, n_val=args.n_val, n_healthy=args.n_healthy, schedule=args.schedule,
-                 vae_steps=args.vae_steps)
+                 vae_steps=args.vae_steps, compare=args.compare)
 
 
 COMMANDS = dict(prepare=cmd_prepare, train=cmd_train, restore=cmd_restore, evaluate=cmd_evaluate,
