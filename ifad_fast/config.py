@@ -186,7 +186,7 @@ PRESETS = {
 }
 
 # IF 2D (one latent per axial slice): the same decoders and grids. A sample is a slice, so an epoch
-# visits every brain slice once (~90 per volume at 160³ and 1.5 mm, ~65 at 96³ and 2 mm): the
+# visits every brain slice once (~90 per volume at 160³ and 1.5 mm, ~55 at 96³ and 2.33 mm): the
 # batches keep their points (paper: 97,200 = 24 slices × 4,050) and the epochs are cut so that a
 # run takes about as many decoder steps as its 3D preset (the paper gives no 2D schedule).
 PRESETS["paper-2d"] = Preset(
