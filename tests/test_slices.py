@@ -360,3 +360,18 @@ def test_speed_suite_if2d_row_restores_the_brain_slices():
     rc = cfg.RestoreConfig(phases=((2, 64),), init="mean", lr=1e-2, brain_fraction=0.8)
     seconds, n = restore_2d(decoder, classes, brain, rc, FastBackend(decoder), lambda: None)
     assert n == 3 and seconds > 0                                        # slices 5, 9, 13 hold brain; 1 does not
+
+
+def test_2d_training_in_two_processes_equals_one(tiny_run, tmp_path):
+    """Data-parallel IF 2D: each process takes its share of every slice's points (SliceSampler's `part`)."""
+    from ifad_fast.cli import main
+
+    def train(out, *extra):
+        assert main(["train", str(tiny_run / "prep"), "-o", str(out), "--preset", "tiny-2d", "--epochs", "2",
+                     "--device", "cpu", "--threads", "1", *extra]) == 0
+        return [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+
+    one, two = train(tmp_path / "one"), train(tmp_path / "two", "--nproc", "2")
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-4)
+    torch.testing.assert_close(load_model(tmp_path / "two").latents, load_model(tmp_path / "one").latents,
+                               rtol=1e-4, atol=1e-5)
