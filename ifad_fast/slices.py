@@ -162,96 +162,119 @@ class SliceSampler:
 
 class _RowDraws:
     """optimise_latents' `points` for restored slices: row r draws inside its slice from its own
-    generator (uniform numbers first, then the brain ones), so rows never share random numbers."""
+    generator (uniform numbers first, then the brain ones), so rows never share random numbers.
+    The draws run on the generators' device (like the 3D path's), targets are gathered on `device`."""
 
     def __init__(self, classes2d: torch.Tensor, brain2d: torch.Tensor, slices: torch.Tensor, fraction: float,
                  generators: list[torch.Generator], device):
         b, self.sx, self.sy = classes2d.shape
+        here = generators[0].device
         self.targets = classes2d.reshape(b, -1).long().to(device)
-        self.cum = brain2d.reshape(b, -1).long().cumsum(1)
-        self.slices, self.fraction, self.generators, self.device = slices, fraction, generators, device
+        self.cum = brain2d.reshape(b, -1).long().cumsum(1).to(here)
+        self.slices = slices.to(here)
+        self.fraction, self.generators, self.device, self.here = fraction, generators, device, here
 
     def __call__(self, k: int):
         n_focus = int(round(self.fraction * k))
-        u = torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in self.generators])
+        u = torch.stack([torch.rand(k, generator=g, dtype=torch.float64, device=self.here) for g in self.generators])
         u_focus = None
         if n_focus:
-            u_focus = torch.stack([torch.rand(n_focus, generator=g, dtype=torch.float64) for g in self.generators])
+            u_focus = torch.stack([torch.rand(n_focus, generator=g, dtype=torch.float64, device=self.here)
+                                   for g in self.generators])
         lin2d = points_in_slices(u, u_focus, self.cum, self.sx * self.sy)
         idx = torch.stack((lin2d // self.sy, lin2d % self.sy, self.slices[:, None].expand_as(lin2d)), dim=-1)
-        lin2d = lin2d.to(self.device)
-        return idx.to(self.device), self.targets.gather(1, lin2d)
+        return idx.to(self.device), self.targets.gather(1, lin2d.to(self.device))
 
 
-def search_slices(model: Model, engine, classes: torch.Tensor, brain: np.ndarray, rows, rc: cfg.RestoreConfig,
-                  progress: bool = False):
+def search_slices(model: Model, engine, classes: torch.Tensor, brain: torch.Tensor, rows, rc: cfg.RestoreConfig,
+                  progress: bool = False, *, draws_on=None, adam: str = "default", graphs: bool = False):
     """The latent search of restored slices, one latent each, as one batch.
 
-    classes: (N, X, Y, Z) uint8 on the backend's device; brain: bool (N, X, Y, Z) NumPy; rows:
-    (scan, axial slice) pairs. rc.phases' K are points per scan (see the module docstring).
-    Returns z (B, D) float32 and the per-step mean data loss (steps, B), as optimise_latents.
+    classes: (N, X, Y, Z) uint8 on the backend's device; brain: bool (N, X, Y, Z) (tensor or
+    array); rows: (scan, axial slice) pairs. rc.phases' K are points per scan (see the module
+    docstring). draws_on: the device of the per-row generators (default the CPU, as the host
+    pipeline); adam, graphs: as for optimise_latents. Returns z (B, D) float32 and the per-step
+    mean data loss (steps, B) float32 on the classes' device, as optimise_latents.
     """
     from .restore import initial_latents, optimise_latents
 
     depth = classes.shape[-1]
     per_slice = tuple((steps, points_per_slice(k, depth, rc.slice_step)) for steps, k in rc.phases)
     rc_rows = dataclasses.replace(rc, phases=per_slice)
-    scan = torch.tensor([i for i, _ in rows], dtype=torch.long)
-    slices = torch.tensor([s for _, s in rows], dtype=torch.long)
-    generators = [torch.Generator().manual_seed(slice_seed(rc.seed, s)) for _, s in rows]
-    z0 = torch.cat([initial_latents(model, 1, rc, g) for g in generators]).float()
-    classes2d = classes[scan.to(classes.device), :, :, slices.to(classes.device)]
-    brain2d = torch.from_numpy(np.stack([brain[i, :, :, s] for i, s in rows]))
-    draws = _RowDraws(classes2d, brain2d, slices, rc.brain_fraction, generators, classes.device)
-    return optimise_latents(engine, classes, z0, rc_rows, None, progress, points=draws)
+    device = classes.device
+    scan = torch.tensor([i for i, _ in rows], dtype=torch.long, device=device)
+    slices = torch.tensor([s for _, s in rows], dtype=torch.long, device=device)
+    draws_on = torch.device("cpu" if draws_on is None else draws_on)
+    generators = [torch.Generator(draws_on).manual_seed(slice_seed(rc.seed, s)) for _, s in rows]
+    z0 = torch.cat([initial_latents(model, 1, rc, g).to(device) for g in generators]).float()
+    brain = torch.as_tensor(brain).to(device)
+    draws = _RowDraws(classes[scan, :, :, slices], brain[scan, :, :, slices], slices, rc.brain_fraction,
+                      generators, device)
+    return optimise_latents(engine, classes, z0, rc_rows, None, progress, adam=adam, graphs=graphs, points=draws)
 
 
-def restore_slices(model: Model, classes: np.ndarray, brain: np.ndarray, rc: cfg.RestoreConfig, engine,
-                   region: str = "brain", progress: bool = False):
-    """IF 2D restoration of scans on the model grid (see the module docstring).
+def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
+                   *, brain: torch.Tensor | None = None, region: str = "brain", progress: bool = False,
+                   adam: str = "default", graphs: bool = False, stages=None):
+    """IF 2D restoration of a batch of scans on the classes' device (see the module docstring); the
+    2D branch of restore.restore_batch, with its arguments.
 
-    classes: (N, X, Y, Z) uint8; brain: bool (N, X, Y, Z); the axial axis is the last. Returns a
-    restore.Restoration per scan: the anomaly map and the raw score (replicated from the restored
-    slices), the classes, z (S, D) and `slices` (S,) of the restored slices holding brain, the
-    per-step data loss averaged over them.
+    classes: (N, X, Y, Z) uint8 on the backend's device, the axial axis last; brain: bool like it
+    (default classes != 0). generator: only its device is used (each restored slice draws from its
+    own generator, seeded from rc.seed and the slice). Returns restore.DeviceMaps: the anomaly
+    map and the raw score (replicated from the restored slices), the classes, the per-step data
+    loss averaged over each scan's slices, z (sum S_i, D) and per scan `slices` (S_i,): the
+    restored slices holding brain, whose latents z holds scan after scan.
     """
-    from .restore import Restoration, _dilate, pool_reach, postprocess, score_grid
+    from .backends import check_classes
+    from .restore import DeviceMaps, StageTimes, dilate, pool_reach, postprocess, score_grid
 
-    n, shape = classes.shape[0], tuple(classes.shape[1:])
+    stage = stages or StageTimes(enabled=False)
+    check_classes(classes, backend.config.n_classes)
+    brain = classes != 0 if brain is None else brain.to(torch.bool)
+    n, shape = classes.shape[0], tuple(int(s) for s in classes.shape[1:])
     plan = blocks(shape[2], rc.slice_step)
+    has_brain = brain.any(2).any(1).cpu().numpy()                       # (N, Z): one read from the device
     rows, where = [], []
     for i in range(n):
-        mine = [(s, a, b) for s, a, b in plan if brain[i, :, :, s].any()]
+        mine = [(s, a, b) for s, a, b in plan if has_brain[i, s]]
         if not mine:
             raise IfadError(f"the brain of scan {i} lies in none of the restored slices (one in {rc.slice_step}); "
                             "use a smaller --slice-step")
         where.append(mine)
         rows.extend((i, s) for s, _, _ in mine)
-    device = engine.device
-    cls_t = torch.from_numpy(classes).to(device)
-    z, trace = search_slices(model, engine, cls_t, brain, rows, rc, progress)
+    with stage("search"):
+        z, trace = search_slices(model, backend, classes, brain, rows, rc, progress, draws_on=generator.device,
+                                 adam=adam, graphs=graphs)
 
-    out, r = [], 0
+    device = classes.device
+    scores, anomalies, predicted, scored, losses = [], [], [], [], []
     plane = torch.zeros(shape, dtype=torch.bool, device=device)
+    r = 0
     for i in range(n):
-        keep = _dilate(brain[i], pool_reach(rc)) if region == "brain" else None
-        score = torch.zeros(shape, dtype=torch.float32, device=device)
-        predicted = torch.zeros(shape, dtype=torch.uint8, device=device)
-        first, scored = r, 0
-        for s, a, b in where[i]:
-            plane[:, :, s] = True if keep is None else torch.from_numpy(keep[:, :, a:b].any(2)).to(device)
-            scored += int(plane[:, :, s].sum())
-            ce, cls = score_grid(engine, z[r], cls_t[i], plane, rc.chunk, progress)
-            score[:, :, a:b] = ce[:, :, s:s + 1]
-            predicted[:, :, a:b] = cls[:, :, s:s + 1]
-            plane[:, :, s] = False
-            r += 1
-        raw = score.cpu().numpy()
-        anomaly = postprocess(raw, rc.min_pool, rc.avg_pool)
-        if region == "brain":
-            anomaly[~brain[i]] = 0.0
-        out.append(Restoration(anomaly=anomaly, score=raw, classes=predicted.cpu().numpy(),
-                               z=z[first:r].cpu().numpy(), losses=trace[:, first:r].mean(1).tolist(),
-                               scored_voxels=scored, region=region,
-                               slices=np.array([s for s, _, _ in where[i]], dtype=np.int64)))
-    return out
+        with stage("grid"):
+            keep = dilate(brain[i], pool_reach(rc)) if region == "brain" else None
+            score = torch.zeros(shape, dtype=torch.float32, device=device)
+            cls = torch.zeros(shape, dtype=torch.uint8, device=device)
+            count = torch.zeros((), dtype=torch.int64, device=device)
+            first = r
+            for s, a, b in where[i]:
+                plane[:, :, s] = True if keep is None else keep[:, :, a:b].any(2)
+                count += plane[:, :, s].sum()
+                ce, best = score_grid(backend, z[r], classes[i], plane, rc.chunk, progress, checked=True)
+                score[:, :, a:b] = ce[:, :, s:s + 1]
+                cls[:, :, a:b] = best[:, :, s:s + 1]
+                plane[:, :, s] = False
+                r += 1
+        with stage("post"):
+            anomaly = postprocess(score, rc.min_pool, rc.avg_pool)
+            if region == "brain":
+                anomaly.masked_fill_(~brain[i], 0.0)
+        scores.append(score)
+        anomalies.append(anomaly)
+        predicted.append(cls)
+        scored.append(count)
+        losses.append(trace[:, first:r].mean(1))
+    return DeviceMaps(anomaly=torch.stack(anomalies), score=torch.stack(scores), classes=torch.stack(predicted),
+                      z=z, losses=torch.stack(losses, 1), scored=torch.stack(scored), region=region,
+                      slices=[np.array([s for s, _, _ in w], dtype=np.int64) for w in where])

@@ -242,7 +242,7 @@ def model_2d():
     classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
     brains = np.stack([v[1].brain for v in vols])
     mc = dataclasses.replace(preset.model, n_classes=6)
-    tc = dataclasses.replace(preset.train, epochs=12, volumes_per_batch=16, points_per_volume=256,
+    tc = dataclasses.replace(preset.train, epochs=10, volumes_per_batch=16, points_per_volume=192,
                              brain_fraction=0.8, lr_weights=5e-3, lr_latents=1e-2, lr_step_epochs=1000, prior="none")
     trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
                       brains=torch.from_numpy(brains))
@@ -375,3 +375,30 @@ def test_2d_training_in_two_processes_equals_one(tiny_run, tmp_path):
     np.testing.assert_allclose(two, one, rtol=0, atol=1e-4)
     torch.testing.assert_close(load_model(tmp_path / "two").latents, load_model(tmp_path / "one").latents,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_restorer_2d_host_and_device_pipelines_agree_and_batches_change_nothing(model_2d):
+    """Through the Restorer: the device pipeline (on torch's CPU device) gives the host pipeline's
+    maps, and two scans restored together give what each gets alone (their slices are rows of one
+    batch of latents, each with its own draws)."""
+    from test_frame import acquisition, brain_image, world_of
+    from ifad_fast.api import Restorer
+
+    shape, affine = acquisition("ras", voxel=4.0)
+    imgs = [brain_image(world_of(shape, affine), np.random.default_rng(30 + i), lesion=i == 1)[0] for i in range(2)]
+    kw = dict(schedule="6x600,2x900", seed=3, brain_fraction=0.5)
+    host = Restorer(model_2d, "cpu", "cpu", pipeline="host", **kw)
+    dev = Restorer(model_2d, "cpu", "cpu", pipeline="device", **kw)
+    together = host.restore_arrays(imgs, [affine] * 2)
+    for a, b in zip(together, dev.restore_arrays(imgs, [affine] * 2)):
+        np.testing.assert_array_equal(a.model_grid.slices, b.model_grid.slices)
+        np.testing.assert_array_equal(a.model_grid.classes, b.model_grid.classes)
+        np.testing.assert_allclose(b.model_grid.z, a.model_grid.z, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.anomaly, a.anomaly, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.model_grid.losses, a.model_grid.losses, rtol=1e-5)
+    alone = host.restore_array(imgs[1], affine)
+    assert together[1].model_grid.z.shape == (len(alone.model_grid.slices), MC.latent_dim)
+    np.testing.assert_allclose(together[1].model_grid.z, alone.model_grid.z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together[1].anomaly, alone.anomaly, rtol=1e-5, atol=1e-6)
+    summary = host.provenance()
+    assert summary["variant"] == "2d" and summary["slice_step"] == 4
