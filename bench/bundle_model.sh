@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Reproduces the bundled default model (ifad_fast/data/default_model.pt):
-# 48 synthetic healthy brains (seed 0) -> 96³ classes -> small preset -> threshold on the
+# 48 synthetic healthy brains (seed 0, generator v2) -> the small preset's physical frame
+# (96³, 224 mm) -> 120 epochs -> threshold on the
 # validation lesions (seed 1) -> copied into the package with its training log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EPOCHS=${EPOCHS:-250}
+EPOCHS=${EPOCHS:-120}
 ifad-fast synth -o data/synth_train --healthy 48 --lesions 0 --seed 0
-ifad-fast prepare data/synth_train/healthy -o data/prep96 --resolution 96 --mode-pool 2
+ifad-fast prepare data/synth_train/healthy -o data/prep96 --preset small --mode-pool 2 --overwrite
 ifad-fast train data/prep96 -o runs/small --preset small --epochs "$EPOCHS" --device cpu
 python - <<'PY'
 import shutil
