@@ -23,6 +23,8 @@ weight norm folded, evaluated in float32 with plain torch ops, autograd for the 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 
@@ -73,7 +75,7 @@ class BoundedCache:
         return len(self._items)
 
 
-class Backend:
+class Backend(ABC):
     """The contract of a compute backend (see the module docstring); subclasses set `name` and
     `precisions` and implement `_mean_loss` and `_score` on checked inputs."""
 
@@ -132,13 +134,16 @@ class Backend:
         return tf32_matmuls() if self.precision == "tf32" else nullcontext()
 
     # ------------------------------------------------------------------ to implement
+    @abstractmethod
     def _mean_loss(self, z, idx, targets, shape) -> torch.Tensor:
         raise NotImplementedError
 
+    @abstractmethod
     def _score(self, z, idx, targets, shape, out) -> torch.Tensor:
         """(M,) float32 scores; may write into `out` (None or checked) and return it."""
         raise NotImplementedError
 
+    @abstractmethod
     def _score_and_classes(self, z, idx, targets, shape):
         raise NotImplementedError
 

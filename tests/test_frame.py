@@ -203,13 +203,12 @@ def test_format_1_model_loads_as_cube_and_upper(tmp_path):
 # --------------------------------------------------------------------------- a tiny trained model
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A tiny-preset model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
-    preset = cfg.get_preset("tiny")
+def train_world_model(preset_name: str, epochs: int, volumes_per_batch: int, points_per_volume: int):
+    """A model of `preset_name` (6 classes) trained on eight world-space toy brains at 4 mm."""
+    preset = cfg.get_preset(preset_name)
     rng = np.random.default_rng(0)
-    vols, brains = [], []
-    for i in range(8):
+    vols = []
+    for _ in range(8):
         shape, affine = acquisition("ras", voxel=4.0)
         img, _ = brain_image(world_of(shape, affine), rng, radii=RADII * rng.uniform(0.92, 1.08, 3),
                              centre=CENTRE + rng.normal(0, 4, 3))
@@ -218,11 +217,18 @@ def tiny_model():
     classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
     brains = np.stack([v[1].brain for v in vols])
     mc = dataclasses.replace(preset.model, n_classes=6)
-    tc = dataclasses.replace(preset.train, epochs=40, volumes_per_batch=4, points_per_volume=1024,
-                             brain_fraction=0.8, lr_weights=5e-3, lr_latents=1e-2, lr_step_epochs=1000, prior="none")
+    tc = dataclasses.replace(preset.train, epochs=epochs, volumes_per_batch=volumes_per_batch,
+                             points_per_volume=points_per_volume, brain_fraction=0.8, lr_weights=5e-3,
+                             lr_latents=1e-2, lr_step_epochs=1000, prior="none")
     trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
                       brains=torch.from_numpy(brains))
     return trainer.run(tc.epochs, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A tiny-preset model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
+    return train_world_model("tiny", epochs=40, volumes_per_batch=4, points_per_volume=1024)
 
 
 def _restore(model, img, affine, **kwargs):

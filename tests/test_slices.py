@@ -226,27 +226,8 @@ def test_2d_trainer_has_a_latent_per_brain_slice_and_resumes_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def model_2d():
     """A tiny-2d model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
-    from test_frame import CENTRE, RADII, acquisition, brain_image, world_of
-    from ifad_fast.preprocess import IntensityEncoder, mode_pool3d, to_model_grid
-    from ifad_fast.train import Trainer
-
-    preset = cfg.get_preset("tiny-2d")
-    rng = np.random.default_rng(0)
-    vols = []
-    for _ in range(8):
-        shape, affine = acquisition("ras", voxel=4.0)
-        img, _ = brain_image(world_of(shape, affine), rng, radii=RADII * rng.uniform(0.92, 1.08, 3),
-                             centre=CENTRE + rng.normal(0, 4, 3))
-        vols.append(to_model_grid(img, affine, preset.preprocess))
-    encoder = IntensityEncoder.fit([v[0] for v in vols], k=6, seed=0, brains=[v[1].brain for v in vols])
-    classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
-    brains = np.stack([v[1].brain for v in vols])
-    mc = dataclasses.replace(preset.model, n_classes=6)
-    tc = dataclasses.replace(preset.train, epochs=10, volumes_per_batch=16, points_per_volume=192,
-                             brain_fraction=0.8, lr_weights=5e-3, lr_latents=1e-2, lr_step_epochs=1000, prior="none")
-    trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
-                      brains=torch.from_numpy(brains))
-    return trainer.run(tc.epochs, progress=False)
+    from test_frame import train_world_model
+    return train_world_model("tiny-2d", epochs=10, volumes_per_batch=16, points_per_volume=192)
 
 
 def _restore(model, img, affine):
