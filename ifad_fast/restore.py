@@ -253,6 +253,29 @@ class GraphedStep:
 
 
 @torch.no_grad()
+def score_points(backend, z: torch.Tensor, classes: torch.Tensor, lin: torch.Tensor, chunk: int = 65536,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and most likely class of the voxels `lin` of one scan, `chunk` voxels a call.
+
+    classes: (X, Y, Z) uint8 (range-checked by the caller); lin: (P,) long linear indices into it.
+    Returns (ce float32 (P,), classes uint8 (P,)) on the classes' device.
+    """
+    shape = tuple(int(s) for s in classes.shape)
+    device = classes.device
+    flat_cls = classes.reshape(-1)
+    ce_out = torch.empty(lin.numel(), dtype=torch.float32, device=device)
+    cls_out = torch.empty(lin.numel(), dtype=torch.uint8, device=device)
+    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
+    sizes = torch.tensor(shape, device=device)
+    for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
+        part = lin[start:start + chunk]
+        idx = (part[:, None] // strides) % sizes
+        ce, cls = backend.score_and_classes(z, idx, flat_cls[part].long(), shape, checked=True)
+        ce_out[start:start + part.numel()] = ce.float()
+        cls_out[start:start + part.numel()] = cls.to(torch.uint8)
+    return ce_out, cls_out
+
+
 def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Tensor | None,
                chunk: int = 65536, progress: bool = False, *, checked: bool = False):
     """Per-voxel cross-entropy of one scan. classes: (X, Y, Z) uint8; region: bool (X, Y, Z) or None.
@@ -261,23 +284,25 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
     on the classes' device. The classes are range-checked once (unless `checked`), the backend
     then runs with checked=True.
     """
-    shape = tuple(int(s) for s in classes.shape)
-    device = classes.device
     if not checked:
         check_classes(classes, backend.config.n_classes)
-    flat_cls = classes.reshape(-1).long()
-    lin = region.reshape(-1).nonzero().squeeze(1) if region is not None else torch.arange(flat_cls.numel(), device=device)
-    scores = torch.zeros(flat_cls.numel(), dtype=torch.float32, device=device)
-    predicted = torch.zeros(flat_cls.numel(), dtype=torch.uint8, device=device)
-    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
-    sizes = torch.tensor(shape, device=device)
-    for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
-        part = lin[start:start + chunk]
-        idx = (part[:, None] // strides) % sizes
-        ce, cls = backend.score_and_classes(z, idx, flat_cls[part], shape, checked=True)
-        scores[part] = ce.float()
-        predicted[part] = cls.to(torch.uint8)
-    return scores.reshape(shape), predicted.reshape(shape)
+    n = classes.numel()
+    lin = region.reshape(-1).nonzero().squeeze(1) if region is not None else torch.arange(n, device=classes.device)
+    ce, cls = score_points(backend, z, classes, lin, chunk, progress)
+    scores = torch.zeros(n, dtype=torch.float32, device=classes.device)
+    predicted = torch.zeros(n, dtype=torch.uint8, device=classes.device)
+    scores[lin] = ce
+    predicted[lin] = cls
+    return scores.reshape(classes.shape), predicted.reshape(classes.shape)
+
+
+def anomaly_map(score: torch.Tensor, brain: torch.Tensor, rc: cfg.RestoreConfig, region: str) -> torch.Tensor:
+    """The anomaly map of one raw score (X, Y, Z) float32: min-pool then average-pool (rc's sizes),
+    zeroed outside the bool `brain` when region is 'brain'."""
+    anomaly = postprocess(score, rc.min_pool, rc.avg_pool)
+    if region == "brain":
+        anomaly.masked_fill_(~brain, 0.0)
+    return anomaly
 
 
 class StageTimes:
@@ -377,9 +402,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
             keep = dilate(score_brain[i], pool_reach(src)) if region == "brain" else None
             score, cls = score_grid(backend, z[i], score_cls[i], keep, rc.chunk, progress, checked=True)
         with stage("post"):
-            anomaly = postprocess(score, src.min_pool, src.avg_pool)
-            if region == "brain":
-                anomaly.masked_fill_(~score_brain[i], 0.0)
+            anomaly = anomaly_map(score, score_brain[i], src, region)
         scores.append(score)
         anomalies.append(anomaly)
         predicted.append(cls)

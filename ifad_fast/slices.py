@@ -213,6 +213,13 @@ def search_slices(model: Model, engine, classes: torch.Tensor, brain: torch.Tens
     return optimise_latents(engine, classes, z0, rc_rows, None, progress, adam=adam, graphs=graphs, points=draws)
 
 
+def _plane(xy: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    """(X, Y) of values' dtype: `values` (P,) at the in-slice linear indices xy (P,), 0 elsewhere."""
+    out = torch.zeros(shape[0] * shape[1], dtype=values.dtype, device=values.device)
+    out[xy] = values
+    return out.reshape(shape[0], shape[1])
+
+
 def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
                    *, brain: torch.Tensor | None = None, region: str = "brain", progress: bool = False,
                    adam: str = "default", graphs: bool = False, stages=None):
@@ -227,7 +234,7 @@ def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.Restore
     restored slices holding brain, whose latents z holds scan after scan.
     """
     from .backends import check_classes
-    from .restore import DeviceMaps, StageTimes, dilate, pool_reach, postprocess, score_grid
+    from .restore import DeviceMaps, StageTimes, anomaly_map, dilate, pool_reach, score_points
 
     stage = stages or StageTimes(enabled=False)
     check_classes(classes, backend.config.n_classes)
@@ -249,31 +256,28 @@ def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.Restore
 
     device = classes.device
     scores, anomalies, predicted, scored, losses = [], [], [], [], []
-    plane = torch.zeros(shape, dtype=torch.bool, device=device)
     r = 0
     for i in range(n):
         with stage("grid"):
             keep = dilate(brain[i], pool_reach(rc)) if region == "brain" else None
             score = torch.zeros(shape, dtype=torch.float32, device=device)
             cls = torch.zeros(shape, dtype=torch.uint8, device=device)
-            count = torch.zeros((), dtype=torch.int64, device=device)
-            first = r
+            count, first = 0, r
             for s, a, b in where[i]:
-                plane[:, :, s] = True if keep is None else keep[:, :, a:b].any(2)
-                count += plane[:, :, s].sum()
-                ce, best = score_grid(backend, z[r], classes[i], plane, rc.chunk, progress, checked=True)
-                score[:, :, a:b] = ce[:, :, s:s + 1]
-                cls[:, :, a:b] = best[:, :, s:s + 1]
-                plane[:, :, s] = False
+                # the restored slice's voxels whose block column meets the scored region
+                column = torch.ones(shape[:2], dtype=torch.bool, device=device) if keep is None else keep[:, :, a:b].any(2)
+                xy = column.reshape(-1).nonzero().squeeze(1)
+                ce, best = score_points(backend, z[r], classes[i], xy * shape[2] + s, rc.chunk, progress)
+                score[:, :, a:b] = _plane(xy, ce, shape)[:, :, None]
+                cls[:, :, a:b] = _plane(xy, best, shape)[:, :, None]
+                count += xy.numel()
                 r += 1
         with stage("post"):
-            anomaly = postprocess(score, rc.min_pool, rc.avg_pool)
-            if region == "brain":
-                anomaly.masked_fill_(~brain[i], 0.0)
+            anomaly = anomaly_map(score, brain[i], rc, region)
         scores.append(score)
         anomalies.append(anomaly)
         predicted.append(cls)
-        scored.append(count)
+        scored.append(torch.tensor(count, dtype=torch.int64, device=device))
         losses.append(trace[:, first:r].mean(1))
     return DeviceMaps(anomaly=torch.stack(anomalies), score=torch.stack(scores), classes=torch.stack(predicted),
                       z=z, losses=torch.stack(losses, 1), scored=torch.stack(scored), region=region,

@@ -10,9 +10,10 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
 - the score grid (full 160³ for `paper`, the brain region for the fast path);
 - the post-processing (min-pool 3 + avg-pool 15: direct pooling on the benchmark's device vs
   prefix sums);
-- the total per scan; for IF 2D (the same decoder with a latent per axial slice: one slice in 4
-  restored, 40 latents searched as one batch, then scored and post-processed) the whole
-  restoration, run for real on the same backend and schedule;
+- the total per scan; and one whole restore_classes of the volume (search, score, post-process) with
+  the decoder read as IF 3D (one latent) and as IF 2D (a latent per axial slice: one slice in 4
+  restored, 40 latents searched as one batch, scored and post-processed), run for real on the same
+  backend and schedule;
 - achieved GFLOP/s from counted FLOPs; the measured matmul peak
   (2048×512·512×512 on a CPU, 8192³ on a GPU);
 - the stage breakdown of one whole restore of the native scan with the fast schedule through the
@@ -248,7 +249,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     t_post_fast = timed(lambda: postprocess(raw), 2)
 
     breakdown = stage_breakdown(decoder, z, res, device, backend, quick)
-    t_2d, n_slices = restore_2d(decoder, classes_np, brain_np, fast_rc, impls["cpu float32"], sync)
+    variants = restore_variants(decoder, classes_np, brain_np, fast_rc, impls["cpu float32"], sync)
 
     total_paper = t_paper * 700 * 16200 / k + t_grid_paper + t_post_direct
     total_fast = t_fast_restore + t_grid_fast + t_post_fast
@@ -264,31 +265,39 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                             fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
                   postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast), stages=breakdown,
                   total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast),
-                  if2d=dict(seconds=t_2d, slices=n_slices, slice_step=fast_rc.slice_step))
+                  variants=dict(**variants, slice_step=fast_rc.slice_step))
     result["training"] = train_speed.training(quick, device, report=lambda _: None)
     report(format_report(result))
     return result
 
 
-def restore_2d(decoder: Decoder, classes, brain, rc: cfg.RestoreConfig, engine, sync) -> tuple[float, int]:
-    """Seconds of a whole IF 2D restoration (search, score, post-process) of one volume, and the
-    number of slices restored, after one untimed run on a one-step schedule."""
+def restore_variants(decoder: Decoder, classes, brain, rc: cfg.RestoreConfig, engine, sync) -> dict:
+    """Whole restorations (search, score, post-process) of one volume through restore_classes, the
+    same decoder weights read as IF 3D (one latent) and as IF 2D (a latent per restored slice), on
+    one backend and schedule, each after one untimed run on a one-step schedule.
+
+    Returns {"if3d": seconds, "if2d": seconds, "slices": restored slices of the 2D run}."""
     import dataclasses
 
     from .model import Model
     from .restore import restore_classes
 
-    flat = Decoder(dataclasses.replace(decoder.config, variant="2d")).to(next(decoder.parameters()).device)
-    flat.load_state_dict(decoder.state_dict())
-    model = Model(flat.eval(), torch.zeros(decoder.config.n_classes, dtype=torch.float64), cfg.PreprocessConfig(),
-                  torch.zeros(0, decoder.config.latent_dim))
-    restore_classes(model, classes, cfg.replace(rc, phases=tuple((1, k) for _, k in rc.phases)), engine,
-                    engine.device, brain=brain)                                          # warm-up
-    sync()
-    t0 = time.perf_counter()
-    res = restore_classes(model, classes, rc, engine, engine.device, brain=brain)[0]
-    sync()
-    return time.perf_counter() - t0, len(res.slices)
+    out = {}
+    for variant in ("3d", "2d"):
+        twin = Decoder(dataclasses.replace(decoder.config, variant=variant)).to(next(decoder.parameters()).device)
+        twin.load_state_dict(decoder.state_dict())
+        model = Model(twin.eval(), torch.zeros(decoder.config.n_classes, dtype=torch.float64),
+                      cfg.PreprocessConfig(), torch.zeros(0, decoder.config.latent_dim))
+        restore_classes(model, classes, cfg.replace(rc, phases=tuple((1, k) for _, k in rc.phases)), engine,
+                        engine.device, brain=brain)                                      # warm-up
+        sync()
+        t0 = time.perf_counter()
+        res = restore_classes(model, classes, rc, engine, engine.device, brain=brain)[0]
+        sync()
+        out[f"if{variant}"] = time.perf_counter() - t0
+        if variant == "2d":
+            out["slices"] = len(res.slices)
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -324,11 +333,13 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total per scan** | paper code, paper schedule (extrapolated) | {t['paper_straightforward']:.0f} | 1.0× | | |")
     label = "fast schedule shortened 10× (--quick: not comparable)" if r["quick"] else "fast schedule"
     lines.append(f"| **total per scan** | cpu float32, {label}, brain region | {t['fast']:.1f} | {t['ratio']:.1f}× | | |")
-    if "if2d" in r:                         # IF 2D: same backend and schedule, run for real
-        d = r["if2d"]
-        lines.append(f"| **total per scan, IF 2D** ({d['slices']} slices, one in {d['slice_step']}; "
-                     f"IF 3D / IF 2D time {t['fast'] / d['seconds']:.2f}) | cpu float32, {label}, brain region | "
-                     f"{d['seconds']:.1f} | {t['paper_straightforward'] / d['seconds']:.1f}× | | |")
+    if "variants" in r:                     # IF 3D and IF 2D through restore_classes: same backend and schedule
+        v = r["variants"]
+        lines.append(f"| **whole restore_classes, IF 3D** (one latent) | cpu float32, {label}, brain region | "
+                     f"{v['if3d']:.1f} | {t['paper_straightforward'] / v['if3d']:.1f}× | | |")
+        lines.append(f"| **whole restore_classes, IF 2D** ({v['slices']} slice latents, one slice in "
+                     f"{v['slice_step']}; IF 3D / IF 2D time **{v['if3d'] / v['if2d']:.2f}**) | cpu float32, {label}, "
+                     f"brain region | {v['if2d']:.1f} | {t['paper_straightforward'] / v['if2d']:.1f}× | | |")
     if r.get("stages"):
         lines += ["", f"stage breakdown of one whole restore through the Restorer ({label}, the scan's native grid "
                   "in and out; seconds and share of the total):", "",

@@ -334,13 +334,14 @@ def test_accuracy_benchmark_reports_if2d_beside_if3d(model_2d, tiny_run, tmp_pat
 
 def test_speed_suite_if2d_row_restores_the_brain_slices():
     from ifad_fast.fast import FastBackend
-    from ifad_fast.speed import restore_2d
+    from ifad_fast.speed import restore_variants
 
     decoder = random_decoder(dataclasses.replace(MC, variant="3d"), base_seed())     # the suite's 3D decoder
     classes, brain = random_scan((10, 9, 16))
     rc = cfg.RestoreConfig(phases=((2, 64),), init="mean", lr=1e-2, brain_fraction=0.8)
-    seconds, n = restore_2d(decoder, classes, brain, rc, FastBackend(decoder), lambda: None)
-    assert n == 3 and seconds > 0                                        # slices 5, 9, 13 hold brain; 1 does not
+    times = restore_variants(decoder, classes, brain, rc, FastBackend(decoder), lambda: None)
+    assert times["slices"] == 3                                          # slices 5, 9, 13 hold brain; 1 does not
+    assert times["if2d"] > 0 and times["if3d"] > 0
 
 
 def test_2d_training_in_two_processes_equals_one(tiny_run, tmp_path):
