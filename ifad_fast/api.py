@@ -518,15 +518,33 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
     return summary
 
 
+def _summaries(scores_dir: Path) -> list[dict]:
+    """The readable <case>_restore.json files of `scores_dir` (others are skipped)."""
+    out = []
+    for p in sorted(scores_dir.glob("*" + OUTPUT_FILES["summary"])):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict):
+            out.append(d)
+    return out
+
+
 def _restored_sources(scores_dir: Path) -> set:
     """The scans restored into `scores_dir` (the 'source' of each <case>_restore.json), resolved."""
-    sources = set()
-    for p in scores_dir.glob("*" + OUTPUT_FILES["summary"]):
-        try:
-            sources.add(Path(json.loads(p.read_text())["source"]).resolve())
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return sources
+    return {Path(d["source"]).resolve() for d in _summaries(scores_dir) if isinstance(d.get("source"), str)}
+
+
+def maps_method(scores_dir, names) -> str:
+    """What made the maps of cases `names` in `scores_dir`, from their <case>_restore.json:
+    'IF 3D (ifad-fast)', 'IF 2D (ifad-fast)', 'IF 3D + IF 2D (ifad-fast)' when mixed, or
+    'anomaly maps' when no case has one (maps from elsewhere)."""
+    wanted = set(names)
+    variants = {str(d.get("variant", "3d")).upper() for d in _summaries(Path(scores_dir)) if d.get("case") in wanted}
+    if not variants:
+        return "anomaly maps"
+    return " + ".join(f"IF {v}" for v in sorted(variants, reverse=True)) + " (ifad-fast)"
 
 
 def read_case_maps(scores_dir, masks_dir, max_voxels: int | None = None
@@ -597,8 +615,9 @@ def read_case_maps(scores_dir, masks_dir, max_voxels: int | None = None
 
 def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out_dir=None,
                      max_voxels: int | None = None) -> dict:
-    """The paper's metrics for a folder of anomaly maps against their masks (see `read_case_maps`);
-    with `out_dir`, also written to out_dir/metrics.json."""
+    """The paper's metrics for a folder of anomaly maps against their masks (see `read_case_maps`),
+    and under "method" what made the maps (`maps_method`); with `out_dir`, also written to
+    out_dir/metrics.json."""
     from .metrics import evaluate
 
     if out_dir is not None:
@@ -606,6 +625,7 @@ def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out
     names, scores, masks = read_case_maps(scores_dir, masks_dir, max_voxels)
     val = read_case_maps(val_scores, val_masks, max_voxels) if val_scores else (None, None, None)
     result = evaluate(scores, masks, val[1], val[2], names=names)
+    result["method"] = maps_method(scores_dir, names)
     if out_dir is not None:
         save_json(Path(out_dir) / "metrics.json", result)
     return result

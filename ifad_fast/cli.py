@@ -447,7 +447,7 @@ def cmd_evaluate(args):
         _output(args.output)
     result = evaluate_folders(args.scores, args.masks, args.val_scores, args.val_masks, args.output,
                               max_voxels=args.max_voxels)
-    print(format_table(result))
+    print(format_table(result, method=result["method"]))
     print(f"threshold {result['threshold']:.4g} chosen on the {result['threshold_source']}")
 
 

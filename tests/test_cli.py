@@ -45,6 +45,7 @@ def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
     for key in ("dice_best", "dice_mean", "dice_std", "ap", "auroc", "fpr95", "threshold", "n_cases"):
         assert key in metrics
     assert metrics["n_cases"] == 2 and "[DICE]" in stdout
+    assert metrics["method"] == "IF 3D (ifad-fast)" and "IF 3D (ifad-fast)" in stdout     # from the restore JSONs
 
 
 def test_resume_through_cli(tiny_run, tmp_path, capsys):
@@ -117,3 +118,16 @@ def test_synth_voxel_mm(tmp_path, capsys):
     code, _, err = run(capsys, "synth", "-o", tmp_path / "t", "--healthy", 1, "--voxel-mm", 0.1)
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "t" / "healthy").exists()
     assert main(["synth", "-o", str(tmp_path / "u"), "--resolution", "2"]) == 2
+
+
+def test_maps_method_names_what_made_the_maps(tmp_path):
+    """evaluate's method label: from the cases' <case>_restore.json (no variant = IF 3D), none = 'anomaly maps'."""
+    from ifad_fast.api import maps_method
+
+    assert maps_method(tmp_path, ["a", "b"]) == "anomaly maps"
+    (tmp_path / "a_restore.json").write_text(json.dumps({"case": "a", "variant": "2d"}))
+    (tmp_path / "b_restore.json").write_text(json.dumps({"case": "b"}))
+    (tmp_path / "c_restore.json").write_text("{not json")
+    assert maps_method(tmp_path, ["a"]) == "IF 2D (ifad-fast)"
+    assert maps_method(tmp_path, ["b", "c"]) == "IF 3D (ifad-fast)"
+    assert maps_method(tmp_path, ["a", "b"]) == "IF 3D + IF 2D (ifad-fast)"

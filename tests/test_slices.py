@@ -292,13 +292,18 @@ def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys)
                  "--device", "cpu"]) == 0
     model = load_model(run)
     assert model.config.variant == "2d" and len(model.latents) == sum(model.info["slices_per_volume"])
-    write_nifti(tmp_path / "case.nii.gz", toy_brain(30, lesion=True)[0])
+    image, lesion = toy_brain(30, lesion=True)
+    write_nifti(tmp_path / "case.nii.gz", image)
     args = ["restore", str(tmp_path / "case.nii.gz"), "-m", str(run), "--schedule", "3x256", "--backend", "torch",
             "--device", "cpu"]
     assert main(args + ["-o", str(tmp_path / "out"), "--slice-step", "2"]) == 0
     summary = json.loads((tmp_path / "out" / "case_restore.json").read_text())
     assert summary["variant"] == "2d" and summary["slice_step"] == 2 and summary["restore"]["slice_step"] == 2
+    (tmp_path / "masks").mkdir()
+    write_nifti(tmp_path / "masks" / "case_mask.nii.gz", lesion)
     capsys.readouterr()
+    assert main(["evaluate", "--scores", str(tmp_path / "out"), "--masks", str(tmp_path / "masks")]) == 0
+    assert "IF 2D (ifad-fast)" in capsys.readouterr().out                  # labelled by the maps' restore JSON
     # --continue with another slice step is refused; --resolution is refused for a 2D model
     assert main(args + ["-o", str(tmp_path / "out"), "--continue"]) == 2
     assert "slice_step" in capsys.readouterr().err
