@@ -13,6 +13,9 @@ fp32 accumulation): against the spec (torch, the same roundings) 1e-4 (losses, s
 (gradients), against float64 2e-2 on losses and scores. bf16 z-gradients differ from float64 by 5-15 % on these random tiny nets
 (rounding only the weights to bf16 gives the same: Σ δ cancels heavily), so that error is
 recorded and gated only as a sanity bound (< 100 %, finite).
+IF 2D through restore_classes (40-row-style batch of slice latents, per-slice scoring): triton vs
+torch after four Adam steps without the prior (which would swamp the data gradient), latents and
+maps to 1e-4 relative.
 Seed: helpers.base_seed() (IFAD_TEST_SEED, fixed by default), passed to the worker; check j draws
 its decoder and inputs from seed + 1000·j and every failure message names the seed.
 """
@@ -41,6 +44,8 @@ CHECKS = {
     "grid_all_voxels_chunked_fp32": dict(score=1e-5, classes=0.0),
     "backend_vs_torch_fp32": dict(loss=1e-5, grad=1e-4, score=1e-5, score_cls=1e-5, classes=0.0,
                                   unavailable_cpu_without_env=0.5, bad_input_accepted=0.5),
+    # four Adam steps (no prior) from the same start: latents and maps of the two backends to 1e-4 (relative)
+    "if2d_restore_vs_torch_fp32": dict(z=1e-4, anomaly=1e-4, slices=0.0),
 }
 WORKER_TIMEOUT_S = 300
 
@@ -156,6 +161,33 @@ def _backend_check(seed):
                 bad_input_accepted=accepted)
 
 
+def _slices_check(seed):
+    """IF 2D restore_classes (slice latents as one batch, per-slice scoring) on the triton backend vs torch."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from ifad_fast import config as cfg
+    from ifad_fast.backends import TorchBackend
+    from ifad_fast.model import Model
+    from ifad_fast.restore import restore_classes
+    from ifad_fast.triton_backend import TritonBackend
+    mc = dataclasses.replace(cfg.get_preset("tiny-2d").model, n_classes=4)
+    dec = random_decoder(mc, seed)
+    model = Model(dec, torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64),
+                  cfg.PreprocessConfig(resolution=12), torch.zeros(2, mc.latent_dim))
+    rng = np.random.default_rng(seed)
+    brain = np.zeros((8, 7, 12), bool)
+    brain[2:-2, 1:-1, 2:-1] = True
+    classes = np.where(brain, rng.integers(0, 4, brain.shape), 0).astype(np.uint8)
+    rc = cfg.RestoreConfig(phases=((4, 48),), seed=seed % 1000, brain_fraction=0.5, lr=1e-2, prior="none")
+    a = restore_classes(model, classes, rc, TritonBackend(dec, "cpu"), "cpu", brain=brain)[0]
+    b = restore_classes(model, classes, rc, TorchBackend(dec, "cpu"), "cpu", brain=brain)[0]
+    return dict(z=rel_rows(torch.from_numpy(a.z), torch.from_numpy(b.z)),
+                anomaly=rel_max(torch.from_numpy(a.anomaly), torch.from_numpy(b.anomaly)),
+                slices=0.0 if a.slices.tolist() == b.slices.tolist() == [5, 9] else 1.0)   # slice 1 holds no brain
+
+
 def _worker(seed: int) -> None:
     import torch
     from ifad_fast import config as cfg
@@ -180,6 +212,7 @@ def _worker(seed: int) -> None:
         "odd_B2_K130_lilast_bf16": lambda s: _kernel_check(td, odd2, 2, 130, (10, 6, 13), s, "bf16"),
         "grid_all_voxels_chunked_fp32": lambda s: _grid_check(td, s),
         "backend_vs_torch_fp32": lambda s: _backend_check(s),
+        "if2d_restore_vs_torch_fp32": lambda s: _slices_check(s),
     }
     for j, (name, job) in enumerate(jobs.items()):
         try:
