@@ -13,7 +13,7 @@ fp32 accumulation): against the spec (torch, the same roundings) 1e-4 (losses, s
 (gradients), against float64 2e-2 on losses and scores. bf16 z-gradients differ from float64 by 5-15 % on these random tiny nets
 (rounding only the weights to bf16 gives the same: Σ δ cancels heavily), so that error is
 recorded and gated only as a sanity bound (< 100 %, finite).
-IF 2D through restore_classes (40-row-style batch of slice latents, per-slice scoring): triton vs
+IF 2D through restore_classes (the slice latents as one batch, per-slice scoring): triton vs
 torch after four Adam steps without the prior (which would swamp the data gradient), latents and
 maps to 1e-4 relative.
 Seed: helpers.base_seed() (IFAD_TEST_SEED, fixed by default), passed to the worker; check j draws
