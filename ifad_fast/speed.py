@@ -12,8 +12,8 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
   prefix sums);
 - the total per scan; and one whole restore_classes of the volume (search, score, post-process) with
   the decoder read as IF 3D (one latent) and as IF 2D (a latent per axial slice: one slice in 4
-  restored, 40 latents searched as one batch, scored and post-processed), run for real on the same
-  backend and schedule;
+  restored, up to 40 latents searched as one batch, scored and post-processed), run for real on the same
+  schedule on the run's backend;
 - achieved GFLOP/s from counted FLOPs; the measured matmul peak
   (2048×512·512×512 on a CPU, 8192³ on a GPU);
 - the stage breakdown of one whole restore of the native scan with the fast schedule through the
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import config as cfg
 from . import reference as paper
 from . import train_speed
-from .backends import TorchBackend, resolve_device
+from .backends import TorchBackend, resolve_backend, resolve_device
 from .benchmark import machine
 from .fast import FastBackend
 from .model import Decoder, layer_shapes
@@ -147,8 +147,8 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     """Run the suite on `device` ('auto': CUDA if present); report the table, return the numbers.
 
     The step, grid and post-processing rows time the paper-style code, `torch` and `cpu`
-    (FastBackend) on the device whatever `backend` says; the stage breakdown restores with
-    `backend` ('auto': the API's choice).
+    (FastBackend) on the device whatever `backend` says; the IF 3D / IF 2D rows and the stage
+    breakdown restore with `backend` ('auto': the API's choice).
     """
     device = resolve_device(device)
     sync = _sync(device)
@@ -249,7 +249,8 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     t_post_fast = timed(lambda: postprocess(raw), 2)
 
     breakdown = stage_breakdown(decoder, z, res, device, backend, quick)
-    variants = restore_variants(decoder, classes_np, brain_np, fast_rc, impls["cpu float32"], sync)
+    engine = resolve_backend(backend, decoder, device)          # the run's backend ('auto': the API's choice)
+    variants = restore_variants(decoder, classes_np, brain_np, fast_rc, engine, sync)
 
     total_paper = t_paper * 700 * 16200 / k + t_grid_paper + t_post_direct
     total_fast = t_fast_restore + t_grid_fast + t_post_fast
@@ -265,7 +266,7 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                             fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
                   postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast), stages=breakdown,
                   total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast),
-                  variants=dict(**variants, slice_step=fast_rc.slice_step))
+                  variants=dict(**variants, slice_step=fast_rc.slice_step, backend=f"{engine.name} {engine.precision}"))
     result["training"] = train_speed.training(quick, device, report=lambda _: None)
     report(format_report(result))
     return result
@@ -335,11 +336,11 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total per scan** | cpu float32, {label}, brain region | {t['fast']:.1f} | {t['ratio']:.1f}× | | |")
     if "variants" in r:                     # IF 3D and IF 2D through restore_classes: same backend and schedule
         v = r["variants"]
-        lines.append(f"| **whole restore_classes, IF 3D** (one latent) | cpu float32, {label}, brain region | "
+        lines.append(f"| **whole restore_classes, IF 3D** (one latent) | {v['backend']}, {label}, brain region | "
                      f"{v['if3d']:.1f} | {t['paper_straightforward'] / v['if3d']:.1f}× | | |")
         lines.append(f"| **whole restore_classes, IF 2D** ({v['slices']} slice latents, one slice in "
-                     f"{v['slice_step']}; IF 3D / IF 2D time **{v['if3d'] / v['if2d']:.2f}**) | cpu float32, {label}, "
-                     f"brain region | {v['if2d']:.1f} | {t['paper_straightforward'] / v['if2d']:.1f}× | | |")
+                     f"{v['slice_step']}; IF 3D / IF 2D time **{v['if3d'] / v['if2d']:.2f}**) | {v['backend']}, "
+                     f"{label}, brain region | {v['if2d']:.1f} | {t['paper_straightforward'] / v['if2d']:.1f}× | | |")
     if r.get("stages"):
         lines += ["", f"stage breakdown of one whole restore through the Restorer ({label}, the scan's native grid "
                   "in and out; seconds and share of the total):", "",
