@@ -77,7 +77,8 @@ class BoundedCache:
 
 class Backend(ABC):
     """The contract of a compute backend (see the module docstring); subclasses set `name` and
-    `precisions` and implement `_mean_loss` and `_score` on checked inputs."""
+    `precisions` and implement `_mean_loss`, `_score` and `_score_and_classes` on checked inputs
+    (abstract: a subclass missing one cannot be built)."""
 
     name = "?"
     precisions: tuple = ("float32",)
@@ -133,19 +134,18 @@ class Backend(ABC):
         cores for 'tf32' (set for the call only, restored after), unchanged otherwise."""
         return tf32_matmuls() if self.precision == "tf32" else nullcontext()
 
-    # ------------------------------------------------------------------ to implement
+    # ------------------------------------------------------------------ to implement (checked inputs)
     @abstractmethod
     def _mean_loss(self, z, idx, targets, shape) -> torch.Tensor:
-        raise NotImplementedError
+        """mean_loss's (B,) float32 mean cross-entropy, differentiable with respect to z."""
 
     @abstractmethod
     def _score(self, z, idx, targets, shape, out) -> torch.Tensor:
         """(M,) float32 scores; may write into `out` (None or checked) and return it."""
-        raise NotImplementedError
 
     @abstractmethod
     def _score_and_classes(self, z, idx, targets, shape):
-        raise NotImplementedError
+        """score_and_classes's ((M,) float32 scores, (M,) most likely classes)."""
 
     # ------------------------------------------------------------------ checks
     def _check(self, z, idx, targets, shape, batched: bool) -> tuple[int, int, int]:

@@ -194,3 +194,19 @@ def test_tf32_is_gated_against_float32_on_cuda():
     got = FastBackend(dec, "cuda", "tf32").mean_loss(z, idx, targets, SHAPE)
     assert torch.get_float32_matmul_precision() == before                 # scoped to the call
     assert rel(got, ref) < 1e-2, (base_seed(), rel(got, ref))
+
+
+def test_a_backend_missing_a_kernel_cannot_be_built():
+    """Backend's three kernels are abstract: a subclass without _score_and_classes fails at construction."""
+
+    class Partial(Backend):
+        name = "partial"
+
+        def _mean_loss(self, z, idx, targets, shape):
+            return z.sum(1)
+
+        def _score(self, z, idx, targets, shape, out):
+            return torch.zeros(idx.shape[0])
+
+    with pytest.raises(TypeError, match="_score_and_classes"):
+        Partial(random_decoder(cfg.ModelConfig(latent_dim=8, hidden=32, n_layers=3, latent_in=1, n_freqs=2), 0))
