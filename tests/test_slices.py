@@ -347,7 +347,7 @@ def test_speed_suite_if2d_row_restores_the_brain_slices():
     rc = cfg.RestoreConfig(phases=((2, 64),), init="mean", lr=1e-2, brain_fraction=0.8)
     times = restore_variants(decoder, classes, brain, rc, FastBackend(decoder), lambda: None)
     assert times["slices"] == 3                                          # slices 5, 9, 13 hold brain; 1 does not
-    assert times["if2d"] > 0 and times["if3d"] > 0
+    assert sorted(times) == ["if2d", "if3d", "slices"]                   # both variants ran (timings: the benchmark's)
 
 
 def test_2d_training_in_two_processes_equals_one(tiny_run, tmp_path):
