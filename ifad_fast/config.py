@@ -26,6 +26,17 @@ def _check_choice(obj, field: str, choices) -> None:
         raise IfadError(f"{type(obj).__name__}.{field} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive(obj, field: str) -> None:
+    """IfadError unless obj.<field> is a finite number above 0."""
+    value = getattr(obj, field)
+    if not (_is_number(value) and value > 0):
+        raise IfadError(f"{type(obj).__name__}.{field} must be a positive number; got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Auto-decoder MLP: f(z, γ(p)) -> n_classes logits (DeepSDF layout).
@@ -58,6 +69,7 @@ class ModelConfig:
 
 Frame = Literal["physical", "cube"]
 Normalisation = Literal["minmax", "upper"]
+PercentileRegion = Literal["brain", "interior"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class PreprocessConfig:
     (the only frame of model files of format version 1; right for scans already aligned).
     normalisation 'minmax': non-zero voxels clipped to clip_percentiles, then (x - lo) / (hi - lo)
     into [0, 1] (the paper's); 'upper': divided by the upper percentile (format-version-1 models).
+    percentile_region 'brain': the percentiles of every non-zero voxel (the paper's; model files
+    that predate the field); 'interior': of the brain less its outer voxel layer on the scan's own
+    grid, so the partial-volume rim of a resampled scan cannot drag them (preprocess.interior).
     """
 
     resolution: int = 160                # model grid is resolution³
@@ -79,15 +94,25 @@ class PreprocessConfig:
     frame: Frame = "physical"
     extent_mm: float = 240.0             # physical frame: side of the model box (160 × 1.5 mm)
     normalisation: Normalisation = "minmax"
+    percentile_region: PercentileRegion = "brain"   # interior: percentiles ignore the brain's outer voxel layer
 
     def __post_init__(self):
         _check_choice(self, "frame", Frame)
         _check_choice(self, "normalisation", Normalisation)
+        _check_choice(self, "percentile_region", PercentileRegion)
         if not (isinstance(self.resolution, int) and not isinstance(self.resolution, bool)
                 and self.resolution >= 4):
             raise IfadError(f"the model grid resolution must be an integer of at least 4, got {self.resolution!r}")
         if not (isinstance(self.extent_mm, (int, float)) and math.isfinite(self.extent_mm) and self.extent_mm > 0):
             raise IfadError(f"the frame's extent must be positive millimetres, got {self.extent_mm!r}")
+        clip = self.clip_percentiles
+        if not (isinstance(clip, (tuple, list)) and len(clip) == 2 and all(map(_is_number, clip))
+                and 0 <= clip[0] < clip[1] <= 100):
+            raise IfadError(f"PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; got {clip!r}")
+        for name in ("train_mode_pool", "test_mode_pool"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value not in (1, 2, 3):
+                raise IfadError(f"PreprocessConfig.{name} must be 1, 2 or 3; got {value!r}")
 
     @property
     def voxel_mm(self) -> float:
@@ -124,6 +149,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice(self, "prior", TrainPrior)
+        _check_positive(self, "sigma")
 
 
 @dataclass(frozen=True)
@@ -147,6 +173,7 @@ class RestoreConfig:
     def __post_init__(self):
         _check_choice(self, "prior", RestorePrior)
         _check_choice(self, "init", LatentInit)
+        _check_positive(self, "sigma")
         if isinstance(self.slice_step, bool) or not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise IfadError(f"the slice step must be a whole number of at least 1, got {self.slice_step!r}")
 

@@ -199,10 +199,9 @@ def load_payload(path) -> dict:
                         "foreign file); pass a model.pt written by 'ifad-fast train'") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IfadError(f"{path}: not an ifad-fast model file; pass a model.pt written by 'ifad-fast train'")
-    version = meta.get("format_version", 0)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise IfadError(f"{path}: damaged model file (format_version {version!r} is not a number); "
-                        "retrain or re-download it")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _damaged(path, f"format_version {version!r} is not a version number (1, 2, ...)")
     if version > FORMAT_VERSION_2D:
         raise IfadError(f"{path}: model format {meta['format_version']} is newer than this ifad-fast "
                         f"understands ({FORMAT_VERSION_2D}); upgrade ifad-fast")
@@ -260,7 +259,7 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
 
     Checks the meta sections and their field types, the decoder tensors' names and shapes against
     the configuration (so absurd sizes are refused without building them), finite weights,
-    centres (one per class, finite, ascending), latents (N, D), the grid resolution, the latent
+    centres (one per class, finite, strictly increasing), latents (N, D), the grid resolution, the latent
     prior and a stored threshold. Returns the model, preprocess and train configurations.
     """
     from .limits import check_resolution
@@ -314,8 +313,8 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
         raise _damaged(path, "the intensity centres are not a 1-D float tensor")
     if centres.numel() != mc.n_classes:
         raise _damaged(path, f"{centres.numel()} intensity centres for a decoder of {mc.n_classes} classes")
-    if not torch.isfinite(centres).all() or (centres[1:] < centres[:-1]).any():
-        raise _damaged(path, "the intensity centres are not finite and ascending")
+    if not torch.isfinite(centres).all() or (centres[1:] <= centres[:-1]).any():
+        raise _damaged(path, "the intensity centres are not finite and strictly increasing (one per class)")
     latents = payload["latents"]
     if (not isinstance(latents, torch.Tensor) or latents.ndim != 2 or latents.shape[1] != mc.latent_dim
             or not torch.isfinite(latents).all()):

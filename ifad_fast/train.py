@@ -425,12 +425,41 @@ class Trainer:
         self._write_loss_log(run_dir)
 
     def load(self, run_dir: Path):
-        """Continue from run_dir/checkpoint.pt (written at any number of processes)."""
+        """Continue from run_dir/checkpoint.pt (written at any number of processes).
+
+        IfadError when the file is damaged (unreadable, truncated, a field missing or malformed)
+        or does not match this data and configuration; nothing is changed before all is checked.
+        """
         path = Path(run_dir) / "checkpoint.pt"
         if not path.is_file():
             raise IfadError(f"{path}: no checkpoint to resume from; start without --resume")
+
+        def damaged(why: str) -> IfadError:
+            return IfadError(f"{path} is damaged ({why}); start a new run or restore it from a copy")
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise damaged(f"{type(exc).__name__}: truncated or not a checkpoint") from None
+        if not isinstance(state, dict):
+            raise damaged("not a checkpoint")
+        missing = [k for k in ("decoder", "latents", "optimizer", "epoch", "generator", "log") if k not in state]
+        if missing:
+            raise damaged(f"no {', '.join(missing)}")
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise damaged(f"epoch {epoch!r} is not a whole number")
+        try:
+            torch.Generator().set_state(state["generator"])
+        except Exception:
+            raise damaged("its random generator state is unreadable") from None
+        try:
+            log = json.loads(state["log"])
+        except (TypeError, ValueError):
+            raise damaged("its loss log is not JSON") from None
+        if not (isinstance(log, list) and all(isinstance(row, dict) and "loss" in row for row in log)):
+            raise damaged("its loss log is not a list of epochs")
+        try:
             self.decoder.load_state_dict(state["decoder"])
             with torch.no_grad():
                 self.latents.copy_(state["latents"].to(self.device))
@@ -438,9 +467,9 @@ class Trainer:
         except Exception as exc:
             raise IfadError(f"{path}: cannot resume ({type(exc).__name__}: the checkpoint does not match "
                             "this data or configuration); start a new run folder") from None
-        self.epoch = int(state["epoch"])
+        self.epoch = epoch
         self.generator.set_state(state["generator"])
-        self.log = json.loads(state["log"])
+        self.log = log
 
 
 @dataclass(frozen=True)
