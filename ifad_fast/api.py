@@ -25,8 +25,8 @@ import torch
 from . import config as cfg
 from .backends import resolve_backend, resolve_device
 from .errors import IfadError
-from .io import (NON_SCAN_SUFFIXES, OutputSet, Scan, case_name, check_output_folder, check_volume,
-                 clean_stale_temporaries, find_scans, header_shape, load_scan, read_volume, save_json, save_volume)
+from .io import (OutputSet, Scan, case_name, check_output_folder, check_volume, clean_stale_temporaries,
+                 find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
@@ -518,114 +518,53 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
     return summary
 
 
-def _summaries(scores_dir: Path) -> list[dict]:
-    """The readable <case>_restore.json files of `scores_dir` (others are skipped)."""
-    out = []
-    for p in sorted(scores_dir.glob("*" + OUTPUT_FILES["summary"])):
+def maps_method(scores_dir, names) -> str:
+    """What made the maps of cases `names` in `scores_dir`, from their <case>_restore.json (see
+    `summaries_method`)."""
+    return summaries_method(Path(scores_dir) / f"{n}{OUTPUT_FILES['summary']}" for n in names)
+
+
+def summaries_method(paths) -> str:
+    """What made the maps whose <case>_restore.json files are `paths` (unreadable or missing ones
+    are skipped): 'IF 3D (ifad-fast)', 'IF 2D (ifad-fast)', 'IF 3D + IF 2D (ifad-fast)' when
+    mixed, or 'anomaly maps' when none is readable (maps from elsewhere)."""
+    variants = set()
+    for p in paths:
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(Path(p).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(d, dict):
-            out.append(d)
-    return out
-
-
-def _restored_sources(scores_dir: Path) -> set:
-    """The scans restored into `scores_dir` (the 'source' of each <case>_restore.json), resolved."""
-    return {Path(d["source"]).resolve() for d in _summaries(scores_dir) if isinstance(d.get("source"), str)}
-
-
-def maps_method(scores_dir, names) -> str:
-    """What made the maps of cases `names` in `scores_dir`, from their <case>_restore.json:
-    'IF 3D (ifad-fast)', 'IF 2D (ifad-fast)', 'IF 3D + IF 2D (ifad-fast)' when mixed, or
-    'anomaly maps' when no case has one (maps from elsewhere)."""
-    wanted = set(names)
-    variants = {str(d.get("variant", "3d")).upper() for d in _summaries(Path(scores_dir)) if d.get("case") in wanted}
+            variants.add(str(d.get("variant", "3d")).upper())
     if not variants:
         return "anomaly maps"
     return " + ".join(f"IF {v}" for v in sorted(variants, reverse=True)) + " (ifad-fast)"
 
 
-def read_case_maps(scores_dir, masks_dir, max_voxels: int | None = None
-                   ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """Pair <case>_anomaly.nii.gz with its ground-truth mask, <case>_mask.nii.gz (preferred) or
-    <case>.nii.gz; unpaired maps are an error.
+def evaluate_folders(scores_dir=None, masks_dir=None, val_scores=None, val_masks=None, out_dir=None,
+                     max_voxels: int | None = None, pairs=None, val_pairs=None) -> dict:
+    """The paper's metrics for anomaly maps against their ground-truth masks (labels > 0 = lesion),
+    and under "method" what made the maps (`summaries_method`); with `out_dir`, also written to
+    out_dir/metrics.json.
 
-    Never taken for a mask: predictions and other outputs (names ending in NON_SCAN_SUFFIXES
-    other than _mask/_seg), hidden files, and a scan that was restored into `scores_dir` (its
-    <case>_restore.json names it). A mask must hold whole-number labels and match its map's shape.
-    Sizes and memory are checked from the headers before any voxel is read.
+    The cases are the <case>_anomaly maps of `scores_dir`, each paired by name with its mask in
+    `masks_dir` (<case>_mask, _seg, _label, BIDS _dseg, ...; see `ifad_fast.pairing`), or the
+    lines of the CSV `pairs` (header map,mask); the validation cases likewise. A case without
+    exactly one mask, or a mask that does not look like a label map, raises IfadError before
+    anything is written.
     """
-    scores_dir, masks_dir = Path(scores_dir), Path(masks_dir)
-    for d in (scores_dir, masks_dir):
-        if not d.is_dir():
-            raise IfadError(f"{d}: no such folder; pass folders of anomaly maps and masks")
-
-    def listing(d):
-        try:
-            return sorted(q for q in d.iterdir() if q.is_file() and q.name.endswith((".nii", ".nii.gz"))
-                          and not q.name.startswith("."))
-        except OSError as exc:
-            from .io import describe_os_error
-            raise IfadError(describe_os_error(exc, d)) from None
-
-    scores = {case_name(p)[: -len("_anomaly")]: p for p in listing(scores_dir) if case_name(p).endswith("_anomaly")}
-    if not scores:
-        raise IfadError(f"{scores_dir}: no <case>_anomaly.nii.gz files; run 'ifad-fast restore' first")
-    restored = _restored_sources(scores_dir)
-    not_masks = tuple(s for s in NON_SCAN_SUFFIXES if s not in ("_mask", "_seg"))
-    masks: dict[str, Path] = {}
-    for p in listing(masks_dir):
-        n = case_name(p)
-        if n.endswith(not_masks) or p.resolve() in restored:
-            continue
-        if n.endswith("_mask"):
-            masks[n[: -len("_mask")]] = p               # <case>_mask wins over <case>
-        elif n not in masks:
-            masks[n] = p
-    unpaired = sorted(set(scores) - set(masks))
-    if unpaired:
-        raise IfadError(f"no mask for {', '.join(unpaired)} in {masks_dir}; "
-                        "name masks <case>_mask.nii.gz or <case>.nii.gz")
-    names = sorted(scores)
-    total = 0
-    for n in names:
-        shape = header_shape(scores[n], max_voxels, "anomaly map")
-        mshape = header_shape(masks[n], max_voxels, "mask")
-        if shape != mshape:
-            raise IfadError(f"{masks[n]}: mask shape {mshape} differs from its map {scores[n]} {shape}; "
-                            "pass the mask of this case on the scan's grid")
-        total += int(np.prod(shape))
-    check_memory(total * 10, f"evaluating {len(names)} cases ({total:,} voxels)",
-                 "evaluate fewer cases at a time or use a machine with more memory")
-    s, m = [], []
-    for n in names:
-        score = read_volume(scores[n], max_voxels, "anomaly map")
-        if not np.isfinite(score).all():
-            raise IfadError(f"{scores[n]}: the anomaly map holds NaN or Inf; restore this case again")
-        mask = read_volume(masks[n], max_voxels, "mask")
-        if not np.array_equal(mask, np.round(mask)) or mask.min() < 0:
-            raise IfadError(f"{masks[n]}: does not look like a lesion mask (values that are not whole-number "
-                            "labels); pass masks of 0 and 1 (or label ids)")
-        s.append(score)
-        m.append(mask > 0)
-    return names, s, m
-
-
-def evaluate_folders(scores_dir, masks_dir, val_scores=None, val_masks=None, out_dir=None,
-                     max_voxels: int | None = None) -> dict:
-    """The paper's metrics for a folder of anomaly maps against their masks (see `read_case_maps`),
-    and under "method" what made the maps (`maps_method`); with `out_dir`, also written to
-    out_dir/metrics.json."""
     from .metrics import evaluate
+    from .pairing import case_pairs, load_cases
 
     if out_dir is not None:
         check_output_folder(out_dir)
-    names, scores, masks = read_case_maps(scores_dir, masks_dir, max_voxels)
-    val = read_case_maps(val_scores, val_masks, max_voxels) if val_scores else (None, None, None)
-    result = evaluate(scores, masks, val[1], val[2], names=names)
-    result["method"] = maps_method(scores_dir, names)
+    test = case_pairs(scores_dir, masks_dir, pairs)
+    given = any(v is not None for v in (val_scores, val_masks, val_pairs))
+    val = case_pairs(val_scores, val_masks, val_pairs, "val-") if given else None
+    names, scores, masks = load_cases(test, max_voxels)
+    _, val_s, val_m = load_cases(val, max_voxels) if val else (None, None, None)
+    result = evaluate(scores, masks, val_s, val_m, names=names)
+    result["method"] = summaries_method(p.summary for p in test)
     if out_dir is not None:
         save_json(Path(out_dir) / "metrics.json", result)
     return result

@@ -160,10 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
 
     p = sub.add_parser("evaluate", help="the paper's metrics for anomaly maps against lesion masks")
-    p.add_argument("--scores", required=True, help="folder of <case>_anomaly.nii.gz")
-    p.add_argument("--masks", required=True, help="folder of <case>_mask.nii.gz or <case>.nii.gz")
+    p.add_argument("--scores", default=None, help="folder of <case>_anomaly.nii.gz")
+    p.add_argument("--masks", default=None,
+                   help="folder of ground truth (labels > 0 = lesion), found by name: <case>_mask, _seg, _label(s), "
+                        "_lesion, BIDS _dseg/_mask, the case's modality suffix (_t2, _T2w...) dropped; may be the "
+                        "scans' folder (a scan is never taken for a mask)")
+    p.add_argument("--pairs", default=None, metavar="CSV",
+                   help="instead of --scores/--masks: a CSV with the header map,mask and a line per case "
+                        "(relative paths start at the CSV's folder)")
     p.add_argument("--val-scores", default=None, help="validation anomaly maps (threshold chosen there)")
-    p.add_argument("--val-masks", default=None)
+    p.add_argument("--val-masks", default=None, help="validation ground truth, as --masks")
+    p.add_argument("--val-pairs", default=None, metavar="CSV", help="validation cases as a CSV, as --pairs")
     p.add_argument("-o", "--output", default=None, help="folder for metrics.json")
     p.add_argument("--max-voxels", type=_int_in(1), default=None,
                    help=f"refuse maps with more voxels than this (default {DEFAULT_MAX_VOXELS:,})")
@@ -437,16 +444,14 @@ def cmd_restore(args):
 
 
 def cmd_evaluate(args):
-    """`ifad-fast evaluate`: the paper's metrics for a folder of maps and masks."""
+    """`ifad-fast evaluate`: the paper's metrics for maps and masks (folders, or --pairs CSV)."""
     from .api import evaluate_folders
     from .metrics import format_table
 
-    if bool(args.val_scores) != bool(args.val_masks):
-        raise IfadError("pass both --val-scores and --val-masks, or neither")
     if args.output is not None:
         _output(args.output)
     result = evaluate_folders(args.scores, args.masks, args.val_scores, args.val_masks, args.output,
-                              max_voxels=args.max_voxels)
+                              max_voxels=args.max_voxels, pairs=args.pairs, val_pairs=args.val_pairs)
     print(format_table(result, method=result["method"]))
     print(f"threshold {result['threshold']:.4g} chosen on the {result['threshold_source']}")
 

@@ -32,9 +32,11 @@ from .errors import IfadError, IfadWarning
 from .limits import GB, check_memory, check_voxels
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-#: Name endings (before .nii/.nii.gz) of files that are not scans: ifad-fast's outputs and
-#: ground-truth label maps. Every search for scans skips them.
-NON_SCAN_SUFFIXES = ("_anomaly", "_restoration", "_pred-mask", "_mask", "_seg", "_classes", "_truth")
+#: Name endings (before .nii/.nii.gz) of ground-truth label maps (what `evaluate` pairs as masks).
+GROUND_TRUTH_SUFFIXES = ("_mask", "_seg", "_dseg", "_label", "_labels", "_lesion", "_truth")
+#: Name endings of files that are not scans: ifad-fast's outputs and ground-truth label maps.
+#: Every search for scans skips them.
+NON_SCAN_SUFFIXES = ("_anomaly", "_restoration", "_pred-mask", "_classes") + GROUND_TRUTH_SUFFIXES
 
 _TEMPORARY = re.compile(r"^\..+\.part(\.[A-Za-z0-9]+)*$")
 _TEMPORARY_PID = re.compile(r"\.(\d+)-[a-z0-9_]+\.part(\.[A-Za-z0-9]+)*$")
@@ -254,7 +256,7 @@ def open_nifti(path, max_voxels: int | None = None, what: str = "scan"):
     if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
         raise IfadError(f"{path}: voxel type {dtype} is not real-valued; convert the {what} to a numeric type")
     n = check_voxels(shape, max_voxels, str(path))
-    if not path.name.endswith(".gz"):
+    if not path.name.lower().endswith(".gz"):
         need = int(img.header.get_data_offset()) + n * dtype.itemsize
         if path.stat().st_size < need:
             raise IfadError(f"{path}: the file is truncated ({path.stat().st_size:,} of {need:,} bytes); "
