@@ -20,17 +20,18 @@ slice's brain voxels, the rest uniformly over the slice.
 
 Restoration (`restore_slices`, called by restore.restore_classes for 2D models): the axial axis is
 cut into blocks of `slice_step` consecutive slices (`blocks`; the paper: 4, i.e. 40 of 160), each
-restored at one slice with its own latent. The restored slices of all scans are ONE batch of
-latents through restore.optimise_latents and the backend, whose rows draw their points inside their
-own slice. A phase's K stays the points per scan and step: it is spread over the blocks, each slice
-drawing ceil(K / blocks) points (`points_per_slice`; the paper's 700 × 16,200 at 160³ and step 4:
-405 per slice), so a 2D step costs what a 3D step does. Row r draws from its own generator, seeded
+restored at one slice with its own latent: its default slice, or, when that holds no brain, the
+block's brain slice nearest to it (`restored_blocks`), so a brain few slices thick still gets a
+map. The restored slices of all scans are ONE batch of latents through restore.optimise_latents
+and the backend, whose rows draw their points inside their own slice. A phase's K stays the points
+per scan and step: it is spread over the blocks, each slice drawing ceil(K / blocks) points
+(`points_per_slice`; the paper's 700 × 16,200 at 160³ and step 4: 405 per slice), so a 2D step
+costs what a 3D step does. Row r draws from its own generator, seeded
 from (seed, slice index) (`slice_seed`), its initial latent first: a slice's latent does not depend
 on which other slices are restored with it. Each slice is scored with its latent, the score fills
 its block (replicated `slice_step` times along the axial axis) and the usual 3D post-processing
-(min-pool 3, average-pool 15) runs on the whole volume. A restored slice without brain is not
-searched: its block scores 0 (and restores class 0). The restoration (classes) is replicated like
-the score.
+(min-pool 3, average-pool 15) runs on the whole volume. A block without brain is not searched:
+it scores 0 (and restores class 0). The restoration (classes) is replicated like the score.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ from .model import Model
 
 
 def blocks(depth: int, step: int) -> list[tuple[int, int, int]]:
-    """The axial axis of `depth` slices in blocks of `step`: (restored slice, start, stop) per block.
+    """The axial axis of `depth` slices in blocks of `step`: (default slice, start, stop) per block.
 
-    Block j covers slices [j·step, min((j+1)·step, depth)) and is restored at slice
-    j·step + (step - 1)//2 (the last, shorter block: at most its last slice).
+    Block j covers slices [j·step, min((j+1)·step, depth)); its default slice, where it is restored
+    when that holds brain (`restored_blocks`), is j·step + (step - 1)//2 (the last, shorter block:
+    at most its last slice).
     """
     if step < 1:
         raise IfadError(f"the slice step must be at least 1, got {step}")
@@ -56,6 +58,21 @@ def blocks(depth: int, step: int) -> list[tuple[int, int, int]]:
     for start in range(0, depth, step):
         stop = min(start + step, depth)
         out.append((min(start + (step - 1) // 2, stop - 1), start, stop))
+    return out
+
+
+def restored_blocks(has_brain: np.ndarray, step: int) -> list[tuple[int, int, int]]:
+    """The blocks (see `blocks`) of an axial axis that hold brain, each with the slice it is restored at.
+
+    has_brain: (Z,) bool, whether each axial slice holds brain. A block is restored at its default
+    slice when that holds brain, else at its brain slice nearest to it (the lower of two as near);
+    a block without brain is left out.
+    """
+    out = []
+    for s, a, b in blocks(len(has_brain), step):
+        held = np.flatnonzero(has_brain[a:b]) + a
+        if held.size:
+            out.append((int(held[np.argmin(np.abs(held - s))]), a, b))
     return out
 
 
@@ -240,14 +257,12 @@ def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.Restore
     check_classes(classes, backend.config.n_classes)
     brain = classes != 0 if brain is None else brain.to(torch.bool)
     n, shape = classes.shape[0], tuple(int(s) for s in classes.shape[1:])
-    plan = blocks(shape[2], rc.slice_step)
     has_brain = brain.any(2).any(1).cpu().numpy()                       # (N, Z): one read from the device
     rows, where = [], []
     for i in range(n):
-        mine = [(s, a, b) for s, a, b in plan if has_brain[i, s]]
+        mine = restored_blocks(has_brain[i], rc.slice_step)
         if not mine:
-            raise IfadError(f"the brain of scan {i} lies in none of the restored slices (one in {rc.slice_step}); "
-                            "use a smaller --slice-step")
+            raise IfadError(f"scan {i} holds no brain voxel on the model grid; pass a skull-stripped scan of a brain")
         where.append(mine)
         rows.extend((i, s) for s, _, _ in mine)
     with stage("search"):

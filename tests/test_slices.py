@@ -51,6 +51,7 @@ def test_blocks_tile_the_axial_axis(depth, step):
 def test_restored_slices_fill_their_blocks_and_are_scored_with_their_own_latent():
     model = random_model()
     classes, brain = random_scan((12, 10, 16))
+    classes[:, :, :4], brain[:, :, :4] = 0, False                         # a block without brain
     rc = cfg.RestoreConfig(phases=((3, 64),), seed=5, brain_fraction=0.5)
     res = restore_classes(model, classes, rc, backend="torch", brain=brain, region="full")[0]
     plan = blocks(16, 4)                                                 # restored at 1, 5, 9, 13
@@ -117,12 +118,16 @@ def test_fast_backend_gives_the_reference_slices():
     np.testing.assert_allclose(fast.anomaly, ref.anomaly, rtol=1e-4, atol=1e-5)
 
 
-def test_a_brain_between_the_restored_slices_is_refused():
+def test_a_brain_between_the_default_slices_is_restored_at_its_nearest_slice():
     classes, brain = random_scan((8, 8, 16))
     brain[:] = False
-    brain[2:6, 2:6, 2:4] = True                                          # slices 2, 3: restored are 1, 5, ...
-    with pytest.raises(IfadError, match="slice-step"):
-        restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch", brain=brain)
+    brain[2:6, 2:6, 2:4] = True                                          # slices 2, 3: the defaults are 1, 5, ...
+    res = restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
+                          brain=brain)[0]
+    assert list(res.slices) == [2] and (res.anomaly[brain] > 0).all()
+    with pytest.raises(IfadError, match="no brain voxel"):
+        restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
+                        brain=np.zeros_like(brain))
 
 
 # --------------------------------------------------------------------------- the sampler of training
@@ -346,7 +351,7 @@ def test_speed_suite_if2d_row_restores_the_brain_slices():
     classes, brain = random_scan((10, 9, 16))
     rc = cfg.RestoreConfig(phases=((2, 64),), init="mean", lr=1e-2, brain_fraction=0.8)
     times = restore_variants(decoder, classes, brain, rc, FastBackend(decoder), lambda: None)
-    assert times["slices"] == 3                                          # slices 5, 9, 13 hold brain; 1 does not
+    assert times["slices"] == 4                                          # 5, 9, 13, and 2 for 1 (no brain)
     assert sorted(times) == ["if2d", "if3d", "slices"]                   # both variants ran (timings: the benchmark's)
 
 
