@@ -19,7 +19,9 @@ interpolation by `preprocess.resample`, the model frame's own):
   0.001-voxel shift), so their volumes in mm³ are kept (to about 1 % for brains and gliomas
   from 1 mm sources; finer targets than the source round a staircase's corners off);
 * the brain is skull-stripped again on the new grid (image zero outside the new brain mask)
-  and the lesion mask is kept inside it.
+  and the lesion mask is kept inside it; `linear-1x1x3mm` skips the pre-filter and the second
+  stripping, as resampling a stripped scan with a registration tool does (its brain mask, the one
+  the metrics use, is still the resampled mask).
 
 `ACQUISITIONS` is the registry of named acquisitions used by `ifad-fast bench accuracy`.
 """
@@ -44,7 +46,10 @@ class Acquisition:
     """How to re-acquire: `voxel_mm` per stored axis (in `orientation`'s axis order),
     `orientation` as three nibabel axis codes, `fov` 'source' (the source grid's box) or
     'brain' (the brain's bounding box), widened by `pad_lo_mm` / `pad_hi_mm` on the low / high
-    side of each world axis (R, A, S; negative values narrow it)."""
+    side of each world axis (R, A, S; negative values narrow it). `prefilter`: the slice-profile
+    blur before interpolation (a scanner's acquisition); without it and without `restrip`, the
+    skull-stripped source is resampled as a registration tool does, plain trilinear with its zero
+    background, which leaves a soft partial-volume rim around the brain."""
 
     name: str
     description: str
@@ -53,6 +58,8 @@ class Acquisition:
     fov: str = "source"
     pad_lo_mm: tuple = (0.0, 0.0, 0.0)
     pad_hi_mm: tuple = (0.0, 0.0, 0.0)
+    prefilter: bool = True
+    restrip: bool = True
 
     def __post_init__(self):
         codes = self.orientation.upper()
@@ -78,6 +85,9 @@ ACQUISITIONS = {a.name: a for a in (
                 pad_lo_mm=(4.0, 4.0, 4.0), pad_hi_mm=(4.0, 4.0, 4.0)),
     Acquisition("enlarged", "1.5 mm, RAS, field of view enlarged by 40 mm on every side",
                 pad_lo_mm=(40.0, 40.0, 40.0), pad_hi_mm=(40.0, 40.0, 40.0)),
+    Acquisition("linear-1x1x3mm", "1 x 1 x 3 mm by plain trilinear resampling of the skull-stripped scan "
+                "(no slice profile, not stripped again: a soft partial-volume rim)", voxel_mm=(1.0, 1.0, 3.0),
+                prefilter=False, restrip=False),
 )}
 
 
@@ -193,8 +203,9 @@ def reacquire(case, acq: Acquisition | str) -> Acquired:
         raise IfadError(f"{case.name}: a 3D scan is needed, got shape {image.shape}")
     shape, affine = target_grid(acq, image.shape, case.affine, case.brain_mask)
     brain = _resample_mask(case.brain_mask, case.affine, shape, affine)
-    out = resample(image, case.affine, shape, affine)
-    out *= brain
+    out = resample(image, case.affine, shape, affine, antialias=acq.prefilter)
+    if acq.restrip:
+        out *= brain
     mask = None
     if case.mask is not None:
         mask = (_resample_mask(case.mask, case.affine, shape, affine) & brain).astype(np.uint8)
