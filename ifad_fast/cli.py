@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--healthy", type=_int_in(0, 100000), default=8)
     p.add_argument("--lesions", type=_int_in(0, 100000), default=4)
     p.add_argument("--voxel-mm", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a synthetic set already in the output folder (its files that the new set does "
+                        "not write are removed, nothing else)")
     _add_seed(p)
 
     p = sub.add_parser("demo", help="synthesise a lesion case, restore it with the bundled model, plot it")
@@ -463,7 +466,8 @@ def cmd_synth(args):
     if args.healthy + args.lesions == 0:
         raise IfadError("ask for at least one case with --healthy N and/or --lesions M")
     _output(args.output)
-    write_set(args.output, args.healthy, args.lesions, seed=args.seed, voxel_mm=args.voxel_mm)
+    write_set(args.output, args.healthy, args.lesions, seed=args.seed, voxel_mm=args.voxel_mm,
+              overwrite=args.overwrite)
     print(f"wrote {args.healthy} healthy and {args.lesions} lesion cases -> {args.output}")
 
 

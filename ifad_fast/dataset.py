@@ -1,23 +1,30 @@
 """Folders of scans <-> encoded model-grid volumes (the output of `ifad-fast prepare`).
 
-A prepared folder holds `<case>_classes.nii.gz` (uint8, resolution³, with the model grid's
-world affine), `<case>_brain.nii.gz` (uint8, the scan's non-zero support on the model grid: class 0
-can hold brain voxels after min-max normalisation) and `manifest.json` (the preprocess settings,
-frame included, centres, and per case its source, native shape, affine, model affine and
-percentiles). The files are written as one set (io.OutputSet): class files under
-temporary names, renamed at the end, the manifest last, so an interrupted prepare leaves no
-class files without a manifest. `volumes.npy` and `brains.npy` hold the same classes and brain
-masks stacked ((N, R, R, R) uint8) for training. `train` reads such a folder, or prepares raw
-scans into a cache.
+A prepared folder holds `<case>_ifad-classes.nii.gz` (uint8, resolution³, with the model grid's
+world affine), `<case>_ifad-brainmask.nii.gz` (uint8, the scan's non-zero support on the model grid:
+class 0 can hold brain voxels after min-max normalisation) and `manifest.json` (the preprocess
+settings, frame included, centres, and per case its source, files, native shape, affine, model
+affine and percentiles). The names carry `ifad` so that they never meet a scan's (FSL bet writes
+`<case>_brain.nii.gz`); folders prepared before are read under their old names. The files are
+written as one set (io.OutputSet): class files under temporary names, renamed at the end, the
+manifest last, so an interrupted prepare leaves no class files without a manifest.
+`volumes.npy` and `brains.npy` hold the same classes and brain masks stacked ((N, R, R, R)
+uint8) for training. `train` reads such a folder, or prepares raw scans into a cache.
 
 Training memory-maps the stacks read-only: the volumes are stored once, in the OS page cache,
 shared by every training process, and paged in and out when they do not fit in RAM. A folder
-prepared without stacks (older versions) gets them built once in the run's cache.
+prepared without stacks (older versions) gets them built once in the run's cache. The stacks'
+disk space is checked and allocated before they are mapped: a memory map over a sparse file
+dies of SIGBUS when the disk fills, an allocation fails with a one-line error.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +32,16 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
-from .io import (OutputSet, atomic_path, case_name, clean_stale_temporaries, find_scans, header_shape, load_scan,
-                 save_json, save_volume)
+from .io import (OutputSet, atomic_path, case_name, clean_stale_temporaries, describe_os_error, find_scans,
+                 header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_resolution, prepare_bytes
 from .preprocess import IntensityEncoder, mode_pool3d, to_model_grid
 
 MANIFEST = "manifest.json"
 STACKS = {"classes": "volumes.npy", "brains": "brains.npy"}      # (N, R, R, R) uint8 each
+#: A case's files after its name; io.NON_SCAN_SUFFIXES keeps them from being read as scans.
+CASE_FILES = {"classes": "_ifad-classes.nii.gz", "brain": "_ifad-brainmask.nii.gz"}
+LEGACY_CASE_FILES = {"classes": "_classes.nii.gz", "brain": "_brain.nii.gz"}    # manifests without "files"
 FIT_VOLUMES = 32
 
 
@@ -41,9 +51,10 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                   max_voxels: int | None = None, report=None) -> dict:
     """Encode scans onto the model grid; fit the centres on them when `encoder` is None.
 
-    Refuses a folder that already holds a prepared set (or any of the class files it would
-    write) unless `overwrite`. A scan that cannot be read does not stop the others: the set is
-    written without it and an IfadError naming every failed scan is raised at the end.
+    Never replaces an input; refuses a folder that already holds any file it would write unless
+    `overwrite`, which also removes the files of the folder's previous set that the new one does
+    not list. A scan that cannot be read does not stop the others: the set is written without it
+    and an IfadError naming every failed scan is raised at the end.
     force: go on with scans that do not look skull-stripped (with a warning).
     """
     check_resolution(pc.resolution, "prepare")
@@ -51,15 +62,20 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         raise IfadError(f"--classes must be from 2 to 255 (background + tissue classes), got {k}")
     paths = find_scans(inputs)
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{case_name(p)}_classes.nii.gz" for p in paths]
-    brain_targets = [out_dir / f"{case_name(p)}_brain.nii.gz" for p in paths]
-    existing = [t for t in [out_dir / MANIFEST, *targets] if t.exists()]
+    files = {p: {key: out_dir / f"{case_name(p)}{suffix}" for key, suffix in CASE_FILES.items()} for p in paths}
+    ours = [out_dir / MANIFEST, *(out_dir / name for name in STACKS.values()),
+            *(f for case in files.values() for f in case.values())]
+    inputs = {p.resolve(): p for p in paths}
+    for f in ours:
+        if f.resolve() in inputs:
+            raise IfadError(f"{f} would overwrite the input {inputs[f.resolve()]}; choose another -o")
+    existing = [f for f in ours if os.path.lexists(f)]
     if existing and not overwrite:
         raise IfadError(f"{out_dir} already holds prepared outputs ({existing[0].name}"
                         f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
                         "pass --overwrite to replace them or choose another -o")
     clean_stale_temporaries(out_dir)
-    previous = _listed_class_files(out_dir) if overwrite else []
+    previous = _listed_files(out_dir) if overwrite else []
     failed: dict[Path, str] = {}
     for path in paths:                       # headers first: sizes, readability, memory before any work
         try:
@@ -68,6 +84,8 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                          f"preparing {path} {shape}", "use a smaller --resolution or a machine with more memory")
         except IfadError as exc:
             failed[path] = str(exc)
+    if len(failed) < len(paths):
+        _check_room(out_dir, (len(paths) - len(failed),) + (pc.resolution,) * 3)
     cached: dict[int, tuple] = {}
     if encoder is None:
         rng = np.random.default_rng(seed)
@@ -100,10 +118,11 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
             if mode_pool > 1:
                 classes = mode_pool3d(classes, mode_pool, encoder.n_classes)
             name = case_name(path)
-            save_volume(outputs.add(targets[i]), classes, placement.model_affine, dtype=np.uint8)
-            save_volume(outputs.add(brain_targets[i]), placement.brain, placement.model_affine, dtype=np.uint8)
+            save_volume(outputs.add(files[path]["classes"]), classes, placement.model_affine, dtype=np.uint8)
+            save_volume(outputs.add(files[path]["brain"]), placement.brain, placement.model_affine, dtype=np.uint8)
             stacks.add(len(cases), classes=classes, brains=placement.brain)
-            case = dict(name=name, source=str(path.resolve()), native_shape=list(scan.data.shape),
+            case = dict(name=name, source=str(path.resolve()), files={k: f.name for k, f in files[path].items()},
+                        native_shape=list(scan.data.shape),
                         model_shape=list(classes.shape), affine=scan.affine.tolist(),
                         model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
             if placement.grid is not None:
@@ -116,9 +135,9 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                         failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
         if cases:
             save_json(outputs.add(out_dir / MANIFEST), manifest)
-    keep = {t.name for t in [*targets, *brain_targets]}
-    for old in previous:
-        if old.name not in keep:
+    listed = {out_dir / name for case in cases for name in case["files"].values()}
+    for old in previous if cases else ():
+        if old not in listed and old.resolve() not in inputs:
             old.unlink(missing_ok=True)
     if failed:
         if len(paths) == 1:
@@ -136,8 +155,8 @@ class _StackWriter:
         self.outputs, self.out_dir, self.capacity, self.arrays = outputs, Path(out_dir), capacity, None
 
     def _open(self, n: int, shape) -> dict:
-        return {key: np.lib.format.open_memmap(self.outputs.add(self.out_dir / name), mode="w+", dtype=np.uint8,
-                                               shape=(n,) + tuple(shape)) for key, name in STACKS.items()}
+        return {key: _new_stack(self.outputs.add(self.out_dir / name), self.out_dir / name, (n,) + tuple(shape))
+                for key, name in STACKS.items()}
 
     def add(self, row: int, **volumes):
         if self.arrays is None:
@@ -158,15 +177,66 @@ class _StackWriter:
         self.arrays = None
 
 
+def _check_room(folder: Path, shape):
+    """IfadError unless the disk of `folder` has room for both STACKS of `shape` (uint8)."""
+    need, probe = len(STACKS) * math.prod(shape), folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise IfadError(f"{folder / STACKS['classes']}: no space left on the device (it and {STACKS['brains']} "
+                        f"need {need / 2 ** 20:.3g} MB, {free / 2 ** 20:.3g} MB are free); "
+                        "free some space or write elsewhere")
+
+
+def _new_stack(tmp: Path, final: Path, shape) -> np.memmap:
+    """A zeroed uint8 .npy of `shape` at `tmp`, memory-mapped for writing, its disk blocks
+    allocated first (so a full disk is an IfadError naming `final`, not a SIGBUS in the map)."""
+    try:
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, dict(descr="|u1", fortran_order=False, shape=tuple(shape)))
+            _allocate(f, f.tell() + math.prod(shape))
+        return np.lib.format.open_memmap(tmp, mode="r+")
+    except OSError as exc:
+        raise IfadError(describe_os_error(exc, final)) from None
+
+
+def _allocate(f, size: int):
+    """Extend the open file `f` to `size` bytes of real (not sparse) disk blocks, from its end."""
+    f.flush()
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:                                   # no fallocate on this system (macOS)
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):    # else: not on this file system
+            raise
+    zeros = bytes(1 << 20)
+    while f.tell() < size:
+        f.write(zeros[:size - f.tell()])
+
+
 def _failures(failed: dict) -> str:
     return "; ".join(f"{why}" for why in failed.values())
 
 
-def _listed_class_files(folder: Path) -> list[Path]:
+def _case_files(folder: Path, case: dict) -> dict[str, Path]:
+    """A listed case's class volume and brain mask (by their old names in folders prepared before
+    the manifest named them). ValueError, KeyError or TypeError for a malformed entry."""
+    names = case.get("files") or {key: f"{case['name']}{suffix}" for key, suffix in LEGACY_CASE_FILES.items()}
+    paths = {key: folder / names[key] for key in CASE_FILES}
+    if any(p.parent != folder or p.name in ("", ".", "..") for p in paths.values()):
+        raise ValueError("a case file outside the folder")
+    return paths
+
+
+def _listed_files(folder: Path) -> list[Path]:
+    """The case files listed by the manifest in `folder` (none when it has no readable one)."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        return [folder / f"{c['name']}{suffix}.nii.gz" for c in manifest["cases"] for suffix in ("_classes", "_brain")]
-    except (OSError, ValueError, KeyError, TypeError):
+        return [f for case in json.loads((folder / MANIFEST).read_text())["cases"]
+                for f in _case_files(folder, case).values()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return []
 
 
@@ -206,7 +276,11 @@ def read_manifest(folder) -> dict:
     if not manifest["cases"]:
         raise IfadError(f"{folder}: the manifest lists no cases; prepare some scans first")
     for case in manifest["cases"]:
-        path = folder / f"{case['name']}_classes.nii.gz"
+        try:
+            path = _case_files(folder, case)["classes"]
+        except (ValueError, KeyError, TypeError):
+            raise IfadError(f"{folder / MANIFEST}: case {case['name']!r} names unusable files; "
+                            "run 'ifad-fast prepare' again") from None
         if not path.is_file():
             raise IfadError(f"{path}: listed in the manifest but missing; run 'ifad-fast prepare' again")
     return manifest
@@ -221,19 +295,19 @@ def _read_cases(folder: Path, manifest: dict, classes_out: np.ndarray, brains_ou
 
     n_classes = len(manifest["centres"])
     for i, case in enumerate(manifest["cases"]):
-        path = folder / f"{case['name']}_classes.nii.gz"
+        files = _case_files(folder, case)
+        path, brain = files["classes"], files["brain"]
         volume = read_volume(path, what="class volume")
         if volume.shape != (manifest["resolution"],) * 3 or volume.min() < 0 or volume.max() >= n_classes:
             raise IfadError(f"{path}: not a class volume of this prepared set (shape or class ids); "
                             "run 'ifad-fast prepare' again")
         classes_out[i] = volume
-        brain = folder / f"{case['name']}_brain.nii.gz"
         if brain.is_file():
-            brain = read_volume(brain, what="brain mask")
-            if brain.shape != volume.shape:
-                raise IfadError(f"{folder / case['name']}_brain.nii.gz: not a brain mask of this prepared set "
-                                "(shape); run 'ifad-fast prepare' again")
-            brains_out[i] = brain > 0
+            mask = read_volume(brain, what="brain mask")
+            if mask.shape != volume.shape:
+                raise IfadError(f"{brain}: not a brain mask of this prepared set (shape); "
+                                "run 'ifad-fast prepare' again")
+            brains_out[i] = mask > 0
         else:
             brains_out[i] = volume != 0
 
@@ -276,10 +350,12 @@ def load_prepared(folder, cache_dir=None) -> tuple[np.ndarray, np.ndarray, list[
     key = dict(folder=str(folder.resolve()), manifest=hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest())
     key_file = cache_dir / "stacks_key.json"
     if not (key_file.is_file() and json.loads(key_file.read_text()) == key and _stacks_fit(cache_dir, shape)):
+        clean_stale_temporaries(cache_dir)
+        _check_room(cache_dir, shape)
         with atomic_path(cache_dir / STACKS["classes"]) as classes_tmp, \
                 atomic_path(cache_dir / STACKS["brains"]) as brains_tmp:
-            stacks = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                      for tmp in (classes_tmp, brains_tmp)]
+            stacks = [_new_stack(tmp, cache_dir / name, shape)
+                      for tmp, name in ((classes_tmp, STACKS["classes"]), (brains_tmp, STACKS["brains"]))]
             _read_cases(folder, manifest, *stacks)
             for stack in stacks:
                 stack.flush()

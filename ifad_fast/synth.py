@@ -27,7 +27,10 @@ subjects from the same seeds than version 1 did: images made by version 1 are no
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +63,8 @@ _INTENSITY_SCALE = 1000.0   # relative intensities are multiplied by this
 _FLOOR = 0.02               # relative floor of brain intensities (zero means background downstream)
 _HEALTHY_STREAM, _LESION_STREAM, _REFERENCE = 0, 1, -1
 _VERSION = 2                # bump when the generator's output changes for the same arguments
+_GENERATOR = "ifad_fast.synth"
+_MANIFEST = "manifest.json"
 
 # Anatomical variety drawn per subject (version 2 widened all of these, so that a voxel-wise
 # baseline cannot win by the subjects' alignment alone):
@@ -766,13 +771,13 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> S
 def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
     """Healthy subject `index` of the set drawn with `seed` (stream SeedSequence([seed, 0, index]))."""
     index, seed = _check_count(index, "index"), _check_count(seed, "seed")
-    return _render(f"healthy_{index:04d}", _HEALTHY_STREAM, index, seed, voxel_mm)
+    return _render(_case_name("healthy", index), _HEALTHY_STREAM, index, seed, voxel_mm)
 
 
 def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
     """Glioma-like lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index]))."""
     index, seed = _check_count(index, "index"), _check_count(seed, "seed")
-    return _render(f"lesion_{index:04d}", _LESION_STREAM, index, seed, voxel_mm)
+    return _render(_case_name("lesion", index), _LESION_STREAM, index, seed, voxel_mm)
 
 
 def mni_reference(voxel_mm: float = 1.5) -> SynthCase:
@@ -781,25 +786,63 @@ def mni_reference(voxel_mm: float = 1.5) -> SynthCase:
     return _render("mni_reference", _REFERENCE, 0, 0, voxel_mm)
 
 
+def _case_name(kind: str, index: int) -> str:
+    return f"{kind}_{index:04d}"
+
+
+def _set_files(out: Path, healthy, lesion) -> list[Path]:
+    """The files of a set of these case names under `out`: its manifest, then the cases'."""
+    return [out / _MANIFEST, *(out / "healthy" / f"{n}.nii.gz" for n in healthy),
+            *(out / "lesion" / f"{n}{s}.nii.gz" for n in lesion for s in ("", "_mask"))]
+
+
+def _listed_files(out: Path) -> list[Path]:
+    """The files of the set whose synth manifest is in `out` (none without a readable one)."""
+    try:
+        manifest = json.loads((out / _MANIFEST).read_text())
+        if manifest.get("generator") != _GENERATOR:
+            return []
+        names = {kind: [n for n in manifest[kind] if re.fullmatch(rf"{kind}_\d+", n)] for kind in ("healthy", "lesion")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return _set_files(out, names["healthy"], names["lesion"])
+
+
 def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: float = 1.5,
-              progress: bool = True) -> dict:
+              progress: bool = True, overwrite: bool = False) -> dict:
     """Write `n_healthy` healthy and `n_lesions` lesion cases as NIfTI under `out_dir`.
 
     Layout: out_dir/healthy/<name>.nii.gz, out_dir/lesion/<name>.nii.gz and
-    out_dir/lesion/<name>_mask.nii.gz, and out_dir/manifest.json. Returns the manifest.
+    out_dir/lesion/<name>_mask.nii.gz, and out_dir/manifest.json, written last. Returns the
+    manifest. A folder that already holds any of these files is refused unless `overwrite`,
+    which first removes the old manifest and the files of the old set (those its manifest
+    lists, nothing else) that the new one does not write, so the folder matches the new manifest.
     """
     from tqdm.auto import tqdm
 
-    from .io import save_json, save_volume
+    from .io import clean_stale_temporaries, save_json, save_volume
 
     n_healthy = _check_count(n_healthy, "n_healthy")
     n_lesions = _check_count(n_lesions, "n_lesions")
     seed = _check_count(seed, "seed")
     v = _check_voxel(voxel_mm)
     out = Path(out_dir)
+    files = _set_files(out, [_case_name("healthy", i) for i in range(n_healthy)],
+                       [_case_name("lesion", j) for j in range(n_lesions)])
+    present = [f for f in files if os.path.lexists(f)]
+    if present and not overwrite:
+        raise IfadError(f"{out} already holds {present[0].relative_to(out)}"
+                        f"{f' and {len(present) - 1} more files' if len(present) > 1 else ''} of a synthetic set; "
+                        "pass --overwrite to replace it or choose another -o")
+    if overwrite:
+        ours = set(files)
+        for old in [out / _MANIFEST, *(f for f in _listed_files(out) if f not in ours)]:
+            old.unlink(missing_ok=True)
+    for folder in (out, out / "healthy", out / "lesion"):
+        clean_stale_temporaries(folder)
     shape, affine = acquisition_grid(v)
     manifest = {
-        "generator": "ifad_fast.synth",
+        "generator": _GENERATOR,
         "version": _VERSION,
         "seed": seed,
         "voxel_mm": v,
@@ -826,5 +869,5 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
             bar.update(1)
     finally:
         bar.close()
-    save_json(out / "manifest.json", manifest)
+    save_json(out / _MANIFEST, manifest)
     return manifest

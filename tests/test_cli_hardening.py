@@ -56,6 +56,7 @@ def outputs_of(folder: Path) -> list[str]:
     """ifad-fast outputs and temporaries (anything but the toy inputs) in `folder`."""
     return [n for n in leftovers(folder) if n.startswith(".") or any(
         s in n for s in ("_anomaly", "_restoration", "_pred-mask", "_restore.json", "_figure", "_classes",
+                         "_ifad-classes", "_ifad-brainmask", "volumes.npy", "brains.npy",
                          "manifest.json", "metrics.json", "model.pt", "checkpoint.pt"))]
 
 

@@ -9,9 +9,8 @@ from ifad_fast import config as cfg
 from ifad_fast.dataset import MANIFEST, STACKS, load_prepared, prepare_scans, training_volumes
 
 
-def _nifti(folder, manifest, suffix):
-    return np.stack([np.asarray(nib.load(str(folder / f"{c['name']}_{suffix}.nii.gz")).dataobj)
-                     for c in manifest["cases"]])
+def _nifti(folder, manifest, key):
+    return np.stack([np.asarray(nib.load(str(folder / c["files"][key])).dataobj) for c in manifest["cases"]])
 
 
 def test_prepare_writes_stacks_equal_to_the_nifti_files_and_training_maps_them(tmp_path, scan_dir):
@@ -20,10 +19,10 @@ def test_prepare_writes_stacks_equal_to_the_nifti_files_and_training_maps_them(t
     manifest = prepare_scans([scan_dir], out, pc, 2, k=6, progress=False)
     assert manifest["stacks"] == STACKS and not list(out.glob(".*part*"))
     volumes, brains, names, centres, _ = training_volumes(out, pc, None, tmp_path / "cache", progress=False)
-    for stack, name, suffix in ((volumes, STACKS["classes"], "classes"), (brains, STACKS["brains"], "brain")):
+    for stack, name, key in ((volumes, STACKS["classes"], "classes"), (brains, STACKS["brains"], "brain")):
         assert isinstance(stack, np.memmap) and Path(stack.filename) == (out / name).resolve()
         assert not stack.flags.writeable and stack.dtype == np.uint8 and stack.shape == (4, 16, 16, 16)
-        np.testing.assert_array_equal(stack, _nifti(out, manifest, suffix))
+        np.testing.assert_array_equal(stack, _nifti(out, manifest, key))
     assert brains.any() and (brains <= 1).all()
     assert names == [c["name"] for c in manifest["cases"]] and len(centres) == 6
     assert not (tmp_path / "cache").exists()                # nothing copied

@@ -102,7 +102,7 @@ def test_prepare_cli_writes_classes_and_manifest(tmp_path, scan_dir):
     assert len(manifest["cases"]) == 4 and len(manifest["centres"]) == 6
     assert manifest["frame"] == "physical" and manifest["extent_mm"] == 192.0
     for case in manifest["cases"]:
-        img = nib.load(str(out / f"{case['name']}_classes.nii.gz"))
+        img = nib.load(str(out / case["files"]["classes"]))
         data = np.asarray(img.dataobj)
         assert data.shape == (16, 16, 16) and data.dtype == np.uint8 and 0 < data.max() < 6
         assert case["native_shape"] == [30, 34, 28]
@@ -110,7 +110,7 @@ def test_prepare_cli_writes_classes_and_manifest(tmp_path, scan_dir):
         np.testing.assert_allclose(img.affine[:3, :3], np.eye(3) * 12.0)
         np.testing.assert_allclose(img.affine, case["model_affine"])
         np.testing.assert_allclose(case["affine"], AFFINE)
-        brain = np.asarray(nib.load(str(out / f"{case['name']}_brain.nii.gz")).dataobj)
+        brain = np.asarray(nib.load(str(out / case["files"]["brain"])).dataobj)
         # mode pooling (window 2) may carry a class into the background's edge; the brain holds the rest
         assert brain.shape == (16, 16, 16) and brain[data > 0].mean() > 0.9
 
@@ -122,6 +122,6 @@ def test_prepare_cli_cube_frame(tmp_path, scan_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["frame"] == "cube"
     for case in manifest["cases"]:
-        img = nib.load(str(out / f"{case['name']}_classes.nii.gz"))
+        img = nib.load(str(out / case["files"]["classes"]))
         g = GridMap(tuple(case["native_shape"]), case["cube"], tuple(case["offset"]), 16)
         np.testing.assert_allclose(img.affine, model_affine(g, np.array(case["affine"])))
