@@ -24,7 +24,7 @@ import torch
 
 from . import config as cfg
 from .backends import resolve_backend, resolve_device
-from .errors import IfadError
+from .errors import IfadError, out_of_memory
 from .io import (OutputSet, Scan, case_name, check_output_folder, check_volume, clean_stale_temporaries,
                  find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
@@ -228,6 +228,20 @@ class Restorer:
                              seconds=seconds, placement=placement, stages=stages)
                 for (anomaly, classes, placement), r in zip(native, grids)]
 
+    def _restore_scans(self, scans: list[Scan]) -> list[NativeResult]:
+        """restore_arrays for loaded scans; after a GPU's out-of-memory error, once more with score
+        chunks an eighth the size."""
+        arrays, affines = [s.data for s in scans], [s.affine for s in scans]
+        try:
+            return self.restore_arrays(arrays, affines)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        rc, self.rc = self.rc, cfg.replace(self.rc, chunk=max(1, self.rc.chunk // 8))
+        try:
+            return self.restore_arrays(arrays, affines)
+        finally:
+            self.rc = rc
+
     def _prepare(self, inputs, scans, resolution):
         """Each scan on the model grid (or the N³ score grid), as arrays or on the device."""
         pc = self.model.preprocess
@@ -344,8 +358,10 @@ class Restorer:
             if not scans:
                 continue
             try:
-                results = self.restore_arrays([s.data for s in scans], [s.affine for s in scans])
-            except (IfadError, MemoryError) as exc:
+                results = self._restore_scans(scans)
+            except (IfadError, MemoryError, RuntimeError) as exc:
+                if not (isinstance(exc, IfadError) or out_of_memory(exc)):
+                    raise
                 why = str(exc) if isinstance(exc, IfadError) else \
                     "ran out of memory restoring it; use --batch 1 or a machine with more memory"
                 for scan in scans:

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import IfadError, IfadWarning
+from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
 
 MAX_SEED = 2 ** 32 - 1
@@ -246,7 +246,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print(f"{prefix}: interrupted", file=sys.stderr)
             return 130
-        except MemoryError:
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):              # any other RuntimeError is a bug: its traceback shows
+                raise
             print(f"{prefix}: error: ran out of memory; use smaller inputs or batches, or a machine with more "
                   "memory", file=sys.stderr)
             return 2

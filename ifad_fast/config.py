@@ -108,7 +108,8 @@ class PreprocessConfig:
         clip = self.clip_percentiles
         if not (isinstance(clip, (tuple, list)) and len(clip) == 2 and all(map(_is_number, clip))
                 and 0 <= clip[0] < clip[1] <= 100):
-            raise IfadError(f"PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; got {clip!r}")
+            raise IfadError("PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; "
+                            f"got {clip!r}")
         for name in ("train_mode_pool", "test_mode_pool"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in (1, 2, 3):

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
-from .io import (OutputSet, atomic_path, case_name, clean_stale_temporaries, describe_os_error, find_scans,
-                 header_shape, load_scan, save_json, save_volume)
+from .io import (OutputSet, atomic_path, case_name, check_folder, clean_stale_temporaries, describe_os_error,
+                 find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_resolution, prepare_bytes
 from .preprocess import IntensityEncoder, mode_pool3d, to_model_grid
 
@@ -373,9 +373,7 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
     names, centres (C,) float64, the PreprocessConfig the volumes were made with: pc, or a
     prepared folder's frame and normalisation).
     """
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise IfadError(f"{data_dir}: no such folder; pass a folder of healthy scans or a prepared folder")
+    data_dir = check_folder(data_dir, "a folder of healthy scans or a prepared folder")
     if (data_dir / MANIFEST).is_file():
         manifest = read_manifest(data_dir)
         if manifest["resolution"] != pc.resolution:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -79,6 +80,15 @@ def is_temporary(path: str | os.PathLike) -> bool:
     return bool(_TEMPORARY.match(Path(path).name))
 
 
+def final_path(path: str | os.PathLike) -> Path:
+    """The file a temporary stands for (`.<name>.<pid>-<random>.part<suffix>` -> `<name>`, also for a
+    temporary of a temporary); any other path unchanged."""
+    path = Path(path)
+    while is_temporary(path) and _TEMPORARY_PID.search(path.name):
+        path = path.with_name(_TEMPORARY_PID.sub("", path.name)[1:])
+    return path
+
+
 def _writer_alive(path: Path) -> bool:
     m = _TEMPORARY_PID.search(path.name)
     if not m:
@@ -127,8 +137,11 @@ def _new_temporary(path: Path) -> Path:
 
 
 def describe_os_error(exc: OSError, path=None) -> str:
-    """One line for an operating-system error on `path`: what went wrong and what to do."""
-    where = path if path is not None else (exc.filename or "?")
+    """One line for an operating-system error on `path`: what went wrong and what to do.
+
+    A temporary (see `atomic_path`) is named by the file it stands for.
+    """
+    where = final_path(path if path is not None else (exc.filename or "?"))
     code = getattr(exc, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
         return f"{where}: no space left on the device; free some space or write elsewhere"
@@ -137,12 +150,14 @@ def describe_os_error(exc: OSError, path=None) -> str:
     if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
         return f"{where}: permission denied; check its permissions or use another folder"
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        return f"{exc.filename or where}: a file is in the way where a folder is needed; choose another path"
+        blocked = final_path(exc.filename) if exc.filename else where
+        return f"{blocked}: a file is in the way where a folder is needed; choose another path"
     return f"{where}: {exc.strerror or exc}"
 
 
 def _write_error(exc: BaseException, path: Path) -> IfadError | None:
     """An IfadError for a failed write, or None to let the exception through unchanged."""
+    path = final_path(path)
     if isinstance(exc, OSError):
         return IfadError(describe_os_error(exc, path))
     if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("unexpected pos", "PytorchStreamWriter",
@@ -198,6 +213,14 @@ def find_scans(inputs, exclude_suffixes=NON_SCAN_SUFFIXES) -> list[Path]:
     return unique
 
 
+def check_folder(path, what: str) -> Path:
+    """`path` when it is a folder; else IfadError saying it is missing or a file, and to pass `what`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IfadError(f"{path}: {'is a file, not a folder' if path.exists() else 'no such folder'}; pass {what}")
+    return path
+
+
 def check_output_folder(path, option: str = "-o") -> Path:
     """Check that `path` can be a writable output folder, creating nothing.
 
@@ -226,7 +249,9 @@ def open_nifti(path, max_voxels: int | None = None, what: str = "scan"):
 
     Raises IfadError when the file is missing, unreadable, not NIfTI, not 3D (or 4D with one
     volume), not real-valued, larger than `max_voxels` (None: limits.DEFAULT_MAX_VOXELS),
-    truncated (uncompressed files), or its affine is singular or not finite.
+    truncated (uncompressed files), or its affine is singular or not finite, or comes from voxel
+    sizes (pixdim, no sform) that are not positive. nibabel's notes on headers it fixes become
+    warnings (the CLI prints them only after success), not log lines on stderr.
     """
     path = Path(path)
     if not path.is_file():
@@ -237,7 +262,8 @@ def open_nifti(path, max_voxels: int | None = None, what: str = "scan"):
     except OSError as exc:
         raise IfadError(describe_os_error(exc, path)) from None
     try:
-        img = nib.load(str(path))
+        with _nibabel_notes_as_warnings():
+            img = nib.load(str(path))
     except MemoryError:
         raise IfadError(f"{path}: not enough memory to open the file; free memory first") from None
     except Exception as exc:  # nibabel raises many types for foreign files
@@ -262,11 +288,44 @@ def open_nifti(path, max_voxels: int | None = None, what: str = "scan"):
         if path.stat().st_size < need:
             raise IfadError(f"{path}: the file is truncated ({path.stat().st_size:,} of {need:,} bytes); "
                             "re-export the scan")
+    _check_voxel_sizes(img, path)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise IfadError(f"{path}: the header's voxel-to-world affine is singular or not finite; fix its "
                         "qform/sform (voxel sizes and orientation), e.g. with nibabel or fslorient")
     return img, shape
+
+
+@contextlib.contextmanager
+def _nibabel_notes_as_warnings():
+    """nibabel's notes on the headers it fixes (logged to `nibabel.global`, straight to stderr)
+    become warnings, so the CLI holds them until the command succeeds."""
+    def divert(record):
+        warnings.warn(f"nibabel: {record.getMessage()}", UserWarning, stacklevel=2)
+        return False
+    logger = logging.getLogger("nibabel.global")
+    logger.addFilter(divert)
+    try:
+        yield
+    finally:
+        logger.removeFilter(divert)
+
+
+def _check_voxel_sizes(img, path: Path) -> None:
+    """IfadError when the geometry comes from pixdim (no sform) and its voxel sizes are not
+    positive: nibabel would quietly read them as 1 mm. Read from the raw header, before its fixes."""
+    hdr = img.header
+    qform, sform = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if sform:
+        return
+    with nib.openers.ImageOpener(str(path)) as f:
+        sizes = np.asarray(type(hdr).from_fileobj(f, check=False)["pixdim"][1:4], dtype=np.float64)
+    if qform:
+        sizes = np.abs(sizes)                  # with a qform a negative size is taken as its magnitude
+    if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+        orientation = "a qform" if qform else "no qform or sform"
+        raise IfadError(f"{path}: the header's voxel sizes (pixdim) are {tuple(sizes.tolist())} with {orientation}; "
+                        "set the real voxel sizes or an sform (e.g. with nibabel or fslorient)")
 
 
 def _read_voxels(img, path: Path, shape) -> np.ndarray:
