@@ -14,7 +14,10 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
 4. Test: lesion seed 2, cases 0..n_test-1, each synthesised once at 1 mm and re-acquired in
    every acquisition asked for (`acquisition.ACQUISITIONS`: voxel sizes, orientations, field of
    view, brain position): the same anatomy each time.
-5. The paper's metrics (`metrics.evaluate`: [DICE], DICE μ ± σ at the validation threshold, AP,
+5. How well the restoration fits a healthy subject (`restoration_fit`): training subjects 0..n_fit-1
+   and unseen ones n_healthy..n_healthy+n_fit-1 of the healthy stream, the share of brain voxels
+   whose restored class is within one class of the scan's, and the mean cross-entropy there.
+6. The paper's metrics (`metrics.evaluate`: [DICE], DICE μ ± σ at the validation threshold, AP,
    AUROC, FPR@95R) on the brain voxels of each scan (so a larger field of view adds no easy
    background), per acquisition and pooled over all of them (every voxel counts once, so finer
    acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over the
@@ -66,6 +69,7 @@ class AccuracySetup:
     acquisitions: tuple
     schedule: str = "fast"
     val_acquisition: str = "1.5mm"
+    n_fit: int = 4
     healthy_mm: float = 1.5
     source_mm: float = 1.0
     vae: VAEConfig = VAEConfig()
@@ -123,6 +127,25 @@ def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str,
     trainer = Trainer(torch.from_numpy(np.stack(classes)), p.model, tc, p.preprocess, encoder.centres, device,
                       [f"healthy_{i:04d}" for i in range(len(volumes))], brains=torch.from_numpy(np.stack(brains)))
     return trainer.run(tc.epochs, progress=progress)
+
+
+def restoration_fit(restorer, subjects, voxel_mm: float = 1.5) -> dict:
+    """How well `restorer` fits healthy subjects (healthy stream, seed 0): per subject and averaged,
+    `metrics.restoration_fit` of its restored classes against the scan's own (mode-pooled) classes
+    on the model grid's brain voxels."""
+    from .metrics import restoration_fit as fit
+    from .preprocess import prepare
+    from .synth import generate_healthy
+
+    pc = restorer.model.preprocess
+    rows = {}
+    for i in subjects:
+        case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm)
+        grid = restorer.restore_array(case.image, case.affine).model_grid
+        seen = prepare(case.image, restorer.encoder, pc, pc.test_mode_pool, case.affine)
+        rows[f"healthy_{i:04d}"] = fit(grid.classes, seen.classes, seen.brain, grid.score)
+    mean = {k: float(np.mean([r[k] for r in rows.values()])) for k in next(iter(rows.values()))}
+    return dict(mean, subjects=rows)
 
 
 def if_label(model) -> str:
@@ -191,6 +214,13 @@ def accuracy_markdown(result: dict) -> str:
         ok = "✔" if r["dice_best_spread"] <= SPREAD_TARGET else "✘"
         lines.append(_row([m, f"{r['dice_best_min']:.3f}", f"{r['dice_best_max']:.3f}",
                            f"{r['dice_best_spread']:.3f}", ok, f"{r['seconds_per_scan']:.1f}"]))
+    if result.get("fit"):
+        lines += ["", _row(["Method", "healthy subjects", "restored class within one of the scan's", "exact",
+                            "mean cross-entropy (nats)"]), "|---|---|---:|---:|---:|"]
+        for m, groups in result["fit"].items():
+            for label, f in groups.items():
+                lines.append(_row([m, f"{label} ({len(f['subjects'])})", f"{f['within_one']:.3f}", f"{f['exact']:.3f}",
+                                   f"{f['mean_ce']:.3f}"]))
     s = result["setup"]
     lines += ["", f"{s['n_test']} test cases (lesion seed {TEST_SEED}, synthesised at {s['source_mm']} mm) × "
               f"{len(s['acquisitions'])} acquisitions; thresholds from {s['n_val']} validation cases (lesion seed "
@@ -212,6 +242,7 @@ def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, h
             raise IfadError(f"{what} must be a positive integer, got {v!r}")
     acquisition_grid(source_mm), acquisition_grid(healthy_mm)     # check the voxel sizes
     return AccuracySetup(n_healthy=n_healthy, n_val=n_val or (2 if quick else 6), n_test=n_test or (2 if quick else 24),
+                         n_fit=1 if quick else AccuracySetup.n_fit,
                          acquisitions=tuple(a.name for a in get_acquisitions(acquisitions)), schedule=schedule,
                          source_mm=float(source_mm), healthy_mm=float(healthy_mm),
                          vae=VAEConfig(steps=vae_steps or (300 if quick else VAEConfig.steps)))
@@ -268,6 +299,12 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     other = None if compare is None else Restorer(compared, backend, device, schedule=schedule)
     methods = _methods(restorer, baselines, other)
 
+    fit = {}
+    for label, r in [(if_label(model), restorer), *([(list(methods)[1], other)] if other is not None else [])]:
+        fit[label] = {"training subjects": restoration_fit(r, range(setup.n_fit), setup.healthy_mm),
+                      "unseen subjects": restoration_fit(r, range(setup.n_healthy, setup.n_healthy + setup.n_fit),
+                                                         setup.healthy_mm)}
+
     val, test = _Scored(), _Scored()
     for j in tqdm(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
         _score(val, methods, reacquire(generate_lesion(j, seed=VAL_SEED, voxel_mm=setup.source_mm),
@@ -286,7 +323,7 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
                   frame=model.preprocess.frame, setup=asdict(setup),
                   restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior),
                   vae_final_loss=float(np.mean(baselines[VAE].losses[-20:])),
-                  methods=_evaluate(val, test, methods, setup))
+                  methods=_evaluate(val, test, methods, setup), fit=fit)
     if compare is not None:
         result["compared"] = dict(model="given model" if isinstance(compare, Model) else str(compare),
                                   method=list(methods)[1], frame=compared.preprocess.frame,

@@ -49,7 +49,7 @@ import numpy as np
 
 from .errors import IfadError
 
-__all__ = ["curve_metrics", "dice", "evaluate", "format_table"]
+__all__ = ["curve_metrics", "dice", "evaluate", "format_table", "restoration_fit"]
 
 
 # ----------------------------------------------------------------------------- core
@@ -190,6 +190,23 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
         return 1.0
     inter = int(np.count_nonzero(np.logical_and(p, t)))
     return 2.0 * inter / (n_p + n_t)
+
+
+def restoration_fit(restored: np.ndarray, observed: np.ndarray, brain: np.ndarray, score: np.ndarray) -> dict:
+    """How well a restoration fits its (healthy) subject, on the brain voxels of the model grid.
+
+    restored, observed: class ids (R, R, R) (the decoded restoration; the scan's own classes as the
+    search saw them, mode-pooled); brain: bool (R, R, R); score: the raw per-voxel cross-entropy
+    (R, R, R). Returns within_one (share of brain voxels whose restored class is within one class of
+    the scan's), exact (share equal) and mean_ce (mean cross-entropy in nats; on healthy tissue
+    every nat of it is a false alarm's raw material).
+    """
+    brain = np.asarray(brain, dtype=bool)
+    if not brain.any():
+        raise IfadError("restoration fit: the brain mask is empty")
+    diff = np.abs(np.asarray(restored, np.int16)[brain] - np.asarray(observed, np.int16)[brain])
+    return dict(within_one=float(np.mean(diff <= 1)), exact=float(np.mean(diff == 0)),
+                mean_ce=float(np.mean(np.asarray(score, np.float64)[brain])))
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -89,3 +89,16 @@ def test_user_errors_exit_2_before_work(tmp_path, capsys, args):
 def test_speed_rejects_accuracy_options(capsys):
     assert main(["bench", "speed", "--quick", "--n-test", "3"]) == 2
     assert "bench accuracy" in capsys.readouterr().err
+
+
+def test_restoration_fit_on_training_and_unseen_healthy_subjects(run):
+    """The fit section: one training and one unseen healthy subject in quick mode, shares in [0, 1]
+    with exact <= within one, a positive mean cross-entropy, and its table in the report."""
+    result, out, _ = run
+    fit = result["fit"][IF3D]
+    assert set(fit) == {"training subjects", "unseen subjects"}
+    assert list(fit["training subjects"]["subjects"]) == ["healthy_0000"]
+    assert list(fit["unseen subjects"]["subjects"]) == ["healthy_0003"]          # n_healthy = 3
+    for group in fit.values():
+        assert 0.0 <= group["exact"] <= group["within_one"] <= 1.0 and group["mean_ce"] > 0
+    assert "within one of the scan's" in (out / "accuracy.md").read_text()

@@ -331,3 +331,22 @@ def test_format_table():
     assert "IT (s)" in t2.splitlines()[0]
     assert t2.splitlines()[2].startswith("mine") and t2.splitlines()[2].endswith("51.1")
     assert not math.isnan(len(t2))
+
+
+def test_restoration_fit_by_hand():
+    """4 brain voxels of 8: restored − observed = 0, 1, −1, 3 -> within one 3/4, exact 1/4; the mean
+    cross-entropy is over the brain voxels only."""
+    from ifad_fast.metrics import restoration_fit
+
+    brain = np.zeros((2, 2, 2), bool)
+    brain[0, 0, :] = brain[1, 1, :] = True
+    observed = np.full((2, 2, 2), 5, np.uint8)
+    restored = observed.copy()
+    restored[0, 0, 1], restored[1, 1, 0], restored[1, 1, 1] = 6, 4, 8
+    restored[1, 0, 0] = 0                                                 # outside the brain: ignored
+    score = np.where(brain, 2.0, 100.0).astype(np.float32)
+    score[0, 0, 0] = 1.0
+    fit = restoration_fit(restored, observed, brain, score)
+    assert fit == {"within_one": 0.75, "exact": 0.25, "mean_ce": pytest.approx(1.75)}
+    with pytest.raises(IfadError):
+        restoration_fit(restored, observed, np.zeros_like(brain), score)
