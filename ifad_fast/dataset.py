@@ -131,7 +131,8 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         stacks.close(len(cases))
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
-                        mode_pool=mode_pool, centres=encoder.centres.tolist(), cases=cases,
+                        percentile_region=pc.percentile_region, mode_pool=mode_pool,
+                        centres=encoder.centres.tolist(), cases=cases,
                         failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
         if cases:
             save_json(outputs.add(out_dir / MANIFEST), manifest)
@@ -248,9 +249,9 @@ def _to_grid(path, pc, force=False, max_voxels=None):
 
 def manifest_preprocess(manifest: dict, pc: cfg.PreprocessConfig) -> cfg.PreprocessConfig:
     """pc with the frame and normalisation a prepared folder was made with (folders from before the
-    physical frame: cube + upper)."""
-    saved = {**cfg.LEGACY_PREPROCESS, **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation")
-                                          if k in manifest}}
+    physical frame: cube + upper; from before percentile_region: brain)."""
+    saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain",
+             **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region") if k in manifest}}
     try:
         return cfg.replace(pc, clip_percentiles=tuple(manifest.get("clip_percentiles", pc.clip_percentiles)),
                            **saved)
@@ -385,6 +386,7 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
     sources = sorted(str(p.resolve()) for p in find_scans([data_dir]))
     key = dict(resolution=pc.resolution, clip=list(pc.clip_percentiles), mode_pool=pc.train_mode_pool,
                frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
+               percentile_region=pc.percentile_region,
                centres=centres, k=k, seed=seed, sources=sources)
     key_file = cache_dir / "cache_key.json"
     if not (key_file.is_file() and json.loads(key_file.read_text()) == key):
