@@ -3,12 +3,15 @@
 User errors (IfadError, bad options, out of memory, operating-system errors such as a full
 disk) print one line on stderr and exit 2, with no traceback. IfadWarnings are printed at once
 as one `warning:` line each; other libraries' warnings are held back and printed only when the
-command succeeds, so an error is never preceded by unrelated noise. Ctrl-C exits 130.
+command succeeds, so an error is never preceded by unrelated noise. Ctrl-C exits 130; SIGTERM
+or SIGHUP to an `--nproc` launcher stops its processes and exits 143 or 129 (128 + signal).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -115,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--threads", type=_int_in(1, 4096), default=None, help="torch CPU threads (per process)")
+    p.add_argument("--threads", type=_int_in(1, 4096), default=None,
+                   help="torch CPU threads per process (× --nproc: at most the CPU cores)")
     p.add_argument("--volumes-per-batch", type=_int_in(1), default=None,
                    help="volumes in each (global) batch, whatever --nproc is (default: the preset's)")
     p.add_argument("--nproc", type=_int_in(1, 1024), default=None,
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
             code = COMMANDS[args.command](args) or 0
         except IfadError as exc:
             print(f"{prefix}: error: {exc}", file=sys.stderr)
-            return 2
+            return getattr(exc, "exit_code", 2)
         except KeyboardInterrupt:
             print(f"{prefix}: interrupted", file=sys.stderr)
             return 130
@@ -264,6 +268,21 @@ def main(argv=None) -> int:
 def _output(path, option="-o"):
     from .io import check_output_folder
     return check_output_folder(path, option)
+
+
+def _holding_output(command):
+    """`command` run holding the lock on its -o folder, so a second writer into it is refused
+    (under torchrun rank 0 holds it for every rank)."""
+    @functools.wraps(command)
+    def run(args):
+        from .locks import hold
+
+        out = _output(args.output)
+        if os.environ.get("RANK", "0") != "0":
+            return command(args)
+        with hold(out):
+            return command(args)
+    return run
 
 
 def _frame_config(pc, args):
@@ -289,20 +308,19 @@ def cmd_prepare(args):
     print(f"prepared {len(manifest['cases'])} scans at {pc.resolution}³ ({pc.frame} frame) -> {args.output}")
 
 
+@_holding_output
 def cmd_train(args):
     """`ifad-fast train`: validate everything, load the data, train (Ctrl-C saves a checkpoint).
 
     --nproc N: N processes started here (distributed.launch); under torchrun each process runs
     this command, rank 0 preparing the data while the others wait.
     """
-    import os
-
     from . import config as cfg
     from .backends import resolve_device
     from .dataset import MANIFEST, training_volumes
     from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
-    from .limits import check_memory, train_bytes
+    from .limits import check_memory, train_bytes, usable_cores
     from .train import TrainJob, check_train_config, estimate_seconds, train_job
 
     preset = cfg.get_preset(args.preset)
@@ -349,7 +367,7 @@ def cmd_train(args):
             f"use a GPU (--device cuda) or --preset {args.preset.replace('paper', 'small')}"))
     threads = args.threads
     if threads is None and nproc > 1 and device.type == "cpu":
-        threads = max(1, (os.cpu_count() or 1) // nproc)
+        threads = max(1, usable_cores() // nproc)
     provenance = dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device))
     job = TrainJob(volumes=str(volumes.filename), brains=str(brains.filename), names=tuple(names),
                    centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
@@ -365,8 +383,10 @@ def cmd_train(args):
 
 
 def _processes(args, device) -> tuple[int, int]:
-    """(--nproc, or 1; WORLD_SIZE under torchrun, or 1), checked against each other and the GPUs."""
+    """(--nproc, or 1; WORLD_SIZE under torchrun, or 1), checked against each other, the GPUs, the
+    CPU cores (with --threads) and the memory."""
     from .distributed import env_world
+    from .limits import check_processes
 
     world = env_world()
     if world > 1 and args.nproc not in (None, 1):
@@ -378,6 +398,7 @@ def _processes(args, device) -> tuple[int, int]:
             raise IfadError(f"--nproc {nproc} puts process r on cuda:r; pass --device cuda, not {device}")
         if torch.cuda.device_count() < nproc:
             raise IfadError(f"--nproc {nproc} needs {nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    check_processes(nproc, getattr(args, "threads", None), device)
     return nproc, world
 
 
@@ -394,19 +415,19 @@ def load_model_arg(spec, device):
     return load_model(spec, device)
 
 
+@_holding_output
 def cmd_restore(args):
     """`ifad-fast restore`: anomaly maps for scans or folders (one `api.Restorer`).
 
     --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
     every case is written once, by one process; --continue skips the cases already finished.
     """
-    import os
-
     from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
                       restore_shard)
     from .backends import resolve_device
     from .distributed import launch
     from .io import find_scans
+    from .limits import usable_cores
 
     schedule, region = args.schedule or "fast", args.region or "brain"
     if args.protocol:
@@ -436,7 +457,7 @@ def cmd_restore(args):
             shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
             raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
                             "cases or --overwrite to redo them")
-    threads = max(1, (os.cpu_count() or 1) // nproc) if device.type == "cpu" and nproc > 1 else None
+    threads = max(1, usable_cores() // nproc) if device.type == "cpu" and nproc > 1 else None
     job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
                      batch=args.batch, existing=existing, figure=args.figure, force=args.force,

@@ -7,12 +7,20 @@ RANK, WORLD_SIZE and LOCAL_RANK from the environment (`from_env`). Each process 
 training function; `Group` is what it knows of the others. With one process every
 collective is a no-op and nothing of torch.distributed is touched. `restore --nproc N` uses
 `launch` too, without a process group (each process restores its own cases).
+
+The launched processes end with their launcher, however it ends: SIGTERM or SIGHUP to it stops
+them and raises `Stopped`; if it is killed outright they are killed too (Linux's parent-death
+signal, and a thread in each that watches its parent elsewhere).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -120,33 +128,82 @@ def _loopback_interface() -> str | None:
     return "lo" if "lo" in names else None
 
 
-def _worker(rank: int, world: int, port: int, fn, args, conn):
+class Stopped(IfadError):
+    """The launcher got SIGTERM or SIGHUP and stopped its processes; exit code 128 + the signal."""
+
+    def __init__(self, signum: int, hint: str = ""):
+        super().__init__(f"stopped by {signal.Signals(signum).name}" + (f"; {hint}" if hint else ""))
+        self.exit_code = 128 + signum
+
+
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+_PR_SET_PDEATHSIG = 1
+
+
+def _catch_stop_signals(hint: str) -> dict:
+    """Make SIGTERM and SIGHUP raise Stopped here (main thread only; an ignored one, as under
+    nohup, stays ignored); returns the handlers they replace."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, frame):
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)      # a second signal must not cut the cleanup short
+        raise Stopped(signum, hint)
+
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+    for s in previous:
+        signal.signal(s, stop)
+    return previous
+
+
+def _die_with(parent: int):
+    """End this process when `parent` (its launcher) ends, even by kill -9: Linux's parent-death
+    signal, and elsewhere (or should that fail) a thread that sees the parent pid change."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:                    # it ended before the signal was set
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def _worker(rank: int, world: int, port: int, fn, args, conn, parent: int):
+    _die_with(parent)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     lo = _loopback_interface()
     if lo and "GLOO_SOCKET_IFNAME" not in os.environ:
         os.environ["GLOO_SOCKET_IFNAME"] = lo
-    import threading
-
     from tqdm import tqdm
     tqdm.set_lock(threading.RLock())        # not tqdm's default process lock: a terminated rank would leak it
     code = 0
     try:
-        conn.send(("done", fn(*args)))
-    except IfadError as exc:
-        conn.send(("user", str(exc)))
-        code = 2
-    except KeyboardInterrupt:               # Ctrl-C: the run saved its checkpoint (see train.Trainer.run)
-        conn.send(("interrupted", None))
-        code = 130
-    except BaseException:
-        conn.send(("crash", traceback.format_exc()))
-        code = 1
+        try:
+            conn.send(("done", fn(*args)))
+        except IfadError as exc:
+            code = 2
+            conn.send(("user", str(exc)))
+        except KeyboardInterrupt:           # Ctrl-C: the run saved its checkpoint (see train.Trainer.run)
+            code = 130
+            conn.send(("interrupted", None))
+        except BaseException:
+            code = 1
+            conn.send(("crash", traceback.format_exc()))
+    except OSError:                         # a broken pipe: the launcher is gone, nobody is listening
+        code = code or 1
     finally:
         conn.close()
         leave()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)              # no interpreter teardown (seconds with torch loaded): all is written
 
 
@@ -158,7 +215,8 @@ def launch(fn, nproc: int, *args, hint: str = ""):
     message; a process that dies without a word (killed) too, with `hint` (how to go on) added;
     any other failure raises RuntimeError with that process's traceback. Ctrl-C in the
     terminal reaches every process: training finishes its epoch, saves and stops (then
-    KeyboardInterrupt is raised here); a second Ctrl-C stops everything at once.
+    KeyboardInterrupt is raised here); a second Ctrl-C stops everything at once. SIGTERM or
+    SIGHUP here stops the processes and raises Stopped (with `hint`).
     """
     import multiprocessing as mp
     from multiprocessing.connection import wait
@@ -168,14 +226,15 @@ def launch(fn, nproc: int, *args, hint: str = ""):
     ctx = mp.get_context("spawn")
     port = free_port()
     procs, conns = [], {}
-    for rank in range(nproc):
-        reader, writer = ctx.Pipe(duplex=False)
-        procs.append(ctx.Process(target=_worker, args=(rank, nproc, port, fn, args, writer)))
-        procs[-1].start()
-        writer.close()
-        conns[reader] = rank
     results, failure, interrupted, signals = {}, None, False, 0
+    previous = _catch_stop_signals(hint)
     try:
+        for rank in range(nproc):
+            reader, writer = ctx.Pipe(duplex=False)
+            conns[reader] = rank
+            procs.append(ctx.Process(target=_worker, args=(rank, nproc, port, fn, args, writer, os.getpid())))
+            procs[-1].start()
+            writer.close()
         while conns and failure is None:
             try:
                 for conn in wait(list(conns)):
@@ -202,20 +261,21 @@ def launch(fn, nproc: int, *args, hint: str = ""):
                     for p in procs:
                         p.join(5)
                     raise
+        if failure is not None:
+            kind, rank, payload = failure
+            if kind == "user":
+                raise IfadError(payload)
+            raise RuntimeError(f"process {rank} of {nproc} failed:\n{payload}")
+        for p in procs:
+            p.join()
     except BaseException:
         _stop(procs)
         raise
     finally:
         for conn in conns:
             conn.close()
-    if failure is not None:
-        _stop(procs)
-        kind, rank, payload = failure
-        if kind == "user":
-            raise IfadError(payload)
-        raise RuntimeError(f"process {rank} of {nproc} failed:\n{payload}")
-    for p in procs:
-        p.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if interrupted or signals:
         raise KeyboardInterrupt
     return [results[r] for r in range(nproc)]
@@ -223,6 +283,7 @@ def launch(fn, nproc: int, *args, hint: str = ""):
 
 def _stop(procs):
     """Terminate (then kill) the processes this launch started that are still running."""
+    procs = [p for p in procs if p.pid is not None]
     for p in procs:
         if p.is_alive():
             p.terminate()

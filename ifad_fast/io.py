@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import IfadError, IfadWarning
 from .limits import GB, check_memory, check_voxels
+from .locks import pid_alive
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Name endings (before .nii/.nii.gz) of ground-truth label maps (what `evaluate` pairs as masks).
@@ -93,16 +94,7 @@ def _writer_alive(path: Path) -> bool:
     m = _TEMPORARY_PID.search(path.name)
     if not m:
         return False                    # written by an older ifad-fast (no pid in the name)
-    pid = int(m.group(1))
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True                     # alive, owned by someone else
-    return True
+    return pid_alive(int(m.group(1)))
 
 
 def clean_stale_temporaries(folder) -> list[Path]:
