@@ -7,8 +7,10 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    IF 3D (IF 2D for a -2d preset) is trained on them here (`train=PRESET`). A second model
    (`compare`, e.g. IF 2D beside IF 3D) is scored on the same cases as one more method.
 2. Baselines trained on the same scans, each seeing a scan through the model's own
-   `to_model_grid`, with the model's post-processing (`baselines`): the mean-image baseline and
-   the dense VAE of the paper's Table 1.
+   `to_model_grid`, with the model's post-processing (`baselines`): thresholding the
+   histogram-equalised intensity (Meissen et al. 2021; nothing to train), the voxel-wise z-score
+   against the healthy scans (Saase et al. 2020), the mean-image baseline and the dense VAE of
+   the paper's Table 1.
 3. Validation: lesion seed 1, cases 0..n_val-1, in the reference acquisition (1.5 mm, RAS);
    each method's threshold is the one of best pooled Dice there.
 4. Test: lesion seed 2, cases 0..n_test-1, each synthesised once at 1 mm and re-acquired in
@@ -41,6 +43,7 @@ from .baselines import VAEConfig
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
 IF3D, IF2D, MEAN, VAE = "IF 3D", "IF 2D", "mean image", "VAE"
+THRESHOLD, ZSCORE = "thresholding (Meissen 2021)", "z-score (Saase 2020)"
 
 
 def machine() -> str:
@@ -266,7 +269,7 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     from .acquisition import reacquire
     from .api import Restorer, default_model, parse_phases
     from .backends import resolve_device
-    from .baselines import DenseVAE, MeanImage
+    from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
     from .model import Model, load_model
     from .synth import generate_lesion
 
@@ -292,7 +295,8 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     if train is not None:
         model = train_if3d(volumes, brains, train, epochs, device, progress)
         described += f", {model.info['epochs']} epochs"
-    baselines = {MEAN: MeanImage().fit(volumes), VAE: DenseVAE(setup.vae).fit(volumes, brains, progress)}
+    baselines = {THRESHOLD: Thresholding(), ZSCORE: ZScore().fit(volumes), MEAN: MeanImage().fit(volumes),
+                 VAE: DenseVAE(setup.vae).fit(volumes, brains, progress)}
     del volumes, brains
     restorer = Restorer(model, backend, device, schedule=schedule)
     rc = restorer.rc

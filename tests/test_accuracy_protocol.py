@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ifad_fast.acquisition import ACQUISITIONS
-from ifad_fast.benchmark import IF3D, MEAN, VAE, accuracy
+from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy
 from ifad_fast.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 
 def test_finite_metrics_for_every_acquisition_and_method(run):
     result, _, _ = run
-    assert set(result["methods"]) == {IF3D, MEAN, VAE}
+    assert set(result["methods"]) == {IF3D, THRESHOLD, ZSCORE, MEAN, VAE}
     for method, r in result["methods"].items():
         assert list(r["acquisitions"]) == list(ACQUISITIONS)
         for acq, m in [*r["acquisitions"].items(), ("pooled", r["pooled"])]:
@@ -66,7 +66,7 @@ def test_reports_written(run):
     assert on_disk["setup"]["acquisitions"] == list(ACQUISITIONS) and on_disk["setup"]["n_test"] == 1
     md = (out / "accuracy.md").read_text()
     assert md.strip() == lines[0].strip()
-    for name in [*ACQUISITIONS, IF3D, MEAN, VAE, "pooled", "spread"]:
+    for name in [*ACQUISITIONS, IF3D, THRESHOLD, ZSCORE, MEAN, VAE, "pooled", "spread"]:
         assert name in md
 
 
