@@ -13,6 +13,7 @@ IfadError rather than guess; cube-frame models (format-1 files such as the bundl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -298,7 +299,7 @@ class Restorer:
             for f in files.values():
                 if f.resolve() in inputs_resolved:
                     raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
-        states = {p: _case_state(files) for p, files in plan.items()}
+        states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
         present = cases_with_outputs(paths, out_dir, threshold, figure)
         if present and existing == "refuse":
             shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
@@ -309,6 +310,8 @@ class Restorer:
             for p in paths:
                 if states[p] == "complete":
                     _check_same_settings(plan[p]["summary"], provenance, threshold)
+                elif states[p] == "changed":
+                    report(f"{case_name(p)}: {p} changed since its outputs were written; restoring it again")
             todo = [p for p in paths if states[p] != "complete"]
             if len(todo) < len(paths):
                 report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
@@ -426,15 +429,29 @@ def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False) -> 
             if _case_state(case_outputs(out_dir, case_name(p), threshold, figure)) != "absent"]
 
 
-def _case_state(files: dict[str, Path]) -> str:
-    """'absent' (nothing written), 'complete' (a readable JSON and every file) or 'partial'."""
+def _case_state(files: dict[str, Path], source=None) -> str:
+    """'absent' (nothing written), 'complete' (a readable JSON and every file), 'partial', or with
+    the case's input `source`, 'changed': complete, but the input's SHA-256 is not the one its JSON
+    records (a JSON that records none counts as complete)."""
     if not any(p.exists() for p in files.values()):
         return "absent"
     try:
-        json.loads(files["summary"].read_text())
+        summary = json.loads(files["summary"].read_text())
     except (OSError, ValueError):
         return "partial"
-    return "complete" if all(p.is_file() for p in files.values()) else "partial"
+    if not all(p.is_file() for p in files.values()):
+        return "partial"
+    recorded = summary.get("input_sha256") if isinstance(summary, dict) else None
+    return "changed" if source is not None and recorded not in (None, file_sha256(source)) else "complete"
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_same_settings(summary_path: Path, provenance: dict, threshold):
@@ -522,6 +539,7 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
             slices_figure(outputs.add(final["figure"]), shown, res.restoration, res.anomaly, affine=scan.affine,
                           title=title)
         summary = dict(case=name, source=str(Path(scan.path).resolve()) if scan.path else None,
+                       input_sha256=file_sha256(scan.path) if scan.path else None,
                        seconds=res.seconds, **(provenance or {}),
                        scored_voxels=res.model_grid.scored_voxels,
                        final_loss=res.model_grid.losses[-1] if res.model_grid.losses else None,

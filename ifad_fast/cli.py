@@ -321,7 +321,7 @@ def cmd_train(args):
     from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes, usable_cores
-    from .train import TrainJob, check_train_config, estimate_seconds, train_job
+    from .train import TrainJob, check_train_config, data_fingerprint, estimate_seconds, train_job
 
     preset = cfg.get_preset(args.preset)
     tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
@@ -372,7 +372,8 @@ def cmd_train(args):
     job = TrainJob(volumes=str(volumes.filename), brains=str(brains.filename), names=tuple(names),
                    centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
                    out=str(out), device=str(device), resume=args.resume, precision=args.precision,
-                   threads=threads, provenance=tuple(provenance.items()))
+                   threads=threads, provenance=tuple(provenance.items()),
+                   data=tuple(data_fingerprint(volumes, brains, names).items()))     # hashed once, not per process
     summary = (launch(train_job, nproc, job, hint="--resume continues from the last checkpoint")[0]
                if nproc > 1 else train_job(job))
     if group.main:

@@ -4,7 +4,8 @@ Each epoch visits every training volume once, in batches of S volumes × K rando
 model: every axial slice holding brain, in batches of S slices × K voxels of each slice, one
 latent per slice; ifad_fast/slices.py);
 loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
-bit-for-bit (weights, latents, Adam state, RNG states, loss log). They are only ever written
+bit-for-bit (weights, latents, Adam state, RNG states, loss log) and what the run was trained on
+(`data_fingerprint`: a resume with other data is refused). They are only ever written
 between epochs: Ctrl-C asks the run to stop at the end of the current epoch (a second Ctrl-C
 stops at once, keeping the last checkpoint), so a resumed run repeats an uninterrupted one.
 `loss.jsonl` gets a line after every epoch.
@@ -26,12 +27,14 @@ runs the decoder under torch.autocast (weights, Adam and the loss stay float32).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 
 from . import config as cfg
 from .distributed import SINGLE, Group, from_env
-from .errors import IfadError
+from .errors import IfadError, IfadWarning
 from .io import atomic_path, describe_os_error, save_json
 from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
 from .sampling import PointSampler, as_tensor
@@ -152,6 +155,27 @@ def estimate_seconds(mc: cfg.ModelConfig, tc: cfg.TrainConfig, n_volumes: int, e
     return flops / (0.5 * rate), rate
 
 
+def data_fingerprint(volumes, brains, names) -> dict:
+    """What a checkpoint records of its training data: the case names, the stack's shape and a
+    BLAKE2b hash of the class volumes and brain masks (arrays or tensors, read a volume at a time)."""
+    h = hashlib.blake2b(digest_size=16)
+    for stack in (volumes, brains if brains is not None else ()):
+        for v in stack:
+            h.update(np.ascontiguousarray(v.cpu().numpy() if isinstance(v, torch.Tensor) else v))
+    return dict(cases=list(names), shape=[int(n) for n in volumes.shape], blake2b=h.hexdigest())
+
+
+def _data_difference(old: dict, new: dict) -> str:
+    """How the data a checkpoint records differs from `new` (data_fingerprint's), in a few words."""
+    def few(names):
+        return ", ".join(names[:3]) + (f" … ({len(names)} cases)" if len(names) > 3 else "")
+    if old.get("cases") != new["cases"]:
+        return f"cases {few(old.get('cases') or [])}; now {few(new['cases'])}"
+    if old.get("shape") != new["shape"]:
+        return f"a {'×'.join(map(str, old.get('shape') or []))} stack; now {'×'.join(map(str, new['shape']))}"
+    return "the same case names, other voxels"
+
+
 class _StopAfterEpoch:
     """While active (main thread only), the first SIGINT only sets `requested`; a second one
     raises KeyboardInterrupt at once."""
@@ -198,12 +222,14 @@ class Trainer:
     its free memory (point draws and class lookups then run there). provenance: what config.json (and the model's info) should say
     about the run, e.g. the data folder and preset name; the ifad-fast version is added.
     group: this process's place in a data-parallel run (default: alone). precision: float32 or
-    bf16 (autocast). step: hoisted (the fast step) or plain (the reference).
+    bf16 (autocast). step: hoisted (the fast step) or plain (the reference). data: what
+    checkpoints record of the training data, checked on `load` (default: `data_fingerprint`).
     """
 
     def __init__(self, volumes, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
                  pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None,
-                 brains=None, group: Group = SINGLE, precision: str = "float32", step: str = "hoisted"):
+                 brains=None, group: Group = SINGLE, precision: str = "float32", step: str = "hoisted",
+                 data: dict | None = None):
         from . import __version__
 
         check_train_config(tc)
@@ -236,6 +262,7 @@ class Trainer:
         self.group, self.precision, self.logits = group, precision, STEPS[step]
         self.centres = torch.as_tensor(np.asarray(centres), dtype=torch.float64)
         self.names = list(names) if names is not None else [f"vol{i}" for i in range(len(volumes))]
+        self.data = data or data_fingerprint(volumes, brains, self.names)
         self.generator = torch.Generator().manual_seed(tc.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tc.seed)
@@ -414,7 +441,7 @@ class Trainer:
         state = self.model().to_payload()
         state.update(optimizer=self.optimizer.state_dict(), epoch=self.epoch,
                      generator=self.generator.get_state(),
-                     log=json.dumps(self.log))
+                     log=json.dumps(self.log), data=json.dumps(self.data))
         with atomic_path(run_dir / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
         save_json(run_dir / "config.json", {**self.provenance, "epochs_done": self.epoch,
@@ -459,6 +486,7 @@ class Trainer:
             raise damaged("its loss log is not JSON") from None
         if not (isinstance(log, list) and all(isinstance(row, dict) and "loss" in row for row in log)):
             raise damaged("its loss log is not a list of epochs")
+        self._check_data(state.get("data"), run_dir, damaged)
         try:
             self.decoder.load_state_dict(state["decoder"])
             with torch.no_grad():
@@ -470,6 +498,24 @@ class Trainer:
         self.epoch = epoch
         self.generator.set_state(state["generator"])
         self.log = log
+
+    def _check_data(self, recorded, run_dir, damaged):
+        """IfadError unless a checkpoint's recorded data (JSON) is this trainer's; an IfadWarning
+        when it records none (an older checkpoint)."""
+        if recorded is None:
+            if self.group.main:
+                warnings.warn(IfadWarning(f"{Path(run_dir) / 'checkpoint.pt'} does not record its training data "
+                                          "(an older ifad-fast wrote it): cannot check that DATA is the same"))
+            return
+        try:
+            old = json.loads(recorded)
+        except (TypeError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise damaged("its record of the training data is unreadable")
+        if old != self.data:
+            raise IfadError(f"{run_dir} was trained on other data ({_data_difference(old, self.data)}); "
+                            "pass the same DATA or start a new run")
 
 
 @dataclass(frozen=True)
@@ -490,6 +536,7 @@ class TrainJob:
     threads: int | None = None
     progress: bool = True
     provenance: tuple = ()       # (key, value) pairs for config.json and the model's info
+    data: tuple = ()             # data_fingerprint's (key, value) pairs, computed once; (): by each process
 
 
 def train_job(job: TrainJob) -> dict:
@@ -504,7 +551,7 @@ def train_job(job: TrainJob) -> dict:
     brains = None if job.brains is None else np.load(job.brains, mmap_mode="r")
     trainer = Trainer(volumes, job.model, job.train, job.preprocess, np.asarray(job.centres), device,
                       job.names, provenance=dict(job.provenance), brains=brains, group=group,
-                      precision=job.precision)
+                      precision=job.precision, data=dict(job.data))
     if job.resume:
         trainer.load(job.out)
     t0 = time.perf_counter()

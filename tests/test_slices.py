@@ -224,7 +224,7 @@ def test_2d_trainer_has_a_latent_per_brain_slice_and_resumes_exactly(tmp_path):
     assert [row["loss"] for row in resumed.log] == losses
     model = load_model(tmp_path / "model.pt")
     assert model.config.variant == "2d" and model.latents.shape == (sum(per_volume), mc.latent_dim)
-    with pytest.raises(IfadError, match="cannot resume"):              # other data: other slices, other rows
+    with pytest.raises(IfadError, match="trained on other data"):      # other data: other slices, other rows
         other = Trainer(toy_volumes(2, size=12, seed=2), mc, tc, pc, centres=np.linspace(0, 1, 4))
         other.load(tmp_path)
 
