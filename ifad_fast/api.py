@@ -577,9 +577,11 @@ def summaries_method(paths) -> str:
 
 def evaluate_folders(scores_dir=None, masks_dir=None, val_scores=None, val_masks=None, out_dir=None,
                      max_voxels: int | None = None, pairs=None, val_pairs=None) -> dict:
-    """The paper's metrics for anomaly maps against their ground-truth masks (labels > 0 = lesion),
-    and under "method" what made the maps (`summaries_method`); with `out_dir`, also written to
-    out_dir/metrics.json.
+    """The paper's metrics and those beyond it (`metrics.evaluate`: per-volume AP, lesion-wise
+    detection with lesion sizes in mL from the masks' voxel volumes, false positives per healthy
+    case) for anomaly maps against their ground-truth masks (labels > 0 = lesion; a mask with no
+    lesion voxel makes a healthy case), and under "method" what made the maps (`summaries_method`);
+    with `out_dir`, also written to out_dir/metrics.json.
 
     The cases are the <case>_anomaly maps of `scores_dir`, each paired by name with its mask in
     `masks_dir` (<case>_mask, _seg, _label, BIDS _dseg, ...; see `ifad_fast.pairing`), or the
@@ -587,6 +589,7 @@ def evaluate_folders(scores_dir=None, masks_dir=None, val_scores=None, val_masks
     exactly one mask, or a mask that does not look like a label map, raises IfadError before
     anything is written.
     """
+    from .io import open_nifti
     from .metrics import evaluate
     from .pairing import case_pairs, load_cases
 
@@ -597,7 +600,8 @@ def evaluate_folders(scores_dir=None, masks_dir=None, val_scores=None, val_masks
     val = case_pairs(val_scores, val_masks, val_pairs, "val-") if given else None
     names, scores, masks = load_cases(test, max_voxels)
     _, val_s, val_m = load_cases(val, max_voxels) if val else (None, None, None)
-    result = evaluate(scores, masks, val_s, val_m, names=names)
+    voxel_mm3 = [abs(float(np.linalg.det(open_nifti(p.mask, max_voxels, "mask")[0].affine[:3, :3]))) for p in test]
+    result = evaluate(scores, masks, val_s, val_m, names=names, voxel_volumes=voxel_mm3)
     result["method"] = summaries_method(p.summary for p in test)
     if out_dir is not None:
         save_json(Path(out_dir) / "metrics.json", result)

@@ -163,12 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_checks(p)
     _add_engine_args(p)
 
-    p = sub.add_parser("evaluate", help="the paper's metrics for anomaly maps against lesion masks")
+    p = sub.add_parser("evaluate", help="the paper's metrics and lesion-wise detection for anomaly maps against "
+                                        "lesion masks")
     p.add_argument("--scores", default=None, help="folder of <case>_anomaly.nii.gz")
     p.add_argument("--masks", default=None,
-                   help="folder of ground truth (labels > 0 = lesion), found by name: <case>_mask, _seg, _label(s), "
-                        "_lesion, BIDS _dseg/_mask, the case's modality suffix (_t2, _T2w...) dropped; may be the "
-                        "scans' folder (a scan is never taken for a mask)")
+                   help="folder of ground truth (labels > 0 = lesion; a mask of zeros: a healthy case), found by "
+                        "name: <case>_mask, _seg, _label(s), _lesion, BIDS _dseg/_mask, the case's modality suffix "
+                        "(_t2, _T2w...) dropped; may be the scans' folder (a scan is never taken for a mask)")
     p.add_argument("--pairs", default=None, metavar="CSV",
                    help="instead of --scores/--masks: a CSV with the header map,mask and a line per case "
                         "(relative paths start at the CSV's folder)")

@@ -1,4 +1,4 @@
-"""Voxel-wise anomaly-detection metrics of the paper (Table 1), after Baur et al.
+"""Anomaly-detection metrics: the paper's (Table 1, after Baur et al.) and those of recent benchmarks.
 
 * ``[DICE]`` (``dice_best``): the best Dice over all thresholds, with the voxels of all
   test cases pooled together.
@@ -13,12 +13,32 @@
   at least 0.95, i.e. the threshold equal to the ``ceil(0.95 * P)``-th highest score of a
   positive voxel (``P`` positives).  No interpolation between operating points.
 
+Beyond the paper (:func:`evaluate`):
+
+* ``ap_per_volume``: the mean over lesion cases of each case's own AP (beside the pooled ``ap``,
+  which large lesions dominate).
+* Lesion-wise detection at the validation threshold (:func:`lesion_detection`): the connected
+  components of the ground truth and of the prediction (``scipy.ndimage.label``, full
+  connectivity: 26 neighbours in 3D); a ground-truth lesion is *found* when a predicted voxel
+  lies in it, a predicted component that touches no ground-truth voxel is a *false positive*.
+  ``lesion_precision = found / (found + false positives)``, ``lesion_recall = found / lesions``,
+  ``lesion_f1 = 2 found / (2 found + false positives + missed)``, summed over the lesion cases;
+  ``lesion_by_size`` splits them by component size: ground-truth lesions by their own size, false
+  positives by theirs, in bins ``< 1 mL``, ``1-10 mL``, ``>= 10 mL`` (``LESION_BINS_ML``) when the
+  voxel volumes are known, else ``< 1000``, ``1000-10000``, ``>= 10000`` voxels (the same bins for
+  1 mm³ voxels).  A ratio whose denominator is 0 is ``None``.
+* Healthy cases (a mask with no lesion voxel, within the region): left out of every lesion
+  metric above and of the pooled curves, and counted instead as ``fp_voxels_per_healthy`` (mean
+  number of voxels at or above the threshold per healthy case) and ``fp_lesions_per_healthy``
+  (mean number of predicted components); ``None`` when no healthy case is given.
+
 Conventions
 -----------
 * A voxel is predicted anomalous when ``score >= threshold``.
 * A mask voxel is anomalous when it is non-zero (so BraTS labels 1, 2, 4 all count).
-* Per-case Dice of a case with no anomalous voxel *and* no prediction is 1.0 (both sets
-  empty: perfect agreement); with no anomalous voxel but some predictions it is 0.0.
+* A test case whose mask has no anomalous voxel is a healthy case (see above); the validation
+  cases are pooled whole, healthy ones included (their voxels count as normal ones).
+* :func:`dice` of two empty masks is 1.0 (perfect agreement on "no anomaly").
 * ``dice_std`` is the population standard deviation (``ddof=0``).
 * :func:`evaluate` pools the scores as float32 (the threshold is a float32 value and the
   per-case Dice compares the float32-cast scores with it); :func:`curve_metrics` keeps the
@@ -49,7 +69,11 @@ import numpy as np
 
 from .errors import IfadError
 
-__all__ = ["curve_metrics", "dice", "evaluate", "format_table", "restoration_fit"]
+__all__ = ["LESION_BINS_ML", "curve_metrics", "dice", "evaluate", "format_table", "lesion_detection",
+           "restoration_fit"]
+
+#: Lesion size bins in mL: < 1, 1-10, >= 10 (in voxels, × 1000, when voxel volumes are unknown).
+LESION_BINS_ML = (1.0, 10.0)
 
 
 # ----------------------------------------------------------------------------- core
@@ -214,6 +238,12 @@ def restoration_fit(restored: np.ndarray, observed: np.ndarray, brain: np.ndarra
 
 def _flat_case(score, mask, region, label: str):
     """Validated flat float32 scores and bool truth of one case (restricted to region)."""
+    s, t, r = _case(score, mask, region, label)
+    return (s[r], t[r]) if r is not None else (s.ravel(), t.ravel())
+
+
+def _case(score, mask, region, label: str):
+    """Validated float32 scores, bool truth and bool region (or None) of one case, in its shape."""
     s = np.asarray(score)
     m = np.asarray(mask)
     if s.size == 0:
@@ -233,9 +263,8 @@ def _flat_case(score, mask, region, label: str):
                 f"{label}: region has shape {r.shape} but the scores have shape {s.shape}; "
                 "pass a region mask on the same grid"
             )
-        r = r if r.dtype == np.bool_ else r != 0
-        return s[r], t[r]
-    return s.ravel(), t.ravel()
+        return s, t, r if r.dtype == np.bool_ else r != 0
+    return s, t, None
 
 
 def _check_lists(scores, masks, regions, what: str):
@@ -253,22 +282,25 @@ def _check_lists(scores, masks, regions, what: str):
         )
 
 
-def _pooled_curve(scores, masks, regions, what: str) -> dict:
-    """Curve metrics of all cases pooled, filling two preallocated float32 arrays."""
+def _pooled_curve(scores, masks, regions, what: str, lesion_cases_only: bool = False) -> dict:
+    """Curve metrics of all cases (or only those with an anomalous voxel) pooled, filling two
+    preallocated float32 arrays."""
     _check_lists(scores, masks, regions, what)
-    n_cases = len(scores)
     label = lambda i: f"{what} case {i}"  # noqa: E731
     n_pos = n_neg = 0
-    for i in range(n_cases):
+    cases = []
+    for i in range(len(scores)):
         s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i], label(i))
         p = int(np.count_nonzero(t))
-        n_pos += p
-        n_neg += t.size - p
+        if p or not lesion_cases_only:
+            cases.append(i)
+            n_pos += p
+            n_neg += t.size - p
         del s, t
     pos = np.empty(n_pos, dtype=np.float32)
     neg = np.empty(n_neg, dtype=np.float32)
     ip = ineg = 0
-    for i in range(n_cases):
+    for i in cases:
         s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i], label(i))
         p = int(np.count_nonzero(t))
         np.compress(t, s, out=pos[ip:ip + p])
@@ -284,6 +316,64 @@ def _pooled_curve(scores, masks, regions, what: str) -> dict:
     return out
 
 
+def lesion_detection(pred: np.ndarray, truth: np.ndarray, voxel_volume: float | None = None) -> dict:
+    """Lesion-wise detection in one case: the connected components (full connectivity, 26
+    neighbours in 3D) of the ground truth ``truth`` and of the prediction ``pred`` (same shape,
+    non-zero = in the set). Returns the sizes of the ``found`` and ``missed`` ground-truth lesions
+    and of the ``false`` predicted components (touching no ground-truth voxel), in mL when
+    ``voxel_volume`` (mm³) is given, else in voxels."""
+    from scipy.ndimage import label
+
+    pred, truth = np.asarray(pred) != 0, np.asarray(truth) != 0
+    if pred.shape != truth.shape:
+        raise IfadError(f"prediction has shape {pred.shape} but the mask has shape {truth.shape}; "
+                        "pass arrays of the same shape")
+    structure = np.ones((3,) * truth.ndim, bool)
+    unit = 1.0 if voxel_volume is None else float(voxel_volume) / 1000.0
+    both = pred & truth
+    out = {}
+    for what, mask, kept in (("truth", truth, "found"), ("pred", pred, "overlapping")):
+        labels, n = label(mask, structure)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:] * unit
+        hit = np.zeros(n + 1, bool)
+        hit[labels[both]] = True
+        out[what] = (sizes[hit[1:]], sizes[~hit[1:]])
+        del labels
+    return {"found": out["truth"][0].tolist(), "missed": out["truth"][1].tolist(), "false": out["pred"][1].tolist()}
+
+
+def _detection(found, missed, false) -> dict:
+    """Counts, precision, recall and F1 of lesion-wise detection (None where undefined)."""
+    tp, fn, fp = len(found), len(missed), len(false)
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    return {"lesions": tp + fn, "found": tp, "missed": fn, "false_positive": fp,
+            "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
+def _by_size(found, missed, false, in_ml: bool) -> dict:
+    """`_detection` per size bin (`LESION_BINS_ML`; × 1000 voxels when not `in_ml`)."""
+    lo, hi = LESION_BINS_ML if in_ml else (1000 * LESION_BINS_ML[0], 1000 * LESION_BINS_ML[1])
+    unit = " mL" if in_ml else " voxels"
+    bins = {f"< {lo:g}{unit}": (0, lo), f"{lo:g}-{hi:g}{unit}": (lo, hi), f">= {hi:g}{unit}": (hi, math.inf)}
+    pick = lambda sizes, a, b: [x for x in sizes if a <= x < b]  # noqa: E731
+    return {name: _detection(pick(found, a, b), pick(missed, a, b), pick(false, a, b)) for name, (a, b) in bins.items()}
+
+
+def _case_ap(s: np.ndarray, t: np.ndarray) -> float:
+    """AP of one case's flat scores against its truth (at least one anomalous voxel; 1.0 when
+    every voxel is anomalous)."""
+    pos, neg = s[t], s[~t]
+    if neg.size == 0:
+        return 1.0
+    pos.sort()
+    neg.sort()
+    return _curve_from_sorted(pos, neg)["ap"]
+
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
 def evaluate(
     scores: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -292,31 +382,36 @@ def evaluate(
     names: Sequence[str] | None = None,
     regions: Sequence[np.ndarray] | None = None,
     val_regions: Sequence[np.ndarray] | None = None,
+    voxel_volumes: Sequence[float] | None = None,
 ) -> dict:
-    """The paper's metrics over test cases (``scores[i]`` and ``masks[i]`` on one grid).
+    """The paper's metrics and those beyond it (module docstring) over test cases (``scores[i]``
+    and ``masks[i]`` on one grid; a case whose mask has no anomalous voxel is a healthy case).
 
-    ``dice_best``, ``ap``, ``auroc``, ``fpr95`` pool every test voxel.  The per-case Dice
-    uses the threshold that maximises the pooled Dice on the validation cases when they
-    are given (``threshold_source = "validation"``), else on the test cases themselves
-    (``"test (no validation set given)"``).  ``regions`` / ``val_regions`` optionally
-    restrict each case to its non-zero region voxels (e.g. the brain); by default every
-    voxel counts, as in the paper.
+    ``dice_best``, ``ap``, ``auroc``, ``fpr95`` pool every voxel of the lesion cases.  The
+    per-case Dice, the lesion-wise detection and the healthy cases' false positives use the
+    threshold that maximises the pooled Dice on the validation cases when they are given
+    (``threshold_source = "validation"``), else on the test cases themselves (``"test (no
+    validation set given)"``).  ``regions`` / ``val_regions`` optionally restrict each case to
+    its non-zero region voxels (e.g. the brain); by default every voxel counts, as in the paper.
+    ``voxel_volumes``: each test case's voxel volume in mm³, for lesion sizes in mL (else voxels).
 
-    Returns a dict with ``dice_best``, ``dice_best_threshold``, ``dice_mean``,
-    ``dice_std``, ``ap``, ``auroc``, ``fpr95``, ``fpr95_threshold``, ``threshold``,
-    ``threshold_source``, ``n_cases``, ``n_voxels``, ``n_positive``, ``per_case``
-    (list of ``{"name", "dice"}``).
+    Returns a dict with ``dice_best``, ``dice_best_threshold``, ``dice_mean``, ``dice_std``,
+    ``ap``, ``ap_per_volume``, ``auroc``, ``fpr95``, ``fpr95_threshold``, ``threshold``,
+    ``threshold_source``, ``lesion_precision``, ``lesion_recall``, ``lesion_f1``,
+    ``lesion_counts``, ``lesion_by_size``, ``lesion_size_unit``, ``fp_voxels_per_healthy``,
+    ``fp_lesions_per_healthy``, ``n_cases`` (lesion cases), ``n_healthy``, ``n_voxels``,
+    ``n_positive``, ``per_case`` (lesion cases: ``{"name", "dice", "ap", "lesions", "found",
+    "false_positive"}``) and ``per_healthy`` (``{"name", "fp_voxels", "fp_lesions"}``).
     """
     _check_lists(scores, masks, regions, "test")
-    if names is not None and len(names) != len(scores):
-        raise IfadError(
-            f"{len(scores)} test cases but {len(names)} names; pass one name per case"
-        )
+    for what, given in (("name", names), ("voxel volume", voxel_volumes)):
+        if given is not None and len(given) != len(scores):
+            raise IfadError(f"{len(scores)} test cases but {len(given)} {what}s; pass one {what} per case")
     if (val_scores is None) != (val_masks is None):
         raise IfadError(
             "validation scores and validation masks come together; pass both or neither"
         )
-    test = _pooled_curve(scores, masks, regions, "test")
+    test = _pooled_curve(scores, masks, regions, "test", lesion_cases_only=True)
     if val_scores is not None:
         val = _pooled_curve(val_scores, val_masks, val_regions, "validation")
         threshold = val["threshold"]
@@ -326,29 +421,56 @@ def evaluate(
         source = "test (no validation set given)"
 
     thr32 = np.float32(threshold)
-    per_case = []
+    per_case, per_healthy = [], []
+    found, missed, false = [], [], []
     for i in range(len(scores)):
-        s, t = _flat_case(scores[i], masks[i], None if regions is None else regions[i],
-                          f"test case {i}")
+        s, t, r = _case(scores[i], masks[i], None if regions is None else regions[i], f"test case {i}")
         name = str(names[i]) if names is not None else f"case_{i:03d}"
-        per_case.append({"name": name, "dice": dice(s >= thr32, t)})
-        del s, t
+        pred = s >= thr32
+        if r is not None:
+            pred &= r
+            t = t & r
+        lesions = lesion_detection(pred, t, None if voxel_volumes is None else voxel_volumes[i])
+        if not t.any():
+            per_healthy.append({"name": name, "fp_voxels": int(np.count_nonzero(pred)),
+                                "fp_lesions": len(lesions["false"])})
+            continue
+        found += lesions["found"]
+        missed += lesions["missed"]
+        false += lesions["false"]
+        fs, ft = (s[r], t[r]) if r is not None else (s.ravel(), t.ravel())
+        per_case.append({"name": name, "dice": dice(fs >= thr32, ft), "ap": _case_ap(fs, ft),
+                         "lesions": len(lesions["found"]) + len(lesions["missed"]),
+                         "found": len(lesions["found"]), "false_positive": len(lesions["false"])})
+        del s, t, r, pred, fs, ft
     d = np.array([c["dice"] for c in per_case], dtype=np.float64)
+    detected = _detection(found, missed, false)
     return {
         "dice_best": test["dice_best"],
         "dice_best_threshold": test["threshold"],
         "dice_mean": float(d.mean()),
         "dice_std": float(d.std(ddof=0)),
         "ap": test["ap"],
+        "ap_per_volume": _mean([c["ap"] for c in per_case]),
         "auroc": test["auroc"],
         "fpr95": test["fpr95"],
         "fpr95_threshold": test["fpr95_threshold"],
         "threshold": float(threshold),
         "threshold_source": source,
-        "n_cases": len(scores),
+        "lesion_precision": detected["precision"],
+        "lesion_recall": detected["recall"],
+        "lesion_f1": detected["f1"],
+        "lesion_counts": {k: detected[k] for k in ("lesions", "found", "missed", "false_positive")},
+        "lesion_by_size": _by_size(found, missed, false, voxel_volumes is not None),
+        "lesion_size_unit": "mL" if voxel_volumes is not None else "voxels",
+        "fp_voxels_per_healthy": _mean([c["fp_voxels"] for c in per_healthy]),
+        "fp_lesions_per_healthy": _mean([c["fp_lesions"] for c in per_healthy]),
+        "n_cases": len(per_case),
+        "n_healthy": len(per_healthy),
         "n_voxels": test["n_voxels"],
         "n_positive": test["n_positive"],
         "per_case": per_case,
+        "per_healthy": per_healthy,
     }
 
 
@@ -361,11 +483,21 @@ def _fmt(x, digits: int) -> str:
     return f"{x:.{digits}f}"
 
 
+def _text_table(header: list, row: list) -> list[str]:
+    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
+    line = lambda cells: "  ".join(  # noqa: E731
+        c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
+    return [line(header), "-" * len(line(header)), line(row)]
+
+
 def format_table(results: dict, method: str = "IF 3D (ifad-fast)") -> str:
     """A plain-text table with the columns of the paper's Table 1.
 
     Method, [DICE], DICE (mu +- sigma), AP, AUROC, FPR@95R, and IT (s) when ``results``
-    has ``seconds_per_case``.
+    has ``seconds_per_case``; then, when ``results`` has them (`evaluate`'s), a second table of
+    the metrics beyond the paper: AP per volume, lesion-wise precision, recall and F1, false
+    positive voxels per healthy case.
     """
     header = ["Method", "[DICE]", "DICE (μ ± σ)", "AP", "AUROC", "FPR@95R"]
     mean = results.get("dice_mean")
@@ -382,9 +514,11 @@ def format_table(results: dict, method: str = "IF 3D (ifad-fast)") -> str:
     if results.get("seconds_per_case") is not None:
         header.append("IT (s)")
         row.append(_fmt(float(results["seconds_per_case"]), 1))
-    widths = [max(len(h), len(r)) for h, r in zip(header, row)]
-    line = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
-    ).rstrip()
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, line(row)])
+    lines = _text_table(header, row)
+    if "ap_per_volume" in results:
+        header = ["Method", "AP per volume", "lesion precision", "lesion recall", "lesion F1",
+                  f"FP voxels / healthy ({results.get('n_healthy', 0)})"]
+        row = [method, *(_fmt(results.get(k), 3) for k in ("ap_per_volume", "lesion_precision", "lesion_recall",
+                                                            "lesion_f1")), _fmt(results.get("fp_voxels_per_healthy"), 1)]
+        lines += ["", *_text_table(header, row)]
+    return "\n".join(lines)

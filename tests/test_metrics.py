@@ -180,14 +180,127 @@ def test_evaluate_per_case_hand_made():
     assert r["dice_best_threshold"] == pytest.approx(0.2)
 
 
-def test_case_without_lesion_and_without_prediction_has_dice_one():
+def test_case_without_lesion_is_a_healthy_case():
+    """A mask with no lesion voxel makes a healthy case: out of the per-case Dice and the pooled
+    curves, counted by its voxels (and components) at or above the threshold."""
     s1 = np.array([[[0.1, 0.9]]], np.float32)
     m1 = np.array([[[0, 1]]], bool)
-    s2 = np.array([[[0.1, 0.2]]], np.float32)      # no lesion, nothing above 0.9
+    s2 = np.array([[[0.95, 0.2]]], np.float32)     # no lesion, one voxel above 0.9
     m2 = np.zeros((1, 1, 2), bool)
-    r = evaluate([s1, s2], [m1, m2])
+    r = evaluate([s1, s2], [m1, m2], names=["lesion", "healthy"])
     assert r["threshold"] == pytest.approx(0.9)
-    assert [c["dice"] for c in r["per_case"]] == [1.0, 1.0]
+    assert [(c["name"], c["dice"]) for c in r["per_case"]] == [("lesion", 1.0)]
+    assert r["per_healthy"] == [{"name": "healthy", "fp_voxels": 1, "fp_lesions": 1}]
+    assert r["n_cases"] == 1 and r["n_healthy"] == 1 and r["n_voxels"] == 2
+    assert r["ap"] == 1.0 and r["auroc"] == 1.0 and r["dice_best"] == 1.0       # 0.95 is not pooled
+    assert r["fp_voxels_per_healthy"] == 1.0 and r["fp_lesions_per_healthy"] == 1.0
+    none = evaluate([s1], [m1])
+    assert none["fp_voxels_per_healthy"] is None and none["fp_lesions_per_healthy"] is None and none["n_healthy"] == 0
+
+
+def test_fp_voxels_per_healthy_at_the_validation_threshold():
+    """Two healthy cases: 3 voxels at or above the validation threshold 0.5 in one (two touching
+    diagonally: one component, and one apart), none in the other -> 1.5 voxels and 1.0 components
+    per healthy case; the test set's own best threshold (lower) is not used."""
+    lesion_s = np.full((4, 4, 4), 0.1, np.float32)
+    lesion_m = np.zeros((4, 4, 4), bool)
+    lesion_m[0, 0, 0] = True
+    lesion_s[0, 0, 0] = 0.3                                  # the test set alone would pick 0.3
+    h1 = np.full((4, 4, 4), 0.2, np.float32)
+    h1[1, 1, 1] = h1[2, 2, 2] = 0.6
+    h1[0, 3, 3] = 0.5
+    h2 = np.full((4, 4, 4), 0.45, np.float32)
+    healthy = np.zeros((4, 4, 4), bool)
+    val_s = np.full((2, 2, 2), 0.2, np.float32)
+    val_m = np.zeros((2, 2, 2), bool)
+    val_s[0, 0, 0], val_m[0, 0, 0] = 0.5, True
+    r = evaluate([lesion_s, h1, h2], [lesion_m, healthy, healthy], val_scores=[val_s], val_masks=[val_m])
+    assert r["threshold"] == 0.5 and r["threshold_source"] == "validation"
+    assert [c["fp_voxels"] for c in r["per_healthy"]] == [3, 0]
+    assert r["fp_voxels_per_healthy"] == 1.5 and r["fp_lesions_per_healthy"] == 1.0
+    assert r["dice_mean"] == 0.0                             # the lesion case's 0.3 is below 0.5
+
+
+def _lesion_case():
+    """A 10³ case, 5 mm voxels (0.125 mL each), scores 0.9 on the prediction and 0.1 elsewhere.
+
+    Ground truth: L1 = (1,1,1) + (2,2,2), diagonal neighbours: one lesion (26-connectivity), 0.25 mL;
+    L2 = the 2³ block at 6..7: 1 mL; L3 = (8,1,1): 0.125 mL. Prediction: (2,2,2) finds L1, (7,7,7)
+    finds L2; (1,8,8) alone and (4,4,4) + (5,5,5) (diagonal neighbours, one component; (5,5,5)
+    touches L2's corner but holds no lesion voxel) are two false positives of 0.125 and 0.25 mL.
+    L3 is missed."""
+    truth = np.zeros((10, 10, 10), bool)
+    truth[1, 1, 1] = truth[2, 2, 2] = truth[8, 1, 1] = True
+    truth[6:8, 6:8, 6:8] = True
+    score = np.full(truth.shape, 0.1, np.float32)
+    for idx in ((2, 2, 2), (7, 7, 7), (1, 8, 8), (4, 4, 4), (5, 5, 5)):
+        score[idx] = 0.9
+    return score, truth
+
+
+def test_lesion_detection_by_hand():
+    from ifad_fast.metrics import lesion_detection
+
+    score, truth = _lesion_case()
+    got = lesion_detection(score >= 0.9, truth, voxel_volume=125.0)
+    assert sorted(got["found"]) == [0.25, 1.0] and got["missed"] == [0.125]
+    assert sorted(got["false"]) == [0.125, 0.25]
+    in_voxels = lesion_detection(score >= 0.9, truth)
+    assert sorted(in_voxels["found"]) == [2, 8] and in_voxels["missed"] == [1] and sorted(in_voxels["false"]) == [1, 2]
+    nothing = lesion_detection(np.zeros_like(truth), truth)
+    assert len(nothing["missed"]) == 3 and nothing["found"] == nothing["false"] == []
+    with pytest.raises(IfadError, match="shape"):
+        lesion_detection(truth[:2], truth)
+
+
+def test_lesion_wise_metrics_in_evaluate_by_hand():
+    """Found 2 of 3 lesions, 2 false positive components: precision 2/4, recall 2/3, F1 4/7; by
+    size (mL): < 1 holds L1 (found), L3 (missed) and both false positives -> 1/3, 1/2, 2/5;
+    1-10 holds L2 -> 1, 1, 1; >= 10 is empty -> None. Without voxel volumes every size is < 1000
+    voxels. The threshold 0.9 comes from the validation case."""
+    score, truth = _lesion_case()
+    val_s = np.array([[[0.9, 0.1]]], np.float32)
+    val_m = np.array([[[1, 0]]], bool)
+    r = evaluate([score], [truth], val_scores=[val_s], val_masks=[val_m], voxel_volumes=[125.0])
+    assert r["threshold"] == pytest.approx(0.9)
+    assert r["lesion_counts"] == {"lesions": 3, "found": 2, "missed": 1, "false_positive": 2}
+    assert r["lesion_precision"] == 0.5 and r["lesion_recall"] == pytest.approx(2 / 3)
+    assert r["lesion_f1"] == pytest.approx(4 / 7)
+    small, mid, big = (r["lesion_by_size"][k] for k in ("< 1 mL", "1-10 mL", ">= 10 mL"))
+    assert (small["found"], small["missed"], small["false_positive"]) == (1, 1, 2)
+    assert small["precision"] == pytest.approx(1 / 3) and small["recall"] == 0.5 and small["f1"] == pytest.approx(0.4)
+    assert (mid["precision"], mid["recall"], mid["f1"]) == (1.0, 1.0, 1.0)
+    assert big["lesions"] == big["false_positive"] == 0 and big["precision"] is big["recall"] is big["f1"] is None
+    assert r["lesion_size_unit"] == "mL"
+    case = r["per_case"][0]
+    assert (case["lesions"], case["found"], case["false_positive"]) == (3, 2, 2)
+    voxels = evaluate([score], [truth], val_scores=[val_s], val_masks=[val_m])
+    assert voxels["lesion_size_unit"] == "voxels" and voxels["lesion_by_size"]["< 1000 voxels"]["lesions"] == 3
+
+
+def test_lesion_wise_counts_stay_inside_the_region():
+    """A region leaves out a predicted component outside it (no false positive) and the part of a
+    lesion outside it (a lesion only outside is no lesion)."""
+    score, truth = _lesion_case()
+    region = np.ones(truth.shape, bool)
+    region[:, 8:, 8:] = False                                  # hides the false positive at (1, 8, 8)
+    region[8, 1, 1] = False                                    # and the missed lesion L3
+    r = evaluate([score], [truth], regions=[region], val_scores=[score], val_masks=[truth])
+    assert r["lesion_counts"] == {"lesions": 2, "found": 2, "missed": 0, "false_positive": 1}
+
+
+def test_ap_per_volume_is_the_mean_of_sklearn_per_case(rng):
+    """ap_per_volume: the mean over lesion cases of scikit-learn's AP of each case; a healthy case
+    takes no part in it, nor in the pooled AP."""
+    scores, masks = _volumes(rng, 4, decimals=2)
+    healthy = rng.random(masks[0].shape).astype(np.float32)
+    r = evaluate([*scores, healthy], [*masks, np.zeros_like(masks[0])])
+    per = [average_precision_score(m.ravel(), s.ravel()) for s, m in zip(scores, masks)]
+    assert [c["ap"] for c in r["per_case"]] == pytest.approx(per, abs=1e-9)
+    assert r["ap_per_volume"] == pytest.approx(np.mean(per), abs=1e-9)
+    pooled = average_precision_score(np.concatenate([m.ravel() for m in masks]),
+                                     np.concatenate([s.ravel() for s in scores]))
+    assert r["ap"] == pytest.approx(pooled, abs=1e-6) and r["ap"] != pytest.approx(r["ap_per_volume"], abs=1e-4)
 
 
 # ---------------------------------------------------------------- evaluate()
@@ -293,6 +406,8 @@ def test_errors_raise_ifad_error():
         evaluate([s], [m], val_scores=[s])
     with pytest.raises(IfadError, match="one name per case"):
         evaluate([s], [m], names=["a", "b"])
+    with pytest.raises(IfadError, match="one voxel volume per case"):
+        evaluate([s], [m], voxel_volumes=[1.0, 1.0])
     with pytest.raises(IfadError):
         curve_metrics(np.array([]), np.array([], bool))
     with pytest.raises(IfadError, match="shape"):
@@ -331,6 +446,23 @@ def test_format_table():
     assert "IT (s)" in t2.splitlines()[0]
     assert t2.splitlines()[2].startswith("mine") and t2.splitlines()[2].endswith("51.1")
     assert not math.isnan(len(t2))
+
+
+def test_format_table_with_the_metrics_beyond_the_paper(rng):
+    """evaluate's result: the paper's table, a blank line, then AP per volume, lesion precision,
+    recall, F1 and FP voxels per healthy case ('-' when there is no healthy case)."""
+    scores, masks = _volumes(rng, 2)
+    r = evaluate(scores, masks)
+    lines = format_table(r, method="m").splitlines()
+    assert len(lines) == 7 and lines[3] == ""
+    for col in ("AP per volume", "lesion precision", "lesion recall", "lesion F1", "FP voxels / healthy (0)"):
+        assert col in lines[4]
+    cells = lines[6].split()
+    assert cells[0] == "m" and cells[1:5] == [f"{r[k]:.3f}" for k in ("ap_per_volume", "lesion_precision",
+                                                                     "lesion_recall", "lesion_f1")]
+    assert cells[5] == "-"
+    healthy = evaluate([*scores, scores[0] + 1], [*masks, np.zeros_like(masks[0])])
+    assert format_table(healthy).splitlines()[6].split()[-1] == f"{healthy['fp_voxels_per_healthy']:.1f}"
 
 
 def test_restoration_fit_by_hand():
