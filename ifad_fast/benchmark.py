@@ -15,15 +15,20 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    each method's threshold is the one of best pooled Dice there.
 4. Test: lesion seed 2, cases 0..n_test-1, each synthesised once at 1 mm and re-acquired in
    every acquisition asked for (`acquisition.ACQUISITIONS`: voxel sizes, orientations, field of
-   view, brain position): the same anatomy each time.
+   view, brain position): the same anatomy each time. Healthy test scans: the unseen subjects
+   n_healthy..n_healthy+n_healthy_test-1 of the healthy stream, synthesised like the lesion
+   cases and acquired as the validation cases, for the false positives per healthy scan.
 5. How well the restoration fits a healthy subject (`restoration_fit`): training subjects 0..n_fit-1
    and unseen ones n_healthy..n_healthy+n_fit-1 of the healthy stream, the share of brain voxels
    whose restored class is within one class of the scan's, and the mean cross-entropy there.
-6. The paper's metrics (`metrics.evaluate`: [DICE], DICE μ ± σ at the validation threshold, AP,
-   AUROC, FPR@95R) on the brain voxels of each scan (so a larger field of view adds no easy
-   background), per acquisition and pooled over all of them (every voxel counts once, so finer
-   acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over the
-   acquisitions, which the project targets at ≤ 0.03 for one model.
+6. The paper's metrics and those beyond it (`metrics.evaluate`: [DICE], DICE μ ± σ at the
+   validation threshold, AP, AP per volume, AUROC, FPR@95R, lesion-wise precision, recall and F1
+   (also by lesion size), false-positive voxels per healthy scan) on the brain voxels of each
+   scan (so a larger field of view adds no easy background), per acquisition (the healthy scans
+   in the validation acquisition's) and pooled over all of them (every voxel counts once, so
+   finer acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over
+   the acquisitions, which the project targets at ≤ 0.03 for one model. accuracy.png: the pooled
+   precision-recall curves of every method, and a test case's slice with each method's map.
 
 Three disjoint random streams: healthy seed 0, lesion seed 1, lesion seed 2.
 """
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,26 +79,64 @@ class AccuracySetup:
     schedule: str = "fast"
     val_acquisition: str = "1.5mm"
     n_fit: int = 4
+    n_healthy_test: int = 4
     healthy_mm: float = 1.5
     source_mm: float = 1.0
     vae: VAEConfig = VAEConfig()
 
 
+class _Volumes(Sequence):
+    """Volumes kept as their brain voxels, made whole (zero outside the brain) when indexed;
+    values None: the brains themselves. brains: (bit-packed brain, shape) per volume."""
+
+    def __init__(self, values, brains):
+        self.values, self.brains = values, brains
+
+    def __len__(self) -> int:
+        return len(self.brains)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        packed, shape = self.brains[i]
+        brain = np.unpackbits(packed, count=int(np.prod(shape))).view(bool).reshape(shape)
+        if self.values is None:
+            return brain
+        out = np.zeros(shape, self.values[i].dtype)
+        out[brain] = self.values[i]
+        return out
+
+
 @dataclass
 class _Scored:
-    """Brain voxels of scored scans, per (method, acquisition): flat float32 scores, bool masks."""
+    """Scored scans per (method, acquisition): their brain voxels (flat float32 scores, bool masks;
+    a healthy scan's all False); per (acquisition, case) the brain, bit-packed, and the voxel volume."""
 
     scores: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
     names: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    brains: dict = field(default_factory=dict)
 
     def add(self, method: str, scan, score_map: np.ndarray, seconds: float):
         key, brain = (method, scan.acquisition), scan.brain_mask > 0
         self.scores.setdefault(key, []).append(np.ascontiguousarray(score_map[brain], dtype=np.float32))
-        self.masks.setdefault(key, []).append(scan.mask[brain] > 0)
+        self.masks.setdefault(key, []).append(np.zeros(int(brain.sum()), bool) if scan.mask is None
+                                              else scan.mask[brain] > 0)
         self.names.setdefault(key, []).append(scan.name)
         self.seconds.setdefault(method, []).append(seconds)
+        self.brains.setdefault((scan.acquisition, scan.name),
+                               ((np.packbits(brain), brain.shape), abs(float(np.linalg.det(scan.affine[:3, :3])))))
+
+    def cases(self, keys, tag: bool = False) -> dict:
+        """`metrics.evaluate`'s test arguments for the scans of `keys` ((method, acquisition)
+        pairs): whole volumes of scores, masks and brains (the region), names (`tag`: with
+        @acquisition) and voxel volumes."""
+        items = [(k, i) for k in keys for i in range(len(self.scores.get(k, ())))]
+        brains = [self.brains[(k[1], self.names[k][i])] for k, i in items]
+        packed = [b[0] for b in brains]
+        return dict(scores=_Volumes([self.scores[k][i] for k, i in items], packed),
+                    masks=_Volumes([self.masks[k][i] for k, i in items], packed), regions=_Volumes(None, packed),
+                    names=[self.names[k][i] + (f"@{k[1]}" if tag else "") for k, i in items],
+                    voxel_volumes=[b[1] for b in brains])
 
 
 def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
@@ -172,26 +216,31 @@ def _methods(restorer, baselines, compare=None) -> dict:
     return methods
 
 
-def _score(into: _Scored, methods: dict, scan):
+def _score(into: _Scored, methods: dict, scan) -> dict:
+    """Every method's anomaly map of `scan` (kept in `into`); returns them by method."""
+    maps = {}
     for name, fn in methods.items():
         t0 = time.perf_counter()
-        score_map = fn(scan)
-        into.add(name, scan, score_map, time.perf_counter() - t0)
+        maps[name] = fn(scan)
+        into.add(name, scan, maps[name], time.perf_counter() - t0)
+    return maps
 
 
 def _evaluate(val: _Scored, test: _Scored, methods, setup: AccuracySetup) -> dict:
-    """Per method: metrics per acquisition, pooled, and the spread of [DICE] over acquisitions."""
+    """Per method: metrics per acquisition, pooled (with the pooled precision-recall curve), and the
+    spread of [DICE] over acquisitions. The healthy scans (in the validation acquisition) count in
+    that acquisition's row and the pooled one."""
     from .metrics import evaluate
 
     out = {}
     for m in methods:
-        vkey = (m, setup.val_acquisition)
-        per_acq = {a: evaluate(test.scores[(m, a)], test.masks[(m, a)], val.scores[vkey], val.masks[vkey],
-                               names=test.names[(m, a)]) for a in setup.acquisitions}
-        keys = [(m, a) for a in setup.acquisitions]
-        pooled = evaluate([s for k in keys for s in test.scores[k]], [t for k in keys for t in test.masks[k]],
-                          val.scores[vkey], val.masks[vkey],
-                          names=[f"{n}@{k[1]}" for k in keys for n in test.names[k]])
+        v = val.cases([(m, setup.val_acquisition)])
+        thresholds = dict(val_scores=v["scores"], val_masks=v["masks"], val_regions=v["regions"])
+        per_acq = {a: evaluate(**test.cases([(m, a)]), **thresholds) for a in setup.acquisitions}
+        for r in per_acq.values():
+            del r["pr_curve"]
+        keys = [(m, a) for a in dict.fromkeys([*setup.acquisitions, setup.val_acquisition])]
+        pooled = evaluate(**test.cases(keys, tag=True), **thresholds)
         dices = np.array([per_acq[a]["dice_best"] for a in setup.acquisitions])
         out[m] = dict(acquisitions=per_acq, pooled=pooled, dice_best_min=float(dices.min()),
                       dice_best_max=float(dices.max()), dice_best_spread=float(np.ptp(dices)),
@@ -203,17 +252,50 @@ def _row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+#: The columns of the metrics tables: (header, key, digits, whether higher is better).
+COLUMNS = (("[DICE]", "dice_best", 3, True), ("DICE (μ ± σ)", "dice_mean", 3, True), ("AP", "ap", 3, True),
+           ("AP per volume", "ap_per_volume", 3, True), ("AUROC", "auroc", 3, True), ("FPR@95R", "fpr95", 4, False),
+           ("lesion precision", "lesion_precision", 3, True), ("lesion recall", "lesion_recall", 3, True),
+           ("lesion F1", "lesion_f1", 3, True), ("FP voxels / healthy scan", "fp_voxels_per_healthy", 0, False))
+
+
+def metrics_table(rows: dict) -> list[str]:
+    """Markdown lines of a methods × metrics table (`COLUMNS`) of {method: evaluate's result}, the
+    best value of each column in bold (every method that shows it, to the digits shown)."""
+    shown = {m: {key: None if r.get(key) is None else round(r[key], digits) for _, key, digits, _ in COLUMNS}
+             for m, r in rows.items()}
+    best = {}
+    for _, key, _, higher in COLUMNS:
+        values = [x[key] for x in shown.values() if x[key] is not None]
+        best[key] = (max if higher else min)(values) if values else None
+    lines = [_row(["Method", *(c[0] for c in COLUMNS)]), "|---|" + "---:|" * len(COLUMNS)]
+    for m, r in rows.items():
+        cells = []
+        for _, key, digits, _ in COLUMNS:
+            x = shown[m][key]
+            text = "-" if x is None else f"{x:.{digits}f}" + (f" ± {r['dice_std']:.3f}" if key == "dice_mean" else "")
+            cells.append(f"**{text}**" if x is not None and x == best[key] else text)
+        lines.append(_row([m, *cells]))
+    return lines
+
+
 def accuracy_markdown(result: dict) -> str:
-    """Markdown tables of an accuracy result: metrics per method and acquisition, pooled, spreads."""
-    lines = [_row(["Method", "Acquisition", "[DICE]", "DICE (μ ± σ)", "AP", "AUROC", "FPR@95R"]),
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for m, r in result["methods"].items():
-        for label, x in [*r["acquisitions"].items(), ("**pooled**", r["pooled"])]:
-            lines.append(_row([m, label, f"{x['dice_best']:.3f}", f"{x['dice_mean']:.3f} ± {x['dice_std']:.3f}",
-                               f"{x['ap']:.3f}", f"{x['auroc']:.3f}", f"{x['fpr95']:.4f}"]))
+    """Markdown tables of an accuracy result: methods × metrics pooled and per acquisition (best in
+    bold), lesions found by size, the spread of [DICE] over acquisitions, the restoration's fit."""
+    methods, s = result["methods"], result["setup"]
+    lines = [f"### All {len(s['acquisitions'])} acquisitions pooled", "", *metrics_table(
+        {m: r["pooled"] for m, r in methods.items()})]
+    for a in s["acquisitions"]:
+        lines += ["", f"### {a}", "", *metrics_table({m: r["acquisitions"][a] for m, r in methods.items()})]
+    bins = list(next(iter(methods.values()))["pooled"]["lesion_by_size"])
+    lines += ["", "### Lesions found / lesions, and false-positive components, by size (pooled)", "",
+              _row(["Method", *bins]), "|---|" + "---:|" * len(bins)]
+    for m, r in methods.items():
+        by = r["pooled"]["lesion_by_size"]
+        lines.append(_row([m, *(f"{by[b]['found']} / {by[b]['lesions']}, {by[b]['false_positive']} FP" for b in bins)]))
     lines += ["", _row(["Method", "[DICE] min", "[DICE] max", "spread (max − min)",
                         f"spread ≤ {SPREAD_TARGET}", "IT (s / scan)"]), "|---|---:|---:|---:|:-:|---:|"]
-    for m, r in result["methods"].items():
+    for m, r in methods.items():
         ok = "✔" if r["dice_best_spread"] <= SPREAD_TARGET else "✘"
         lines.append(_row([m, f"{r['dice_best_min']:.3f}", f"{r['dice_best_max']:.3f}",
                            f"{r['dice_best_spread']:.3f}", ok, f"{r['seconds_per_scan']:.1f}"]))
@@ -224,28 +306,30 @@ def accuracy_markdown(result: dict) -> str:
             for label, f in groups.items():
                 lines.append(_row([m, f"{label} ({len(f['subjects'])})", f"{f['within_one']:.3f}", f"{f['exact']:.3f}",
                                    f"{f['mean_ce']:.3f}"]))
-    s = result["setup"]
     lines += ["", f"{s['n_test']} test cases (lesion seed {TEST_SEED}, synthesised at {s['source_mm']} mm) × "
-              f"{len(s['acquisitions'])} acquisitions; thresholds from {s['n_val']} validation cases (lesion seed "
-              f"{VAL_SEED}, {s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}). "
-              f"Brain voxels only. {result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), "
-              f"schedule {s['schedule']}."
+              f"{len(s['acquisitions'])} acquisitions and {s['n_healthy_test']} unseen healthy scans (in "
+              f"{s['val_acquisition']}); thresholds from {s['n_val']} validation cases (lesion seed {VAL_SEED}, "
+              f"{s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}). Brain voxels "
+              "only; lesions: 26-connected components, found when a voxel at or above the threshold lies in one. "
+              f"{result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), schedule {s['schedule']}."
               + (f" {result['compared']['method']}: {result['compared']['model']}." if "compared" in result else "")]
     return "\n".join(lines)
 
 
 def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm,
-           vae_steps) -> AccuracySetup:
+           vae_steps, n_healthy_test=None) -> AccuracySetup:
     from .acquisition import get_acquisitions
     from .errors import IfadError
     from .synth import acquisition_grid
 
-    for what, v in (("n_healthy", n_healthy), ("n_val", n_val), ("n_test", n_test), ("vae_steps", vae_steps)):
+    for what, v in (("n_healthy", n_healthy), ("n_val", n_val), ("n_test", n_test), ("vae_steps", vae_steps),
+                    ("n_healthy_test", n_healthy_test)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise IfadError(f"{what} must be a positive integer, got {v!r}")
     acquisition_grid(source_mm), acquisition_grid(healthy_mm)     # check the voxel sizes
     return AccuracySetup(n_healthy=n_healthy, n_val=n_val or (2 if quick else 6), n_test=n_test or (2 if quick else 24),
                          n_fit=1 if quick else AccuracySetup.n_fit,
+                         n_healthy_test=n_healthy_test or (1 if quick else AccuracySetup.n_healthy_test),
                          acquisitions=tuple(a.name for a in get_acquisitions(acquisitions)), schedule=schedule,
                          source_mm=float(source_mm), healthy_mm=float(healthy_mm),
                          vae=VAEConfig(steps=vae_steps or (300 if quick else VAEConfig.steps)))
@@ -254,16 +338,17 @@ def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, h
 def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=None, schedule="fast",
              n_test=None, n_val=None, acquisitions=None, n_healthy=None, train=None, epochs=None,
              vae_steps=None, source_mm: float = 1.0, healthy_mm: float = 1.5, report=print,
-             progress: bool = True, compare=None) -> dict:
-    """Run the accuracy protocol (module docstring); write accuracy.json and accuracy.md to `out_dir`.
+             progress: bool = True, compare=None, n_healthy_test=None) -> dict:
+    """Run the accuracy protocol (module docstring); write accuracy.json, accuracy.md and
+    accuracy.png to `out_dir`.
 
     model: a Model, a model file, or None for the bundled model; train: a preset name to train
     IF 3D (IF 2D for a -2d preset) here on the healthy scans instead (`epochs` overrides the
     preset's). compare: a second model (Model or file; e.g. IF 2D beside IF 3D), scored on the
     same cases with the same schedule and reported as its own method (IF 3D / IF 2D by variant;
     the healthy scans and baselines follow the first model's frame). Defaults: 24 test
-    and 6 validation cases, every acquisition; `quick`: 2 and 2, at most 8 healthy scans, a
-    300-step VAE. Returns the result dict (as written to accuracy.json).
+    and 6 validation cases, 4 healthy test scans, every acquisition; `quick`: 2, 2 and 1, at most 8
+    healthy training scans, a 300-step VAE. Returns the result dict (as written to accuracy.json).
     """
     from . import config as cfg
     from .acquisition import reacquire
@@ -271,12 +356,13 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     from .backends import resolve_device
     from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
     from .model import Model, load_model
-    from .synth import generate_lesion
+    from .synth import generate_healthy, generate_lesion
 
     device = resolve_device(device)
     if schedule not in cfg.SCHEDULES:
         parse_phases(schedule)                                    # a user error before any work
-    setup = _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm, vae_steps)
+    setup = _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm, vae_steps,
+                   n_healthy_test)
     if train is not None:
         pc, described = cfg.get_preset(train).preprocess, f"trained here ({train} preset)"
     else:
@@ -313,13 +399,21 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     for j in tqdm(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
         _score(val, methods, reacquire(generate_lesion(j, seed=VAL_SEED, voxel_mm=setup.source_mm),
                                        setup.val_acquisition))
-    bar = tqdm(total=setup.n_test * len(setup.acquisitions), desc="test", unit="scan",
+    bar = tqdm(total=setup.n_test * len(setup.acquisitions) + setup.n_healthy_test, desc="test", unit="scan",
                disable=None if progress else True)
+    shown = setup.val_acquisition if setup.val_acquisition in setup.acquisitions else setup.acquisitions[0]
     for j in range(setup.n_test):
         case = generate_lesion(j, seed=TEST_SEED, voxel_mm=setup.source_mm)
         for a in setup.acquisitions:
-            _score(test, methods, reacquire(case, a))
+            scan = reacquire(case, a)
+            maps = _score(test, methods, scan)
+            if j == 0 and a == shown:
+                figure_case = (scan, maps)
             bar.update(1)
+    for i in range(setup.n_healthy, setup.n_healthy + setup.n_healthy_test):    # unseen healthy subjects
+        _score(test, methods, reacquire(generate_healthy(i, seed=TRAIN_SEED, voxel_mm=setup.source_mm),
+                                        setup.val_acquisition))
+        bar.update(1)
     bar.close()
 
     result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
@@ -336,10 +430,15 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     table = accuracy_markdown(result)
     report(table)
     if out_dir:
+        from .figures import accuracy_figure
         from .io import atomic_path, save_json
         save_json(Path(out_dir) / "accuracy.json", result)
         with atomic_path(Path(out_dir) / "accuracy.md") as tmp:
             tmp.write_text(table + "\n")
+        scan, maps = figure_case
+        accuracy_figure(Path(out_dir) / "accuracy.png", {m: r["pooled"] for m, r in result["methods"].items()},
+                        scan.image, scan.mask > 0, maps, affine=scan.affine,
+                        title=f"{scan.name} ({scan.acquisition}); curves: all test scans pooled")
     return result
 
 

@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--n-val", type=_int_in(1), default=None, help="validation cases (default 6, quick 2)")
     acc.add_argument("--n-healthy", type=_int_in(1), default=None,
                      help="healthy training scans (default: as many as the model was trained on)")
+    acc.add_argument("--n-healthy-test", type=_int_in(1), default=None,
+                     help="unseen healthy scans scored for false positives (default 4, quick 1)")
     acc.add_argument("--schedule", default="fast", help="restoration schedule (default fast)")
     acc.add_argument("--vae-steps", type=_int_in(1), default=None, help="VAE training steps (default 1000, quick 300)")
     _add_engine_args(p)
@@ -504,7 +506,7 @@ def cmd_demo(args):
 
 
 _ACCURACY_ONLY = dict(model=None, train=None, epochs=None, acquisitions=None, n_test=None, n_val=None,
-                      n_healthy=None, schedule="fast", vae_steps=None, compare=None)
+                      n_healthy=None, schedule="fast", vae_steps=None, compare=None, n_healthy_test=None)
 
 
 def cmd_bench(args):
@@ -526,7 +528,7 @@ def cmd_bench(args):
         accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output,
                  model=args.model, train=args.train, epochs=args.epochs, acquisitions=args.acquisitions,
                  n_test=args.n_test, n_val=args.n_val, n_healthy=args.n_healthy, schedule=args.schedule,
-                 vae_steps=args.vae_steps, compare=args.compare)
+                 vae_steps=args.vae_steps, compare=args.compare, n_healthy_test=args.n_healthy_test)
 
 
 COMMANDS = dict(prepare=cmd_prepare, train=cmd_train, restore=cmd_restore, evaluate=cmd_evaluate,

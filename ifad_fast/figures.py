@@ -86,3 +86,60 @@ def slices_figure(path, scan: np.ndarray, restoration: np.ndarray, anomaly: np.n
         fig.savefig(tmp, dpi=90, format="png", facecolor="black")
     plt.close(fig)
     return path
+
+
+def accuracy_figure(path, results: dict, scan: np.ndarray, truth: np.ndarray, maps: dict, affine=None,
+                    title: str = "") -> Path:
+    """The accuracy protocol's figure: every method's precision-recall curve on one plot (left), and
+    one case's axial slice through its lesion's centre: the scan, then each method's map (its own
+    colour scale), with the ground truth (cyan) and the map at its method's threshold (yellow).
+
+    results: {method: `metrics.evaluate` result with "pr_curve", "ap", "threshold"}; scan, truth
+    (bool) and maps ({method: map}): (X, Y, Z) on the scan's grid; affine names the axial axis.
+    Written atomically as PNG.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    name, fixed, *_ = next((view for view in _views(affine) if view[0] == "axial"), _views(affine)[0])
+    focus = truth if truth.any() else scan != 0
+    index = int(round(np.argwhere(focus)[:, fixed].mean()))
+
+    def cut(vol):
+        return np.take(vol, index, axis=fixed).T         # rows v, columns h
+
+    panels = [("scan", None), *maps.items()]
+    cols = -(-len(panels) // 2)
+    fig = plt.figure(figsize=(4.5 + 2.6 * cols, 5.6))
+    grid = fig.add_gridspec(2, cols + 2)
+    pr = fig.add_subplot(grid[:, :2])
+    for method, r in results.items():
+        pr.plot(r["pr_curve"]["recall"], r["pr_curve"]["precision"], label=f"{method} (AP {r['ap']:.3f})")
+    pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    pr.legend(fontsize=7, loc="lower left")
+    pr.grid(alpha=0.3)
+    brain = scan != 0
+    for k, (label, score) in enumerate(panels):
+        ax = fig.add_subplot(grid[k // cols, 2 + k % cols])
+        if score is None:
+            ax.imshow(cut(scan), cmap="gray", origin="lower")
+        else:
+            top = float(np.percentile(score[brain], 99.5)) if brain.any() else float(score.max())
+            ax.imshow(cut(score), cmap="magma", origin="lower", vmin=0, vmax=top if top > 0 else 1.0)
+            above = cut(score >= np.float32(results[label]["threshold"])) if label in results else None
+            if above is not None and above.any() and not above.all():
+                ax.contour(above.astype(float), levels=[0.5], colors="yellow", linewidths=0.8)
+        if cut(truth).any():
+            ax.contour(cut(truth).astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle(f"{title} ({name} slice {index})" if title else f"{name} slice {index}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path

@@ -74,6 +74,8 @@ __all__ = ["LESION_BINS_ML", "curve_metrics", "dice", "evaluate", "format_table"
 
 #: Lesion size bins in mL: < 1, 1-10, >= 10 (in voxels, × 1000, when voxel volumes are unknown).
 LESION_BINS_ML = (1.0, 10.0)
+#: About this many points of the pooled precision-recall curve go into `evaluate`'s result.
+PR_POINTS = 200
 
 
 # ----------------------------------------------------------------------------- core
@@ -85,8 +87,9 @@ LESION_BINS_ML = (1.0, 10.0)
 _BLOCK = 1 << 21
 
 
-def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK) -> dict:
-    """Metrics from the ascending-sorted scores of the positive and negative voxels."""
+def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK, pr_points: int = 0) -> dict:
+    """Metrics from the ascending-sorted scores of the positive and negative voxels; with
+    `pr_points`, also about that many points of the precision-recall curve (``pr_curve``)."""
     n_pos = int(pos.size)
     n_neg = int(neg.size)
     if n_pos == 0:
@@ -105,6 +108,8 @@ def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK) ->
     twice_u = 0                           # 2 * Mann-Whitney U, exact
     best_dice, best_t = -1.0, None
     fpr95 = fpr95_t = None
+    stride = max(1, n_pos // pr_points) if pr_points else 0
+    recall, precision = [], []
     hi = n_pos
     while hi > 0:                         # blocks from the highest scores down
         lo = max(hi - block, 0)
@@ -123,6 +128,10 @@ def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK) ->
         tp_f = tp.astype(np.float64)
         pred_f = tp_f + fp
         ap_sum += float(np.dot(counts.astype(np.float64), tp_f / pred_f))
+        if stride:
+            at = np.unique(np.append(np.arange(0, tp.size, stride), tp.size - 1))
+            recall += (tp_f[at] / n_pos).tolist()
+            precision += (tp_f[at] / pred_f[at]).tolist()
 
         dice_curve = 2.0 * tp_f / (pred_f + n_pos)
         i = int(np.argmax(dice_curve))    # first maximum = highest threshold
@@ -148,6 +157,7 @@ def _curve_from_sorted(pos: np.ndarray, neg: np.ndarray, block: int = _BLOCK) ->
         "fpr95_threshold": fpr95_t,
         "n_voxels": n_pos + n_neg,
         "n_positive": n_pos,
+        **({"pr_curve": {"recall": recall, "precision": precision}} if stride else {}),
     }
 
 
@@ -282,7 +292,7 @@ def _check_lists(scores, masks, regions, what: str):
         )
 
 
-def _pooled_curve(scores, masks, regions, what: str, lesion_cases_only: bool = False) -> dict:
+def _pooled_curve(scores, masks, regions, what: str, lesion_cases_only: bool = False, pr_points: int = 0) -> dict:
     """Curve metrics of all cases (or only those with an anomalous voxel) pooled, filling two
     preallocated float32 arrays."""
     _check_lists(scores, masks, regions, what)
@@ -311,7 +321,7 @@ def _pooled_curve(scores, masks, regions, what: str, lesion_cases_only: bool = F
         del s, t, nt
     pos.sort()
     neg.sort()
-    out = _curve_from_sorted(pos, neg)
+    out = _curve_from_sorted(pos, neg, pr_points=pr_points)
     del pos, neg
     return out
 
@@ -400,7 +410,8 @@ def evaluate(
     ``threshold_source``, ``lesion_precision``, ``lesion_recall``, ``lesion_f1``,
     ``lesion_counts``, ``lesion_by_size``, ``lesion_size_unit``, ``fp_voxels_per_healthy``,
     ``fp_lesions_per_healthy``, ``n_cases`` (lesion cases), ``n_healthy``, ``n_voxels``,
-    ``n_positive``, ``per_case`` (lesion cases: ``{"name", "dice", "ap", "lesions", "found",
+    ``n_positive``, ``pr_curve`` (``{"recall", "precision"}``: about PR_POINTS points of the pooled
+    curve, recall ascending), ``per_case`` (lesion cases: ``{"name", "dice", "ap", "lesions", "found",
     "false_positive"}``) and ``per_healthy`` (``{"name", "fp_voxels", "fp_lesions"}``).
     """
     _check_lists(scores, masks, regions, "test")
@@ -411,7 +422,7 @@ def evaluate(
         raise IfadError(
             "validation scores and validation masks come together; pass both or neither"
         )
-    test = _pooled_curve(scores, masks, regions, "test", lesion_cases_only=True)
+    test = _pooled_curve(scores, masks, regions, "test", lesion_cases_only=True, pr_points=PR_POINTS)
     if val_scores is not None:
         val = _pooled_curve(val_scores, val_masks, val_regions, "validation")
         threshold = val["threshold"]
@@ -469,6 +480,7 @@ def evaluate(
         "n_healthy": len(per_healthy),
         "n_voxels": test["n_voxels"],
         "n_positive": test["n_positive"],
+        "pr_curve": test["pr_curve"],
         "per_case": per_case,
         "per_healthy": per_healthy,
     }

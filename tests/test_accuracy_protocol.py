@@ -5,17 +5,19 @@ import math
 import pytest
 
 from ifad_fast.acquisition import ACQUISITIONS
-from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy
+from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy, metrics_table
 from ifad_fast.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-METRICS = ("dice_best", "dice_mean", "dice_std", "ap", "auroc", "fpr95")
+METRICS = ("dice_best", "dice_mean", "dice_std", "ap", "ap_per_volume", "auroc", "fpr95", "lesion_precision",
+           "lesion_recall", "lesion_f1")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """IF 3D trained here (tiny preset, 2 epochs on 3 healthy 3 mm scans), one validation and one
-    test case (synthesised at 3 mm: small, fast), every acquisition, a 10-step VAE."""
+    test case (synthesised at 3 mm: small, fast), every acquisition, one healthy test scan, a
+    10-step VAE."""
     import torch
 
     out = tmp_path_factory.mktemp("accuracy")
@@ -38,6 +40,9 @@ def test_finite_metrics_for_every_acquisition_and_method(run):
         assert list(r["acquisitions"]) == list(ACQUISITIONS)
         for acq, m in [*r["acquisitions"].items(), ("pooled", r["pooled"])]:
             for key in METRICS:
+                if key == "lesion_precision" and m[key] is None:       # nothing at or above the threshold
+                    assert m["lesion_counts"]["found"] + m["lesion_counts"]["false_positive"] == 0
+                    continue
                 assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (method, acq, key, m[key])
             assert m["threshold_source"] == "validation"
         dices = [m["dice_best"] for m in r["acquisitions"].values()]
@@ -102,3 +107,45 @@ def test_restoration_fit_on_training_and_unseen_healthy_subjects(run):
     for group in fit.values():
         assert 0.0 <= group["exact"] <= group["within_one"] <= 1.0 and group["mean_ce"] > 0
     assert "within one of the scan's" in (out / "accuracy.md").read_text()
+
+
+def test_healthy_test_scan_counts_false_positives_in_its_acquisition_and_pooled(run):
+    """The unseen healthy subject (healthy_0003, in the validation acquisition) is a healthy case of
+    that acquisition's row and of the pooled one, for every method; no other row has one."""
+    result, _, _ = run
+    for method, r in result["methods"].items():
+        pooled = r["pooled"]
+        assert pooled["n_healthy"] == 1 and [h["name"] for h in pooled["per_healthy"]] == ["healthy_0003@1.5mm"]
+        assert pooled["fp_voxels_per_healthy"] == pooled["per_healthy"][0]["fp_voxels"] >= 0, method
+        assert r["acquisitions"]["1.5mm"]["fp_voxels_per_healthy"] == pooled["fp_voxels_per_healthy"]
+        assert all(m["fp_voxels_per_healthy"] is None for a, m in r["acquisitions"].items() if a != "1.5mm")
+        assert pooled["lesion_size_unit"] == "mL" and pooled["lesion_counts"]["lesions"] >= len(ACQUISITIONS)
+        curve = pooled["pr_curve"]
+        assert len(curve["recall"]) == len(curve["precision"]) > 1 and curve["recall"][-1] == 1.0
+
+
+def test_figure_and_tables_written(run):
+    """accuracy.png beside accuracy.json (a PNG); accuracy.md: one table per test set (pooled, each
+    acquisition) with a column per metric, the best in bold."""
+    _, out, _ = run
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "accuracy.md").read_text()
+    assert md.count("| Method | [DICE] |") == 1 + len(ACQUISITIONS) and "**" in md
+    for header in ("AP per volume", "lesion F1", "FP voxels / healthy scan", "by size"):
+        assert header in md
+
+
+def test_metrics_table_bolds_the_best_of_each_column():
+    """Higher is better but for FPR@95R and false positives, compared to the digits shown (a tie is
+    bold twice); a missing value is '-' and never bold."""
+    a = dict(dice_best=0.5, dice_mean=0.4, dice_std=0.1, ap=0.30, ap_per_volume=0.2, auroc=0.9, fpr95=0.1,
+             lesion_precision=0.5, lesion_recall=0.5, lesion_f1=0.5, fp_voxels_per_healthy=10.0)
+    b = dict(a, dice_best=0.6, ap=0.3001, fpr95=0.2, lesion_f1=None, fp_voxels_per_healthy=3.0)
+    header, _, row_a, row_b = metrics_table({"a": a, "b": b})
+    cells_a, cells_b = row_a.split(" | ")[1:], row_b.split(" | ")[1:]
+    assert cells_a[0] == "0.500" and cells_b[0] == "**0.600**"
+    assert cells_a[2] == cells_b[2] == "**0.300**"                   # AP ties to 3 digits
+    assert cells_a[5] == "**0.1000**" and cells_b[5] == "0.2000"     # FPR@95R: lower is better
+    assert cells_a[8] == "**0.500**" and cells_b[8] == "-"           # F1 missing for b
+    assert cells_a[9].rstrip(" |") == "10" and cells_b[9].rstrip(" |") == "**3**"
+    assert cells_a[1] == "**0.400 ± 0.100**"

@@ -482,3 +482,23 @@ def test_restoration_fit_by_hand():
     assert fit == {"within_one": 0.75, "exact": 0.25, "mean_ce": pytest.approx(1.75)}
     with pytest.raises(IfadError):
         restoration_fit(restored, observed, np.zeros_like(brain), score)
+
+
+def test_pr_curve_points_lie_on_sklearns_curve(rng):
+    """evaluate's pr_curve: points of scikit-learn's precision-recall curve (one per distinct lesion
+    score when there are fewer lesion voxels than PR_POINTS), recall ascending up to 1; with many
+    lesion voxels, about PR_POINTS of them."""
+    from sklearn.metrics import precision_recall_curve
+
+    from ifad_fast.metrics import PR_POINTS
+
+    scores, masks = _volumes(rng, 1, shape=(6, 6, 5), decimals=2)
+    r = evaluate(scores, masks)["pr_curve"]
+    p_ref, r_ref, _ = precision_recall_curve(masks[0].ravel(), scores[0].ravel())
+    reference = set(zip(np.round(r_ref, 12), np.round(p_ref, 12)))
+    assert len(r["recall"]) == len(np.unique(scores[0][masks[0]])) < PR_POINTS
+    assert all((round(a, 12), round(b, 12)) in reference for a, b in zip(r["recall"], r["precision"]))
+    assert r["recall"] == sorted(r["recall"]) and r["recall"][-1] == 1.0
+    big_mask = rng.random((20, 20, 50)) < 0.3                # 6000 lesion voxels, as many distinct scores
+    many = evaluate([(rng.random(big_mask.shape) + big_mask).astype(np.float32)], [big_mask])["pr_curve"]
+    assert PR_POINTS <= len(many["recall"]) <= 2 * PR_POINTS + 2 and many["recall"][-1] == 1.0
