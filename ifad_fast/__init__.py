@@ -1,8 +1,10 @@
 """ifad-fast: implicit-field anomaly detection for brain MRI.
 
+    import nibabel as nib
     import ifad_fast as ifad
-    model = ifad.default_model()                 # or ifad.load_model("run/model.pt")
-    result = ifad.restore_array(model, volume)   # numpy (X, Y, Z) -> result.anomaly, result.restoration
+    model = ifad.default_model()                                 # or ifad.load_model("run/model.pt")
+    result = ifad.restore_array(model, nib.load("scan.nii.gz"))  # or (volume, affine): voxels -> mm
+    result.anomaly, result.restoration                           # numpy (X, Y, Z), the scan's own grid
 """
 __version__ = "0.1.0"
 

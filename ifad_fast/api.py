@@ -279,6 +279,9 @@ class Restorer:
         (one of `world` processes sharing the work; each case is written by exactly one of them).
         """
         _check_files_options(existing, batch)
+        if figure:
+            from .extras import require
+            require("matplotlib")
         model, rc, region, resolution = self.model, self.rc, self.region, self.resolution
         threshold = resolve_threshold(model, threshold)
         paths = find_scans(inputs)

@@ -430,9 +430,12 @@ def cmd_restore(args):
                       restore_shard)
     from .backends import resolve_device
     from .distributed import launch
+    from .extras import require
     from .io import find_scans
     from .limits import usable_cores
 
+    if args.figure:
+        require("matplotlib")
     schedule, region = args.schedule or "fast", args.region or "brain"
     if args.protocol:
         protocol = PROTOCOLS[args.protocol]
@@ -488,8 +491,10 @@ def cmd_evaluate(args):
 
 def cmd_synth(args):
     """`ifad-fast synth`: synthetic healthy and lesion brains."""
+    from .extras import require
     from .synth import write_set
 
+    require("nilearn")
     if args.healthy + args.lesions == 0:
         raise IfadError("ask for at least one case with --healthy N and/or --lesions M")
     _output(args.output)
@@ -501,6 +506,10 @@ def cmd_synth(args):
 def cmd_demo(args):
     """`ifad-fast demo`: one synthetic case through the bundled model."""
     from .demo import run_demo
+    from .extras import require
+
+    require("nilearn")
+    require("matplotlib")
     _output(args.output)
     run_demo(args.output, seed=args.seed, backend=args.backend, device=args.device)
 
@@ -511,6 +520,9 @@ _ACCURACY_ONLY = dict(model=None, train=None, epochs=None, acquisitions=None, n_
 
 def cmd_bench(args):
     """`ifad-fast bench`: the speed or accuracy benchmark."""
+    from .extras import require
+
+    require("nilearn")                              # both synthesise their scans
     if args.output is not None:
         _output(args.output)
     if args.what == "speed":

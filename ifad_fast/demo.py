@@ -33,7 +33,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
     name = case.name
     files = {
         "scan": save_volume(out / f"{name}.nii.gz", case.image, case.affine),
-        "truth": save_volume(out / f"{name}_truth.nii.gz", case.mask, case.affine, dtype=np.uint8),
+        "truth": save_volume(out / f"{name}_mask.nii.gz", case.mask, case.affine, dtype=np.uint8),
         "anomaly": save_volume(out / f"{name}_anomaly.nii.gz", res.anomaly, case.affine),
         "restoration": save_volume(out / f"{name}_restoration.nii.gz", res.restoration, case.affine),
         "mask": save_volume(out / f"{name}_pred-mask.nii.gz", predicted, case.affine, dtype=np.uint8),

@@ -40,6 +40,9 @@ def slices_figure(path, scan: np.ndarray, restoration: np.ndarray, anomaly: np.n
     directions (L/R, A/P, S/I) and the views are named by the plane they really are. Written
     atomically as PNG.
     """
+    from .extras import require
+
+    require("matplotlib")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

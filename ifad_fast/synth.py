@@ -161,14 +161,12 @@ def _load_mni152() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     `nilearn.datasets` costs seconds and these loaders only read and rescale the files.
     Falls back to nilearn's loaders where the files are not where this nilearn keeps them.
     """
-    import importlib.util
-
     import nibabel as nib
 
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise IfadError("nilearn is needed for the synthetic brains (its MNI152 maps); pip install nilearn")
-    data_dir = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    from .extras import require
+
+    spec = require("nilearn")
+    data_dir = Path(list(spec.submodule_search_locations or ["."])[0]) / "datasets" / "data"
     paths = {k: data_dir / f for k, f in _MNI_FILES.items()}
     if all(p.is_file() for p in paths.values()):
         imgs = {k: nib.load(str(p)) for k, p in paths.items()}
