@@ -31,6 +31,7 @@ from .io import (OutputSet, Scan, case_name, check_output_folder, check_volume, 
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
+from .progress import duration, say
 from .restore import Restoration, StageTimes, restore_batch
 
 #: Output name endings of a restored case: <case><suffix>; the JSON is written last.
@@ -349,9 +350,14 @@ class Restorer:
             done += 1
             report(f"{done}/{total} {name}: {text}")
 
+        def fail(path, why):
+            failed[path] = why
+            if total > 1:                           # one scan: the final error line says it
+                log(case_name(path), f"failed: {why}")
+
         for p in todo:
             if p in failed:
-                log(case_name(p), f"failed: {failed[p]}")
+                fail(p, failed[p])
         for start in range(0, len(runnable), batch):
             group = runnable[start:start + batch]
             scans = []
@@ -359,8 +365,7 @@ class Restorer:
                 try:
                     scans.append(load_scan(p, max_voxels=max_voxels, force=force))
                 except IfadError as exc:
-                    failed[p] = str(exc)
-                    log(case_name(p), f"failed: {exc}")
+                    fail(p, str(exc))
             if not scans:
                 continue
             try:
@@ -371,14 +376,12 @@ class Restorer:
                 why = str(exc) if isinstance(exc, IfadError) else \
                     "ran out of memory restoring it; use --batch 1 or a machine with more memory"
                 for scan in scans:
-                    failed[scan.path] = f"{scan.path}: {why}"
-                    log(scan.name, f"failed: {why}")
+                    fail(scan.path, f"{scan.path}: {why}")
                 continue
             for scan, res in zip(scans, results):
                 if not (np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all()):
-                    failed[scan.path] = (f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan "
-                                         "is unusable); nothing was written for it")
-                    log(scan.name, f"failed: {failed[scan.path]}")
+                    fail(scan.path, f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan is "
+                                    "unusable); nothing was written for it")
                     continue
                 summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
                                                provenance=provenance, figure=figure))
@@ -477,8 +480,7 @@ def _check_same_settings(summary_path: Path, provenance: dict, threshold):
 def _eta(seconds_done: float, done: int, left: int) -> str:
     if done == 0 or left == 0:
         return ""
-    s = seconds_done / done * left
-    return f", ETA {s / 60:.0f} min" if s >= 90 else f", ETA {s:.0f} s"
+    return f", ETA {duration(seconds_done / done * left)}"
 
 
 def _frame(pc) -> dict:
@@ -652,7 +654,7 @@ def restore_shard(job: RestoreJob) -> dict:
         restorer = Restorer(model, job.backend, device, job.precision, job.rc, job.region, job.resolution,
                             progress=rank == 0)
         written = restorer.restore_files(job.inputs, job.out_dir, job.threshold, job.batch,
-                                         report=lambda line: print(tag + line, flush=True), existing=job.existing,
+                                         report=lambda line: say(tag + line), existing=job.existing,
                                          figure=job.figure, force=job.force, max_voxels=job.max_voxels,
                                          shard=(rank, world) if world > 1 else None)
     except IfadError as exc:

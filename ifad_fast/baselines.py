@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
+from .progress import progress_bar
 
 __all__ = ["BASELINES", "DenseVAE", "MeanImage", "Thresholding", "VAEConfig", "ZScore", "anomaly_map", "equalise",
            "make_baseline"]
@@ -243,7 +243,7 @@ class DenseVAE:
         opt = torch.optim.Adam(self.net.parameters(), lr=self.vc.lr)
         self.net.train()
         self.losses = []
-        bar = tqdm(range(self.vc.steps), desc="train VAE", unit="step", disable=None if progress else True)
+        bar = progress_bar(range(self.vc.steps), desc="train VAE", unit="step", disable=None if progress else True)
         for _ in bar:
             x = slices[torch.randint(len(slices), (min(self.vc.batch, len(slices)),), generator=gen)]
             noise = torch.randn(len(x), self.vc.latent, generator=gen)

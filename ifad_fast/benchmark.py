@@ -31,6 +31,9 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    precision-recall curves of every method, and a test case's slice with each method's map.
 
 Three disjoint random streams: healthy seed 0, lesion seed 1, lesion seed 2.
+
+`accuracy_on_data` runs the same methods and metrics on the user's own folders (`layouts`): trained
+on healthy scans, thresholds from a validation set, every metric on a test set.
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .baselines import VAEConfig
+from .errors import IfadError
+from .progress import progress_bar
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
@@ -146,7 +150,7 @@ def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
     from .synth import generate_healthy
 
     volumes, brains = [], []
-    for i in tqdm(range(n), desc="healthy scans", unit="scan", disable=None if progress else True):
+    for i in progress_bar(range(n), desc="healthy scans", unit="scan", disable=None if progress else True):
         case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm)
         volume, placement, _ = to_model_grid(case.image, case.affine, pc)
         volumes.append(volume)
@@ -226,22 +230,23 @@ def _score(into: _Scored, methods: dict, scan) -> dict:
     return maps
 
 
-def _evaluate(val: _Scored, test: _Scored, methods, setup: AccuracySetup) -> dict:
+def _evaluate(val: _Scored, test: _Scored, methods, acquisitions, val_acquisition: str) -> dict:
     """Per method: metrics per acquisition, pooled (with the pooled precision-recall curve), and the
-    spread of [DICE] over acquisitions. The healthy scans (in the validation acquisition) count in
-    that acquisition's row and the pooled one."""
+    spread of [DICE] over acquisitions; thresholds from the validation cases (the test cases' own
+    without any). The healthy scans (in the validation acquisition) count in that acquisition's row
+    and the pooled one."""
     from .metrics import evaluate
 
     out = {}
     for m in methods:
-        v = val.cases([(m, setup.val_acquisition)])
-        thresholds = dict(val_scores=v["scores"], val_masks=v["masks"], val_regions=v["regions"])
-        per_acq = {a: evaluate(**test.cases([(m, a)]), **thresholds) for a in setup.acquisitions}
+        v = val.cases([(m, val_acquisition)])
+        thresholds = dict(val_scores=v["scores"], val_masks=v["masks"], val_regions=v["regions"]) if v["names"] else {}
+        per_acq = {a: evaluate(**test.cases([(m, a)]), **thresholds) for a in acquisitions}
         for r in per_acq.values():
             del r["pr_curve"]
-        keys = [(m, a) for a in dict.fromkeys([*setup.acquisitions, setup.val_acquisition])]
-        pooled = evaluate(**test.cases(keys, tag=True), **thresholds)
-        dices = np.array([per_acq[a]["dice_best"] for a in setup.acquisitions])
+        keys = [(m, a) for a in dict.fromkeys([*acquisitions, val_acquisition])]
+        pooled = evaluate(**test.cases(keys, tag=len(acquisitions) > 1), **thresholds)
+        dices = np.array([per_acq[a]["dice_best"] for a in acquisitions])
         out[m] = dict(acquisitions=per_acq, pooled=pooled, dice_best_min=float(dices.min()),
                       dice_best_max=float(dices.max()), dice_best_spread=float(np.ptp(dices)),
                       dice_best_std=float(dices.std()), seconds_per_scan=float(np.mean(test.seconds[m])))
@@ -283,9 +288,10 @@ def accuracy_markdown(result: dict) -> str:
     """Markdown tables of an accuracy result: methods × metrics pooled and per acquisition (best in
     bold), lesions found by size, the spread of [DICE] over acquisitions, the restoration's fit."""
     methods, s = result["methods"], result["setup"]
-    lines = [f"### All {len(s['acquisitions'])} acquisitions pooled", "", *metrics_table(
-        {m: r["pooled"] for m, r in methods.items()})]
-    for a in s["acquisitions"]:
+    several = len(s["acquisitions"]) > 1
+    title = f"All {len(s['acquisitions'])} acquisitions pooled" if several else s["acquisitions"][0]
+    lines = [f"### {title}", "", *metrics_table({m: r["pooled"] for m, r in methods.items()})]
+    for a in s["acquisitions"] if several else ():
         lines += ["", f"### {a}", "", *metrics_table({m: r["acquisitions"][a] for m, r in methods.items()})]
     bins = list(next(iter(methods.values()))["pooled"]["lesion_by_size"])
     lines += ["", "### Lesions found / lesions, and false-positive components, by size (pooled)", "",
@@ -293,12 +299,16 @@ def accuracy_markdown(result: dict) -> str:
     for m, r in methods.items():
         by = r["pooled"]["lesion_by_size"]
         lines.append(_row([m, *(f"{by[b]['found']} / {by[b]['lesions']}, {by[b]['false_positive']} FP" for b in bins)]))
-    lines += ["", _row(["Method", "[DICE] min", "[DICE] max", "spread (max − min)",
-                        f"spread ≤ {SPREAD_TARGET}", "IT (s / scan)"]), "|---|---:|---:|---:|:-:|---:|"]
+    if several:
+        lines += ["", _row(["Method", "[DICE] min", "[DICE] max", "spread (max − min)",
+                            f"spread ≤ {SPREAD_TARGET}", "IT (s / scan)"]), "|---|---:|---:|---:|:-:|---:|"]
+    else:
+        lines += ["", _row(["Method", "IT (s / scan)"]), "|---|---:|"]
     for m, r in methods.items():
         ok = "✔" if r["dice_best_spread"] <= SPREAD_TARGET else "✘"
-        lines.append(_row([m, f"{r['dice_best_min']:.3f}", f"{r['dice_best_max']:.3f}",
-                           f"{r['dice_best_spread']:.3f}", ok, f"{r['seconds_per_scan']:.1f}"]))
+        lines.append(_row([m, *([f"{r['dice_best_min']:.3f}", f"{r['dice_best_max']:.3f}",
+                                 f"{r['dice_best_spread']:.3f}", ok] if several else []),
+                           f"{r['seconds_per_scan']:.1f}"]))
     if result.get("fit"):
         lines += ["", _row(["Method", "healthy subjects", "restored class within one of the scan's", "exact",
                             "mean cross-entropy (nats)"]), "|---|---|---:|---:|---:|"]
@@ -306,12 +316,19 @@ def accuracy_markdown(result: dict) -> str:
             for label, f in groups.items():
                 lines.append(_row([m, f"{label} ({len(f['subjects'])})", f"{f['within_one']:.3f}", f"{f['exact']:.3f}",
                                    f"{f['mean_ce']:.3f}"]))
-    lines += ["", f"{s['n_test']} test cases (lesion seed {TEST_SEED}, synthesised at {s['source_mm']} mm) × "
-              f"{len(s['acquisitions'])} acquisitions and {s['n_healthy_test']} unseen healthy scans (in "
-              f"{s['val_acquisition']}); thresholds from {s['n_val']} validation cases (lesion seed {VAL_SEED}, "
-              f"{s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}). Brain voxels "
-              "only; lesions: 26-connected components, found when a voxel at or above the threshold lies in one. "
-              f"{result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), schedule {s['schedule']}."
+    if "data" in s:
+        where = (f"{s['n_test']} test scans ({s['n_healthy_test']} of them healthy) from {s['data']['test']}; "
+                 f"thresholds from " + (f"{s['n_val']} validation scans from {s['data']['validation']}"
+                                        if s["data"]["validation"] else "the test scans themselves (no validation set)")
+                 + f"; trained on {s['n_healthy']} healthy scans from {s['data']['healthy']} ({s['data']['modality']}).")
+    else:
+        where = (f"{s['n_test']} test cases (lesion seed {TEST_SEED}, synthesised at {s['source_mm']} mm) × "
+                 f"{len(s['acquisitions'])} acquisitions and {s['n_healthy_test']} unseen healthy scans (in "
+                 f"{s['val_acquisition']}); thresholds from {s['n_val']} validation cases (lesion seed {VAL_SEED}, "
+                 f"{s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}).")
+    lines += ["", where + " Brain voxels only; lesions: 26-connected components, found when a voxel at or above the "
+              f"threshold lies in one. {result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), "
+              f"schedule {s['schedule']}."
               + (f" {result['compared']['method']}: {result['compared']['model']}." if "compared" in result else "")]
     return "\n".join(lines)
 
@@ -319,7 +336,6 @@ def accuracy_markdown(result: dict) -> str:
 def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm,
            vae_steps, n_healthy_test=None) -> AccuracySetup:
     from .acquisition import get_acquisitions
-    from .errors import IfadError
     from .synth import acquisition_grid
 
     for what, v in (("n_healthy", n_healthy), ("n_val", n_val), ("n_test", n_test), ("vae_steps", vae_steps),
@@ -333,6 +349,87 @@ def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, h
                          acquisitions=tuple(a.name for a in get_acquisitions(acquisitions)), schedule=schedule,
                          source_mm=float(source_mm), healthy_mm=float(healthy_mm),
                          vae=VAEConfig(steps=vae_steps or (300 if quick else VAEConfig.steps)))
+
+
+def _models(model, train, compare, device):
+    """(the model, None when it is to be trained here; its preprocessing; how it is described; the
+    compared model or None), from a Model, a file, None (the bundled model) or a preset to train."""
+    from . import config as cfg
+    from .api import default_model
+    from .model import Model, load_model
+
+    if train is not None:
+        model, pc, described = None, cfg.get_preset(train).preprocess, f"trained here ({train} preset)"
+    else:
+        described = "bundled default model" if model is None else (
+            "given model" if isinstance(model, Model) else str(model))
+        model = default_model(device) if model is None else model if isinstance(model, Model) else load_model(model, device)
+        pc = model.preprocess
+    compared = None if compare is None else compare if isinstance(compare, Model) else load_model(compare, device)
+    return model, pc, described, compared
+
+
+def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, compared, backend, device,
+             schedule, progress):
+    """IF 3D trained on the healthy model-grid volumes when `train` names a preset, and every
+    baseline fitted on them: (model, its description, its Restorer, the compared one or None,
+    {method: anomaly-map function}, the VAE)."""
+    from .api import Restorer
+    from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
+
+    if train is not None:
+        model = train_if3d(volumes, brains, train, epochs, device, progress)
+        described += f", {model.info['epochs']} epochs"
+    vae_model = DenseVAE(vae).fit(volumes, brains, progress)
+    baselines = {THRESHOLD: Thresholding(), ZSCORE: ZScore().fit(volumes), MEAN: MeanImage().fit(volumes),
+                 VAE: vae_model}
+    restorer = Restorer(model, backend, device, schedule=schedule)
+    other = None if compared is None else Restorer(compared, backend, device, schedule=schedule)
+    return model, described, restorer, other, _methods(restorer, baselines, other), vae_model
+
+
+def _result(restorer, other, model, described, compare, setup: dict, vae_model, methods, scored) -> dict:
+    """The result dict of an accuracy run (as written to accuracy.json)."""
+    from .model import Model
+
+    rc = restorer.rc
+    result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+                  backend=restorer.backend, precision=restorer.precision, model=described, method=if_label(model),
+                  frame=model.preprocess.frame, setup=setup,
+                  restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior),
+                  vae_final_loss=float(np.mean(vae_model.losses[-20:])), methods=scored)
+    if other is not None:
+        result["compared"] = dict(model="given model" if isinstance(compare, Model) else str(compare),
+                                  method=list(methods)[1], frame=other.model.preprocess.frame,
+                                  restore=dict(phases=[list(p) for p in other.rc.phases], init=other.rc.init,
+                                               lr=other.rc.lr, prior=other.rc.prior, slice_step=other.rc.slice_step))
+    return result
+
+
+def _write(result: dict, out_dir, report, figure_case):
+    """Report the tables; with `out_dir`, write accuracy.json, accuracy.md and accuracy.png (the
+    figure of `figure_case`: (scan, {method: map}))."""
+    table = accuracy_markdown(result)
+    report(table)
+    if out_dir:
+        from .figures import accuracy_figure
+        from .io import atomic_path, save_json
+        save_json(Path(out_dir) / "accuracy.json", result)
+        with atomic_path(Path(out_dir) / "accuracy.md") as tmp:
+            tmp.write_text(table + "\n")
+        scan, maps = figure_case
+        title = f"{scan.name}" + (f" ({scan.acquisition})" if len(result["setup"]["acquisitions"]) > 1 else "")
+        accuracy_figure(Path(out_dir) / "accuracy.png", {m: r["pooled"] for m, r in result["methods"].items()},
+                        scan.image, scan.mask > 0, maps, affine=scan.affine,
+                        title=f"{title}; curves: all test scans pooled")
+
+
+def _check_schedule(schedule):
+    from . import config as cfg
+    from .api import parse_phases
+
+    if schedule not in cfg.SCHEDULES:
+        parse_phases(schedule)                                    # a user error before any work
 
 
 def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=None, schedule="fast",
@@ -350,44 +447,24 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     and 6 validation cases, 4 healthy test scans, every acquisition; `quick`: 2, 2 and 1, at most 8
     healthy training scans, a 300-step VAE. Returns the result dict (as written to accuracy.json).
     """
-    from . import config as cfg
     from .acquisition import reacquire
-    from .api import Restorer, default_model, parse_phases
     from .backends import resolve_device
-    from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
-    from .model import Model, load_model
     from .synth import generate_healthy, generate_lesion
 
     device = resolve_device(device)
-    if schedule not in cfg.SCHEDULES:
-        parse_phases(schedule)                                    # a user error before any work
+    _check_schedule(schedule)
     setup = _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm, vae_steps,
                    n_healthy_test)
-    if train is not None:
-        pc, described = cfg.get_preset(train).preprocess, f"trained here ({train} preset)"
-    else:
-        described = "bundled default model" if model is None else (
-            "given model" if isinstance(model, Model) else str(model))
-        model = default_model(device) if model is None else model if isinstance(model, Model) else load_model(model, device)
-        pc = model.preprocess
-    if compare is not None:
-        compared = compare if isinstance(compare, Model) else load_model(compare, device)
+    model, pc, described, compared = _models(model, train, compare, device)
     if setup.n_healthy is None:   # the model's own training set size; quick: at most 8
         trained_on = (model.info or {}).get("volumes") if model is not None else None   # 2D: latents are slices
         n = len(trained_on) if trained_on else len(model.latents) if model is not None and model.latents.numel() else 16
         setup = replace(setup, n_healthy=min(n, 8) if quick else n)
 
     volumes, brains = healthy_volumes(setup.n_healthy, pc, setup.healthy_mm, progress)
-    if train is not None:
-        model = train_if3d(volumes, brains, train, epochs, device, progress)
-        described += f", {model.info['epochs']} epochs"
-    baselines = {THRESHOLD: Thresholding(), ZSCORE: ZScore().fit(volumes), MEAN: MeanImage().fit(volumes),
-                 VAE: DenseVAE(setup.vae).fit(volumes, brains, progress)}
+    model, described, restorer, other, methods, vae_model = _trained(
+        volumes, brains, model, described, train, epochs, setup.vae, compared, backend, device, schedule, progress)
     del volumes, brains
-    restorer = Restorer(model, backend, device, schedule=schedule)
-    rc = restorer.rc
-    other = None if compare is None else Restorer(compared, backend, device, schedule=schedule)
-    methods = _methods(restorer, baselines, other)
 
     fit = {}
     for label, r in [(if_label(model), restorer), *([(list(methods)[1], other)] if other is not None else [])]:
@@ -396,10 +473,10 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
                                                          setup.healthy_mm)}
 
     val, test = _Scored(), _Scored()
-    for j in tqdm(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
+    for j in progress_bar(range(setup.n_val), desc="validation", unit="case", disable=None if progress else True):
         _score(val, methods, reacquire(generate_lesion(j, seed=VAL_SEED, voxel_mm=setup.source_mm),
                                        setup.val_acquisition))
-    bar = tqdm(total=setup.n_test * len(setup.acquisitions) + setup.n_healthy_test, desc="test", unit="scan",
+    bar = progress_bar(total=setup.n_test * len(setup.acquisitions) + setup.n_healthy_test, desc="test", unit="scan",
                disable=None if progress else True)
     shown = setup.val_acquisition if setup.val_acquisition in setup.acquisitions else setup.acquisitions[0]
     for j in range(setup.n_test):
@@ -416,29 +493,90 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
         bar.update(1)
     bar.close()
 
-    result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
-                  backend=restorer.backend, precision=restorer.precision, model=described, method=if_label(model),
-                  frame=model.preprocess.frame, setup=asdict(setup),
-                  restore=dict(phases=[list(p) for p in rc.phases], init=rc.init, lr=rc.lr, prior=rc.prior),
-                  vae_final_loss=float(np.mean(baselines[VAE].losses[-20:])),
-                  methods=_evaluate(val, test, methods, setup), fit=fit)
-    if compare is not None:
-        result["compared"] = dict(model="given model" if isinstance(compare, Model) else str(compare),
-                                  method=list(methods)[1], frame=compared.preprocess.frame,
-                                  restore=dict(phases=[list(p) for p in other.rc.phases], init=other.rc.init,
-                                               lr=other.rc.lr, prior=other.rc.prior, slice_step=other.rc.slice_step))
-    table = accuracy_markdown(result)
-    report(table)
-    if out_dir:
-        from .figures import accuracy_figure
-        from .io import atomic_path, save_json
-        save_json(Path(out_dir) / "accuracy.json", result)
-        with atomic_path(Path(out_dir) / "accuracy.md") as tmp:
-            tmp.write_text(table + "\n")
-        scan, maps = figure_case
-        accuracy_figure(Path(out_dir) / "accuracy.png", {m: r["pooled"] for m, r in result["methods"].items()},
-                        scan.image, scan.mask > 0, maps, affine=scan.affine,
-                        title=f"{scan.name} ({scan.acquisition}); curves: all test scans pooled")
+    result = _result(restorer, other, model, described, compare, asdict(setup), vae_model, methods,
+                     _evaluate(val, test, methods, setup.acquisitions, setup.val_acquisition))
+    result["fit"] = fit
+    _write(result, out_dir, report, figure_case)
+    return result
+
+
+def _data_scans(cases, what: str, masks: bool, max_voxels=None, force: bool = False):
+    """The cases (`layouts.Case`) read as scans (`acquisition.Acquired`, acquisition `what`), one at
+    a time: the scan checked as `restore` checks it, its mask (labels > 0) on its grid."""
+    from .acquisition import Acquired
+    from .io import load_scan, read_volume
+    from .pairing import label_problem
+
+    for case in cases:
+        scan = load_scan(case.scan, max_voxels, force)
+        mask = None
+        if masks:
+            labels = read_volume(case.mask, max_voxels, "mask")
+            if labels.shape != scan.data.shape:
+                raise IfadError(f"{case.mask}: mask shape {labels.shape} differs from its scan {case.scan} "
+                                f"{scan.data.shape}; pass the mask on the scan's grid")
+            problem = label_problem(labels)
+            if problem:
+                raise IfadError(f"{case.mask} does not look like a label map ({problem}); name {case.name}'s lesion "
+                                "mask (labels > 0), or list the cases in a CSV of scan,mask")
+            mask = (labels > 0).astype(np.uint8)
+        yield Acquired(name=case.name, image=scan.data, mask=mask, brain_mask=(scan.data != 0).astype(np.uint8),
+                       affine=scan.affine, acquisition=what)
+
+
+def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model=None, train=None, epochs=None,
+                     backend="auto", device="auto", schedule="fast", vae_steps=None, out_dir=None, report=print,
+                     progress: bool = True, compare=None, max_voxels=None, force: bool = False) -> dict:
+    """The accuracy protocol on the user's own data: IF 3D (`model`, the bundled one by default, or
+    trained here on the healthy scans: `train` a preset) and every baseline trained on the healthy
+    scans, each method's threshold chosen on the `validation` cases (else on the test cases
+    themselves, and the result says so), every metric on the `test` cases (a mask of zeros: a
+    healthy case). healthy, test, validation: folders in a layout `layouts.find_cases` reads
+    (ours, BraTS, HCP, BIDS) or CSVs of scan,mask; `modality` picks the scans where several are
+    given. Writes accuracy.json, accuracy.md and accuracy.png to `out_dir`; returns the result."""
+    from .backends import resolve_device
+    from .layouts import find_cases
+    from .preprocess import to_model_grid
+
+    device = resolve_device(device)
+    _check_schedule(schedule)
+    for what, v in (("epochs", epochs), ("vae_steps", vae_steps)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise IfadError(f"{what} must be a positive integer, got {v!r}")
+    healthy_cases = find_cases(healthy, modality, masks=False)
+    test_cases = find_cases(test, modality)
+    val_cases = find_cases(validation, modality) if validation is not None else []
+    model, pc, described, compared = _models(model, train, compare, device)
+
+    volumes, brains = [], []
+    for scan in progress_bar(_data_scans(healthy_cases, "healthy", False, max_voxels, force), total=len(healthy_cases),
+                     desc="healthy scans", unit="scan", disable=None if progress else True):
+        volume, placement, _ = to_model_grid(scan.image, scan.affine, pc)
+        volumes.append(volume)
+        brains.append(placement.brain)
+    vae = VAEConfig(steps=vae_steps or VAEConfig.steps)
+    model, described, restorer, other, methods, vae_model = _trained(
+        volumes, brains, model, described, train, epochs, vae, compared, backend, device, schedule, progress)
+    del volumes, brains
+
+    val, scored, figure_case = _Scored(), _Scored(), None
+    for scan in progress_bar(_data_scans(val_cases, "validation", True, max_voxels, force), total=len(val_cases),
+                     desc="validation", unit="scan", disable=None if progress else True):
+        _score(val, methods, scan)
+    for scan in progress_bar(_data_scans(test_cases, "test", True, max_voxels, force), total=len(test_cases),
+                     desc="test", unit="scan", disable=None if progress else True):
+        maps = _score(scored, methods, scan)
+        if figure_case is None and scan.mask.any():
+            figure_case = (scan, maps)
+    methods_scored = _evaluate(val, scored, methods, ("test",), "validation")
+    first = next(iter(methods_scored.values()))["pooled"]
+    setup = dict(acquisitions=["test"], val_acquisition="validation", schedule=schedule, vae=asdict(vae),
+                 n_healthy=len(healthy_cases), n_test=len(test_cases), n_healthy_test=first["n_healthy"],
+                 n_val=len(val_cases), data=dict(healthy=str(healthy), test=str(test),
+                                                 validation=None if validation is None else str(validation),
+                                                 modality=modality))
+    result = _result(restorer, other, model, described, compare, setup, vae_model, methods, methods_scored)
+    _write(result, out_dir, report, figure_case)
     return result
 
 
@@ -463,7 +601,7 @@ def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "
     model = load_model(model_path)
     restorer = Restorer(model, "auto", "cpu", schedule=schedule)
     maps, masks = [], []
-    for j in tqdm(range(n_val), desc="calibrate", unit="case"):
+    for j in progress_bar(range(n_val), desc="calibrate", unit="case"):
         case = generate_lesion(j, seed=VAL_SEED)
         maps.append(restorer.restore_array(case.image, case.affine).anomaly.ravel())
         masks.append(case.mask.ravel() > 0)

@@ -19,6 +19,7 @@ from pathlib import Path
 from . import __version__
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
+from .progress import say, verbose, verbosity
 
 MAX_SEED = 2 ** 32 - 1
 
@@ -112,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="run folder (model.pt, checkpoint.pt, loss.jsonl)")
     p.add_argument("--preset", default="paper",
                    help="paper | small | tiny: IF 3D, a latent per volume; paper-2d | small-2d | tiny-2d: "
-                        "IF 2D, a latent per axial slice (default paper)")
-    p.add_argument("--epochs", type=_int_in(1), default=None)
+                        "IF 2D, a latent per axial slice (default paper: the paper's model, GPU-sized; "
+                        "on a CPU use small, the bundled model's)")
+    p.add_argument("--epochs", type=_int_in(1), default=None,
+                   help="epochs to train in all, --resume included (default: the preset's, paper 2000, small 250)")
     _add_seed(p, default=None)
     p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
@@ -181,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"refuse maps with more voxels than this (default {DEFAULT_MAX_VOXELS:,})")
 
     p = sub.add_parser("synth", help="synthesise healthy and lesion brains from the MNI152 maps")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--healthy", type=_int_in(0, 100000), default=8)
-    p.add_argument("--lesions", type=_int_in(0, 100000), default=4)
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: healthy/<case>.nii.gz, lesion/<case>.nii.gz with <case>_mask.nii.gz, "
+                        "manifest.json")
+    p.add_argument("--healthy", type=_int_in(0, 100000), default=8, help="healthy brains (default 8)")
+    p.add_argument("--lesions", type=_int_in(0, 100000), default=4,
+                   help="brains with a glioma-like lesion, each with its mask (default 4)")
     p.add_argument("--voxel-mm", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic set already in the output folder (its files that the new set does "
@@ -191,12 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(p)
 
     p = sub.add_parser("demo", help="synthesise a lesion case, restore it with the bundled model, plot it")
-    p.add_argument("-o", "--output", default="ifad_demo")
+    p.add_argument("-o", "--output", default="ifad_demo", help="output folder (default ifad_demo)")
     _add_seed(p)
     _add_engine_args(p)
 
     p = sub.add_parser("bench", help="speed and accuracy benchmarks")
-    p.add_argument("what", choices=("speed", "accuracy"))
+    p.add_argument("what", choices=("speed", "accuracy"),
+                   help="speed: one 160³ scan through each engine; accuracy: the paper's metrics on synthetic lesions")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats, for development")
     p.add_argument("-o", "--output", default=None, help="folder for the report (json; accuracy also md)")
     acc = p.add_argument_group("accuracy only")
@@ -218,7 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unseen healthy scans scored for false positives (default 4, quick 1)")
     acc.add_argument("--schedule", default="fast", help="restoration schedule (default fast)")
     acc.add_argument("--vae-steps", type=_int_in(1), default=None, help="VAE training steps (default 1000, quick 300)")
+    data = p.add_argument_group("accuracy on your own data (instead of synthetic cases)")
+    data.add_argument("--healthy", default=None, metavar="DIR",
+                      help="healthy scans to train every method on: a folder (ours, BraTS, HCP or BIDS layout) or a "
+                           "CSV of scan,mask")
+    data.add_argument("--test", default=None, metavar="DIR",
+                      help="test scans and their ground truth (labels > 0 = lesion; a mask of zeros: a healthy scan)")
+    data.add_argument("--validation", default=None, metavar="DIR",
+                      help="validation scans and ground truth, where each method's threshold is chosen "
+                           "(default: on the test scans themselves, and the report says so)")
+    data.add_argument("--modality", default="t2", choices=("t2", "flair", "t1", "t1ce"),
+                      help="which scans to read where a case has several (BraTS _t2/_flair/..., BIDS _T2w/...; "
+                           "default t2)")
     _add_engine_args(p)
+    for p in sub.choices.values():
+        talk = p.add_mutually_exclusive_group()
+        talk.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
+                          help="print only errors, warnings and the final summary")
+        talk.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const="verbose",
+                          help="also print the settings resolved (device, backend, ...) and, off a terminal, "
+                               "progress every 5 s instead of 30 s")
     return parser
 
 
@@ -229,9 +255,9 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:                      # --help, --version, or a one-line option error
         return exc.code if isinstance(exc.code, int) else 0
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:                       # as argparse does for a missing argument
+        parser.print_help(sys.stderr)
+        return 2
     prefix = f"ifad-fast {args.command}"
     held: list[str] = []
 
@@ -242,7 +268,7 @@ def main(argv=None) -> int:
         else:
             held.append(f"{prefix}: warning: {category.__name__}: {text}")
 
-    with warnings.catch_warnings():
+    with verbosity(args.verbosity), warnings.catch_warnings():
         warnings.simplefilter("always", IfadWarning)
         warnings.showwarning = show
         try:
@@ -307,7 +333,7 @@ def cmd_prepare(args):
     encoder = None if (args.fit_centres or args.centres is None) else IntensityEncoder.load(args.centres)
     manifest = prepare_scans(args.inputs, args.output, pc, args.mode_pool, encoder, k=args.classes,
                              seed=args.seed, overwrite=args.overwrite, force=args.force,
-                             max_voxels=args.max_voxels, report=print)
+                             max_voxels=args.max_voxels, report=say)
     print(f"prepared {len(manifest['cases'])} scans at {pc.resolution}³ ({pc.frame} frame) -> {args.output}")
 
 
@@ -371,6 +397,10 @@ def cmd_train(args):
     threads = args.threads
     if threads is None and nproc > 1 and device.type == "cpu":
         threads = max(1, usable_cores() // nproc)
+    if group.main:
+        verbose(f"training the {args.preset} model on {len(names)} volumes at {pc.resolution}³ ({pc.frame} frame): "
+                f"{tc.epochs} epochs, {tc.volumes_per_batch} volumes per batch, {device}, "
+                f"{max(nproc, world)} process(es), {threads or 'default'} threads, {args.precision}")
     provenance = dict(data=str(Path(args.data).resolve()), preset=args.preset, device=str(device))
     job = TrainJob(volumes=str(volumes.filename), brains=str(brains.filename), names=tuple(names),
                    centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
@@ -413,7 +443,7 @@ def load_model_arg(spec, device):
 
     if spec is None:
         model = default_model(device)
-        print("using the bundled default model (small preset, trained on synthetic MNI152 brains); "
+        say("using the bundled default model (small preset, trained on synthetic MNI152 brains); "
               "train your own with 'ifad-fast train' and pass -m")
         return model
     return load_model(spec, device)
@@ -455,8 +485,13 @@ def cmd_restore(args):
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     if alone:
         restorer = Restorer(model, args.backend, device, args.precision, rc, region, args.resolution, progress=True)
-        restorer.restore_files(args.inputs, args.output, threshold, args.batch, existing=existing,
-                               figure=args.figure, force=args.force, max_voxels=args.max_voxels)
+        verbose(f"restoring with the {restorer.backend} backend on {restorer.device} ({restorer.precision}, "
+                f"{restorer.pipeline} pipeline), schedule {'+'.join(f'{s}x{k}' for s, k in rc.phases)}, "
+                f"region {region}, seed {rc.seed}")
+        written = restorer.restore_files(args.inputs, args.output, threshold, args.batch, report=say,
+                                         existing=existing, figure=args.figure, force=args.force,
+                                         max_voxels=args.max_voxels)
+        print(f"restored {len(written)} scans -> {args.output}")
         return
     if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
         present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, args.figure)
@@ -474,6 +509,7 @@ def cmd_restore(args):
     errors = [r["error"] for r in results if r["error"]]
     if errors:
         raise IfadError("; ".join(errors))
+    print(f"restored {sum(r['written'] for r in results)} scans -> {args.output}")     # under torchrun: this rank's
 
 
 def cmd_evaluate(args):
@@ -515,7 +551,9 @@ def cmd_demo(args):
 
 
 _ACCURACY_ONLY = dict(model=None, train=None, epochs=None, acquisitions=None, n_test=None, n_val=None,
-                      n_healthy=None, schedule="fast", vae_steps=None, compare=None, n_healthy_test=None)
+                      n_healthy=None, schedule="fast", vae_steps=None, compare=None, n_healthy_test=None,
+                      healthy=None, test=None, validation=None, modality="t2")
+_SYNTHETIC_ONLY = ("acquisitions", "n_test", "n_val", "n_healthy", "n_healthy_test")
 
 
 def cmd_bench(args):
@@ -537,10 +575,28 @@ def cmd_bench(args):
             raise IfadError("pass either --model (a trained model) or --train PRESET, not both")
         if args.epochs is not None and args.train is None:
             raise IfadError("--epochs goes with --train PRESET")
+        if args.healthy is not None or args.test is not None or args.validation is not None:
+            return _bench_on_data(args)
         accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output,
                  model=args.model, train=args.train, epochs=args.epochs, acquisitions=args.acquisitions,
                  n_test=args.n_test, n_val=args.n_val, n_healthy=args.n_healthy, schedule=args.schedule,
                  vae_steps=args.vae_steps, compare=args.compare, n_healthy_test=args.n_healthy_test)
+
+
+def _bench_on_data(args):
+    """`bench accuracy --healthy DIR --test DIR [--validation DIR]`: the protocol on the user's data."""
+    from .benchmark import accuracy_on_data
+
+    if args.healthy is None or args.test is None:
+        raise IfadError("--healthy DIR and --test DIR go together (--validation DIR is optional)")
+    given = [k for k in _SYNTHETIC_ONLY if getattr(args, k) is not None]
+    if given:
+        raise IfadError(f"--{given[0].replace('_', '-')} is for the synthetic protocol; with --healthy/--test every "
+                        "scan given is used")
+    accuracy_on_data(args.healthy, args.test, args.validation, args.modality, model=args.model, train=args.train,
+                     epochs=args.epochs, backend=args.backend, device=args.device, schedule=args.schedule,
+                     vae_steps=args.vae_steps or (300 if args.quick else None), out_dir=args.output,
+                     compare=args.compare)
 
 
 COMMANDS = dict(prepare=cmd_prepare, train=cmd_train, restore=cmd_restore, evaluate=cmd_evaluate,

@@ -28,7 +28,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import config as cfg
 from .errors import IfadError
@@ -36,6 +35,7 @@ from .io import (OutputSet, atomic_path, case_name, check_folder, clean_stale_te
                  find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_resolution, prepare_bytes
 from .preprocess import IntensityEncoder, mode_pool3d, to_model_grid
+from .progress import progress_bar
 
 MANIFEST = "manifest.json"
 STACKS = {"classes": "volumes.npy", "brains": "brains.npy"}      # (N, R, R, R) uint8 each
@@ -91,7 +91,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         rng = np.random.default_rng(seed)
         readable = [i for i, p in enumerate(paths) if p not in failed]
         chosen = sorted(rng.choice(readable, min(len(readable), FIT_VOLUMES), replace=False)) if readable else []
-        for i in tqdm(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
+        for i in progress_bar(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
             try:
                 cached[i] = _to_grid(paths[i], pc, force, max_voxels)
             except IfadError as exc:
@@ -104,14 +104,15 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
     cases = []
     with OutputSet() as outputs:
         stacks = _StackWriter(outputs, out_dir, len(paths) - len(failed))
-        for i, path in enumerate(tqdm(paths, desc="prepare", unit="scan", disable=None if progress else True)):
+        shown = progress_bar(paths, desc="prepare", unit="scan", disable=None if progress else True)
+        for i, path in enumerate(shown):
             if path in failed:
                 continue
             try:
                 volume, placement, percentiles, scan = cached.pop(i, None) or _to_grid(path, pc, force, max_voxels)
             except IfadError as exc:
                 failed[path] = str(exc)
-                if report:
+                if report and len(paths) > 1:          # one scan: its error line says it
                     report(f"{i + 1}/{len(paths)} {case_name(path)}: failed: {exc}")
                 continue
             classes = encoder.encode(volume)

@@ -17,13 +17,14 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
     from .figures import slices_figure
     from .io import save_json, save_volume
     from .metrics import curve_metrics, dice
+    from .progress import say
     from .synth import generate_lesion
 
     t0 = time.perf_counter()
     out = Path(out_dir)
     device = resolve_device(device)
     model = default_model(device)
-    report("synthesising a glioma-like lesion case from the MNI152 maps ...")
+    say("synthesising a glioma-like lesion case from the MNI152 maps ...")
     case = generate_lesion(0, seed=seed)
     restorer = Restorer(model, backend, device, schedule="fast", seed=seed, progress=True)
     res = restorer.restore_array(case.image, case.affine)

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import config as cfg
 from .backends import check_classes, resolve_backend
 from .errors import IfadError
 from .model import Model
+from .progress import progress_bar
 from .sampling import PointSampler
 
 
@@ -177,7 +177,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
             return idx.to(device), flat.gather(1, lin.to(device))
     total = sum(steps for steps, _ in rc.phases)
     trace = torch.zeros(total, b, dtype=torch.float32, device=device)
-    bar = tqdm(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
+    bar = progress_bar(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)
     opt, done = _adam(z, rc.lr, adam, graphs), 0
     for phase, (steps, k) in enumerate(rc.phases):
         if phase and rc.restart_per_phase:
@@ -267,7 +267,8 @@ def score_points(backend, z: torch.Tensor, classes: torch.Tensor, lin: torch.Ten
     cls_out = torch.empty(lin.numel(), dtype=torch.uint8, device=device)
     strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
     sizes = torch.tensor(shape, device=device)
-    for start in tqdm(range(0, lin.numel(), chunk), desc="score", unit="chunk", disable=None if progress else True, leave=False):
+    for start in progress_bar(range(0, lin.numel(), chunk), desc="score", unit="chunk",
+                              disable=None if progress else True, leave=False):
         part = lin[start:start + chunk]
         idx = (part[:, None] // strides) % sizes
         ce, cls = backend.score_and_classes(z, idx, flat_cls[part].long(), shape, checked=True)

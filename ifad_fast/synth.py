@@ -816,7 +816,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
     which first removes the old manifest and the files of the old set (those its manifest
     lists, nothing else) that the new one does not write, so the folder matches the new manifest.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .io import clean_stale_temporaries, save_json, save_volume
 
@@ -853,7 +853,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
         "cases": {},
     }
     jobs = [(generate_healthy, i) for i in range(n_healthy)] + [(generate_lesion, j) for j in range(n_lesions)]
-    bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=None if progress else True)
+    bar = progress_bar(total=len(jobs), desc="synth", unit="case", disable=None if progress else True)
     try:
         for fn, i in jobs:
             case = fn(i, seed=seed, voxel_mm=v)

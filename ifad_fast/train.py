@@ -41,13 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import config as cfg
 from .distributed import SINGLE, Group, from_env
 from .errors import IfadError, IfadWarning
 from .io import atomic_path, describe_os_error, save_json
 from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
+from .progress import progress_bar
 from .sampling import PointSampler, as_tensor
 from .slices import SliceSampler
 
@@ -368,8 +368,8 @@ class Trainer:
         if run_dir is not None:
             run_dir = Path(run_dir)
             self._write_loss_log(run_dir)        # drops lines of epochs after the checkpoint
-        bar = tqdm(total=epochs, initial=self.epoch, desc="train", unit="epoch",
-                   disable=None if progress and self.group.main else True)
+        bar = progress_bar(total=epochs, initial=self.epoch, desc="train", unit="epoch",
+                           disable=None if progress and self.group.main else True)
         try:
             with _StopAfterEpoch(announce=self.group.main) as stop:
                 while self.epoch < epochs:

@@ -12,6 +12,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ifad_fast
@@ -107,3 +108,98 @@ def test_the_package_docstring_example_runs_on_a_small_scan(tmp_path, monkeypatc
     scope: dict = {}
     exec(example, scope)
     assert scope["result"].anomaly.shape == img.shape and scope["result"].restoration.shape == img.shape
+
+
+# ------------------------------------------------------------------------------ progress and messages
+
+FAST = ["--schedule", "10x256", "--backend", "torch", "--device", "cpu"]
+
+
+def _restore(capsys, tiny_run, tmp_path, *extra, n=2):
+    scans = tmp_path / "scans"
+    for i in range(n):
+        scan(scans, f"s{i}", seed=i)
+    return cli(capsys, "restore", scans, "-o", tmp_path / "out", "-m", tiny_run / "run" / "model.pt", *FAST, *extra)
+
+
+def test_progress_off_a_terminal_is_lines_with_stage_step_and_eta(capsys, tiny_run, tmp_path, monkeypatch):
+    from ifad_fast import progress
+
+    monkeypatch.setitem(progress.INTERVAL, "normal", 0.0)      # a line at every step instead of every 30 s
+    code, out, err = _restore(capsys, tiny_run, tmp_path, n=1)
+    assert code == 0, err
+    steps = [line for line in out.splitlines() if line.startswith("restore: ")]
+    assert steps[0].startswith("restore: 1/10 step (10 %), ") and "ETA" in steps[0]
+    assert steps[-1].startswith("restore: 10/10 step (100 %)")
+    assert "\r" not in out + err and "it/s" not in out + err          # no tqdm bar in a log
+
+
+def test_progress_lines_come_at_a_steady_interval_not_every_step(monkeypatch, capsys):
+    from ifad_fast import progress
+
+    clock = iter(range(0, 1000, 7))                                # 7 s per step
+    monkeypatch.setattr(progress.time, "monotonic", lambda: float(next(clock)))
+    for _ in progress.progress_bar(range(20), desc="train", unit="epoch"):
+        pass
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["train: 5/20 epoch (25 %)", "train: 10/20 epoch (50 %)",
+                                                     "train: 15/20 epoch (75 %)", "train: 20/20 epoch (100 %)"]
+
+
+def test_quiet_prints_only_the_final_summary(capsys, tiny_run, tmp_path):
+    code, out, err = _restore(capsys, tiny_run, tmp_path, "--quiet")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"restored 2 scans -> {tmp_path / 'out'}"]
+
+
+def test_verbose_prints_the_settings_it_resolved(capsys, tiny_run, tmp_path):
+    code, out, _ = _restore(capsys, tiny_run, tmp_path, "-v", n=1)
+    assert code == 0
+    assert "restoring with the torch backend on cpu (float32, host pipeline), schedule 10x256" in out
+
+
+def test_every_command_takes_quiet_and_verbose():
+    from ifad_fast.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    required = dict(prepare=["x", "-o", "o"], train=["x", "-o", "o"], restore=["x"], synth=["-o", "o"],
+                    bench=["speed"])
+    for name in commands:
+        for flag, level in (("-q", "quiet"), ("--quiet", "quiet"), ("-v", "verbose"), ("--verbose", "verbose")):
+            assert parser.parse_args([name, *required.get(name, []), flag]).verbosity == level
+
+
+@pytest.mark.parametrize("command", ["restore", "prepare"])
+def test_a_failing_single_scan_prints_its_message_once(capsys, tiny_run, tmp_path, command):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    noisy = toy_brain(0)[0] + np.random.default_rng(0).uniform(50, 60, (30, 34, 28)).astype(np.float32)
+    write_nifti(scans / "noisy.nii.gz", noisy)                           # refused: not skull-stripped
+    before = _sha(scans)
+    options = dict(restore=["-m", tiny_run / "run" / "model.pt", *FAST],
+                   prepare=["--preset", "tiny", "--centres", "hcp-t2"])[command]
+    code, out, err = cli(capsys, command, scans / "noisy.nii.gz", "-o", tmp_path / "out", *options)
+    line = one_error_line(err, command)
+    message = line.split("error: ", 1)[1]
+    assert code == 2 and message not in out
+    assert leftovers(tmp_path / "out") == [] and _sha(scans) == before
+
+
+def test_no_command_prints_the_help_on_stderr_and_exits_2(capsys):
+    code, out, err = cli(capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("usage: ifad-fast") and "restore" in err and "evaluate" in err
+
+
+def test_every_option_has_help_and_says_its_default():
+    from ifad_fast.cli import build_parser
+
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    synth = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["synth"]._actions}
+    assert "default 8" in synth["healthy"] and "default 4" in synth["lesions"]
+    train = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["train"]._actions}
+    assert "GPU-sized" in train["preset"] and "small" in train["preset"]
