@@ -263,11 +263,12 @@ class Restorer:
         return out
 
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
-                      existing: str = "refuse", figure: bool = False, force: bool = False,
+                      existing: str = "refuse", figure: bool | str = False, force: bool = False,
                       max_voxels: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
         """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
         <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
-        <case>_figure.png, and <case>_restore.json last (settings and provenance).
+        <case>_figure.png (True, "neurological" or "radiological": see `figures`), and
+        <case>_restore.json last (settings and provenance).
 
         threshold: None, a number, or "model" (the model's stored threshold). batch: scans
         restored together. existing: what to do with cases whose outputs are already in
@@ -282,6 +283,9 @@ class Restorer:
         _check_files_options(existing, batch)
         if figure:
             from .extras import require
+            from .figures import CONVENTIONS
+            if isinstance(figure, str) and figure not in CONVENTIONS:
+                raise IfadError(f"figure must be one of {', '.join(CONVENTIONS)}, got {figure!r}")
             require("matplotlib")
         model, rc, region, resolution = self.model, self.rc, self.region, self.resolution
         threshold = resolve_threshold(model, threshold)
@@ -384,7 +388,8 @@ class Restorer:
                                     "unusable); nothing was written for it")
                     continue
                 summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
-                                               provenance=provenance, figure=figure))
+                                               provenance=provenance, figure=figure,
+                                               model_threshold=(model.info or {}).get("threshold")))
                 restored += 1
                 left = sum(1 for q in runnable if q not in failed) - restored
                 log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
@@ -525,8 +530,10 @@ def _version() -> str:
 
 
 def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc, region,
-                  provenance: dict | None = None, figure: bool = False) -> dict:
-    """Write one case's outputs as a set (see `case_outputs`), the JSON summary last; returns it."""
+                  provenance: dict | None = None, figure: bool | str = False,
+                  model_threshold: float | None = None) -> dict:
+    """Write one case's outputs as a set (see `case_outputs`), the JSON summary last; returns it.
+    The figure's colour scale is set by `threshold`, else by the model's own (`model_threshold`)."""
     out_dir = Path(out_dir)
     name = scan.name
     final = case_outputs(out_dir, name, threshold, figure)
@@ -542,7 +549,9 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
             shown = scan.data / (np.percentile(brain, 99) if brain.size else 1.0)
             title = f"{name}: anomaly map" + (f", threshold {threshold:.3g}" if threshold is not None else "")
             slices_figure(outputs.add(final["figure"]), shown, res.restoration, res.anomaly, affine=scan.affine,
-                          title=title)
+                          title=title, threshold=model_threshold if threshold is None else threshold,
+                          predicted=None if threshold is None else res.anomaly >= threshold,
+                          convention=figure if isinstance(figure, str) else "neurological")
         summary = dict(case=name, source=str(Path(scan.path).resolve()) if scan.path else None,
                        input_sha256=file_sha256(scan.path) if scan.path else None,
                        seconds=res.seconds, **(provenance or {}),
@@ -628,7 +637,7 @@ class RestoreJob:
     threshold: float | None = None
     batch: int = 1
     existing: str = "refuse"
-    figure: bool = False
+    figure: bool | str = False
     force: bool = False
     max_voxels: int | None = None
     resolution: int | None = None

@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice-step", type=_int_in(1, MAX_RESOLUTION), default=None, metavar="N",
                    help="2D models: restore one axial slice in N, its score filling N slices (default 4, the paper's)")
     p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
-    p.add_argument("--figure", action="store_true", help="also write <case>_figure.png (slices, anomaly overlay)")
+    p.add_argument("--figure", action="store_true",
+                   help="also write <case>_figure.png: axial, coronal and sagittal slices, anomaly overlay "
+                        "(neurological: the subject's right on the right)")
+    p.add_argument("--radiological", action="store_true",
+                   help="with --figure: the subject's right on the image's left, as radiologists read scans")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--continue", dest="resume", action="store_true",
                        help="skip cases whose outputs are complete in the output folder, do the rest")
@@ -464,7 +468,10 @@ def cmd_restore(args):
     from .io import find_scans
     from .limits import usable_cores
 
-    if args.figure:
+    if args.radiological and not args.figure:
+        raise IfadError("--radiological sets the orientation of --figure; add --figure or drop it")
+    figure = args.figure and ("radiological" if args.radiological else "neurological")
+    if figure:
         require("matplotlib")
     schedule, region = args.schedule or "fast", args.region or "brain"
     if args.protocol:
@@ -489,12 +496,12 @@ def cmd_restore(args):
                 f"{restorer.pipeline} pipeline), schedule {'+'.join(f'{s}x{k}' for s, k in rc.phases)}, "
                 f"region {region}, seed {rc.seed}")
         written = restorer.restore_files(args.inputs, args.output, threshold, args.batch, report=say,
-                                         existing=existing, figure=args.figure, force=args.force,
+                                         existing=existing, figure=figure, force=args.force,
                                          max_voxels=args.max_voxels)
         print(f"restored {len(written)} scans -> {args.output}")
         return
     if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
-        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, args.figure)
+        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, figure)
         if present:
             shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
             raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
@@ -502,7 +509,7 @@ def cmd_restore(args):
     threads = max(1, usable_cores() // nproc) if device.type == "cpu" and nproc > 1 else None
     job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
-                     batch=args.batch, existing=existing, figure=args.figure, force=args.force,
+                     batch=args.batch, existing=existing, figure=figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads)
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])

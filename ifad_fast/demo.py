@@ -46,7 +46,8 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
                    restore_seconds=res.seconds)
     scan = case.image / np.percentile(case.image[case.brain_mask > 0], 99)
     files["figure"] = slices_figure(out / f"{name}.png", scan, res.restoration, res.anomaly, case.mask > 0,
-                                    affine=case.affine, title=f"{name}: Dice {metrics['dice']:.2f} at threshold {threshold:.3g}")
+                                    affine=case.affine, threshold=threshold, predicted=predicted,
+                                    title=f"{name}: Dice {metrics['dice']:.2f} at threshold {threshold:.3g}")
     metrics["seconds"] = time.perf_counter() - t0
     save_json(out / "demo.json", dict(metrics, files={k: str(v) for k, v in files.items()}))
     report(f"{name}: Dice {metrics['dice']:.3f} (best {metrics['dice_best']:.3f}), AP {metrics['ap']:.3f}, "

@@ -633,15 +633,3 @@ def test_outputs_keep_qform_and_sform_as_given(tiny_run, tmp_path, capsys):
         assert int(h["qform_code"]) == 0 and int(h["sform_code"]) == 2
         np.testing.assert_allclose(h.get_sform(), oblique, atol=1e-6)
         np.testing.assert_allclose(h.get_qform(), np.diag([1.2, 1.1, 1.3, 1]), atol=1e-6)
-
-
-def test_figure_edges_are_labelled_from_the_affine():
-    from ifad_fast.figures import _views
-    ras = _views(np.diag([1.0, 1, 1, 1]))
-    assert ras[0][0] == "axial" and ras[0][4] == ("L", "R", "P", "A")
-    assert ras[2][0] == "sagittal" and ras[2][4] == ("P", "A", "I", "S")
-    lps = _views(np.diag([-1.0, -1, 1, 1]))
-    assert lps[0][4] == ("R", "L", "A", "P")
-    # voxel axes permuted (axis 2 runs A-P): the 'z' slice is coronal
-    perm = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
-    assert _views(perm)[0][0] == "coronal"
