@@ -165,3 +165,59 @@ def slices_figure(path, scan: np.ndarray, restoration: np.ndarray, anomaly: np.n
         fig.savefig(tmp, dpi=90, format="png", facecolor="black")
     plt.close(fig)
     return path
+
+
+def accuracy_figure(path, results: dict, scan: np.ndarray, truth: np.ndarray, maps: dict, affine=None,
+                    title: str = "", convention: str = "neurological") -> Path:
+    """The accuracy protocol's PNG: every method's precision-recall curve on one plot (left), and one
+    case's axial slice through its ground truth's centre (as `panels` draws it): the scan, then each
+    method's map on its own colour scale, with the ground truth (cyan) and the map at its method's
+    threshold (dashed lime).
+
+    results: {method: `metrics.evaluate` result with "pr_curve", "ap" and "threshold"}; scan, truth
+    (bool) and maps ({method: map}): (X, Y, Z) arrays on the scan's grid, affine its voxel -> world
+    matrix. Written atomically.
+    """
+    from .extras import require
+
+    require("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    brain = scan != 0
+    views = {"scan": panels(scan, scan, scan, truth, None, affine, convention=convention)[0]}
+    for method, score in maps.items():
+        above = score >= np.float32(results[method]["threshold"]) if method in results else None
+        views[method] = panels(scan, scan, score, truth, above, affine, convention=convention)[0]
+    cols = -(-len(views) // 2)
+    fig = plt.figure(figsize=(4.5 + 2.6 * cols, 5.8))
+    grid = fig.add_gridspec(2, cols + 2)
+    pr = fig.add_subplot(grid[:, :2])
+    for method, r in results.items():
+        pr.plot(r["pr_curve"]["recall"], r["pr_curve"]["precision"], label=f"{method} (AP {r['ap']:.3f})")
+    pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    pr.legend(fontsize=7, loc="lower left")
+    pr.grid(alpha=0.3)
+    for k, (label, panel) in enumerate(views.items()):
+        ax, im = fig.add_subplot(grid[k // cols, 2 + k % cols]), panel.images
+        if label == "scan":
+            ax.imshow(im["scan"], cmap="gray", aspect=panel.aspect, interpolation="nearest")
+        else:
+            top = float(np.percentile(maps[label][brain], 99.5)) if brain.any() else 0.0
+            ax.imshow(im["anomaly"], cmap="magma", vmin=0, vmax=top if top > 0 else 1.0, aspect=panel.aspect,
+                      interpolation="nearest")
+        for key, colour, dash in (("truth", "cyan", "solid"), ("predicted", "lime", "dashed")):
+            if im[key] is not None and im[key].any() and not im[key].all():
+                ax.contour(im[key].astype(float), levels=[0.5], colors=colour, linewidths=0.8, linestyles=dash)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle((f"{title}; " if title else "") + f"axial, {convention}", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
