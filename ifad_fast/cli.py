@@ -567,7 +567,11 @@ def cmd_bench(args):
     """`ifad-fast bench`: the speed or accuracy benchmark."""
     from .extras import require
 
-    require("nilearn")                              # both synthesise their scans
+    on_data = args.what == "accuracy" and any(v is not None for v in (args.healthy, args.test, args.validation))
+    if not on_data:
+        require("nilearn")                          # both synthesise their scans
+    if args.what == "accuracy" and args.output is not None:
+        require("matplotlib")                       # accuracy.png, written last
     if args.output is not None:
         _output(args.output)
     if args.what == "speed":
@@ -582,7 +586,7 @@ def cmd_bench(args):
             raise IfadError("pass either --model (a trained model) or --train PRESET, not both")
         if args.epochs is not None and args.train is None:
             raise IfadError("--epochs goes with --train PRESET")
-        if args.healthy is not None or args.test is not None or args.validation is not None:
+        if on_data:
             return _bench_on_data(args)
         accuracy(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output,
                  model=args.model, train=args.train, epochs=args.epochs, acquisitions=args.acquisitions,

@@ -3,6 +3,7 @@ the user's own data, read in the layouts of common data sets (tiny synthetic sta
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,16 @@ def test_accuracy_on_data_refuses_in_one_line_before_work(data, tmp_path, capsys
     code, _, err = cli(capsys, "bench", "accuracy", *args, "-o", out, *FAST)
     assert code == 2 and expect in one_error_line(err, "bench"), err
     assert not out.exists()
+
+
+def test_accuracy_on_data_needs_matplotlib_up_front_but_not_nilearn(data, tmp_path, capsys, monkeypatch):
+    """Nothing is synthesised, so nilearn may be missing (the run gets as far as reading the folders);
+    accuracy.png is written last, so a missing matplotlib is refused before any work."""
+    monkeypatch.setitem(sys.modules, "nilearn", None)                    # as if not installed
+    args = ["bench", "accuracy", "--healthy", data / "HCP", "--test", data / "HCP", "-o", tmp_path / "o", *FAST]
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "no ground truth for 100307" in one_error_line(err, "bench")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and one_error_line(err, "bench").endswith('this needs matplotlib: pip install "ifad-fast[figures]"')
+    assert not (tmp_path / "o").exists()
