@@ -16,8 +16,11 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +34,14 @@ from .io import (OutputSet, Scan, case_name, check_output_folder, check_volume, 
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
-from .progress import duration, say
+from .progress import command_line, duration, say
 from .restore import Restoration, StageTimes, restore_batch
 
 #: Output name endings of a restored case: <case><suffix>; the JSON is written last.
 OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
                     figure="_figure.png", summary="_restore.json")
+#: The run's arguments and provenance, written beside its outputs once its first case is.
+RUN_ARGS = "restore_args.json"
 
 
 def default_model(device="cpu") -> Model:
@@ -253,7 +258,7 @@ class Restorer:
     def provenance(self) -> dict:
         """What a restore JSON records about the settings (model file and hash, seed, device, ...)."""
         model, rc = self.model, self.rc
-        out = dict(ifad_fast=_version(), model=dict(file=model.source, sha256=model.sha256),
+        out = dict(ifad_fast=_version(), **run_provenance(), model=dict(file=model.source, sha256=model.sha256),
                    seed=rc.seed, device=str(self.device), backend=self.backend, precision=self.precision,
                    schedule=[list(p) for p in rc.phases], restore=cfg.to_dict(rc), region=self.region,
                    frame=_frame(model.preprocess), score_resolution=self.resolution or model.preprocess.resolution,
@@ -299,8 +304,12 @@ class Restorer:
                 return []
         out_dir = check_output_folder(out_dir)
         provenance = self.provenance()
+        if self.model.source:
+            provenance["model"]["file"] = portable_path(self.model.source, out_dir)
         if shard is not None:
             provenance["shard"] = list(shard)
+        run_args = dict(provenance, inputs=[portable_path(i, out_dir) for i in inputs], threshold=threshold,
+                        batch=batch, existing=existing, figure=figure, force=force, max_voxels=max_voxels)
         plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
         inputs_resolved = {p.resolve(): p for p in paths}
         for p, files in plan.items():
@@ -390,6 +399,8 @@ class Restorer:
                 summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
                                                provenance=provenance, figure=figure,
                                                model_threshold=(model.info or {}).get("threshold")))
+                if restored == 0 and (shard is None or shard[0] == 0):
+                    save_json(out_dir / RUN_ARGS, run_args)
                 restored += 1
                 left = sum(1 for q in runnable if q not in failed) - restored
                 log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
@@ -529,6 +540,24 @@ def _version() -> str:
     return __version__
 
 
+def run_provenance() -> dict:
+    """The command line, the date (UTC) and the versions a result depends on."""
+    import nibabel
+
+    return dict(command=command_line(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                versions=dict(ifad_fast=_version(), torch=torch.__version__, numpy=np.__version__,
+                              nibabel=nibabel.__version__, python=platform.python_version()))
+
+
+def portable_path(path, folder) -> str:
+    """`path` relative to `folder` (so a results folder moves with its inputs); a file shipped
+    with the package as 'ifad_fast/...'."""
+    path, package = Path(path).resolve(), Path(__file__).resolve().parent
+    if path.is_relative_to(package):
+        return str(Path(package.name) / path.relative_to(package))
+    return os.path.relpath(path, Path(folder).resolve())
+
+
 def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc, region,
                   provenance: dict | None = None, figure: bool | str = False,
                   model_threshold: float | None = None) -> dict:
@@ -552,7 +581,7 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
                           title=title, threshold=model_threshold if threshold is None else threshold,
                           predicted=None if threshold is None else res.anomaly >= threshold,
                           convention=figure if isinstance(figure, str) else "neurological")
-        summary = dict(case=name, source=str(Path(scan.path).resolve()) if scan.path else None,
+        summary = dict(case=name, source=portable_path(scan.path, out_dir) if scan.path else None,
                        input_sha256=file_sha256(scan.path) if scan.path else None,
                        seconds=res.seconds, **(provenance or {}),
                        scored_voxels=res.model_grid.scored_voxels,

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
-from .progress import say, verbose, verbosity
+from .progress import cli_run, say, verbose
 
 MAX_SEED = 2 ** 32 - 1
 
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         else:
             held.append(f"{prefix}: warning: {category.__name__}: {text}")
 
-    with verbosity(args.verbosity), warnings.catch_warnings():
+    with cli_run(args.verbosity, sys.argv[1:] if argv is None else argv), warnings.catch_warnings():
         warnings.simplefilter("always", IfadWarning)
         warnings.showwarning = show
         try:

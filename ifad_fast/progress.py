@@ -1,12 +1,13 @@
 """Progress as users expect it: a tqdm bar on a terminal; off one (a batch job, a log file) a line
 at a steady interval, `stage: k/N unit (p %), elapsed, ETA`; nothing with `--quiet`.
 
-The level (quiet | normal | verbose) lives in the environment variable IFAD_FAST_VERBOSITY, set by
-the CLI, so the processes of an `--nproc` run share it.
+The level (quiet | normal | verbose) and the command line (recorded in outputs' provenance) live in
+environment variables set by the CLI (`cli_run`), so the processes of an `--nproc` run share them.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ LEVELS = ("quiet", "normal", "verbose")
 #: Seconds between two progress lines off a terminal, per level.
 INTERVAL = {"normal": 30.0, "verbose": 5.0}
 _ENV = "IFAD_FAST_VERBOSITY"
+_COMMAND = "IFAD_FAST_COMMAND"
 
 
 def level() -> str:
@@ -23,18 +25,25 @@ def level() -> str:
     return value if value in LEVELS else "normal"
 
 
+def command_line() -> str:
+    """The command being run: the CLI's (`ifad-fast restore ...`), else this process's arguments."""
+    return os.environ.get(_COMMAND) or shlex.join(sys.argv)
+
+
 @contextmanager
-def verbosity(value: str):
-    """Run a block at level `value` (this process and the ones it starts)."""
-    before = os.environ.get(_ENV)
-    os.environ[_ENV] = value
+def cli_run(level: str, argv):
+    """Run a block at verbosity `level` as the command `ifad-fast ARGV` (this process and the ones it starts)."""
+    values = {_ENV: level, _COMMAND: shlex.join(["ifad-fast", *argv])}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def say(*args, **kwargs) -> None:

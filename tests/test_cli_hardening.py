@@ -560,7 +560,8 @@ def test_restore_provenance_threshold_from_model_and_figure(tiny_run, tmp_path, 
     assert code == 0, err
     summary = json.loads((out / "good_restore.json").read_text())
     assert summary["threshold"] == 0.25
-    assert summary["model"] == {"file": str(model.resolve()), "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert summary["model"] == {"file": os.path.relpath(model.resolve(), out.resolve()),
+                                "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
     from ifad_fast import __version__
     assert summary["ifad_fast"] == __version__ and summary["seed"] == 7 and summary["device"] == "cpu"
     assert summary["backend"] == "torch" and summary["precision"] == "float32" and summary["region"] == "brain"

@@ -203,3 +203,49 @@ def test_every_option_has_help_and_says_its_default():
     assert "default 8" in synth["healthy"] and "default 4" in synth["lesions"]
     train = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["train"]._actions}
     assert "GPU-sized" in train["preset"] and "small" in train["preset"]
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def test_the_demo_folder_evaluates_as_it_is(capsys, tmp_path, monkeypatch):
+    """The demo's ground truth is named as ground truth (<case>_mask), so evaluate pairs it."""
+    from ifad_fast import config as cfg
+
+    monkeypatch.setitem(cfg.SCHEDULES, "fast", dict(cfg.SCHEDULES["fast"], phases=((2, 256),)))   # speed only
+    out = tmp_path / "demo"
+    code, _, err = cli(capsys, "demo", "-o", out, "--device", "cpu")
+    assert code == 0, err
+    assert (out / "lesion_0000_mask.nii.gz").is_file() and not list(out.glob("*_truth*"))
+    code, table, err = cli(capsys, "evaluate", "--scores", out, "--masks", out, "-o", out)
+    assert code == 0, err
+    assert "[DICE]" in table and json.loads((out / "metrics.json").read_text())["n_cases"] == 1
+
+
+def test_restore_records_provenance_with_relative_paths_and_the_run_arguments(capsys, tiny_run, tmp_path):
+    from datetime import datetime
+
+    import numpy
+    import torch
+
+    scans, out = tmp_path / "in", tmp_path / "out"
+    scan(scans, "a")
+    scan(scans, "b", seed=1)
+    args = ["restore", str(scans), "-m", str(tiny_run / "run" / "model.pt"), "-o", str(out), *FAST, "--threshold",
+            "0.5"]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    model_file = os.path.relpath(tiny_run / "run" / "model.pt", out)
+    for case in ("a", "b"):
+        summary = json.loads((out / f"{case}_restore.json").read_text())
+        assert summary["command"] == "ifad-fast " + " ".join(args)
+        assert datetime.fromisoformat(summary["date"]).tzinfo is not None
+        assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["numpy"] == numpy.__version__
+        assert summary["versions"]["ifad_fast"] == ifad_fast.__version__
+        assert summary["source"] == f"../in/{case}.nii.gz" and summary["model"]["file"] == model_file
+        assert summary["input_sha256"] == hashlib.sha256((scans / f"{case}.nii.gz").read_bytes()).hexdigest()
+        recorded = json.dumps({k: v for k, v in summary.items() if k != "command"})   # the command as typed
+        assert str(tmp_path) not in recorded and str(tiny_run) not in recorded        # no absolute paths
+    run = json.loads((out / "restore_args.json").read_text())
+    assert run["command"] == "ifad-fast " + " ".join(args) and run["inputs"] == ["../in"]
+    assert run["threshold"] == 0.5 and run["model"]["file"] == model_file and run["schedule"] == [[10, 256]]
