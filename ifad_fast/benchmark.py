@@ -147,26 +147,39 @@ class _Scored:
                     voxel_volumes=[b[1] for b in brains])
 
 
+def with_landmarks(pc, scans):
+    """pc with its standard intensity scale fitted on `scans` (a function giving an iterable of
+    native images) when it standardises and has none yet; else pc as it is."""
+    from . import config as cfg
+    from .preprocess import fit_landmarks, scan_landmarks
+
+    if not pc.standardise or pc.landmarks:
+        return pc
+    return cfg.replace(pc, landmarks=fit_landmarks([scan_landmarks(image, pc) for image in scans()]))
+
+
 def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
     """Healthy subjects 0..n-1 (seed 0) on the model grid as the model sees them: a list of
-    volumes (R, R, R) float32 and a list of their brains (R, R, R) bool."""
+    volumes (R, R, R) float32, a list of their brains (R, R, R) bool, and pc (with its landmarks
+    fitted on these subjects when it standardises and has none)."""
     from .preprocess import to_model_grid
     from .synth import generate_healthy
 
+    pc = with_landmarks(pc, lambda: (generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm).image for i in range(n)))
     volumes, brains = [], []
     for i in progress_bar(range(n), desc="healthy scans", unit="scan", disable=None if progress else True):
         case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm)
         volume, placement, _ = to_model_grid(case.image, case.affine, pc)
         volumes.append(volume)
         brains.append(placement.brain)
-    return volumes, brains
+    return volumes, brains, pc
 
 
 def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str, epochs: int | None = None,
-               device="cpu", progress: bool = True):
+               device="cpu", progress: bool = True, pc=None):
     """Train IF 3D (`preset`; IF 2D for a -2d preset) on model-grid volumes (R, R, R) float32 with their brains (bool): k-means
     centres fitted on them, encoded and mode-pooled as for training, `epochs` (default the
-    preset's). -> Model."""
+    preset's); pc: the preprocessing the volumes went through (default the preset's). -> Model."""
     import torch
 
     from . import config as cfg
@@ -174,12 +187,13 @@ def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str,
     from .train import Trainer
 
     p = cfg.get_preset(preset)
+    pc = p.preprocess if pc is None else pc
     tc = cfg.replace(p.train, epochs=epochs, seed=TRAIN_SEED)
     encoder = IntensityEncoder.fit(volumes, k=p.model.n_classes, seed=tc.seed, brains=brains)
     classes = [encoder.encode(v) for v in volumes]
-    if p.preprocess.train_mode_pool > 1:
-        classes = [mode_pool3d(c, p.preprocess.train_mode_pool, encoder.n_classes) for c in classes]
-    trainer = Trainer(torch.from_numpy(np.stack(classes)), p.model, tc, p.preprocess, encoder.centres, device,
+    if pc.train_mode_pool > 1:
+        classes = [mode_pool3d(c, pc.train_mode_pool, encoder.n_classes) for c in classes]
+    trainer = Trainer(torch.from_numpy(np.stack(classes)), p.model, tc, pc, encoder.centres, device,
                       [f"healthy_{i:04d}" for i in range(len(volumes))], brains=torch.from_numpy(np.stack(brains)))
     return trainer.run(tc.epochs, progress=progress)
 
@@ -393,7 +407,7 @@ def _models(model, train, compare, device):
 
 
 def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, compared, backend, device,
-             schedule, progress):
+             schedule, progress, pc=None):
     """IF 3D trained on the healthy model-grid volumes when `train` names a preset, and every
     baseline fitted on them: (model, its description, its Restorer, the compared one or None,
     {method: anomaly-map function}, the VAE)."""
@@ -401,7 +415,7 @@ def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, c
     from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
 
     if train is not None:
-        model = train_if3d(volumes, brains, train, epochs, device, progress)
+        model = train_if3d(volumes, brains, train, epochs, device, progress, pc)
         described += f", {model.info['epochs']} epochs"
     vae_model = DenseVAE(vae).fit(volumes, brains, progress)
     baselines = {THRESHOLD: Thresholding(), ZSCORE: ZScore().fit(volumes), MEAN: MeanImage().fit(volumes),
@@ -484,9 +498,10 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
         n = len(trained_on) if trained_on else len(model.latents) if model is not None and model.latents.numel() else 16
         setup = replace(setup, n_healthy=min(n, 8) if quick else n)
 
-    volumes, brains = healthy_volumes(setup.n_healthy, pc, setup.healthy_mm, progress)
+    volumes, brains, pc = healthy_volumes(setup.n_healthy, pc, setup.healthy_mm, progress)
     model, described, restorer, other, methods, vae_model = _trained(
-        volumes, brains, model, described, train, epochs, setup.vae, compared, backend, device, schedule, progress)
+        volumes, brains, model, described, train, epochs, setup.vae, compared, backend, device, schedule, progress,
+        pc)
     del volumes, brains
 
     fit = {}
@@ -571,6 +586,8 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
     val_cases = find_cases(validation, modality) if validation is not None else []
     model, pc, described, compared = _models(model, train, compare, device)
 
+    pc = with_landmarks(pc, lambda: (scan.image for scan in _data_scans(healthy_cases, "healthy", False, max_voxels,
+                                                                         force)))
     volumes, brains = [], []
     for scan in progress_bar(_data_scans(healthy_cases, "healthy", False, max_voxels, force), total=len(healthy_cases),
                      desc="healthy scans", unit="scan", disable=None if progress else True):
@@ -579,7 +596,7 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
         brains.append(placement.brain)
     vae = VAEConfig(steps=vae_steps or VAEConfig.steps)
     model, described, restorer, other, methods, vae_model = _trained(
-        volumes, brains, model, described, train, epochs, vae, compared, backend, device, schedule, progress)
+        volumes, brains, model, described, train, epochs, vae, compared, backend, device, schedule, progress, pc)
     del volumes, brains
 
     val, scored, figure_case = _Scored(), _Scored(), None

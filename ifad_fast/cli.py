@@ -75,6 +75,12 @@ def _add_frame_args(p):
                         "cube: pad the scan to a cube of its own matrix (for scans already aligned)")
     p.add_argument("--extent", type=float, default=None,
                    help="side of the physical frame in mm (default: the preset's, paper 240)")
+    p.add_argument("--percentile-region", choices=("brain", "interior"), default=None,
+                   help="clip percentiles over every brain voxel (the paper's) or the brain less its "
+                        "partial-volume rim (robust to resampled scans) (default: the preset's)")
+    p.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=None,
+                   help="map each scan's intensity landmarks onto a scale fitted on the training scans "
+                        "(Nyúl-Udupa histogram standardisation; default: the preset's)")
 
 
 def _add_input_checks(p):
@@ -319,11 +325,12 @@ def _holding_output(command):
 
 
 def _frame_config(pc, args):
-    """The preset's PreprocessConfig with --frame / --extent applied."""
+    """The preset's PreprocessConfig with --frame / --extent / --percentile-region / --standardise applied."""
     from . import config as cfg
     if args.extent is not None and not (math.isfinite(args.extent) and args.extent > 0):
         raise IfadError("--extent must be a positive number of millimetres")
-    return cfg.replace(pc, frame=args.frame, extent_mm=args.extent)
+    return cfg.replace(pc, frame=args.frame, extent_mm=args.extent, percentile_region=args.percentile_region,
+                       standardise=args.standardise)
 
 
 def cmd_prepare(args):
@@ -366,9 +373,10 @@ def cmd_train(args):
         raise IfadError(f"{out} already holds a training run; pass --resume to continue it or choose another -o")
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise IfadError(f"{out / 'checkpoint.pt'}: no checkpoint to resume from; start without --resume")
-    if (Path(args.data) / MANIFEST).is_file() and (args.frame or args.extent):
-        raise IfadError(f"{args.data} is a prepared folder: its frame was chosen by 'ifad-fast prepare'; "
-                        "drop --frame/--extent or pass the raw scans")
+    if (Path(args.data) / MANIFEST).is_file() and (args.frame or args.extent or args.percentile_region
+                                                   or args.standardise is not None):
+        raise IfadError(f"{args.data} is a prepared folder: its frame and intensities were chosen by 'ifad-fast "
+                        "prepare'; drop --frame/--extent/--percentile-region/--standardise or pass the raw scans")
     pc = _frame_config(preset.preprocess, args)
     group = from_env(device)[0] if world > 1 else SINGLE      # under torchrun: join now, prepare on rank 0
     if group.main:

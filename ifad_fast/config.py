@@ -70,6 +70,8 @@ class ModelConfig:
 Frame = Literal["physical", "cube"]
 Normalisation = Literal["minmax", "upper"]
 PercentileRegion = Literal["brain", "interior"]
+#: Where a scan's intensity landmarks are read (percentiles of its normalised brain, see preprocess).
+LANDMARK_PERCENTILES = (10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class PreprocessConfig:
     percentile_region 'brain': the percentiles of every non-zero voxel (the paper's; model files
     that predate the field); 'interior': of the brain less its outer voxel layer on the scan's own
     grid, so the partial-volume rim of a resampled scan cannot drag them (preprocess.interior).
+    standardise: after min-max, map the scan's intensity landmarks (its brain's normalised values at
+    LANDMARK_PERCENTILES) piecewise-linearly onto `landmarks`, the training scans' mean landmarks
+    (Nyúl & Udupa's histogram standardisation), fitted when the training data is prepared.
     """
 
     resolution: int = 160                # model grid is resolution³
@@ -95,6 +100,8 @@ class PreprocessConfig:
     extent_mm: float = 240.0             # physical frame: side of the model box (160 × 1.5 mm)
     normalisation: Normalisation = "minmax"
     percentile_region: PercentileRegion = "brain"   # interior: percentiles ignore the brain's outer voxel layer
+    standardise: bool = False            # map each scan's landmarks onto `landmarks` (fitted on the training scans)
+    landmarks: tuple = ()                # the standard scale at LANDMARK_PERCENTILES; () until fitted
 
     def __post_init__(self):
         _check_choice(self, "frame", Frame)
@@ -110,6 +117,16 @@ class PreprocessConfig:
                 and 0 <= clip[0] < clip[1] <= 100):
             raise IfadError("PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; "
                             f"got {clip!r}")
+        marks = self.landmarks
+        if not isinstance(self.standardise, bool):
+            raise IfadError(f"PreprocessConfig.standardise must be true or false; got {self.standardise!r}")
+        if marks and not (isinstance(marks, (tuple, list)) and len(marks) == len(LANDMARK_PERCENTILES)
+                          and all(map(_is_number, marks)) and 0 < marks[0]
+                          and all(a < b for a, b in zip(marks, marks[1:])) and marks[-1] < 1):
+            raise IfadError(f"PreprocessConfig.landmarks must be {len(LANDMARK_PERCENTILES)} increasing numbers in "
+                            f"(0, 1); got {marks!r}")
+        if (self.standardise or marks) and self.normalisation != "minmax":
+            raise IfadError("intensity standardisation (landmarks) needs normalisation minmax")
         for name in ("train_mode_pool", "test_mode_pool"):
             value = getattr(self, name)
             if isinstance(value, bool) or value not in (1, 2, 3):

@@ -34,7 +34,7 @@ from .errors import IfadError
 from .io import (OutputSet, atomic_path, case_name, check_folder, clean_stale_temporaries, describe_os_error,
                  find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_resolution, prepare_bytes
-from .preprocess import IntensityEncoder, mode_pool3d, to_model_grid
+from .preprocess import IntensityEncoder, fit_landmarks, mode_pool3d, scan_landmarks, to_model_grid
 from .progress import progress_bar
 
 MANIFEST = "manifest.json"
@@ -87,10 +87,13 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
     if len(failed) < len(paths):
         _check_room(out_dir, (len(paths) - len(failed),) + (pc.resolution,) * 3)
     cached: dict[int, tuple] = {}
+    rng = np.random.default_rng(seed)
+    readable = [i for i, p in enumerate(paths) if p not in failed]
+    chosen = sorted(rng.choice(readable, min(len(readable), FIT_VOLUMES), replace=False)) if readable else []
+    if pc.standardise and not pc.landmarks:
+        pc = cfg.replace(pc, landmarks=_fit_landmarks([paths[i] for i in chosen], pc, failed, force, max_voxels,
+                                                      progress))
     if encoder is None:
-        rng = np.random.default_rng(seed)
-        readable = [i for i, p in enumerate(paths) if p not in failed]
-        chosen = sorted(rng.choice(readable, min(len(readable), FIT_VOLUMES), replace=False)) if readable else []
         for i in progress_bar(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
             try:
                 cached[i] = _to_grid(paths[i], pc, force, max_voxels)
@@ -132,7 +135,8 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         stacks.close(len(cases))
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
-                        percentile_region=pc.percentile_region, mode_pool=mode_pool,
+                        percentile_region=pc.percentile_region, standardise=pc.standardise,
+                        landmarks=list(pc.landmarks), mode_pool=mode_pool,
                         centres=encoder.centres.tolist(), cases=cases,
                         failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
         if cases:
@@ -242,6 +246,19 @@ def _listed_files(folder: Path) -> list[Path]:
         return []
 
 
+def _fit_landmarks(paths, pc, failed: dict, force, max_voxels, progress) -> tuple:
+    """The standard intensity scale of `paths` (preprocess.fit_landmarks); unreadable scans go to `failed`."""
+    own = []
+    for path in progress_bar(paths, desc="fit landmarks", unit="scan", disable=None if progress else True):
+        try:
+            own.append(scan_landmarks(load_scan(path, max_voxels=max_voxels, force=force).data, pc))
+        except IfadError as exc:
+            failed[path] = str(exc)
+    if not own:
+        raise IfadError(f"no scan could be read to fit the intensity landmarks: {_failures(failed)}")
+    return fit_landmarks(own)
+
+
 def _to_grid(path, pc, force=False, max_voxels=None):
     scan = load_scan(path, max_voxels=max_voxels, force=force)
     volume, placement, percentiles = to_model_grid(scan.data, scan.affine, pc)
@@ -251,8 +268,11 @@ def _to_grid(path, pc, force=False, max_voxels=None):
 def manifest_preprocess(manifest: dict, pc: cfg.PreprocessConfig) -> cfg.PreprocessConfig:
     """pc with the frame and normalisation a prepared folder was made with (folders from before the
     physical frame: cube + upper; from before percentile_region: brain)."""
-    saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain",
-             **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region") if k in manifest}}
+    saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain", "standardise": False, "landmarks": (),
+             **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region", "standardise")
+                if k in manifest}}
+    if "landmarks" in manifest:
+        saved["landmarks"] = tuple(manifest["landmarks"])
     try:
         return cfg.replace(pc, clip_percentiles=tuple(manifest.get("clip_percentiles", pc.clip_percentiles)),
                            **saved)
@@ -387,7 +407,7 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
     sources = sorted(str(p.resolve()) for p in find_scans([data_dir]))
     key = dict(resolution=pc.resolution, clip=list(pc.clip_percentiles), mode_pool=pc.train_mode_pool,
                frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
-               percentile_region=pc.percentile_region,
+               percentile_region=pc.percentile_region, standardise=pc.standardise, landmarks=list(pc.landmarks),
                centres=centres, k=k, seed=seed, sources=sources)
     key_file = cache_dir / "cache_key.json"
     if not (key_file.is_file() and json.loads(key_file.read_text()) == key):

@@ -280,6 +280,8 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
         raise _damaged(path, f"implausible decoder sizes {cfg.to_dict(mc)}")
     pc = _typed_config(cfg.PreprocessConfig, preprocess_settings(meta), path, "preprocess", required=False)
     check_resolution(pc.resolution, str(path))
+    if pc.standardise and not pc.landmarks:
+        raise _damaged(path, "it standardises intensities but holds no landmarks")
     train = meta.get("train")
     tc = _typed_config(cfg.TrainConfig, train, path, "train", required=False) if train else None
     if tc is not None and tc.prior not in ("paper", "reference", "none"):

@@ -57,7 +57,8 @@ from .kernels.torch_ops import assign_nearest_torch, mode_pool3d_torch
 
 
 def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
-              brain: np.ndarray | None = None, region: str = "brain") -> tuple[np.ndarray, tuple[float, float]]:
+              brain: np.ndarray | None = None, region: str = "brain",
+              landmarks=()) -> tuple[np.ndarray, tuple[float, float]]:
     """Clip the brain's voxels to their percentiles and scale them; everything else is 0.
 
     data: (X, Y, Z); brain: bool of the same shape (default data != 0). region: where the
@@ -65,33 +66,90 @@ def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
     its partial-volume rim, `_percentile_set`, so a resampled scan's rim cannot drag them). method 'minmax':
     (x - lo) / (hi - lo) into [0, 1]. 'upper' (format-version-1 models): positive scans divided
     by the upper percentile, into (0, 1]; scans with negative values min-max scaled into
-    [0.05, 1]. Returns float32 (X, Y, Z) and (lo, hi).
+    [0.05, 1]. landmarks: a standard scale (config.LANDMARK_PERCENTILES); when given, the min-max
+    values are mapped piecewise-linearly so that the scan's own landmarks land on it
+    (`standardise`). Returns float32 (X, Y, Z) and (lo, hi).
     """
     if isinstance(data, torch.Tensor):
-        return normalise_torch(data, percentiles, method, brain, region)
+        return normalise_torch(data, percentiles, method, brain, region, landmarks)
     brain = data != 0 if brain is None else brain
     values = data[brain].astype(np.float64)
     _check_brain_values(values.size)
-    lo, hi = np.percentile(_percentile_set(data, brain, values, percentiles, region), percentiles)
+    reference = _percentile_set(data, brain, values, percentiles, region)
+    lo, hi = np.percentile(reference, percentiles)
     _check_range(lo, hi)
-    clipped = np.clip(values, lo, hi)
     out = np.zeros(data.shape, np.float32)
-    out[brain] = _scale(clipped, lo, hi, method)
+    scaled = _scale(np.clip(values, lo, hi), lo, hi, method)
+    if len(landmarks):
+        own = np.percentile(_scale(np.clip(reference, lo, hi), lo, hi, method), cfg.LANDMARK_PERCENTILES)
+        scaled = standardise(scaled, own.tolist(), landmarks)
+    out[brain] = scaled
     return out, (float(lo), float(hi))
 
 
 def normalise_torch(data: torch.Tensor, percentiles=(2.0, 98.0), method: str = "minmax",
-                    brain: torch.Tensor | None = None, region: str = "brain") -> tuple[torch.Tensor, tuple[float, float]]:
+                    brain: torch.Tensor | None = None, region: str = "brain",
+                    landmarks=()) -> tuple[torch.Tensor, tuple[float, float]]:
     """`normalise` on a tensor, on its device: float32 (X, Y, Z) on data's device and (lo, hi);
     the same numbers as the NumPy version bit for bit (float64 values, `percentiles_torch`)."""
     brain = data != 0 if brain is None else brain
     values = data[brain].to(torch.float64)
     _check_brain_values(values.numel())
-    lo, hi = percentiles_torch(_percentile_set(data, brain, values, percentiles, region), percentiles).tolist()
+    reference = _percentile_set(data, brain, values, percentiles, region)
+    lo, hi = percentiles_torch(reference, percentiles).tolist()
     _check_range(lo, hi)
     out = torch.zeros(data.shape, dtype=torch.float32, device=data.device)
-    out[brain] = _scale(values.clamp(lo, hi), lo, hi, method).to(torch.float32)
+    scaled = _scale(values.clamp(lo, hi), lo, hi, method)
+    if len(landmarks):
+        own = percentiles_torch(_scale(reference.clamp(lo, hi), lo, hi, method), cfg.LANDMARK_PERCENTILES)
+        scaled = standardise(scaled, own.tolist(), landmarks)
+    out[brain] = scaled.to(torch.float32)
     return out, (lo, hi)
+
+
+def standardise(values, own, standard):
+    """Nyúl-Udupa histogram standardisation of min-max values (float64 array or tensor in [0, 1]):
+    the piecewise-linear map through (0, 0), (own[i], standard[i]) and (1, 1). own: the scan's
+    landmarks, standard: the model's (Python floats, increasing). A landmark that does not rise
+    above the previous knot (many clipped voxels share a value) is dropped. NumPy and torch run
+    the same float64 operations, so they agree bit for bit."""
+    xs, ys = [0.0], [0.0]
+    for x, y in zip([*own, 1.0], [*standard, 1.0]):
+        if x > xs[-1] and y > ys[-1]:
+            xs.append(float(x))
+            ys.append(float(y))
+    if xs[-1] < 1.0:
+        xs[-1], ys[-1] = 1.0, 1.0
+    tensor = isinstance(values, torch.Tensor)
+    knots = torch.tensor(xs, dtype=torch.float64, device=values.device) if tensor else np.asarray(xs)
+    levels = torch.tensor(ys, dtype=torch.float64, device=values.device) if tensor else np.asarray(ys)
+    seg = (torch.searchsorted(knots, values, right=True) if tensor
+           else np.searchsorted(knots, values, side="right")) - 1
+    seg = seg.clamp(0, len(xs) - 2) if tensor else np.clip(seg, 0, len(xs) - 2)
+    x0, x1, y0, y1 = knots[seg], knots[seg + 1], levels[seg], levels[seg + 1]
+    return y0 + (values - x0) / (x1 - x0) * (y1 - y0)
+
+
+def scan_landmarks(data, pc: cfg.PreprocessConfig, brain=None) -> np.ndarray:
+    """A native scan's own landmarks: its min-max values (pc's percentiles and region) at
+    config.LANDMARK_PERCENTILES, float64 (9,). The mean over training scans is the standard scale."""
+    data = np.asarray(data, dtype=np.float32)
+    brain = data != 0 if brain is None else brain
+    values = data[brain].astype(np.float64)
+    _check_brain_values(values.size)
+    reference = _percentile_set(data, brain, values, pc.clip_percentiles, pc.percentile_region)
+    lo, hi = np.percentile(reference, pc.clip_percentiles)
+    _check_range(lo, hi)
+    return np.percentile(_scale(np.clip(reference, lo, hi), lo, hi, "minmax"), cfg.LANDMARK_PERCENTILES)
+
+
+def fit_landmarks(own: list) -> tuple:
+    """The standard scale: the mean of the training scans' own landmarks (`scan_landmarks`), made
+    strictly increasing inside (0, 1)."""
+    mean = np.clip(np.mean(np.asarray(own, dtype=np.float64), axis=0), 1e-4, 1 - 1e-4)
+    for i in range(1, len(mean)):
+        mean[i] = max(mean[i], mean[i - 1] + 1e-4)
+    return tuple(float(v) for v in mean)
 
 
 def percentiles_torch(values: torch.Tensor, q) -> torch.Tensor:
@@ -534,7 +592,11 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     if data.ndim != 3:
         raise IfadError(f"scan shape {tuple(data.shape)} is not a 3D volume; pass a 3D scan")
     brain = data != 0
-    normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain, pc.percentile_region)
+    if pc.standardise and not pc.landmarks:
+        raise IfadError("this preprocessing standardises intensities but holds no landmarks; fit them on the "
+                        "training scans first (ifad-fast prepare / train do)")
+    normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain, pc.percentile_region,
+                                        pc.landmarks if pc.standardise else ())
     placement = place(brain, affine, pc, resolution)
     volume = placement.to_model(normalised)
     if isinstance(volume, torch.Tensor):

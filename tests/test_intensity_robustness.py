@@ -111,3 +111,85 @@ def test_percentile_region_is_a_checked_setting_and_old_models_keep_the_papers()
         cfg.PreprocessConfig(percentile_region="eroded")
     assert load_model(bundled_model_path()).preprocess.percentile_region == "brain"
     assert cfg.get_preset("paper").preprocess.percentile_region == "brain"
+
+
+def test_standardise_is_the_piecewise_linear_map_through_the_landmarks():
+    """Against np.interp through (0, 0), the landmarks and (1, 1) on fresh random values, to 1e-12;
+    the tensor path equal bit for bit; a repeated landmark (clipped voxels) dropped, not divided by."""
+    from ifad_fast.preprocess import standardise
+
+    rng = numpy_rng(70)
+    values = rng.random(5000)
+    own = np.sort(rng.uniform(0.02, 0.98, 9))
+    standard = np.sort(rng.uniform(0.02, 0.98, 9))
+    ref = np.interp(values, [0.0, *own, 1.0], [0.0, *standard, 1.0])
+    out = standard_out = standardise(values, own.tolist(), standard.tolist())
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12, err_msg=seed_note())
+    np.testing.assert_array_equal(standardise(torch.from_numpy(values), own.tolist(), standard.tolist()).numpy(),
+                                  standard_out)
+    tied = [0.0, 0.0, *own[2:]]
+    out = standardise(values, tied, standard.tolist())
+    assert np.isfinite(out).all() and np.all(np.diff(out[np.argsort(values)]) >= 0)
+
+
+def test_landmarks_undo_a_contrast_change(hard_and_soft):
+    """The scan and the same scan with its tissue contrast changed (gamma 1.6 below the 99th
+    percentile), standard scale fitted on the scan itself: with standardisation their classes agree
+    on >= 90 % of the brain's interior (measured 99.5 %), without it on about half (checked)."""
+    from ifad_fast.preprocess import fit_landmarks, scan_landmarks
+
+    hard = hard_and_soft[0]
+    brain = hard != 0
+    top = np.percentile(hard[brain], 99)
+    contrast = np.where(brain, top * (np.maximum(hard, 0) / top) ** 1.6, 0).astype(np.float32)
+    pc = cfg.PreprocessConfig(percentile_region="interior", standardise=True)
+    standard = fit_landmarks([scan_landmarks(hard, pc)])
+    encoder = IntensityEncoder(np.linspace(0.05, 0.95, 10))
+    inner = interior(brain)
+    agree = {}
+    for name, marks in (("standardised", standard), ("min-max only", ())):
+        a = encoder.encode(normalise(hard, region="interior", landmarks=marks)[0])
+        b = encoder.encode(normalise(contrast, region="interior", landmarks=marks)[0])
+        agree[name] = float(np.mean(a[inner] == b[inner]))
+    assert agree["standardised"] >= 0.9, agree
+    assert agree["min-max only"] < 0.7, agree
+    t, _ = normalise_torch(torch.from_numpy(contrast), region="interior", landmarks=standard)
+    np.testing.assert_array_equal(t.numpy(), normalise(contrast, region="interior", landmarks=standard)[0])
+
+
+@pytest.mark.parametrize("bad", [(0.1,) * 9, tuple(np.linspace(0.1, 0.9, 8)), tuple(np.linspace(0.0, 0.9, 9)),
+                                 tuple(np.linspace(0.1, 1.0, 9))])
+def test_landmarks_are_checked(bad):
+    with pytest.raises(IfadError, match="landmarks"):
+        cfg.PreprocessConfig(standardise=True, landmarks=bad)
+    with pytest.raises(IfadError, match="minmax"):
+        cfg.PreprocessConfig(normalisation="upper", standardise=True)
+
+
+def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path, capsys):
+    """--standardise --percentile-region interior through the CLI: prepare fits the landmarks on the
+    scans and records them with the region in manifest.json; the model trained on that folder
+    carries them; restore uses them (a scan's map is written). Raw scans to train do the same."""
+    import json
+
+    from ifad_fast.cli import main
+    from ifad_fast.preprocess import fit_landmarks, scan_landmarks
+    from ifad_fast.io import find_scans, load_scan
+
+    prep, run, out = tmp_path / "prep", tmp_path / "run", tmp_path / "out"
+    assert main(["prepare", str(scan_dir), "-o", str(prep), "--preset", "tiny", "--standardise",
+                 "--percentile-region", "interior"]) == 0
+    manifest = json.loads((prep / "manifest.json").read_text())
+    pc = cfg.replace(cfg.get_preset("tiny").preprocess, percentile_region="interior", standardise=True)
+    expected = fit_landmarks([scan_landmarks(load_scan(p).data, pc) for p in find_scans([scan_dir])])
+    assert manifest["standardise"] and manifest["percentile_region"] == "interior"
+    assert manifest["landmarks"] == pytest.approx(list(expected), abs=1e-12)
+    assert main(["train", str(prep), "-o", str(run), "--preset", "tiny", "--epochs", "1", "--device", "cpu"]) == 0
+    model = load_model(run / "model.pt")
+    assert model.preprocess.standardise and model.preprocess.landmarks == pytest.approx(expected, abs=1e-12)
+    assert main(["restore", str(scan_dir / "h0.nii.gz"), "-m", str(run), "-o", str(out), "--schedule", "5x128",
+                 "--device", "cpu"]) == 0
+    assert (out / "h0_anomaly.nii.gz").is_file()
+    capsys.readouterr()
+    assert main(["train", str(prep), "-o", str(tmp_path / "again"), "--preset", "tiny", "--standardise"]) == 2
+    assert "prepared folder" in capsys.readouterr().err
