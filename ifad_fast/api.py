@@ -29,7 +29,7 @@ import torch
 from . import config as cfg
 from .backends import resolve_backend, resolve_device
 from .errors import IfadError, out_of_memory
-from .io import (OutputSet, Scan, case_name, check_output_folder, check_volume, clean_stale_temporaries,
+from .io import (OutputSet, Scan, case_name, check_output_folder, check_scan, clean_stale_temporaries,
                  find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
@@ -179,23 +179,28 @@ class Restorer:
         """The name of the backend that runs (torch | cpu | triton)."""
         return self.engine.name
 
-    def restore_array(self, volume, affine=None) -> NativeResult:
+    def restore_array(self, volume, affine=None, force: bool = False) -> NativeResult:
         """Restore one scan: an array (X, Y, Z) with its affine, or a nibabel image."""
-        return self.restore_arrays([volume], None if affine is None else [affine])[0]
+        return self.restore_arrays([volume], None if affine is None else [affine], force)[0]
 
-    def restore_arrays(self, volumes, affines=None) -> list[NativeResult]:
+    def restore_arrays(self, volumes, affines=None, force: bool = False) -> list[NativeResult]:
         """Restore native scans together; outputs come back on each scan's own grid.
 
-        volumes: arrays (X, Y, Z) (skull-stripped, background 0) or nibabel images. affines: one
-        4x4 voxel -> world (mm) matrix per scan (None: the images' own; required by physical-frame
-        models, see the module docstring). The latent is searched on the model grid; the maps are
-        scored at `resolution` when one was given.
+        volumes: arrays (X, Y, Z) (skull-stripped, background 0; 4D with one volume is taken as
+        3D) or nibabel images. affines: one 4x4 voxel -> world (mm) matrix per scan (None: the
+        images' own; required by physical-frame models, see the module docstring). Each scan is
+        checked as the CLI checks a file (`io.check_scan`): one that does not look skull-stripped
+        raises IfadError, or with `force` an IfadWarning. The latent is searched on the model
+        grid; the maps are scored at `resolution` when one was given.
         """
         affines = [None] * len(volumes) if affines is None else list(affines)
         if len(affines) != len(volumes):
             raise IfadError(f"{len(volumes)} scans but {len(affines)} affines; pass one affine per scan")
         scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
-        scans = [(check_volume(v, f"volume {i}"), a) for i, (v, a) in enumerate(scans)]
+        return self._restore([(check_scan(v, a, f"volume {i}", force), a) for i, (v, a) in enumerate(scans)])
+
+    def _restore(self, scans: list[tuple]) -> list[NativeResult]:
+        """restore_arrays for checked (array, affine) pairs."""
         t0 = time.perf_counter()
         stage = StageTimes(self.device, enabled=self.time_stages)
         on_device = self.pipeline == "device"
@@ -229,7 +234,7 @@ class Restorer:
                 else:
                     anomaly, classes = placement.to_native(r.anomaly), placement.to_native(r.classes, mode="nearest")
                 native.append((anomaly, classes, placement))
-        seconds = (time.perf_counter() - t0) / len(volumes)
+        seconds = (time.perf_counter() - t0) / len(scans)
         stages = dict(stage.seconds) if stage.enabled else None
         return [NativeResult(anomaly=anomaly, restoration=self.encoder.decode(classes), classes=classes, model_grid=r,
                              seconds=seconds, placement=placement, stages=stages)
@@ -238,14 +243,14 @@ class Restorer:
     def _restore_scans(self, scans: list[Scan]) -> list[NativeResult]:
         """restore_arrays for loaded scans; after a GPU's out-of-memory error, once more with score
         chunks an eighth the size."""
-        arrays, affines = [s.data for s in scans], [s.affine for s in scans]
+        pairs = [(s.data, s.affine) for s in scans]           # checked by io.load_scan
         try:
-            return self.restore_arrays(arrays, affines)
+            return self._restore(pairs)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
         rc, self.rc = self.rc, cfg.replace(self.rc, chunk=max(1, self.rc.chunk // 8))
         try:
-            return self.restore_arrays(arrays, affines)
+            return self._restore(pairs)
         finally:
             self.rc = rc
 
@@ -416,11 +421,11 @@ class Restorer:
 
 def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
                    backend="auto", device="auto", precision="float32", region="brain",
-                   progress=False, resolution: int | None = None) -> list[NativeResult]:
-    """`Restorer(model, ...).restore_arrays(volumes, affines)` in one call; rc: the RestoreConfig
-    (default: the fast schedule). See `Restorer`."""
+                   progress=False, resolution: int | None = None, force: bool = False) -> list[NativeResult]:
+    """`Restorer(model, ...).restore_arrays(volumes, affines, force)` in one call; rc: the
+    RestoreConfig (default: the fast schedule). See `Restorer`."""
     return Restorer(model, backend, device, precision, rc or "fast", region, resolution,
-                    progress=progress).restore_arrays(volumes, affines)
+                    progress=progress).restore_arrays(volumes, affines, force)
 
 
 def restore_array(model: Model, volume, affine=None, **kwargs) -> NativeResult:

@@ -365,13 +365,14 @@ def check_volume(data, label: str = "volume") -> np.ndarray:
     return a
 
 
-def background_problem(data: np.ndarray, voxel_ml: float | None = None) -> str | None:
+def background_problem(data: np.ndarray, voxel_ml: float | None = None, voxel_mm=None) -> str | None:
     """Why `data` does not look skull-stripped with a zero background, or None when it does.
 
     A skull-stripped brain leaves most of the volume's border at 0 (more than half of the border
     voxels non-zero means a head, or noise, reaches the edges), fills at most ~55 % of its box
-    even when cropped tightly (more than 85 % non-zero means no background), and is smaller than
-    3 L (when the voxel volume in mL is known).
+    even when cropped tightly (more than 85 % non-zero means no background), is smaller than
+    3 L (when the voxel volume in mL is known) and has no bright shell of scalp around it (when
+    the voxel sizes in mm are known, see `bright_shell`).
     """
     nz = data != 0
     faces = (nz[0], nz[-1], nz[:, 0], nz[:, -1], nz[:, :, 0], nz[:, :, -1])
@@ -385,7 +386,59 @@ def background_problem(data: np.ndarray, voxel_ml: float | None = None) -> str |
         litres = float(nz.sum()) * voxel_ml / 1000.0
         if litres > 3.0:
             return f"its non-zero region is {litres:.1f} L, larger than any brain"
+    return None if voxel_mm is None else bright_shell(data, voxel_mm)
+
+
+#: bright_shell's outer layer and the depth where the brain beneath it starts (mm)
+SHELL_MM, DEEP_MM = 3.0, 15.0
+
+
+def bright_shell(data: np.ndarray, voxel_mm) -> str | None:
+    """Why the surface of `data`'s non-zero region looks like scalp left by a bad skull-strip, or None.
+
+    Scalp is a shell brighter than the brain it wraps: more than 75 % of the outer SHELL_MM (at
+    least a voxel) brighter than 95 % of the voxels deeper than DEEP_MM. A brain's own surface
+    (cortex, CSF, partial volume) is darker than its brightest deep tissue over most of its area.
+    """
+    from scipy import ndimage
+
+    nz = data != 0
+    box = ndimage.find_objects(nz.astype(np.uint8))[0]
+    sizes = np.asarray(voxel_mm, dtype=np.float64)
+    depth = ndimage.distance_transform_edt(np.pad(nz[box], 1), sampling=sizes)[1:-1, 1:-1, 1:-1]
+    values = data[box]
+    shell = values[(depth > 0) & (depth <= max(SHELL_MM, sizes.max()))]
+    deep = values[depth >= DEEP_MM]
+    if deep.size < 1000 or shell.size == 0:              # too small to tell
+        return None
+    bright = float((shell > np.percentile(deep, 95)).mean())
+    if bright > 0.75:
+        return (f"{bright:.0%} of its outer {SHELL_MM:g} mm is brighter than 95% of the brain beneath it: "
+                "scalp left around the brain")
     return None
+
+
+def check_scan(data, affine=None, label: str = "volume", force: bool = False, voxel_ml: float | None = None):
+    """The input check of every scan, read by the CLI or passed to the API: `check_volume` (a 4D
+    array with one volume taken as 3D) and `background_problem` (refused, or with `force` an
+    IfadWarning). affine: voxel -> world in mm (voxel sizes, and volume unless `voxel_ml` is given).
+    Returns the 3D array."""
+    a = np.asarray(data)
+    if a.ndim == 4 and a.shape[3] == 1:                  # NIfTI's 4D with one volume
+        a = a[..., 0]
+    check_volume(a, label)
+    sizes = None if affine is None else np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))
+    if voxel_ml is None and sizes is not None:
+        voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    problem = background_problem(a, voxel_ml, sizes)
+    if problem:
+        message = f"{label}: does not look skull-stripped ({problem})"
+        if not force:
+            raise IfadError(f"{message}; the model needs the brain alone with background exactly 0: skull-strip "
+                            "it first (e.g. SynthStrip, HD-BET or FSL bet), or pass --force to go on anyway")
+        warnings.warn(IfadWarning(f"{message}; going on because of --force, but its anomaly map is likely "
+                                  "meaningless"), stacklevel=3)
+    return a
 
 
 def _voxel_ml(img) -> float | None:
@@ -404,16 +457,7 @@ def load_scan(path: str | os.PathLike, max_voxels: int | None = None, force: boo
     """
     path = Path(path)
     img, shape = open_nifti(path, max_voxels)
-    data = _read_voxels(img, path, shape)
-    check_volume(data, str(path))
-    problem = background_problem(data, _voxel_ml(img))
-    if problem:
-        message = f"{path}: does not look skull-stripped ({problem})"
-        if not force:
-            raise IfadError(f"{message}; the model needs the brain alone with background exactly 0: skull-strip "
-                            "it first (e.g. SynthStrip, HD-BET or FSL bet), or pass --force to go on anyway")
-        warnings.warn(IfadWarning(f"{message}; going on because of --force, but its anomaly map is likely "
-                                  "meaningless"), stacklevel=2)
+    data = check_scan(_read_voxels(img, path, shape), img.affine, str(path), force, _voxel_ml(img))
     header = img.header.copy()
     return Scan(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=header, path=path)
 

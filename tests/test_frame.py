@@ -374,7 +374,8 @@ def test_restore_cli_resolution_and_protocol(tiny_model, tmp_path, capsys, monke
     np.testing.assert_allclose(out.affine, affine)
     # --protocol paper: schedule paper, region full; a conflicting --schedule is a one-line user error
     seen = {}
-    monkeypatch.setattr(api.Restorer, "restore_files", lambda self, *a, **k: seen.update(rc=self.rc, region=self.region))
+    monkeypatch.setattr(api.Restorer, "restore_files",
+                        lambda self, *a, **k: seen.update(rc=self.rc, region=self.region) or [])
     assert main(args[:-2] + ["-o", str(tmp_path / "b"), "--protocol", "paper"]) == 0
     assert seen["rc"].phases == ((700, 16200),) and seen["region"] == "full"
     capsys.readouterr()

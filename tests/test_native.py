@@ -249,3 +249,64 @@ def test_restore_records_provenance_with_relative_paths_and_the_run_arguments(ca
     run = json.loads((out / "restore_args.json").read_text())
     assert run["command"] == "ifad-fast " + " ".join(args) and run["inputs"] == ["../in"]
     assert run["threshold"] == 0.5 and run["model"]["file"] == model_file and run["schedule"] == [[10, 256]]
+
+
+# ------------------------------------------------------------------------------ one input check for the CLI and the API
+
+
+def _with_scalp(seed=0):
+    """A toy brain wrapped in a bright one-voxel (5.5-6.5 mm) ring of 'scalp', background zero."""
+    from scipy import ndimage
+
+    img, _ = toy_brain(seed)
+    ring = ndimage.binary_dilation(img != 0) & (img == 0)
+    img[ring] = 1000.0
+    return img
+
+
+def _tiny_restorer(tiny_run):
+    from ifad_fast.api import Restorer
+    from ifad_fast.model import load_model
+
+    return Restorer(load_model(tiny_run / "run"), "torch", "cpu", schedule="10x256")
+
+
+def test_the_api_refuses_a_scan_the_cli_refuses_unless_forced(tiny_run):
+    from ifad_fast.errors import IfadError, IfadWarning
+    from conftest import AFFINE
+
+    img, _ = toy_brain(0)
+    noisy = img + np.random.default_rng(0).uniform(50, 60, img.shape).astype(np.float32)
+    restorer = _tiny_restorer(tiny_run)
+    with pytest.raises(IfadError, match="volume 0: does not look skull-stripped .*--force"):
+        restorer.restore_array(noisy, AFFINE)
+    with pytest.warns(IfadWarning, match="going on because of --force"):
+        assert restorer.restore_array(noisy, AFFINE, force=True).anomaly.shape == img.shape
+
+
+def test_the_api_takes_a_4d_image_with_one_volume_as_the_cli_does(tiny_run):
+    import nibabel as nib
+    from conftest import AFFINE
+
+    img, _ = toy_brain(1)
+    restorer = _tiny_restorer(tiny_run)
+    four_d = restorer.restore_array(nib.Nifti1Image(img[..., None], AFFINE))
+    np.testing.assert_array_equal(four_d.anomaly, restorer.restore_array(img, AFFINE).anomaly)
+
+
+def test_scalp_left_around_the_brain_is_refused_unless_forced(capsys, tiny_run, tmp_path):
+    from ifad_fast.io import background_problem
+
+    img = _with_scalp()
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_nifti(scans / "scalp.nii.gz", img)
+    before = _sha(scans)
+    code, _, err = cli(capsys, "restore", scans, "-o", tmp_path / "out", "-m", tiny_run / "run", *FAST)
+    assert code == 2 and "scalp left around the brain" in one_error_line(err, "restore")
+    assert leftovers(tmp_path / "out") == [] and _sha(scans) == before
+    code, _, err = cli(capsys, "restore", scans, "-o", tmp_path / "out", "-m", tiny_run / "run", *FAST, "--force")
+    assert code == 0 and "warning: " in err and "scalp left around the brain" in err
+    assert _sha(scans) == before
+    for seed in range(6):                                        # the brains alone pass
+        assert background_problem(toy_brain(seed)[0], None, (6.0, 5.5, 6.5)) is None
