@@ -91,6 +91,22 @@ def _add_input_checks(p):
                    help="go on with scans that do not look skull-stripped (with a warning)")
 
 
+def _add_inputs(p):
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="NIfTI scans (.nii, .nii.gz, any letter case) or folders of them; a BIDS root (with "
+                        "dataset_description.json): its sub-*/[ses-*/]anat/*_T2w scans")
+    p.add_argument("-i", "--input", dest="more_inputs", action="extend", nargs="+", default=[], metavar="INPUT",
+                   help="more INPUTs, as nnU-Net's -i")
+
+
+def _inputs(args) -> list:
+    """INPUT... and -i INPUT..., in that order; IfadError when there are none."""
+    inputs = [*args.inputs, *args.more_inputs]
+    if not inputs:
+        raise IfadError("give the scans or folders to read: INPUT... or -i INPUT")
+    return inputs
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = _Parser(prog="ifad-fast", description="Implicit-field anomaly detection for brain MRI.")
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="encode scans as intensity-class volumes on the model grid")
-    p.add_argument("inputs", nargs="+", help="NIfTI files or folders")
+    _add_inputs(p)
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--preset", default="paper",
                    help="paper | small | tiny (or their -2d variants): grid size and frame extent (default paper)")
@@ -141,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p, backend=False)
 
     p = sub.add_parser("restore", help="anomaly maps for scans (restoration by latent search)")
-    p.add_argument("inputs", nargs="+", help="NIfTI scans or folders")
+    _add_inputs(p)
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
     p.add_argument("-o", "--output", default="ifad_out", help="output folder (default ifad_out)")
     p.add_argument("--schedule", default=None, help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
@@ -340,6 +356,7 @@ def cmd_prepare(args):
     from .preprocess import IntensityEncoder
 
     _output(args.output)
+    args.inputs = _inputs(args)
     pc = _frame_config(cfg.replace(cfg.get_preset(args.preset).preprocess, resolution=args.resolution), args)
     encoder = None if (args.fit_centres or args.centres is None) else IntensityEncoder.load(args.centres)
     manifest = prepare_scans(args.inputs, args.output, pc, args.mode_pool, encoder, k=args.classes,
@@ -477,6 +494,7 @@ def cmd_restore(args):
     from .limits import usable_cores
 
     if args.radiological and not args.figure:
+    args.inputs = _inputs(args)
         raise IfadError("--radiological sets the orientation of --figure; add --figure or drop it")
     figure = args.figure and ("radiological" if args.radiological else "neurological")
     if figure:

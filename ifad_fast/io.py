@@ -60,15 +60,15 @@ class Scan:
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
-    """True for names ending in .nii or .nii.gz."""
-    return str(path).endswith(NIFTI_SUFFIXES)
+    """True for names ending in .nii or .nii.gz (any letter case)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def case_name(path: str | os.PathLike) -> str:
-    """`/a/b/sub-01.nii.gz` -> `sub-01`."""
+    """`/a/b/sub-01.nii.gz` (or `.NII.GZ`) -> `sub-01`."""
     name = Path(path).name
     for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
 
@@ -164,8 +164,15 @@ def _write_error(exc: BaseException, path: Path) -> IfadError | None:
 # ----------------------------------------------------------------------------- finding inputs
 
 
+def bids_scans(root: Path) -> list[Path]:
+    """The T2-weighted scans of a BIDS data set: sub-*/[ses-*/]anat/*_T2w.nii[.gz], sorted."""
+    anat = [*root.glob("sub-*/anat"), *root.glob("sub-*/ses-*/anat")]
+    return sorted(q for folder in anat for q in folder.iterdir() if case_name(q).endswith("_T2w"))
+
+
 def find_scans(inputs, exclude_suffixes=NON_SCAN_SUFFIXES) -> list[Path]:
-    """Expand files and folders into a list of NIfTI scan paths (folders sorted, in input order).
+    """Expand files and folders into a list of NIfTI scan paths (folders sorted, in input order;
+    a BIDS root, one holding dataset_description.json, gives its T2w scans, see `bids_scans`).
 
     Hidden files (temporaries included) and names ending in `exclude_suffixes` (outputs and
     masks) are skipped. Raises IfadError when an input does not exist or cannot be read, when
@@ -176,8 +183,8 @@ def find_scans(inputs, exclude_suffixes=NON_SCAN_SUFFIXES) -> list[Path]:
         p = Path(item)
         try:
             if p.is_dir():
-                found.extend(q for q in sorted(p.iterdir())
-                             if is_nifti(q) and not q.name.startswith(".") and q.is_file())
+                files = bids_scans(p) if (p / "dataset_description.json").is_file() else sorted(p.iterdir())
+                found.extend(q for q in files if is_nifti(q) and not q.name.startswith(".") and q.is_file())
             elif p.is_file():
                 if is_temporary(p):
                     raise IfadError(f"{p}: a temporary left by an interrupted write, not a scan; delete it")

@@ -310,3 +310,38 @@ def test_scalp_left_around_the_brain_is_refused_unless_forced(capsys, tiny_run, 
     assert _sha(scans) == before
     for seed in range(6):                                        # the brains alone pass
         assert background_problem(toy_brain(seed)[0], None, (6.0, 5.5, 6.5)) is None
+
+
+# ------------------------------------------------------------------------------ BIDS and other layouts
+
+
+def test_restore_finds_the_t2w_scans_of_a_bids_root_given_with_i(capsys, tiny_run, tmp_path):
+    root = tmp_path / "bids"
+    (root / "dataset_description.json").parent.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.9.0"}')
+    scan(root / "sub-01" / "anat", "sub-01_T2w")
+    scan(root / "sub-01" / "anat", "sub-01_T1w", seed=1)                          # another modality: not taken
+    scan(root / "sub-02" / "ses-1" / "anat", "sub-02_ses-1_T2w", seed=2)
+    scan(root / "derivatives" / "x" / "sub-01" / "anat", "sub-01_desc-x_T2w", seed=3)   # derivatives: not taken
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "restore", "-i", root, "-o", out, "-m", tiny_run / "run", *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*_restore.json")) == ["sub-01_T2w_restore.json",
+                                                                  "sub-02_ses-1_T2w_restore.json"]
+
+
+def test_upper_case_extensions_are_scans(capsys, tiny_run, tmp_path):
+    img, _ = toy_brain(0)
+    (tmp_path / "in").mkdir()
+    write_nifti(tmp_path / "in" / "CASE1.NII.GZ", img)
+    write_nifti(tmp_path / "in" / "CASE2.NII", img)
+    code, _, err = cli(capsys, "restore", tmp_path / "in", "-o", tmp_path / "out", "-m", tiny_run / "run", *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_restore.json")) == ["CASE1_restore.json",
+                                                                                "CASE2_restore.json"]
+
+
+def test_inputs_positional_or_with_i_but_at_least_one(capsys, tmp_path):
+    code, _, err = cli(capsys, "restore", "-o", tmp_path / "out")
+    assert code == 2 and "scan" in one_error_line(err, "restore")
+    assert leftovers(tmp_path / "out") == []
