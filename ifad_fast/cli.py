@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--epochs", type=_int_in(1), default=None, help="with --train: epochs (default the preset's)")
     acc.add_argument("--acquisitions", default=None,
                      help="comma-separated acquisitions of the test scans (default all: "
-                          "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged)")
+                          "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged and the held-out "
+                          "styles linear-1x1x3mm,contrast,bias,noise)")
     acc.add_argument("--n-test", type=_int_in(1), default=None, help="test cases (default 24, quick 2)")
     acc.add_argument("--n-val", type=_int_in(1), default=None, help="validation cases (default 6, quick 2)")
     acc.add_argument("--n-healthy", type=_int_in(1), default=None,
@@ -355,8 +356,8 @@ def cmd_prepare(args):
     from .dataset import prepare_scans
     from .preprocess import IntensityEncoder
 
-    _output(args.output)
     args.inputs = _inputs(args)
+    _output(args.output)
     pc = _frame_config(cfg.replace(cfg.get_preset(args.preset).preprocess, resolution=args.resolution), args)
     encoder = None if (args.fit_centres or args.centres is None) else IntensityEncoder.load(args.centres)
     manifest = prepare_scans(args.inputs, args.output, pc, args.mode_pool, encoder, k=args.classes,
@@ -493,8 +494,8 @@ def cmd_restore(args):
     from .io import find_scans
     from .limits import usable_cores
 
-    if args.radiological and not args.figure:
     args.inputs = _inputs(args)
+    if args.radiological and not args.figure:
         raise IfadError("--radiological sets the orientation of --figure; add --figure or drop it")
     figure = args.figure and ("radiological" if args.radiological else "neurological")
     if figure:
