@@ -7,6 +7,8 @@ percentiles over the brain less its outer voxel layer (`preprocess.interior`).
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -105,12 +107,21 @@ def test_interior_normalisation_on_a_tensor_is_numpys(hard_and_soft, method):
     assert normalise(soft, (2.0, 98.0), method)[1] != (lo, hi)     # the region changes the percentiles
 
 
-def test_percentile_region_is_a_checked_setting_and_old_models_keep_the_papers():
+def test_percentile_region_is_a_checked_setting_and_old_models_keep_the_papers(tmp_path):
+    """Model files that predate the setting load with the paper's whole-brain percentiles; the paper
+    preset keeps them, the small and tiny presets and the bundled model take the interior."""
     assert cfg.PreprocessConfig().percentile_region == "brain"
     with pytest.raises(IfadError, match="percentile_region"):
         cfg.PreprocessConfig(percentile_region="eroded")
-    assert load_model(bundled_model_path()).preprocess.percentile_region == "brain"
+    payload = torch.load(bundled_model_path(), weights_only=True)
+    meta = json.loads(payload["meta"])
+    del meta["preprocess"]["percentile_region"]
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "older.pt")
+    assert load_model(tmp_path / "older.pt").preprocess.percentile_region == "brain"
+    assert load_model(bundled_model_path()).preprocess.percentile_region == "interior"
     assert cfg.get_preset("paper").preprocess.percentile_region == "brain"
+    assert {cfg.get_preset(p).preprocess.percentile_region for p in ("small", "tiny")} == {"interior"}
 
 
 def test_standardise_is_the_piecewise_linear_map_through_the_landmarks():
