@@ -1,13 +1,14 @@
 """One model's detection under variants of its intensity preprocessing, per acquisition.
 
     python bench/intensity_variants.py --cases 6 --acquisitions 1.5mm,1x1x3mm,linear-1x1x3mm \
-        --variant brain --variant interior --variant interior+standardise
+        --variant brain --variant interior --variant interior+unbias --variant interior+standardise
 
 Test lesion cases 0..N-1 of the accuracy protocol's test stream (seed 2, synthesised at 1 mm) are
 re-acquired as each acquisition and restored with the model (default: the bundled one, cpu backend,
 fast schedule) whose preprocessing is changed as the variant says: `brain` / `interior` set
-percentile_region; `+standardise` also maps intensities onto landmarks fitted on the model's
-training subjects (healthy stream seed 0, as many as the model holds latents). Prints the pooled
+percentile_region; `+unbias` divides each scan by its fitted bias field first (bias_correction);
+`+standardise` also maps intensities onto landmarks fitted on the model's training subjects
+(healthy stream seed 0, as many as the model holds latents). Prints the pooled
 best Dice and AP over the cases' brain voxels, one line per (variant, acquisition). IF 3D only: a
 quick check beside the full `ifad-fast bench accuracy`, not a replacement.
 """
@@ -32,7 +33,7 @@ def variant_model(model, variant: str):
     """The model with its preprocessing changed as `variant` says (see the module docstring)."""
     parts = variant.split("+")
     pc = dataclasses.replace(model.preprocess, percentile_region=parts[0], standardise="standardise" in parts,
-                             landmarks=())
+                             bias_correction="unbias" in parts, landmarks=())
     n = len(model.latents)
     pc = with_landmarks(pc, lambda: (generate_healthy(i, seed=TRAIN_SEED).image for i in range(n)))
     return dataclasses.replace(model, preprocess=pc)
@@ -43,7 +44,7 @@ def main():
     parser.add_argument("--model", default=None, help="model file or run folder (default: the bundled model)")
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--acquisitions", default="1.5mm,1x1x3mm,linear-1x1x3mm")
-    parser.add_argument("--variant", action="append", default=None, help="brain | interior[+standardise]")
+    parser.add_argument("--variant", action="append", default=None, help="brain | interior, then +unbias and/or +standardise")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

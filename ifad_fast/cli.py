@@ -78,6 +78,9 @@ def _add_frame_args(p):
     p.add_argument("--percentile-region", choices=("brain", "interior"), default=None,
                    help="clip percentiles over every brain voxel (the paper's) or the brain less its "
                         "partial-volume rim (robust to resampled scans) (default: the preset's)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide each scan by a smooth bias field (a quadratic that minimises the entropy "
+                        "of its log-intensity histogram) before normalising (default: the preset's)")
     p.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=None,
                    help="map each scan's intensity landmarks onto a scale fitted on the training scans "
                         "(Nyúl-Udupa histogram standardisation; default: the preset's)")
@@ -347,7 +350,7 @@ def _frame_config(pc, args):
     if args.extent is not None and not (math.isfinite(args.extent) and args.extent > 0):
         raise IfadError("--extent must be a positive number of millimetres")
     return cfg.replace(pc, frame=args.frame, extent_mm=args.extent, percentile_region=args.percentile_region,
-                       standardise=args.standardise)
+                       bias_correction=args.bias_correction, standardise=args.standardise)
 
 
 def cmd_prepare(args):
@@ -392,9 +395,11 @@ def cmd_train(args):
     if args.resume and not (out / "checkpoint.pt").is_file():
         raise IfadError(f"{out / 'checkpoint.pt'}: no checkpoint to resume from; start without --resume")
     if (Path(args.data) / MANIFEST).is_file() and (args.frame or args.extent or args.percentile_region
-                                                   or args.standardise is not None):
+                                                   or args.standardise is not None
+                                                   or args.bias_correction is not None):
         raise IfadError(f"{args.data} is a prepared folder: its frame and intensities were chosen by 'ifad-fast "
-                        "prepare'; drop --frame/--extent/--percentile-region/--standardise or pass the raw scans")
+                        "prepare'; drop --frame/--extent/--percentile-region/--bias-correction/--standardise or pass the "
+                        "raw scans")
     pc = _frame_config(preset.preprocess, args)
     group = from_env(device)[0] if world > 1 else SINGLE      # under torchrun: join now, prepare on rank 0
     if group.main:

@@ -100,6 +100,7 @@ class PreprocessConfig:
     extent_mm: float = 240.0             # physical frame: side of the model box (160 × 1.5 mm)
     normalisation: Normalisation = "minmax"
     percentile_region: PercentileRegion = "brain"   # interior: percentiles ignore the brain's outer voxel layer
+    bias_correction: bool = False        # divide each scan by a smooth bias field first (preprocess.correct_bias)
     standardise: bool = False            # map each scan's landmarks onto `landmarks` (fitted on the training scans)
     landmarks: tuple = ()                # the standard scale at LANDMARK_PERCENTILES; () until fitted
 
@@ -118,8 +119,9 @@ class PreprocessConfig:
             raise IfadError("PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; "
                             f"got {clip!r}")
         marks = self.landmarks
-        if not isinstance(self.standardise, bool):
-            raise IfadError(f"PreprocessConfig.standardise must be true or false; got {self.standardise!r}")
+        for name in ("standardise", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise IfadError(f"PreprocessConfig.{name} must be true or false; got {getattr(self, name)!r}")
         if marks and not (isinstance(marks, (tuple, list)) and len(marks) == len(LANDMARK_PERCENTILES)
                           and all(map(_is_number, marks)) and 0 < marks[0]
                           and all(a < b for a, b in zip(marks, marks[1:])) and marks[-1] < 1):

@@ -135,7 +135,8 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         stacks.close(len(cases))
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
-                        percentile_region=pc.percentile_region, standardise=pc.standardise,
+                        percentile_region=pc.percentile_region, bias_correction=pc.bias_correction,
+                        standardise=pc.standardise,
                         landmarks=list(pc.landmarks), mode_pool=mode_pool,
                         centres=encoder.centres.tolist(), cases=cases,
                         failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
@@ -268,9 +269,9 @@ def _to_grid(path, pc, force=False, max_voxels=None):
 def manifest_preprocess(manifest: dict, pc: cfg.PreprocessConfig) -> cfg.PreprocessConfig:
     """pc with the frame and normalisation a prepared folder was made with (folders from before the
     physical frame: cube + upper; from before percentile_region: brain)."""
-    saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain", "standardise": False, "landmarks": (),
-             **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region", "standardise")
-                if k in manifest}}
+    saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain", "bias_correction": False, "standardise": False,
+             "landmarks": (), **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region",
+                                                          "bias_correction", "standardise") if k in manifest}}
     if "landmarks" in manifest:
         saved["landmarks"] = tuple(manifest["landmarks"])
     try:
@@ -407,7 +408,8 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
     sources = sorted(str(p.resolve()) for p in find_scans([data_dir]))
     key = dict(resolution=pc.resolution, clip=list(pc.clip_percentiles), mode_pool=pc.train_mode_pool,
                frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
-               percentile_region=pc.percentile_region, standardise=pc.standardise, landmarks=list(pc.landmarks),
+               percentile_region=pc.percentile_region, bias_correction=pc.bias_correction,
+               standardise=pc.standardise, landmarks=list(pc.landmarks),
                centres=centres, k=k, seed=seed, sources=sources)
     key_file = cache_dir / "cache_key.json"
     if not (key_file.is_file() and json.loads(key_file.read_text()) == key):

@@ -135,6 +135,8 @@ def scan_landmarks(data, pc: cfg.PreprocessConfig, brain=None) -> np.ndarray:
     config.LANDMARK_PERCENTILES, float64 (9,). The mean over training scans is the standard scale."""
     data = np.asarray(data, dtype=np.float32)
     brain = data != 0 if brain is None else brain
+    if pc.bias_correction:
+        data = correct_bias(data, brain)
     values = data[brain].astype(np.float64)
     _check_brain_values(values.size)
     reference = _percentile_set(data, brain, values, pc.clip_percentiles, pc.percentile_region)
@@ -195,6 +197,54 @@ def interior(brain):
         inner = binary_erosion(brain, np.ones((3, 3, 3), bool), border_value=0)
         kept, total = int(inner.sum()), int(brain.sum())
     return inner if kept >= max(INTERIOR_MIN_VOXELS, INTERIOR_MIN_SHARE * total) else brain
+
+
+BIAS_SAMPLES, BIAS_BIN = 60_000, 0.02       # brain voxels the field is fitted on; log-histogram bin width
+
+
+def _bias_terms(idx: np.ndarray, shape) -> np.ndarray:
+    """The bias field's basis at voxel indices idx (N, 3): the 9 non-constant terms of a quadratic
+    in coordinates scaled to [-1, 1] over the grid, float64 (N, 9)."""
+    x, y, z = (2.0 * idx / np.maximum(np.asarray(shape) - 1, 1) - 1.0).T
+    return np.stack([x, y, z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3, x * y, x * z, y * z], 1)
+
+
+def _log_entropy(log_values: np.ndarray) -> float:
+    """Entropy of the histogram of log intensities in bins of BIAS_BIN (smoothed by one bin): a
+    bias field spreads each tissue's peak and raises it."""
+    from scipy.ndimage import gaussian_filter1d
+
+    lo = log_values.min()
+    bins = int(min(max((log_values.max() - lo) / BIAS_BIN, 8), 5000))
+    counts, _ = np.histogram(log_values, bins=bins, range=(lo, lo + bins * BIAS_BIN))
+    p = gaussian_filter1d(counts.astype(np.float64), 1.0)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def correct_bias(data, brain=None):
+    """The scan divided by a smooth multiplicative bias field: exp(quadratic) over its grid, whose 9
+    coefficients minimise the entropy of the brain's log-intensity histogram (the principle of N3),
+    fitted by Powell's method on BIAS_SAMPLES brain voxels drawn with a fixed seed. data: (X, Y, Z)
+    NumPy or tensor (corrected on the host, returned on its device); float32, background kept 0."""
+    from scipy.optimize import minimize
+
+    if isinstance(data, torch.Tensor):
+        host = correct_bias(data.cpu().numpy(), None if brain is None else brain.cpu().numpy())
+        return torch.from_numpy(host).to(data.device)
+    data = np.asarray(data, dtype=np.float32)
+    brain = data > 0 if brain is None else brain & (data > 0)
+    idx = np.argwhere(brain)
+    if len(idx) < 1000:
+        return data
+    pick = np.random.default_rng(0).choice(len(idx), min(BIAS_SAMPLES, len(idx)), replace=False)
+    basis = _bias_terms(idx[pick], data.shape)
+    logs = np.log(data[brain][pick].astype(np.float64))
+    fit = minimize(lambda c: _log_entropy(logs - basis @ c), np.zeros(9), method="Powell",
+                   options=dict(xtol=1e-3, ftol=1e-5, maxfev=4000))
+    out = data.copy()
+    out[brain] = (data[brain] / np.exp(_bias_terms(idx, data.shape) @ fit.x)).astype(np.float32)
+    return out
 
 
 def _percentile_set(data, brain, values, percentiles, region: str):
@@ -592,6 +642,8 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     if data.ndim != 3:
         raise IfadError(f"scan shape {tuple(data.shape)} is not a 3D volume; pass a 3D scan")
     brain = data != 0
+    if pc.bias_correction:
+        data = correct_bias(data, brain)
     if pc.standardise and not pc.landmarks:
         raise IfadError("this preprocessing standardises intensities but holds no landmarks; fit them on the "
                         "training scans first (ifad-fast prepare / train do)")

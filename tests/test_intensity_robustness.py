@@ -178,7 +178,7 @@ def test_landmarks_are_checked(bad):
 
 
 def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path, capsys):
-    """--standardise --percentile-region interior through the CLI: prepare fits the landmarks on the
+    """--standardise --percentile-region interior --bias-correction through the CLI: prepare fits the landmarks on the
     scans and records them with the region in manifest.json; the model trained on that folder
     carries them; restore uses them (a scan's map is written). Raw scans to train do the same."""
     import json
@@ -189,18 +189,40 @@ def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path,
 
     prep, run, out = tmp_path / "prep", tmp_path / "run", tmp_path / "out"
     assert main(["prepare", str(scan_dir), "-o", str(prep), "--preset", "tiny", "--standardise",
-                 "--percentile-region", "interior"]) == 0
+                 "--percentile-region", "interior", "--bias-correction"]) == 0
     manifest = json.loads((prep / "manifest.json").read_text())
-    pc = cfg.replace(cfg.get_preset("tiny").preprocess, percentile_region="interior", standardise=True)
+    pc = cfg.replace(cfg.get_preset("tiny").preprocess, percentile_region="interior", standardise=True,
+                     bias_correction=True)
     expected = fit_landmarks([scan_landmarks(load_scan(p).data, pc) for p in find_scans([scan_dir])])
-    assert manifest["standardise"] and manifest["percentile_region"] == "interior"
+    assert manifest["standardise"] and manifest["bias_correction"] and manifest["percentile_region"] == "interior"
     assert manifest["landmarks"] == pytest.approx(list(expected), abs=1e-12)
     assert main(["train", str(prep), "-o", str(run), "--preset", "tiny", "--epochs", "1", "--device", "cpu"]) == 0
     model = load_model(run / "model.pt")
     assert model.preprocess.standardise and model.preprocess.landmarks == pytest.approx(expected, abs=1e-12)
+    assert model.preprocess.bias_correction
     assert main(["restore", str(scan_dir / "h0.nii.gz"), "-m", str(run), "-o", str(out), "--schedule", "5x128",
                  "--device", "cpu"]) == 0
     assert (out / "h0_anomaly.nii.gz").is_file()
     capsys.readouterr()
     assert main(["train", str(prep), "-o", str(tmp_path / "again"), "--preset", "tiny", "--standardise"]) == 2
     assert "prepared folder" in capsys.readouterr().err
+
+
+def test_bias_correction_removes_a_smooth_field(hard_and_soft):
+    """A synthetic brain times a known exp(quadratic) field (log sd ~0.12): corrected, it matches the
+    corrected clean scan to a log sd < 0.06 (measured 0.011 and 0.036; the clean scan carries the
+    generator's own bias, sd 0.03-0.10, which the correction removes from both); the tensor path
+    gives the same array; the background stays 0."""
+    from ifad_fast.preprocess import _bias_terms, correct_bias
+
+    hard = hard_and_soft[0]
+    brain = hard != 0
+    coef = np.array([0.15, -0.2, 0.1, 0.2, -0.1, 0.15, 0.1, -0.15, 0.05])
+    biased = np.zeros_like(hard)
+    biased[brain] = hard[brain] * np.exp(_bias_terms(np.argwhere(brain), hard.shape) @ coef)
+    corrected = correct_bias(biased)
+    before = np.log(biased[brain] / hard[brain]).std()
+    after = np.log(corrected[brain] / correct_bias(hard)[brain]).std()
+    assert before > 0.1 and after < 0.06, (before, after)
+    np.testing.assert_array_equal(correct_bias(torch.from_numpy(biased)).numpy(), corrected)
+    assert np.all(corrected[~brain] == 0)
