@@ -327,14 +327,15 @@ def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys)
 def test_accuracy_benchmark_reports_if2d_beside_if3d(model_2d, tiny_run, tmp_path):
     """bench accuracy with a 3D model and --compare a 2D one: one method each, named by variant (quick:
     3 mm synthetic scans, two acquisitions, a 5-step VAE)."""
-    from ifad_fast.benchmark import IF2D, IF3D, MEAN, VAE, accuracy
+    from ifad_fast.benchmark import IF2D, IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy
 
     save_model(model_2d, tmp_path / "m2d.pt")
     kwargs = dict(quick=True, n_healthy=2, n_val=1, n_test=1, source_mm=3.0, healthy_mm=3.0, vae_steps=5,
                   acquisitions="1.5mm,lps", schedule="3x512", device="cpu", backend="torch", progress=False,
                   report=lambda *a: None)
     both = accuracy(model=tiny_run / "run", compare=tmp_path / "m2d.pt", out_dir=tmp_path, **kwargs)
-    assert list(both["methods"]) == [IF3D, IF2D, MEAN, VAE]
+    assert list(both["methods"]) == [IF3D, IF2D, THRESHOLD, ZSCORE, MEAN, VAE]
+    assert set(both["fit"]) == {IF3D, IF2D}
     assert both["compared"]["method"] == IF2D and both["compared"]["restore"]["slice_step"] == 4
     assert "IF 2D: " in (tmp_path / "accuracy.md").read_text()
     # each method restores with its own model (the 2D model's latents are per slice)
