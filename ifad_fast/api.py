@@ -676,6 +676,13 @@ class RestoreJob:
     max_voxels: int | None = None
     resolution: int | None = None
     threads: int | None = None
+    bias_correction: bool = False
+
+
+def with_bias_correction(model: Model) -> Model:
+    """The model, its scans divided by their fitted bias field before normalising
+    (preprocess.correct_bias): for scans not bias-corrected as its training scans were."""
+    return dataclasses.replace(model, preprocess=cfg.replace(model.preprocess, bias_correction=True))
 
 
 def restore_shard(job: RestoreJob) -> dict:
@@ -692,6 +699,8 @@ def restore_shard(job: RestoreJob) -> dict:
     if job.threads:
         torch.set_num_threads(job.threads)
     model = default_model(device) if job.model is None else load_model(job.model, device)
+    if job.bias_correction:
+        model = with_bias_correction(model)
     tag = f"[{rank + 1}/{world}] " if world > 1 else ""
     try:
         restorer = Restorer(model, job.backend, device, job.precision, job.rc, job.region, job.resolution,

@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
     p.add_argument("--protocol", choices=("paper",), default=None,
                    help="paper: the paper's setting (schedule paper, region full)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="divide each scan by its fitted smooth bias field before normalising, for scans that "
+                        "were not bias-corrected (N4) as the model's training scans were (adds a few seconds "
+                        "per scan)")
     p.add_argument("--slice-step", type=_int_in(1, MAX_RESOLUTION), default=None, metavar="N",
                    help="2D models: restore one axial slice in N, its score filling N slices (default 4, the paper's)")
     p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
@@ -492,7 +496,7 @@ def cmd_restore(args):
     every case is written once, by one process; --continue skips the cases already finished.
     """
     from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
-                      restore_shard)
+                      restore_shard, with_bias_correction)
     from .backends import resolve_device
     from .distributed import launch
     from .extras import require
@@ -517,6 +521,8 @@ def cmd_restore(args):
     nproc, world = _processes(args, device)
     alone = nproc == 1 and world == 1
     model = load_model_arg(args.model, device if alone else "cpu")   # shared: each process loads its own
+    if args.bias_correction:
+        model = with_bias_correction(model)
     threshold = resolve_threshold(model, args.threshold)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
@@ -542,7 +548,8 @@ def cmd_restore(args):
     job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
                      batch=args.batch, existing=existing, figure=figure, force=args.force,
-                     max_voxels=args.max_voxels, resolution=args.resolution, threads=threads)
+                     max_voxels=args.max_voxels, resolution=args.resolution, threads=threads,
+                     bias_correction=args.bias_correction)
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]

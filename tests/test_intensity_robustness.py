@@ -226,3 +226,28 @@ def test_bias_correction_removes_a_smooth_field(hard_and_soft):
     assert before > 0.1 and after < 0.06, (before, after)
     np.testing.assert_array_equal(correct_bias(torch.from_numpy(biased)).numpy(), corrected)
     assert np.all(corrected[~brain] == 0)
+
+
+def test_restore_with_bias_correction_records_it(tiny_run, tmp_path):
+    """restore --bias-correction divides the scan by its field before normalising (the map differs
+    from a plain restore of a scan with a strong field) and the case's JSON records it."""
+    import json
+
+    import nibabel as nib
+
+    from ifad_fast.cli import main
+    from ifad_fast.preprocess import _bias_terms
+
+    src = nib.load(tiny_run / "healthy" / "h0.nii.gz")
+    img = np.asarray(src.dataobj, dtype=np.float32)
+    brain = img != 0
+    img[brain] *= np.exp(_bias_terms(np.argwhere(brain), img.shape) @ np.full(9, 0.15))
+    nib.save(nib.Nifti1Image(img, src.affine), tmp_path / "biased.nii.gz")
+    maps = {}
+    for name, extra in (("plain", []), ("corrected", ["--bias-correction"])):
+        assert main(["restore", str(tmp_path / "biased.nii.gz"), "-m", str(tiny_run / "run"), "-o",
+                     str(tmp_path / name), "--schedule", "5x128", "--device", "cpu", *extra]) == 0
+        record = json.loads((tmp_path / name / "biased_restore.json").read_text())
+        assert json.dumps(record).count('"bias_correction": true') == (1 if extra else 0)
+        maps[name] = np.asarray(nib.load(tmp_path / name / "biased_anomaly.nii.gz").dataobj)
+    assert not np.array_equal(maps["plain"], maps["corrected"])
