@@ -58,6 +58,11 @@ TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
 IF3D, IF2D, MEAN, VAE = "IF 3D", "IF 2D", "mean image", "VAE"
 THRESHOLD, ZSCORE = "thresholding (Meissen 2021)", "z-score (Saase 2020)"
+#: The paper's Table 1 (BraTS 2018 test scans, trained on HCP healthy T2, 160³): IF 3D and its best
+#: VAE-family peer, printed beside a run on the user's own data for comparison.
+PAPER_FIGURES = {"IF 3D (paper)": dict(dice_best=0.681, dice_mean=0.640, dice_std=0.177, ap=0.733, auroc=0.992,
+                                       fpr95=0.0462),
+                 "VQ-VAE (paper)": dict(dice_best=0.568, dice_mean=0.518, dice_std=0.188)}
 
 
 def machine() -> str:
@@ -363,6 +368,14 @@ def accuracy_markdown(result: dict) -> str:
                  f"{len(s['acquisitions'])} acquisitions and {s['n_healthy_test']} unseen healthy scans (in "
                  f"{s['val_acquisition']}); thresholds from {s['n_val']} validation cases (lesion seed {VAL_SEED}, "
                  f"{s['val_acquisition']}); trained on {s['n_healthy']} healthy scans (seed {TRAIN_SEED}).")
+    if "data" in s:
+        lines += ["", "### The paper's figures, for comparison (BraTS 2018, trained on HCP; not this run)", "",
+                  _row(["Paper's method", "[DICE]", "DICE (μ ± σ)", "AP", "AUROC", "FPR@95R"]),
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, f in PAPER_FIGURES.items():
+            lines.append(_row([name, f"{f['dice_best']:.3f}", f"{f['dice_mean']:.3f} ± {f['dice_std']:.3f}",
+                               *(f"{f[k]:.{4 if k == 'fpr95' else 3}f}" if k in f else "—"
+                                 for k in ("ap", "auroc", "fpr95"))]))
     lines += ["", where + " Brain voxels only; lesions: 26-connected components, found when a voxel at or above the "
               f"threshold lies in one. {result.get('method', IF3D)}: {result['model']} ({result['frame']} frame), "
               f"schedule {s['schedule']}."

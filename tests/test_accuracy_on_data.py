@@ -137,6 +137,7 @@ def test_accuracy_on_data_in_the_brats_and_hcp_layouts(data, tmp_path, capsys):
     assert result["setup"]["n_healthy"] == 3 and result["setup"]["data"]["modality"] == "t2"
     md = (tmp_path / "own" / "accuracy.md").read_text()
     assert md.count("| Method | [DICE] |") == 1 and "the test scans themselves" in md
+    assert "| IF 3D (paper) | 0.681 | 0.640 ± 0.177 | 0.733 | 0.992 | 0.0462 |" in md     # beside, for comparison
     assert (tmp_path / "own" / "accuracy.png").is_file()
 
     code, _, err = cli(capsys, "bench", "accuracy", "--healthy", data / "HCP", "--test", data / "BraTS",
