@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: the paper's setting (schedule paper, region full)")
     p.add_argument("--bias-correction", action="store_true",
                    help="divide each scan by its fitted smooth bias field before normalising, for scans that "
-                        "were not bias-corrected (N4) as the model's training scans were (adds a few seconds "
+                        "were not bias-corrected (N4) as the model's training scans were (adds about a second "
                         "per scan)")
     p.add_argument("--slice-step", type=_int_in(1, MAX_RESOLUTION), default=None, metavar="N",
                    help="2D models: restore one axial slice in N, its score filling N slices (default 4, the paper's)")
