@@ -418,4 +418,4 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
                       overwrite=True, force=force, max_voxels=max_voxels)
         save_json(key_file, key)
     volumes, brains, names, manifest = load_prepared(cache_dir, cache_dir)
-    return volumes, brains, names, np.asarray(manifest["centres"]), pc
+    return volumes, brains, names, np.asarray(manifest["centres"]), manifest_preprocess(manifest, pc)

@@ -180,7 +180,8 @@ def test_landmarks_are_checked(bad):
 def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path, capsys):
     """--standardise --percentile-region interior --bias-correction through the CLI: prepare fits the landmarks on the
     scans and records them with the region in manifest.json; the model trained on that folder
-    carries them; restore uses them (a scan's map is written). Raw scans to train do the same."""
+    carries them; restore uses them (a scan's map is written). Raw scans to train do the same
+    through train's cache."""
     import json
 
     from ifad_fast.cli import main
@@ -206,6 +207,11 @@ def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path,
     capsys.readouterr()
     assert main(["train", str(prep), "-o", str(tmp_path / "again"), "--preset", "tiny", "--standardise"]) == 2
     assert "prepared folder" in capsys.readouterr().err
+    # from raw scans: train's cache fits the same landmarks and the model keeps them
+    assert main(["train", str(scan_dir), "-o", str(tmp_path / "raw"), "--preset", "tiny", "--epochs", "1",
+                 "--standardise", "--percentile-region", "interior", "--bias-correction", "--device", "cpu"]) == 0
+    raw = load_model(tmp_path / "raw" / "model.pt").preprocess
+    assert raw.standardise and raw.bias_correction and raw.landmarks == pytest.approx(expected, abs=1e-12)
 
 
 def test_bias_correction_removes_a_smooth_field(hard_and_soft):
