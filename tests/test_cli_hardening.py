@@ -79,10 +79,10 @@ def bad_model(src: Path, dst: Path, change) -> Path:
     return dst
 
 
-# ------------------------------------------------------------------------------ defect 1
+# ------------------------------------------------------------------ interruption
 
 
-def test_defect1_ctrl_c_then_resume_repeats_the_uninterrupted_run(tiny_run, tmp_path):
+def test_ctrl_c_then_resume_repeats_the_uninterrupted_run(tiny_run, tmp_path):
     """SIGINT to a training child after its first checkpoint; resume; the loss log and weights
     equal an uninterrupted run's bit for bit (one thread everywhere, so matmul order is fixed)."""
     prep, interrupted, straight = tiny_run / "prep", tmp_path / "interrupted", tmp_path / "straight"
@@ -119,7 +119,7 @@ def test_defect1_ctrl_c_then_resume_repeats_the_uninterrupted_run(tiny_run, tmp_
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------ defect 2
+# ------------------------------------------------------------------- size limits
 
 
 def _header_only(path: Path, shape, dtype=np.float32) -> Path:
@@ -142,7 +142,7 @@ def _model_with_resolution(tiny_run, tmp_path, resolution):
 
 @pytest.mark.parametrize("what", ["1024³ header", "1024³ header (prepare)", "schedule 1x200000000",
                                   "model resolution 2000", "memory estimate", "prepare --resolution 2000"])
-def test_defect2_size_limits_refused_before_work(tiny_run, tmp_path, capsys, monkeypatch, what):
+def test_size_limits_refused_before_work(tiny_run, tmp_path, capsys, monkeypatch, what):
     model, out = tiny_run / "run", tmp_path / "out"
     good = scan(tmp_path / "in", "good")
     if what == "1024³ header":
@@ -172,7 +172,7 @@ def test_defect2_size_limits_refused_before_work(tiny_run, tmp_path, capsys, mon
     assert time.perf_counter() - t0 < 60          # a generous bound, not a timing: the bomb took 80 s + 8.7 GB
 
 
-# ------------------------------------------------------------------------------ defect 3
+# ----------------------------------------------------- one line, not a traceback
 
 
 def _bad_sform(path: Path, row: int, value: float) -> Path:
@@ -326,7 +326,7 @@ def evaluated(tiny_run):
 
 
 @pytest.mark.parametrize("what", DEFECT3)
-def test_defect3_one_line_not_a_traceback(tiny_run, evaluated, tmp_path, capsys, monkeypatch, what):
+def test_one_line_not_a_traceback(tiny_run, evaluated, tmp_path, capsys, monkeypatch, what):
     args, expect, patch = _defect3_cases(tiny_run, tmp_path, monkeypatch)[what]
     capsys.readouterr()
     if patch:
@@ -339,10 +339,10 @@ def test_defect3_one_line_not_a_traceback(tiny_run, evaluated, tmp_path, capsys,
     assert not [n for n in leftovers(tmp_path) if Path(n).name.startswith(".")]
 
 
-# ------------------------------------------------------------------------------ defect 4
+# ------------------------------------------------------- no silent wrong answers
 
 
-def test_defect4_no_silent_wrong_answers(tiny_run, tmp_path, capsys):
+def test_no_silent_wrong_answers(tiny_run, tmp_path, capsys):
     model, out = tiny_run / "run", tmp_path / "out"
     good = scan(tmp_path / "in", "good")
 
@@ -370,10 +370,10 @@ def test_defect4_no_silent_wrong_answers(tiny_run, tmp_path, capsys):
     assert "NaN" not in summary and json.loads(summary)["final_loss"] is not None
 
 
-# ------------------------------------------------------------------------------ defect 5
+# -------------------------------------------------- outputs never destroy inputs
 
 
-def test_defect5_outputs_never_destroy_inputs(tiny_run, tmp_path, capsys):
+def test_outputs_never_destroy_inputs(tiny_run, tmp_path, capsys):
     model, data = tiny_run / "run", tmp_path / "data"
     for i in range(2):
         scan(data, f"case{i}", seed=30 + i, lesion=True)
@@ -407,10 +407,10 @@ def test_defect5_outputs_never_destroy_inputs(tiny_run, tmp_path, capsys):
     assert outputs_of(out) == []
 
 
-# ------------------------------------------------------------------------------ defect 6
+# ----------------------------------------------------------------------- batches
 
 
-def test_defect6_batches_go_on_and_continue(tiny_run, tmp_path, capsys):
+def test_batches_go_on_and_continue(tiny_run, tmp_path, capsys):
     model, data, out = tiny_run / "run", tmp_path / "data", tmp_path / "out"
     scan(data, "a", seed=40)
     (data / "b.nii.gz").write_bytes(b"\x1f\x8b not really a scan")
@@ -434,7 +434,7 @@ def test_defect6_batches_go_on_and_continue(tiny_run, tmp_path, capsys):
     assert all((out / n).stat().st_mtime_ns != t for n, t in done.items() if n.endswith(".json"))
 
 
-# ------------------------------------------------------------------------------ defect 7
+# --------------------------------------------------------------- crash leftovers
 
 
 def _dead_pid() -> int:
@@ -443,7 +443,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_defect7_no_crash_leftovers(tiny_run, tmp_path, capsys, monkeypatch):
+def test_no_crash_leftovers(tiny_run, tmp_path, capsys, monkeypatch):
     model, data, out = tiny_run / "run", tmp_path / "data", tmp_path / "out"
     scan(data, "a", seed=50)
     scan(data, "b", seed=51)
@@ -485,10 +485,10 @@ def test_defect7_no_crash_leftovers(tiny_run, tmp_path, capsys, monkeypatch):
     assert leftovers(tmp_path / "prep") == []
 
 
-# ------------------------------------------------------------------------------ defect 8
+# ---------------------------------------------------------------------- messages
 
 
-def test_defect8_messages_say_what_happened(tmp_path, capsys, monkeypatch):
+def test_messages_say_what_happened(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     good = scan(tmp_path / "in", "good")
     def prepare(path):

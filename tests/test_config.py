@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -26,8 +27,14 @@ def test_choice_fields_accept_their_values_and_name_them_on_a_typo(cls, field, c
         cfg.from_dict(cls, {field: "typo"})
 
 
-def test_named_schedules_and_presets_are_valid():
-    for schedule in cfg.SCHEDULES.values():
-        cfg.RestoreConfig(**schedule)
-    for preset in cfg.PRESETS.values():
-        cfg.TrainConfig(**dataclasses.asdict(preset.train))
+def test_named_schedules_and_presets_are_valid_and_survive_a_model_file():
+    """Every named schedule and preset builds (its checks pass), has positive steps and points, and
+    comes back equal from the dicts a model file stores (tuples restored from JSON lists)."""
+    for name, schedule in cfg.SCHEDULES.items():
+        rc = cfg.RestoreConfig(**schedule)
+        assert rc.phases and all(steps > 0 and points > 0 for steps, points in rc.phases), name
+        assert cfg.from_dict(cfg.RestoreConfig, json.loads(json.dumps(cfg.to_dict(rc)))) == rc, name
+    for name, preset in cfg.PRESETS.items():
+        for section in (preset.model, preset.preprocess, preset.train):
+            stored = json.loads(json.dumps(dataclasses.asdict(section)))
+            assert cfg.from_dict(type(section), stored) == section, (name, type(section).__name__)
