@@ -40,6 +40,11 @@ from .restore import Restoration, StageTimes, restore_batch
 #: Output name endings of a restored case: <case><suffix>; the JSON is written last.
 OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
                     figure="_figure.png", summary="_restore.json")
+#: The same with `bids=True`: BIDS-derivative names (the source's name kept whole, a desc entity and a
+#: suffix) in the source's sub-<label>[/ses-<label>]/anat folder; the JSON is the map's sidecar.
+BIDS_OUTPUT_FILES = dict(anomaly="_desc-anomaly_map.nii.gz", restoration="_desc-restoration_map.nii.gz",
+                         mask="_desc-anomaly_mask.nii.gz", figure="_desc-anomaly_figure.png",
+                         summary="_desc-anomaly_map.json")
 #: The run's arguments and provenance, written beside its outputs once its first case is.
 RUN_ARGS = "restore_args.json"
 
@@ -274,11 +279,14 @@ class Restorer:
 
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool | str = False, force: bool = False,
-                      max_voxels: int | None = None, shard: tuple[int, int] | None = None) -> list[dict]:
+                      max_voxels: int | None = None, shard: tuple[int, int] | None = None,
+                      bids: bool = False) -> list[dict]:
         """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
         <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
         <case>_figure.png (True, "neurological" or "radiological": see `figures`), and
-        <case>_restore.json last (settings and provenance).
+        <case>_restore.json last (settings and provenance). bids: BIDS-derivative names instead
+        (`BIDS_OUTPUT_FILES`, e.g. sub-01/anat/sub-01_T2w_desc-anomaly_map.nii.gz and its .json
+        sidecar) and out_dir/dataset_description.json.
 
         threshold: None, a number, or "model" (the model's stored threshold). batch: scans
         restored together. existing: what to do with cases whose outputs are already in
@@ -315,14 +323,14 @@ class Restorer:
             provenance["shard"] = list(shard)
         run_args = dict(provenance, inputs=[portable_path(i, out_dir) for i in inputs], threshold=threshold,
                         batch=batch, existing=existing, figure=figure, force=force, max_voxels=max_voxels)
-        plan = {p: case_outputs(out_dir, case_name(p), threshold, figure) for p in paths}
+        plan = {p: case_outputs(out_dir, case_name(p), threshold, figure, bids) for p in paths}
         inputs_resolved = {p.resolve(): p for p in paths}
         for p, files in plan.items():
             for f in files.values():
                 if f.resolve() in inputs_resolved:
                     raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
         states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
-        present = cases_with_outputs(paths, out_dir, threshold, figure)
+        present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
         if present and existing == "refuse":
             shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
             raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
@@ -403,9 +411,11 @@ class Restorer:
                     continue
                 summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
                                                provenance=provenance, figure=figure,
-                                               model_threshold=(model.info or {}).get("threshold")))
+                                               model_threshold=(model.info or {}).get("threshold"), bids=bids))
                 if restored == 0 and (shard is None or shard[0] == 0):
                     save_json(out_dir / RUN_ARGS, run_args)
+                    if bids:
+                        write_bids_description(out_dir)
                 restored += 1
                 left = sum(1 for q in runnable if q not in failed) - restored
                 log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
@@ -443,17 +453,36 @@ def model_grid_maps(result: NativeResult, label=None) -> tuple[np.ndarray, np.nd
     return result.model_grid.anomaly, placement.brain, lab
 
 
-def case_outputs(out_dir, name: str, threshold=None, figure: bool = False) -> dict[str, Path]:
-    """The files restore writes for case `name`, the JSON (the completion marker) last."""
+def bids_folder(name: str) -> Path:
+    """sub-<label>[/ses-<label>]/anat for a BIDS-named case (its sub- and ses- entities), else '.'."""
+    entities = dict(part.split("-", 1) for part in name.split("_") if "-" in part)
+    if "sub" not in entities:
+        return Path(".")
+    return Path(f"sub-{entities['sub']}", *([f"ses-{entities['ses']}"] if "ses" in entities else []), "anat")
+
+
+def case_outputs(out_dir, name: str, threshold=None, figure: bool = False, bids: bool = False) -> dict[str, Path]:
+    """The files restore writes for case `name`, the JSON (the completion marker) last; with `bids`,
+    BIDS-derivative names in the case's sub-<label>[/ses-<label>]/anat folder (BIDS_OUTPUT_FILES)."""
     keys = ["anomaly", "restoration"] + (["mask"] if threshold is not None else []) + \
            (["figure"] if figure else []) + ["summary"]
-    return {k: Path(out_dir) / f"{name}{OUTPUT_FILES[k]}" for k in keys}
+    folder, names = (Path(out_dir) / bids_folder(name), BIDS_OUTPUT_FILES) if bids else (Path(out_dir), OUTPUT_FILES)
+    return {k: folder / f"{name}{names[k]}" for k in keys}
 
 
-def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False) -> list[str]:
+def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False, bids: bool = False) -> list[str]:
     """Names of the cases among `paths` that already have some outputs in `out_dir`."""
     return [case_name(p) for p in paths
-            if _case_state(case_outputs(out_dir, case_name(p), threshold, figure)) != "absent"]
+            if _case_state(case_outputs(out_dir, case_name(p), threshold, figure, bids)) != "absent"]
+
+
+def write_bids_description(out_dir) -> Path:
+    """out_dir/dataset_description.json of a BIDS derivative data set generated by ifad-fast."""
+    return save_json(Path(out_dir) / "dataset_description.json",
+                     dict(Name="ifad-fast anomaly maps", BIDSVersion="1.9.0", DatasetType="derivative",
+                          GeneratedBy=[dict(Name="ifad-fast", Version=_version(),
+                                            Description="implicit-field anomaly detection: anomaly maps "
+                                                        "and restorations of T2-weighted scans")]))
 
 
 def _case_state(files: dict[str, Path], source=None) -> str:
@@ -531,13 +560,13 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
                   device="auto", precision="float32", region="brain", threshold=None, batch: int = 1,
                   progress=True, report=print, existing: str = "refuse", figure: bool = False,
                   force: bool = False, max_voxels: int | None = None, resolution: int | None = None,
-                  shard: tuple[int, int] | None = None) -> list[dict]:
+                  shard: tuple[int, int] | None = None, bids: bool = False) -> list[dict]:
     """`Restorer(model, ...).restore_files(inputs, out_dir, ...)` in one call; rc: the
     RestoreConfig (default: the fast schedule). See `Restorer.restore_files`."""
     _check_files_options(existing, batch)
     restorer = Restorer(model, backend, device, precision, rc or "fast", region, resolution, progress=progress)
     return restorer.restore_files(inputs, out_dir, threshold, batch, report, existing, figure, force, max_voxels,
-                                  shard)
+                                  shard, bids)
 
 
 def _version() -> str:
@@ -565,12 +594,13 @@ def portable_path(path, folder) -> str:
 
 def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc, region,
                   provenance: dict | None = None, figure: bool | str = False,
-                  model_threshold: float | None = None) -> dict:
+                  model_threshold: float | None = None, bids: bool = False) -> dict:
     """Write one case's outputs as a set (see `case_outputs`), the JSON summary last; returns it.
     The figure's colour scale is set by `threshold`, else by the model's own (`model_threshold`)."""
     out_dir = Path(out_dir)
     name = scan.name
-    final = case_outputs(out_dir, name, threshold, figure)
+    final = case_outputs(out_dir, name, threshold, figure, bids)
+    final["summary"].parent.mkdir(parents=True, exist_ok=True)
     with OutputSet() as outputs:
         save_volume(outputs.add(final["anomaly"]), res.anomaly, scan.affine, scan.header)
         save_volume(outputs.add(final["restoration"]), res.restoration, scan.affine, scan.header)
@@ -677,6 +707,7 @@ class RestoreJob:
     resolution: int | None = None
     threads: int | None = None
     bias_correction: bool = False
+    bids: bool = False
 
 
 def with_bias_correction(model: Model) -> Model:
@@ -708,7 +739,7 @@ def restore_shard(job: RestoreJob) -> dict:
         written = restorer.restore_files(job.inputs, job.out_dir, job.threshold, job.batch,
                                          report=lambda line: say(tag + line), existing=job.existing,
                                          figure=job.figure, force=job.force, max_voxels=job.max_voxels,
-                                         shard=(rank, world) if world > 1 else None)
+                                         shard=(rank, world) if world > 1 else None, bids=job.bids)
     except IfadError as exc:
         return dict(written=None, error=str(exc))
     return dict(written=len(written), error=None)

@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
     p.add_argument("--protocol", choices=("paper",), default=None,
                    help="paper: the paper's setting (schedule paper, region full)")
+    p.add_argument("--bids", action="store_true",
+                   help="name the outputs as a BIDS derivative data set: sub-<label>[/ses-<label>]/anat/"
+                        "<case>_desc-anomaly_map.nii.gz with its .json sidecar, _desc-restoration_map, "
+                        "_desc-anomaly_mask, and dataset_description.json")
     p.add_argument("--bias-correction", action="store_true",
                    help="divide each scan by its fitted smooth bias field before normalising, for scans that "
                         "were not bias-corrected (N4) as the model's training scans were (adds about a second "
@@ -535,11 +539,11 @@ def cmd_restore(args):
                 f"region {region}, seed {rc.seed}")
         written = restorer.restore_files(args.inputs, args.output, threshold, args.batch, report=say,
                                          existing=existing, figure=figure, force=args.force,
-                                         max_voxels=args.max_voxels)
+                                         max_voxels=args.max_voxels, bids=args.bids)
         print(f"restored {len(written)} scans -> {args.output}")
         return
     if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
-        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, figure)
+        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, figure, args.bids)
         if present:
             shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
             raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
@@ -549,7 +553,7 @@ def cmd_restore(args):
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
                      batch=args.batch, existing=existing, figure=figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads,
-                     bias_correction=args.bias_correction)
+                     bias_correction=args.bias_correction, bids=args.bids)
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]

@@ -39,7 +39,7 @@ GROUND_TRUTH_SUFFIXES = ("_mask", "_seg", "_dseg", "_label", "_labels", "_lesion
 #: Name endings of files that are not scans: ifad-fast's outputs and ground-truth label maps.
 #: Every search for scans skips them.
 NON_SCAN_SUFFIXES = ("_anomaly", "_restoration", "_pred-mask", "_classes", "_ifad-classes",
-                     "_ifad-brainmask") + GROUND_TRUTH_SUFFIXES
+                     "_ifad-brainmask", "_desc-anomaly_map", "_desc-restoration_map") + GROUND_TRUTH_SUFFIXES
 
 _TEMPORARY = re.compile(r"^\..+\.part(\.[A-Za-z0-9]+)*$")
 _TEMPORARY_PID = re.compile(r"\.(\d+)-[a-z0-9_]+\.part(\.[A-Za-z0-9]+)*$")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import OUTPUT_FILES
+from .api import BIDS_OUTPUT_FILES, OUTPUT_FILES
 from .errors import IfadError
 from .io import GROUND_TRUTH_SUFFIXES, describe_os_error, header_shape, read_volume
 from .limits import check_memory
@@ -34,7 +34,8 @@ MODALITIES = ("t1", "t1ce", "t2", "flair", "t1w", "t2w")
 MAX_LABELS = 64
 _BIDS_IGNORED = ("desc-", "label-", "space-")
 _MAP = OUTPUT_FILES["anomaly"].split(".")[0]                       # _anomaly
-_OURS = tuple(OUTPUT_FILES[k].split(".")[0] for k in ("anomaly", "restoration", "mask"))
+_OURS = tuple(names[k].split(".")[0].lower() for names in (OUTPUT_FILES, BIDS_OUTPUT_FILES)
+              for k in ("anomaly", "restoration", "mask"))
 _FOLDER_HINT = "pass --pairs FILE.csv (header map,mask) naming each case's mask"
 
 

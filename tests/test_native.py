@@ -330,6 +330,36 @@ def test_restore_finds_the_t2w_scans_of_a_bids_root_given_with_i(capsys, tiny_ru
                                                                   "sub-02_ses-1_T2w_restore.json"]
 
 
+def test_restore_bids_writes_a_derivative_data_set(capsys, tiny_run, tmp_path):
+    """--bids: each case's outputs under its sub-/ses-/anat folder with BIDS-derivative names (the map's
+    JSON sidecar last), dataset_description.json as a derivative; --continue then skips both cases, a
+    plain re-run is refused in one line, and the predicted mask is never taken for ground truth."""
+    from ifad_fast.pairing import mask_key
+
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.9.0"}')
+    scan(root / "sub-01" / "anat", "sub-01_T2w")
+    scan(root / "sub-02" / "ses-1" / "anat", "sub-02_ses-1_T2w", seed=2)
+    out = tmp_path / "derivatives" / "ifad"
+    args = ["restore", "-i", root, "-o", out, "-m", tiny_run / "run", "--bids", "--threshold", "1.0", *FAST]
+    code, _, err = cli(capsys, *args)
+    assert code == 0, err
+    for folder, case in (("sub-01/anat", "sub-01_T2w"), ("sub-02/ses-1/anat", "sub-02_ses-1_T2w")):
+        names = sorted(p.name for p in (out / folder).iterdir())
+        assert names == sorted(f"{case}_desc-{n}" for n in ("anomaly_map.nii.gz", "anomaly_map.json",
+                                                             "restoration_map.nii.gz", "anomaly_mask.nii.gz"))
+        sidecar = json.loads((out / folder / f"{case}_desc-anomaly_map.json").read_text())
+        assert sidecar["case"] == case and sidecar["files"]["anomaly"] == f"{case}_desc-anomaly_map.nii.gz"
+        assert mask_key(f"{case}_desc-anomaly_mask") is None
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "ifad-fast"
+    code, out_text, err = cli(capsys, *args, "--continue")
+    assert code == 0 and "2 of 2 cases already done" in out_text + err, err
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and "already holds outputs of sub-01_T2w" in one_error_line(err, "restore")
+
+
 def test_upper_case_extensions_are_scans(capsys, tiny_run, tmp_path):
     img, _ = toy_brain(0)
     (tmp_path / "in").mkdir()
