@@ -365,7 +365,8 @@ class Restorer:
                              f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
             except IfadError as exc:
                 failed[p] = str(exc)
-        clean_stale_temporaries(out_dir)
+        for folder in {out_dir, *(files["summary"].parent for files in plan.values())}:
+            clean_stale_temporaries(folder)                 # --bids writes into the cases' own folders
 
         runnable = [p for p in todo if p not in failed]
         total, done, restored, t_start = len(todo), 0, 0, time.perf_counter()

@@ -354,8 +354,11 @@ def test_restore_bids_writes_a_derivative_data_set(capsys, tiny_run, tmp_path):
         assert mask_key(f"{case}_desc-anomaly_mask") is None
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "ifad-fast"
+    stale = out / "sub-01" / "anat" / ".sub-01_T2w_desc-anomaly_map.999999999-x.part.nii.gz"   # a killed run's
+    stale.write_bytes(b"partial")
     code, out_text, err = cli(capsys, *args, "--continue")
     assert code == 0 and "2 of 2 cases already done" in out_text + err, err
+    assert not stale.exists()
     code, _, err = cli(capsys, *args)
     assert code == 2 and "already holds outputs of sub-01_T2w" in one_error_line(err, "restore")
 
