@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .backends import resolve_backend, resolve_device
+from .engines import resolve_backend, resolve_device
 from .errors import IfadError, out_of_memory
 from .io import (OutputSet, Scan, case_name, check_output_folder, check_scan, clean_stale_temporaries,
                  find_scans, header_shape, load_scan, save_json, save_volume)
@@ -130,7 +130,7 @@ class Restorer:
         summaries = restorer.restore_files(["scans/"], "out/", threshold="model")
 
     Everything a restoration depends on is fixed here and resolved once: the device ('auto':
-    CUDA if present), the backend (a name, 'auto' by `backends.make_backend`'s policy, or a
+    CUDA if present), the backend (a name, 'auto' by `engines.make_backend`'s policy, or a
     Backend already built), the precision, the latent search (`schedule`: fast | paper |
     reference | 'STEPSxK[,STEPSxK...]' or a RestoreConfig; `seed` and keyword `overrides` such as
     lr=... replace its fields), the scored region (brain | full) and the score resolution

@@ -20,6 +20,8 @@ has a cheaper way than the default, `_score_and_classes`, on checked inputs.
 `torch` (TorchBackend) is the reference every fast backend is tested against: the decoder with
 weight norm folded, evaluated in float32 with plain torch ops, autograd for the z-gradient.
 `cpu` is ifad_fast/fast.py (any torch device), `triton` is ifad_fast/triton_backend.py (CUDA).
+Both import this module; which backend a caller gets (names, 'auto', devices) is decided in
+ifad_fast/engines.py, which imports all three, so this module imports neither.
 """
 from __future__ import annotations
 
@@ -33,24 +35,34 @@ import torch
 from .errors import IfadError
 from .model import Decoder, cross_entropy_per_point
 
-BACKENDS = ("auto", "triton", "torch", "cpu")
 # precision name -> storage dtype of the per-point operands. tf32: float32 storage, float32 matmuls
 # on the TF32 tensor cores of a CUDA GPU (10-bit mantissa products, float32 accumulation)
 PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "tf32": torch.float32}
-_PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
+PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
 RUNS = {"float32": ("cpu", "triton", "torch"), "bf16": ("cpu", "triton"), "tf32": ("cpu",)}   # who runs what
 
 
 def parse_precision(name: str, allowed=tuple(PRECISIONS), who: str = "this backend") -> str:
     """'float32' | 'bf16' | 'tf32' (also 'fp32', 'bfloat16') -> the canonical name; IfadError for
     anything else or for a precision that `who` does not run."""
-    canonical = _PRECISION_ALIASES.get(name, name)
+    canonical = PRECISION_ALIASES.get(name, name)
     if canonical not in PRECISIONS:
         raise IfadError(f"unknown precision {name!r}; choose {', '.join(PRECISIONS)}")
     if canonical not in allowed:
         raise IfadError(f"{who} runs in {' or '.join(allowed)} only; use --backend "
                         f"{' or '.join(RUNS[canonical])} for {canonical}")
     return canonical
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU runs bfloat16 matmuls natively (oneDNN reports AVX512-BF16 or AMX);
+    False on AVX2-only CPUs, where torch emulates them several times slower than float32, and
+    when this torch build cannot tell. The bf16 warnings of FastBackend and the Trainer, and the
+    training benchmark's choice of rows, ask this."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class BoundedCache:
@@ -234,89 +246,3 @@ class TorchBackend(Backend):
     def _score_and_classes(self, z, idx, targets, shape):
         logits = self.decoder.logits_at(z[None], idx[None], shape)[0]
         return cross_entropy_per_point(logits, targets), logits.argmax(-1).to(torch.uint8)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; a clear error for unknown or unavailable devices."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise IfadError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise IfadError("CUDA was asked for but this machine has no usable CUDA GPU "
-                        "(or torch was built without CUDA); use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise IfadError(f"device {device!r} is not supported; use cpu, cuda or auto")
-    return dev
-
-
-def resolve_backend(backend, decoder: Decoder, device="auto", precision: str = "float32") -> Backend:
-    """The one place where what a caller asked for becomes a Backend: `backend` a name
-    (BACKENDS; 'auto' picks by `make_backend`'s policy) or a Backend already built; `device` a
-    name ('auto': CUDA if present, see `resolve_device`) or a torch.device. A Backend passed in
-    keeps its own device and precision; naming another device with it is an IfadError."""
-    if isinstance(backend, Backend):
-        if not (isinstance(device, str) and device == "auto"):
-            asked = resolve_device(device) if isinstance(device, str) else torch.device(device)
-            if not _same_device(asked, backend.device):
-                raise IfadError(f"the {backend.name} backend given runs on {backend.device}, not on {asked}; "
-                                "build it on that device or leave the device out")
-        return backend
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    return make_backend(backend, decoder, device, precision)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    if a.type != b.type:
-        return False
-    if a.type != "cuda" or a.index is None or b.index is None:
-        return True
-    return a.index == b.index
-
-
-def make_backend(name: str, decoder: Decoder, device, precision: str = "float32") -> Backend:
-    """Build the named backend on `device` ('auto': `auto_backend`'s choice)."""
-    if name not in BACKENDS:
-        raise IfadError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    device = torch.device(device)
-    if name == "auto":
-        name = auto_backend(decoder.config, device, precision)
-    if name == "torch":
-        return TorchBackend(decoder, device, precision)
-    if name == "cpu":
-        from .fast import FastBackend
-        return FastBackend(decoder, device, precision)
-    from .triton_backend import TritonBackend, triton_unavailable_reason
-    reason = triton_unavailable_reason(device)
-    if reason:
-        raise IfadError(f"the triton backend cannot run here: {reason}; use --backend cpu or torch")
-    return TritonBackend(decoder, device, precision)
-
-
-def auto_backend(mc, device, precision: str = "float32") -> str:
-    """The backend 'auto' picks: 'triton' for bf16 on a CUDA GPU where the triton backend runs and
-    its bf16 kernel was checked on this GPU family for this model (triton_backend.HARDWARE_CHECKED);
-    'cpu' (FastBackend, any device) otherwise.
-
-    Measured on an NVIDIA H200 (paper-size decoder, one 160³ scan, warm): paper schedule torch
-    3.67 s, cpu float32 3.69, triton float32 3.97, triton bf16 1.88; fast schedule torch 1.13,
-    cpu 0.91, triton float32 1.11, triton bf16 0.90. So the triton float32 path is never picked.
-    """
-    device = torch.device(device)
-    if _PRECISION_ALIASES.get(precision, precision) == "bf16" and _triton_usable(device):
-        from .triton_backend import hardware_check_error
-        if hardware_check_error(mc, device, "bf16") is None:
-            return "triton"
-    return "cpu"
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        from .triton_backend import triton_unavailable_reason
-    except ImportError:
-        return False
-    return triton_unavailable_reason(device) is None

@@ -498,7 +498,7 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     healthy training scans, a 300-step VAE. Returns the result dict (as written to accuracy.json).
     """
     from .acquisition import reacquire
-    from .backends import resolve_device
+    from .engines import resolve_device
     from .synth import generate_healthy, generate_lesion
 
     device = resolve_device(device)
@@ -585,7 +585,7 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
     healthy case). healthy, test, validation: folders in a layout `layouts.find_cases` reads
     (ours, BraTS, HCP, BIDS) or CSVs of scan,mask; `modality` picks the scans where several are
     given. Writes accuracy.json, accuracy.md and accuracy.png to `out_dir`; returns the result."""
-    from .backends import resolve_device
+    from .engines import resolve_device
     from .layouts import find_cases
     from .preprocess import to_model_grid
 

@@ -385,7 +385,7 @@ def cmd_train(args):
     this command, rank 0 preparing the data while the others wait.
     """
     from . import config as cfg
-    from .backends import resolve_device
+    from .engines import resolve_device
     from .dataset import MANIFEST, training_volumes
     from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
@@ -501,7 +501,7 @@ def cmd_restore(args):
     """
     from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
                       restore_shard, with_bias_correction)
-    from .backends import resolve_device
+    from .engines import resolve_device
     from .distributed import launch
     from .extras import require
     from .io import find_scans

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import PRECISIONS, Backend, BoundedCache
+from .backends import PRECISIONS, Backend, BoundedCache, cpu_has_native_bf16
 from .errors import IfadError
 from .model import Decoder, axis_encoding
 
@@ -71,13 +71,6 @@ def default_chunk(device: torch.device) -> int:
 def _threshold_backward_(grad: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
     """grad *= (act > 0), in place, one pass, no temporary mask."""
     return torch.ops.aten.threshold_backward.grad_input(grad, act, 0, grad_input=grad)
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _cast_into(buf: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +157,7 @@ class FastBackend(Backend):
         self.WoT, self.Wo, self.bo = Wo.t().contiguous(), Wo.contiguous(), bo
         self.widths = [ws[i][0].shape[0] for i in range(n_hidden)]     # outputs of hidden layers
         self.n_classes = Wo.shape[0]
-        if cd != torch.float32 and self.device.type == "cpu" and not _cpu_has_native_bf16():
+        if cd != torch.float32 and self.device.type == "cpu" and not cpu_has_native_bf16():
             warnings.warn("precision='bf16' on a CPU without native bf16 instructions: torch's bf16 "
                           "matmuls are emulated here and run several times slower than float32",
                           RuntimeWarning, stacklevel=2)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from . import config as cfg
-from .backends import check_classes, resolve_backend
+from .backends import check_classes
+from .engines import resolve_backend
 from .errors import IfadError
 from .model import Model
 from .progress import progress_bar

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from . import config as cfg
 from . import reference as paper
 from . import train_speed
-from .backends import TorchBackend, resolve_backend, resolve_device
+from .backends import TorchBackend
+from .engines import resolve_backend, resolve_device
 from .benchmark import machine
 from .fast import FastBackend
 from .model import Decoder, layer_shapes

@@ -248,7 +248,7 @@ class Trainer:
             raise IfadError(f"unknown training step {step!r}; choose {' or '.join(STEPS)}")
         self.device = torch.device(device)
         if precision == "bf16" and self.device.type == "cpu":
-            from .fast import _cpu_has_native_bf16
+            from .backends import cpu_has_native_bf16 as _cpu_has_native_bf16
             if not _cpu_has_native_bf16():
                 import warnings
                 warnings.warn("precision='bf16' on a CPU without native bf16 instructions: its bf16 matmuls "

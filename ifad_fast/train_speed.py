@@ -130,9 +130,9 @@ def training(quick: bool = False, device="cpu", report=print) -> dict:
     """The training rows: the paper preset's step (batch 6 × 16,200; --quick: the small preset,
     4 × 4,096; bf16 only on CUDA or CPUs with native bf16) and 1 → 2 process scaling."""
     device = torch.device(device)
-    from .fast import _cpu_has_native_bf16
+    from .backends import cpu_has_native_bf16
     variants = STEP_VARIANTS
-    if device.type == "cpu" and not _cpu_has_native_bf16():     # emulated: ~15× slower, not worth timing
+    if device.type == "cpu" and not cpu_has_native_bf16():     # emulated: ~15× slower, not worth timing
         variants = tuple(v for v in variants if v[1] != "bf16")
     if quick:
         steps = step_rows("small", 4, 4096, device, repeats=2, variants=variants)

@@ -1,6 +1,7 @@
 """The backend contract (ifad_fast/backends.py): one set of input checks, precision names and
-cache policy for every backend. Numbers are compared in test_fast_backend.py (cpu vs torch) and
-test_triton_kernels.py (triton, interpreted); this file checks what the contract promises.
+cache policy for every backend; and the choice of backend (ifad_fast/engines.py). Numbers are
+compared in test_fast_backend.py (cpu vs torch) and test_triton_kernels.py (triton,
+interpreted); this file checks what the contract promises.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from helpers import base_seed, random_batch, random_decoder, rel
 
 from ifad_fast import config as cfg
-from ifad_fast.backends import Backend, BoundedCache, TorchBackend, make_backend, parse_precision
+from ifad_fast.backends import Backend, BoundedCache, TorchBackend, parse_precision
+from ifad_fast.engines import auto_backend, make_backend
 from ifad_fast.errors import IfadError
 from ifad_fast.fast import FastBackend
 from ifad_fast.model import axis_encoding, positional_encoding, voxel_coords
@@ -136,7 +138,6 @@ def test_tf32_is_a_cuda_precision_refused_elsewhere(tmp_path, capsys):
 
 def test_auto_picks_the_cpu_backend_off_cuda():
     dec = random_decoder(MC, base_seed())
-    from ifad_fast.backends import auto_backend
     for precision in ("float32", "bf16", "fp32"):
         assert auto_backend(MC, "cpu", precision) == "cpu"
     assert isinstance(make_backend("auto", dec, "cpu"), FastBackend)
@@ -147,18 +148,17 @@ def pretend_cuda(monkeypatch):
     """A pretended CUDA GPU of compute capability cc (set `pretend_cuda(cc)`) on which the triton
     backend could run: enough to reach the hardware gate, which acts before any GPU work."""
     pytest.importorskip("triton", reason="triton is not installed: the gate names triton's GPU families")
-    import ifad_fast.backends as backends
+    import ifad_fast.engines as engines
     import ifad_fast.triton_backend as tb
 
     def set_cc(cc):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(cc, 10))
-        monkeypatch.setattr(backends, "_triton_usable", lambda device: torch.device(device).type == "cuda")
+        monkeypatch.setattr(engines, "_triton_usable", lambda device: torch.device(device).type == "cuda")
         monkeypatch.setattr(tb, "triton_unavailable_reason", lambda device: None)
     return set_cc
 
 
 def test_auto_picks_triton_only_for_hardware_checked_bf16(pretend_cuda):
-    from ifad_fast.backends import auto_backend
     paper, small = cfg.ModelConfig(), cfg.get_preset("small").model
     pretend_cuda(90)
     assert auto_backend(paper, "cuda", "bf16") == "triton"
