@@ -29,22 +29,14 @@ import torch
 from . import config as cfg
 from .engines import resolve_backend, resolve_device
 from .errors import IfadError, out_of_memory
-from .io import (OutputSet, Scan, case_name, check_output_folder, check_scan, clean_stale_temporaries,
-                 find_scans, header_shape, load_scan, save_json, save_volume)
+from .io import (BIDS_OUTPUT_FILES, OUTPUT_FILES, OutputSet, Scan, case_name, check_output_folder, check_scan,
+                 clean_stale_temporaries, find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .progress import command_line, duration, say
 from .restore import Restoration, StageTimes, restore_batch
 
-#: Output name endings of a restored case: <case><suffix>; the JSON is written last.
-OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
-                    figure="_figure.png", summary="_restore.json")
-#: The same with `bids=True`: BIDS-derivative names (the source's name kept whole, a desc entity and a
-#: suffix) in the source's sub-<label>[/ses-<label>]/anat folder; the JSON is the map's sidecar.
-BIDS_OUTPUT_FILES = dict(anomaly="_desc-anomaly_map.nii.gz", restoration="_desc-restoration_map.nii.gz",
-                         mask="_desc-anomaly_mask.nii.gz", figure="_desc-anomaly_figure.png",
-                         summary="_desc-anomaly_map.json")
 #: The run's arguments and provenance, written beside its outputs once its first case is.
 RUN_ARGS = "restore_args.json"
 

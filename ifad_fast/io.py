@@ -40,6 +40,15 @@ GROUND_TRUTH_SUFFIXES = ("_mask", "_seg", "_dseg", "_label", "_labels", "_lesion
 #: Every search for scans skips them.
 NON_SCAN_SUFFIXES = ("_anomaly", "_restoration", "_pred-mask", "_classes", "_ifad-classes",
                      "_ifad-brainmask", "_desc-anomaly_map", "_desc-restoration_map") + GROUND_TRUTH_SUFFIXES
+#: Output name endings of a restored case, <case><suffix> (written by api.py, paired back by
+#: pairing.py); the JSON is written last.
+OUTPUT_FILES = dict(anomaly="_anomaly.nii.gz", restoration="_restoration.nii.gz", mask="_pred-mask.nii.gz",
+                    figure="_figure.png", summary="_restore.json")
+#: The same with `bids=True`: BIDS-derivative names (the source's name kept whole, a desc entity and a
+#: suffix) in the source's sub-<label>[/ses-<label>]/anat folder; the JSON is the map's sidecar.
+BIDS_OUTPUT_FILES = dict(anomaly="_desc-anomaly_map.nii.gz", restoration="_desc-restoration_map.nii.gz",
+                         mask="_desc-anomaly_mask.nii.gz", figure="_desc-anomaly_figure.png",
+                         summary="_desc-anomaly_map.json")
 
 _TEMPORARY = re.compile(r"^\..+\.part(\.[A-Za-z0-9]+)*$")
 _TEMPORARY_PID = re.compile(r"\.(\d+)-[a-z0-9_]+\.part(\.[A-Za-z0-9]+)*$")

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import BIDS_OUTPUT_FILES, OUTPUT_FILES
 from .errors import IfadError
-from .io import GROUND_TRUTH_SUFFIXES, describe_os_error, header_shape, read_volume
+from .io import BIDS_OUTPUT_FILES, GROUND_TRUTH_SUFFIXES, OUTPUT_FILES, describe_os_error, header_shape, read_volume
 from .limits import check_memory
 
 #: Modality suffixes stripped from a map's case name to find its mask (any letter case).

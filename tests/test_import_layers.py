@@ -20,11 +20,9 @@ KERNELS = ROOT / "kernels"
 # Strongly connected components of the import graph still present, each a frozenset of module
 # names. restore <-> slices: slices scores a restoration, restore imports slices' helpers.
 # benchmark -> speed -> train_speed -> speed, speed -> benchmark.machine: the speed tables.
-# pairing -> api.OUTPUT_FILES, api -> pairing (evaluate_folders).
 KNOWN_CYCLES = {
     frozenset({"restore", "slices"}),
     frozenset({"benchmark", "speed", "train_speed"}),
-    frozenset({"api", "pairing"}),
 }
 BACKEND_LAYER = {"backends", "fast", "triton_backend", "engines"}
 
