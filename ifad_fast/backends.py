@@ -75,6 +75,8 @@ class BoundedCache:
         self._items: OrderedDict = OrderedDict()
 
     def get(self, key, make):
+        """The value cached under `key`, now the most recently used; else make() stored under it
+        (dropping the least recently used entry past `size`)."""
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]

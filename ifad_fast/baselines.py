@@ -137,6 +137,7 @@ class Thresholding:
     name = "thresholding"
 
     def fit(self, volumes=None) -> "Thresholding":
+        """Nothing to learn: returns self (`volumes` is ignored; the same call as the other baselines)."""
         return self
 
     def score(self, volume: np.ndarray) -> np.ndarray:

@@ -66,6 +66,8 @@ PAPER_FIGURES = {"IF 3D (paper)": dict(dice_best=0.681, dice_mean=0.640, dice_st
 
 
 def machine() -> str:
+    """One line naming this machine for a results table: CPU model, core count, the CUDA GPU if
+    any, torch's version."""
     import os
     import torch
     cpu = platform.processor() or platform.machine()

@@ -65,6 +65,7 @@ class Scan:
 
     @property
     def name(self) -> str:
+        """The case name: the file name without its NIfTI suffix (`case_name`); 'scan' without a path."""
         return case_name(self.path) if self.path is not None else "scan"
 
 

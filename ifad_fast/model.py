@@ -95,6 +95,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(wrap(nn.Linear(i, o)) for o, i in layer_shapes(mc))
 
     def forward(self, z: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
+        """z (N, D) float32 and enc (N, 6L) float32 (the positional encoding of N points) ->
+        (N, C) float32 logits; [z, enc] is fed again beside layer latent_in's input."""
         mc = self.config
         x = torch.cat((z, enc), dim=-1)
         h = x
@@ -148,6 +150,7 @@ class Model:
 
     @property
     def config(self) -> cfg.ModelConfig:
+        """The decoder's ModelConfig."""
         return self.decoder.config
 
     def to_payload(self) -> dict:

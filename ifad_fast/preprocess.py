@@ -338,6 +338,8 @@ class GridMap:
 
     @classmethod
     def for_shape(cls, shape, resolution: int) -> "GridMap":
+        """The map of a native volume of `shape` (X, Y, Z): padded, centred, to a cube of its largest
+        side, resampled to resolution³."""
         cube = max(shape)
         offset = tuple((cube - s) // 2 for s in shape)
         return cls(tuple(int(s) for s in shape), int(cube), offset, int(resolution))
@@ -395,10 +397,12 @@ class IntensityEncoder:
 
     @property
     def n_classes(self) -> int:
+        """The number of centres, C (class ids 0..C-1; 0 is the background)."""
         return self.centres.size
 
     @classmethod
     def preset(cls, name: str) -> "IntensityEncoder":
+        """The encoder of a named set of centres ('hcp-t2': the paper's HCP T2 centres); IfadError otherwise."""
         if name == "hcp-t2":
             return cls(cfg.HCP_T2_CENTRES)
         raise IfadError(f"unknown centre preset {name!r}; use hcp-t2 or a JSON file of centres")
@@ -440,6 +444,7 @@ class IntensityEncoder:
         return self.centres[classes].astype(np.float32)
 
     def save(self, path) -> Path:
+        """The centres as JSON {"centres": [...]} at `path` (what `load` reads back); returns the path."""
         from .io import save_json
         return save_json(path, {"centres": self.centres.tolist()})
 
@@ -483,6 +488,7 @@ class Placement:
 
     @property
     def shape(self) -> tuple:
+        """The score grid's shape, (resolution,) * 3."""
         return (self.resolution,) * 3
 
     @property

@@ -146,6 +146,8 @@ def training(quick: bool = False, device="cpu", report=print) -> dict:
 
 
 def format_training(r: dict) -> str:
+    """The Markdown tables of `training`'s result: seconds per step by implementation and precision
+    (speed-up against the plain step), then seconds per epoch by number of processes."""
     lines = ["| training step | batch | implementation | precision | seconds/step (median) | "
              "s/epoch/scan | model TFLOP/s | vs plain |", "|---|---|---|---|---:|---:|---:|---:|"]
     base = next(s["seconds"] for s in r["steps"] if s["step"] == "plain")

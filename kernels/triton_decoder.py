@@ -340,6 +340,7 @@ class TileConfig:
     maxnreg: int | None = None    # ptxas register cap (None: ptxas' own heuristic)
 
     def launch_options(self) -> dict:
+        """Keyword arguments of a kernel launch: num_warps, num_stages, and maxnreg when set."""
         opts = dict(num_warps=self.num_warps, num_stages=self.num_stages)
         if self.maxnreg is not None:
             opts["maxnreg"] = self.maxnreg
@@ -456,34 +457,44 @@ class Dims:
 
     @property
     def G(self):
+        """Width of the positional encoding γ(p): 6L."""
         return 6 * self.L
 
     @property
     def HR(self):
+        """Width of the h block of layer LI's input [h, z, γ]: H - D - G."""
         return self.H - self.D - self.G
 
     @property
     def HP(self):
+        """H padded to a multiple of BLOCK_N."""
         return _ceil(self.H, self.BLOCK_N)
 
     @property
     def HRP(self):
+        """HR padded to a multiple of BLOCK_N."""
         return _ceil(self.HR, self.BLOCK_N)
 
     @property
     def GP(self):
+        """G padded to a power of two (at least 16)."""
         return _pow2_at_least(self.G)
 
     @property
     def CP(self):
+        """C (classes) padded to a power of two (at least 16)."""
         return _pow2_at_least(self.C)
 
     @property
     def SW(self):
+        """Slot width: columns of a scratch slot and of the packed weights, the widest of HP, GP
+        and CP rounded up to BLOCK_N."""
         return max(self.HP, _ceil(self.GP, self.BLOCK_N), _ceil(self.CP, self.BLOCK_N))
 
     @property
     def RW(self):
+        """Rows of each packed forward weight matrix: SW, or HRP + GP when layer LI's [h, γ] input
+        is wider."""
         return max(self.SW, self.HRP + self.GP)
 
     def nslot(self, need_grad: bool) -> int:
@@ -629,6 +640,8 @@ class FusedPointLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, pack, idx, targets, shape, table):
+        """z (B, D) float32, idx (B, K, 3) int, targets (B, K) int, table (X+Y+Z, 2L) float32 ->
+        (B,) float32 mean cross-entropy; saves Σδ_0 and Σδ_LI for backward when z needs a gradient."""
         need_grad = ctx.needs_input_grad[0]
         with torch.no_grad():
             bias = pack.scan_bias(z.detach())
@@ -644,6 +657,7 @@ class FusedPointLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """grad_out (B,) -> dL/dz (B, D) in z's dtype (None for the other inputs)."""
         s0, sr = ctx.saved_tensors
         pack = ctx.pack
         g = (grad_out.to(torch.float32) / ctx.K)[:, None]
