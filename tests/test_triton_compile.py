@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -112,12 +113,23 @@ def test_compiles_without_spills(compiled, cc, precision, record_property):
         assert r["REG"] <= 255, r
 
 
+# How ptxas and Triton refuse code for an architecture that lacks a feature ("Feature '.bf16'
+# requires .target sm_80 or higher", "... is not supported on sm_61"): the one failure on sm_61
+# that is a record, not a bug. Any other error fails the test.
+MISSING_ARCH_FEATURE = re.compile(r"requires (\.target )?sm_?\d+ or higher|not supported (on|by|for) (sm_?\d+|"
+                                  r"this (gpu|architecture|target))|unsupported (gpu )?(architecture|target)", re.I)
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_gtx1070_sm61(compiled, precision, record_property):
     r = _get(compiled, LEGACY_CC, precision)
     record_property("resources", r)
     if "error" in r:
-        pytest.xfail(f"Triton does not compile the kernel for sm_61 ({precision}): {r['error']}")
+        missing = MISSING_ARCH_FEATURE.search(r["error"])
+        if missing:
+            pytest.xfail(f"sm_61 lacks what the {precision} kernel needs ({missing.group(0)}): {r['error']}")
+        pytest.fail(f"sm_61 {precision}: the compile failed for another reason than a missing architecture "
+                    f"feature: {r['error']}")
     # Compiles; sm_61 has no tensor cores at all (bf16 is emulated and spills), so the backend
     # refuses cc < 8.0 and this is a record, not a gate.
     assert r.get("REG", 0) > 0, r
