@@ -12,8 +12,7 @@ import pytest
 from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE
 from ifad_fast.errors import IfadError
 from ifad_fast.layouts import find_cases
-from conftest import toy_brain, write_nifti
-from test_cli_hardening import cli, leftovers, one_error_line
+from helpers import cli, leftovers, one_error_line, toy_brain, write_nifti
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = np.zeros((4, 4, 4), np.float32)

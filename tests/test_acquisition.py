@@ -8,7 +8,7 @@ import pytest
 from ifad_fast.acquisition import (ACQUISITIONS, HELD_OUT, Acquisition, get_acquisitions, reacquire, resample,
                                    target_grid)
 from ifad_fast.errors import IfadError
-from helpers import numpy_rng, seed_note
+from helpers import numpy_rng, seed_note, world_of
 
 CENTRE = np.array([4.0, -18.0, 12.0])        # world mm of the toy brain's centre
 RADII = np.array([30.0, 36.0, 27.0])         # its semi-axes (mm)
@@ -29,11 +29,6 @@ def field(world: np.ndarray) -> np.ndarray:
     x, y, z = world[..., 0], world[..., 1], world[..., 2]
     return (2.5 + np.sin(2 * np.pi * x / 70 + 0.3) + 0.6 * np.cos(2 * np.pi * y / 90) * np.sin(2 * np.pi * z / 60 + 1)
             + 0.004 * y)
-
-
-def world_of(shape, affine) -> np.ndarray:
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
 
 
 def ellipsoid_r(world) -> np.ndarray:

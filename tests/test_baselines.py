@@ -7,14 +7,13 @@ from ifad_fast import config as cfg
 from ifad_fast.baselines import (DenseVAE, MeanImage, Thresholding, VAEConfig, ZScore, anomaly_map, equalise,
                                  make_baseline, vae_loss)
 from ifad_fast.errors import IfadError
-from conftest import AFFINE, toy_brain
-from helpers import base_seed, numpy_rng, seed_note
+from helpers import AFFINE, base_seed, numpy_rng, seed_note, toy_brain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY_VAE = VAEConfig(channels=(4, 8), steps=60, batch=8, lr=3e-3, seed=0)
 
 
-def toy_volumes(n, size=16, offset=0):
+def toy_images(n, size=16, offset=0):
     """n model-grid-like volumes (size³) in [0, 1]: ellipsoid brains with three tissues."""
     rng = numpy_rng(offset)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
@@ -27,11 +26,11 @@ def toy_volumes(n, size=16, offset=0):
 
 
 def test_mean_image_against_numpy():
-    vols = toy_volumes(4)
+    vols = toy_images(4)
     b = MeanImage().fit(iter(vols))
     mean = np.mean(np.stack(vols).astype(np.float64), axis=0)
     assert np.abs(b.mean - mean).max() < 1e-6
-    x = toy_volumes(1, offset=9)[0]
+    x = toy_images(1, offset=9)[0]
     assert np.abs(b.score(x) - np.abs(x - mean)).max() < 1e-6
     with pytest.raises(IfadError):
         b.score(np.zeros((8, 8, 8), np.float32))
@@ -42,12 +41,12 @@ def test_mean_image_against_numpy():
 def test_z_score_against_numpy():
     """|x − mean| / max(std (ddof 0), floor) voxel by voxel; a voxel equal in every healthy volume
     (σ = 0) is divided by the floor."""
-    vols = toy_volumes(5)
+    vols = toy_images(5)
     vols[2][3, 4, 5] = vols[0][3, 4, 5]                       # outside the brains every volume is 0: σ = 0
     b = ZScore(min_sigma=0.03).fit(iter(vols))
     stack = np.stack(vols).astype(np.float64)
     sigma = np.maximum(stack.std(axis=0), 0.03)
-    x = toy_volumes(1, offset=9)[0]
+    x = toy_images(1, offset=9)[0]
     want = np.abs(x - stack.mean(axis=0)) / sigma
     assert np.abs(b.score(x) - want).max() < 1e-5 * want.max()
     assert b.sigma[0, 0, 0] == np.float32(0.03) and b.score(x).dtype == np.float32
@@ -69,7 +68,7 @@ def test_thresholding_is_the_equalised_intensity():
     want = np.zeros_like(x)
     for idx in zip(*np.nonzero(x)):
         want[idx] = np.mean(values <= x[idx])
-    got = Thresholding().fit(toy_volumes(2)).score(x)
+    got = Thresholding().fit(toy_images(2)).score(x)
     assert got.dtype == np.float32 and np.abs(got - want).max() < 1e-6
     assert np.array_equal(equalise(x), got) and np.all(got[0] == 0) and got.max() == 1.0
     assert not equalise(np.zeros((3, 3, 3))).any()
@@ -90,7 +89,7 @@ def test_vae_loss_against_formula():
 def test_vae_trains_and_scores():
     """A few steps on tiny volumes: the loss falls, the score map has the input's shape, and the
     same seed gives the same run (another seed another)."""
-    vols = toy_volumes(3)
+    vols = toy_images(3)
     vae = DenseVAE(TINY_VAE).fit(vols, progress=False)
     first, last = np.mean(vae.losses[:5]), np.mean(vae.losses[-5:])
     assert last < 0.7 * first, (first, last, seed_note())

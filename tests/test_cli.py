@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 
 from ifad_fast.cli import main
-from conftest import AFFINE, toy_brain, write_nifti
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import AFFINE, cli, toy_brain, write_nifti
 
 
 def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
@@ -29,7 +23,7 @@ def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
         write_nifti(masks / f"case{i}_mask.nii.gz", mask)
         shapes[f"case{i}"] = img.shape
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "restore", lesions, "-m", root / "run", "-o", out, "--threshold", "0.5",
+    code, stdout, err = cli(capsys, "restore", lesions, "-m", root / "run", "-o", out, "--threshold", "0.5",
                             "--schedule", "20x256", "--backend", "torch", "--device", "cpu")
     assert code == 0, err
     assert "case0" in stdout and "case1" in stdout
@@ -39,7 +33,7 @@ def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
             assert img.shape == shape and img.get_data_dtype() == dtype
             np.testing.assert_allclose(img.affine, AFFINE)
         assert json.loads((out / f"{name}_restore.json").read_text())["backend"] == "torch"
-    code, stdout, err = run(capsys, "evaluate", "--scores", out, "--masks", masks, "-o", out)
+    code, stdout, err = cli(capsys, "evaluate", "--scores", out, "--masks", masks, "-o", out)
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("dice_best", "dice_mean", "dice_std", "ap", "auroc", "fpr95", "threshold", "n_cases"):
@@ -50,11 +44,11 @@ def test_prepare_train_restore_evaluate(tiny_run, tmp_path, capsys):
 
 def test_resume_through_cli(tiny_run, tmp_path, capsys):
     prep = tiny_run / "prep"
-    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
+    code, _, err = cli(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
     assert code == 0
-    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
+    code, _, err = cli(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "2", "--device", "cpu")
     assert code == 2 and "--resume" in err
-    code, _, err = run(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "3",
+    code, _, err = cli(capsys, "train", prep, "-o", tmp_path / "r", "--preset", "tiny", "--epochs", "3",
                        "--device", "cpu", "--resume")
     assert code == 0, err
     assert len((tmp_path / "r" / "loss.jsonl").read_text().splitlines()) == 3
@@ -89,7 +83,7 @@ def test_user_errors_exit_2_with_one_line(tiny_run, tmp_path, capsys, what):
     if what == "cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU, so asking for cuda is not an error here")
     args = _user_errors(tiny_run, tmp_path)[what]
-    code, _, err = run(capsys, *args)
+    code, _, err = cli(capsys, *args)
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err
@@ -111,11 +105,11 @@ def test_console_script_help_and_version():
 
 def test_synth_voxel_mm(tmp_path, capsys):
     """`synth --voxel-mm` sets the voxel size in mm (`--resolution` is the grid size elsewhere)."""
-    code, out, _ = run(capsys, "synth", "-o", tmp_path / "s", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4)
+    code, out, _ = cli(capsys, "synth", "-o", tmp_path / "s", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4)
     assert code == 0 and "1 healthy" in out
     img = nib.load(tmp_path / "s" / "healthy" / "healthy_0000.nii.gz")
     assert np.allclose(img.header.get_zooms(), (4.0, 4.0, 4.0))
-    code, _, err = run(capsys, "synth", "-o", tmp_path / "t", "--healthy", 1, "--voxel-mm", 0.1)
+    code, _, err = cli(capsys, "synth", "-o", tmp_path / "t", "--healthy", 1, "--voxel-mm", 0.1)
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "t" / "healthy").exists()
     assert main(["synth", "-o", str(tmp_path / "u"), "--resolution", "2"]) == 2
 

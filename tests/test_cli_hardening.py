@@ -27,57 +27,7 @@ import pytest
 import torch
 
 from ifad_fast.cli import main
-from conftest import AFFINE, toy_brain, write_nifti
-
-FAST = ["--schedule", "10x256", "--backend", "torch", "--device", "cpu"]
-
-
-def cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error_line(err: str, command: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"ifad-fast {command}: error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Every file under `folder` (recursively), as names relative to it."""
-    if not folder.exists():
-        return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-
-
-def outputs_of(folder: Path) -> list[str]:
-    """ifad-fast outputs and temporaries (anything but the toy inputs) in `folder`."""
-    return [n for n in leftovers(folder) if n.startswith(".") or any(
-        s in n for s in ("_anomaly", "_restoration", "_pred-mask", "_restore.json", "_figure", "_classes",
-                         "_ifad-classes", "_ifad-brainmask", "volumes.npy", "brains.npy",
-                         "manifest.json", "metrics.json", "model.pt", "checkpoint.pt"))]
-
-
-def scan(folder: Path, name: str, seed: int = 0, lesion: bool = False, affine=AFFINE, **kw) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    img, mask = toy_brain(seed, lesion=lesion, **kw)
-    path = write_nifti(folder / f"{name}.nii.gz", img, affine)
-    if lesion:
-        write_nifti(folder / f"{name}_mask.nii.gz", mask, affine)
-    return path
-
-
-def bad_model(src: Path, dst: Path, change) -> Path:
-    """A copy of the model file `src` with `change(payload, meta)` applied."""
-    payload = torch.load(src, map_location="cpu", weights_only=True)
-    meta = json.loads(payload["meta"])
-    change(payload, meta)
-    payload["meta"] = json.dumps(meta)
-    torch.save(payload, dst)
-    return dst
-
+from helpers import AFFINE, FAST, bad_model, cli, leftovers, one_error_line, outputs_of, scan, toy_brain, write_nifti
 
 # ------------------------------------------------------------------ interruption
 
@@ -595,6 +545,7 @@ def test_train_provenance_and_a_loss_line_every_epoch(tiny_run, tmp_path, monkey
     assert [r["epoch"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_paper_preset_on_cpu_warns_with_an_estimate(tmp_path, capsys):
     from ifad_fast import config as cfg
     from ifad_fast.train import estimate_seconds

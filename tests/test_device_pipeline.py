@@ -7,9 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import AFFINE
-from helpers import base_seed, numpy_rng, seed_note
-from test_restorer import random_model, scans
+from helpers import AFFINE, base_seed, numpy_rng, random_model, seed_note, toy_scans
 
 from ifad_fast import config as cfg
 from ifad_fast.api import Restorer
@@ -28,7 +26,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_device_pipeline_equals_the_host_pipeline(frame, resolution):
     """Fresh random scans and model, a batch of two: classes bit for bit, maps to 1e-5."""
     model = random_model(base_seed() + 1, frame)
-    imgs = scans(2, offset=20)
+    imgs = toy_scans(2, offset=20)
     kw = dict(schedule=SCHEDULE, seed=base_seed() % 1000, resolution=resolution, brain_fraction=0.5)
     host = Restorer(model, "cpu", "cpu", pipeline="host", **kw)
     dev = Restorer(model, "cpu", "cpu", pipeline="device", **kw)
@@ -192,7 +190,7 @@ def test_cuda_pipeline_prepares_like_the_host_and_runs():
     from ifad_fast.preprocess import IntensityEncoder, prepare
 
     model = random_model(base_seed() + 4)
-    img = scans(1, offset=30)[0]
+    img = toy_scans(1, offset=30)[0]
     enc, pc = IntensityEncoder(model.centres.numpy()), model.preprocess
     host = prepare(img, enc, pc, 3, AFFINE)
     dev = prepare(torch.from_numpy(img).cuda(), enc, pc, 3, AFFINE)

@@ -8,7 +8,7 @@ import torch
 
 from ifad_fast.cli import main
 from ifad_fast.model import load_model
-from conftest import toy_brain, write_nifti
+from helpers import toy_brain, write_nifti
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def assert_same_state(a, b):
     torch.testing.assert_close(ma.latents, mb.latents, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_under_one(prepared, tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     train(prepared, one, 5)
@@ -60,6 +61,7 @@ def test_two_processes_equal_one_and_resume_under_one(prepared, tmp_path, capsys
     assert_same_state(two, one)
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_two(prepared, tmp_path):
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     train(prepared, one, 4)
@@ -82,6 +84,7 @@ def test_process_count_errors(prepared, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_sharded_restore_writes_each_case_once_and_continue_skips_finished(prepared, tmp_path, capfd):
     import nibabel as nib
 

@@ -7,9 +7,7 @@ import json
 import numpy as np
 
 from ifad_fast.metrics import evaluate
-from conftest import AFFINE, toy_brain, write_nifti
-from helpers import numpy_rng
-from test_cli_hardening import cli, one_error_line
+from helpers import AFFINE, cli, numpy_rng, one_error_line, toy_brain, write_nifti
 
 KEYS = ("dice_best", "dice_mean", "dice_std", "ap", "ap_per_volume", "auroc", "fpr95", "threshold",
         "lesion_precision", "lesion_recall", "lesion_f1", "fp_voxels_per_healthy")

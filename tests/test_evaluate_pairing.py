@@ -7,16 +7,13 @@ The maps here are written directly (no restore), so every metric can be recomput
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from ifad_fast.metrics import evaluate
-from conftest import toy_brain, write_nifti
-from helpers import numpy_rng
-from test_cli_hardening import cli, leftovers, one_error_line
+from helpers import cli, digests, leftovers, numpy_rng, one_error_line, toy_brain, write_nifti
 
 KEYS = ("dice_best", "dice_mean", "dice_std", "ap", "auroc", "fpr95", "threshold", "threshold_source", "n_cases",
         "n_positive", "per_case")
@@ -47,10 +44,6 @@ def same_metrics(got: dict, want: dict):
     assert {k: got[k] for k in KEYS} == json.loads(json.dumps({k: want[k] for k in KEYS}))
 
 
-def hashes(folder: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def refused(capsys, args, out: Path, *expect: str) -> str:
     """Run evaluate; assert exit 2, one error line holding `expect`, and nothing written to `out`."""
     code, stdout, err = cli(capsys, "evaluate", *args, "-o", out)
@@ -75,11 +68,11 @@ def test_brats_folder_pairs_seg_labels_with_the_t2_maps(tmp_path, capsys):
         write_nifti(data / f"{case}_seg.nii.gz", labels)
         write_nifti(data / f"{case}_t2_anomaly.nii.gz", score)
         want.append((f"{case}_t2", score, labels))
-    before = hashes(data)
+    before = digests(data)
     code, stdout, err = cli(capsys, "evaluate", "--scores", data, "--masks", data, "-o", tmp_path / "out")
     assert code == 0, err
     same_metrics(metrics_of(tmp_path / "out"), expected(want))
-    assert "[DICE]" in stdout and hashes(data) == before
+    assert "[DICE]" in stdout and digests(data) == before
     # the same folder as the validation set: the threshold is chosen there
     code, _, err = cli(capsys, "evaluate", "--scores", data, "--masks", data, "--val-scores", data, "--val-masks",
                        data, "-o", tmp_path / "val")
@@ -98,14 +91,14 @@ def test_scans_in_the_masks_folder_are_never_taken_for_masks(tmp_path, capsys):
         image, _, score = lesion_case(20 + i)
         write_nifti(scans / f"case{i}.nii.gz", image)
         write_nifti(maps / f"case{i}_anomaly.nii.gz", score)
-    before = hashes(tmp_path)
+    before = digests(tmp_path)
     line = refused(capsys, ["--scores", maps, "--masks", scans], tmp_path / "out", "no mask for case0, case1",
                    "--pairs")
     assert "_seg" in line
     for p in maps.iterdir():
         (scans / p.name).write_bytes(p.read_bytes())
     refused(capsys, ["--scores", scans, "--masks", scans], tmp_path / "out2", "no mask for case0, case1")
-    assert {p: h for p, h in hashes(tmp_path).items() if p in before} == before
+    assert {p: h for p, h in digests(tmp_path).items() if p in before} == before
 
 
 def test_two_candidate_masks_for_a_case_are_refused_naming_both(tmp_path, capsys):

@@ -31,13 +31,8 @@ CONFIGS = {
 SHAPES = [(11, 13, 9), (5, 17, 3)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is faster, and immune to other jobs on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# these tensors are tiny: one thread is faster, and immune to other jobs on a shared machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOL = {"float32": dict(loss=1e-5, grad=1e-4, score=1e-5), "bf16": dict(loss=1e-2, grad=0.2, score=1e-2)}

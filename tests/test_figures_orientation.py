@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ifad_fast.figures import draw, panels
-from conftest import toy_brain
+from helpers import toy_brain
 
 
 def _case(shape=(30, 34, 28)):
@@ -98,7 +98,7 @@ def test_colour_scale_is_fixed_across_cases_with_the_threshold_marked_and_a_lege
 def test_restore_figure_is_radiological_on_request_with_the_threshold_and_predicted_mask(capsys, tiny_run, tmp_path,
                                                                                          monkeypatch):
     from ifad_fast import figures
-    from test_cli_hardening import FAST, cli, scan
+    from helpers import FAST, cli, scan
 
     drawn = []
     real = figures.slices_figure
@@ -119,7 +119,7 @@ def test_restore_figure_is_radiological_on_request_with_the_threshold_and_predic
 
 
 def test_radiological_without_figure_is_refused(capsys, tmp_path):
-    from test_cli_hardening import cli, leftovers, one_error_line, scan
+    from helpers import cli, leftovers, one_error_line, scan
 
     scan(tmp_path / "in", "a")
     code, _, err = cli(capsys, "restore", tmp_path / "in", "-o", tmp_path / "out", "--radiological")

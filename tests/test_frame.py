@@ -16,44 +16,10 @@ from ifad_fast.model import FORMAT_VERSION, load_model, save_model
 from ifad_fast.preprocess import (GridMap, IntensityEncoder, mode_pool3d, normalise, prepare, resample,
                                   to_model_grid)
 from ifad_fast.restore import optimise_latents, restore_classes
-from ifad_fast.train import Trainer
+from helpers import (WORLD_CENTRE as CENTRE, WORLD_RADII as RADII, acquisition, brain_image, train_world_model,
+                    world_of)
 
-# the anatomy lives in world millimetres (RAS): an adult-sized ellipsoid brain off the origin
-CENTRE = np.array([4.0, -18.0, 10.0])
-RADII = np.array([66.0, 82.0, 60.0])
 PC = cfg.PreprocessConfig(resolution=32, extent_mm=192.0)   # 6 mm model voxels
-
-
-def rotation(angles_deg):
-    ax, ay, az = np.radians(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rx @ ry @ rz
-
-
-def acquisition(kind: str, voxel=2.0, margin=8.0):
-    """(shape, affine) of a grid covering the brain: 'ras', 'lps', 'oblique', 'aniso' (1x1.5x4 mm,
-    axes permuted: array axes are S, R, A)."""
-    half = RADII + margin
-    if kind == "aniso":
-        order, sizes = [2, 0, 1], np.array([1.0, 1.5, 4.0])
-        cols = np.eye(3)[:, order] * sizes
-    else:
-        cols = {"ras": np.eye(3), "lps": np.diag([-1.0, -1.0, 1.0]),
-                "oblique": rotation((14.0, -9.0, 21.0))}[kind] * voxel
-    # cover the brain's bounding box (in the grid's own axes) with some margin
-    extent = np.abs(np.linalg.inv(cols)) @ half
-    shape = tuple(int(np.ceil(2 * e)) + 1 for e in extent)
-    affine = np.eye(4)
-    affine[:3, :3] = cols
-    affine[:3, 3] = CENTRE + np.array([3.0, -2.0, 1.5]) - cols @ ((np.array(shape) - 1) / 2.0)
-    return shape, affine
-
-
-def world_of(shape, affine):
-    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
-    return idx @ affine[:3, :3].T + affine[:3, 3]
 
 
 def linear_field(world):
@@ -63,19 +29,6 @@ def linear_field(world):
 def smooth_field(world):
     w = (world - CENTRE) / 60.0
     return np.sin(w[..., 0]) * np.cos(0.8 * w[..., 1]) + 0.5 * np.sin(w[..., 2] + 0.3)
-
-
-def brain_image(world, rng, radii=RADII, centre=CENTRE, lesion=False, noise=8.0):
-    """T2-like toy brain sampled at `world` points: three tissues, optional bright lesion."""
-    d = np.sqrt((((world - centre) / radii) ** 2).sum(-1))
-    img = np.where(d < 1, 300.0 + 250 * (d > 0.6) + 400 * (d < 0.25), 0.0)
-    img += 40 * np.sin((world[..., 0] - centre[0]) / 12.0) * (d < 1)
-    img += rng.normal(0, noise, d.shape) * (d < 1)
-    mask = np.zeros(d.shape, bool)
-    if lesion:
-        mask = np.sqrt((((world - centre - [0.35 * radii[0], 0.1 * radii[1], 0]) ** 2).sum(-1))) < 16.0
-        img[mask] = 1000.0
-    return img.astype(np.float32), mask
 
 
 # --------------------------------------------------------------------------- frame geometry
@@ -203,28 +156,6 @@ def test_format_1_model_loads_as_cube_and_upper(tmp_path):
 # --------------------------------------------------------------------------- a tiny trained model
 
 
-def train_world_model(preset_name: str, epochs: int, volumes_per_batch: int, points_per_volume: int):
-    """A model of `preset_name` (6 classes) trained on eight world-space toy brains at 4 mm."""
-    preset = cfg.get_preset(preset_name)
-    rng = np.random.default_rng(0)
-    vols = []
-    for _ in range(8):
-        shape, affine = acquisition("ras", voxel=4.0)
-        img, _ = brain_image(world_of(shape, affine), rng, radii=RADII * rng.uniform(0.92, 1.08, 3),
-                             centre=CENTRE + rng.normal(0, 4, 3))
-        vols.append(to_model_grid(img, affine, preset.preprocess))
-    encoder = IntensityEncoder.fit([v[0] for v in vols], k=6, seed=0, brains=[v[1].brain for v in vols])
-    classes = np.stack([mode_pool3d(encoder.encode(v[0]), 2, 6) for v in vols])
-    brains = np.stack([v[1].brain for v in vols])
-    mc = dataclasses.replace(preset.model, n_classes=6)
-    tc = dataclasses.replace(preset.train, epochs=epochs, volumes_per_batch=volumes_per_batch,
-                             points_per_volume=points_per_volume, brain_fraction=0.8, lr_weights=5e-3,
-                             lr_latents=1e-2, lr_step_epochs=1000, prior="none")
-    trainer = Trainer(torch.from_numpy(classes), mc, tc, preset.preprocess, encoder.centres,
-                      brains=torch.from_numpy(brains))
-    return trainer.run(tc.epochs, progress=False)
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     """A tiny-preset model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
@@ -240,6 +171,7 @@ def _corr(a, b, where):
     return float(np.corrcoef(a[where], b[where])[0, 1])
 
 
+@pytest.mark.slow
 def test_same_brain_at_1mm_and_2mm_gives_the_same_map(tiny_model):
     shape2, affine2 = acquisition("ras", voxel=2.0)
     # the 1 mm grid holds the 2 mm grid's voxel centres at its even indices
@@ -279,6 +211,7 @@ def test_format_1_model_prepares_scans_as_before():
         assert p.placement.grid == grid
 
 
+@pytest.mark.slow
 def test_format_1_model_gives_the_cube_path_map(tiny_model, tmp_path):
     """A model file of format 1 restores through the API exactly as the cube path step by step."""
     payload = tiny_model.to_payload()
@@ -300,6 +233,7 @@ def test_format_1_model_gives_the_cube_path_map(tiny_model, tmp_path):
     np.testing.assert_array_equal(got.classes, grid.to_native(ref.classes, mode="nearest"))
 
 
+@pytest.mark.slow
 def test_lps_scan_gives_the_ras_map_flipped(tiny_model):
     shape, affine = acquisition("ras", voxel=3.0)
     img, _ = brain_image(world_of(shape, affine), np.random.default_rng(6), lesion=True)
@@ -310,6 +244,7 @@ def test_lps_scan_gives_the_ras_map_flipped(tiny_model):
     assert _corr(lps.anomaly[::-1, ::-1], ras.anomaly, img != 0) >= 0.99
 
 
+@pytest.mark.slow
 def test_scoring_at_another_resolution(tiny_model):
     shape, affine = acquisition("oblique", voxel=3.0)
     img, lesion = brain_image(world_of(shape, affine), np.random.default_rng(7), lesion=True)
@@ -330,6 +265,7 @@ def test_scoring_at_another_resolution(tiny_model):
 # --------------------------------------------------------------------------- reference schedule
 
 
+@pytest.mark.slow
 def test_reference_schedule_starts_a_new_adam_each_phase(tiny_model):
     """Adam's first step moves every coordinate by exactly lr (m/sqrt(v) = sign(g)); a continued
     Adam does not. So the step that opens phase 2 tells a fresh optimiser from a kept one."""
@@ -358,6 +294,7 @@ def test_reference_schedule_starts_a_new_adam_each_phase(tiny_model):
 # --------------------------------------------------------------------------- command line
 
 
+@pytest.mark.slow
 def test_restore_cli_resolution_and_protocol(tiny_model, tmp_path, capsys, monkeypatch):
     from ifad_fast import api
     from ifad_fast.cli import main

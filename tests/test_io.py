@@ -6,7 +6,7 @@ import pytest
 
 from ifad_fast.errors import IfadError
 from ifad_fast.io import atomic_path, find_scans, load_scan, save_volume
-from conftest import AFFINE, toy_brain, write_nifti
+from helpers import AFFINE, toy_brain, write_nifti
 
 
 def test_load_3d_and_single_volume_4d(tmp_path):

@@ -17,8 +17,7 @@ import pytest
 
 import ifad_fast
 from ifad_fast.cli import main
-from conftest import toy_brain, write_nifti
-from test_cli_hardening import cli, leftovers, one_error_line, scan
+from helpers import FAST, cli, leftovers, one_error_line, scan, toy_brain, write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,9 +110,6 @@ def test_the_package_docstring_example_runs_on_a_small_scan(tmp_path, monkeypatc
 
 
 # ------------------------------------------------------------------------------ progress and messages
-
-FAST = ["--schedule", "10x256", "--backend", "torch", "--device", "cpu"]
-
 
 def _restore(capsys, tiny_run, tmp_path, *extra, n=2):
     scans = tmp_path / "scans"
@@ -273,7 +269,7 @@ def _tiny_restorer(tiny_run):
 
 def test_the_api_refuses_a_scan_the_cli_refuses_unless_forced(tiny_run):
     from ifad_fast.errors import IfadError, IfadWarning
-    from conftest import AFFINE
+    from helpers import AFFINE
 
     img, _ = toy_brain(0)
     noisy = img + np.random.default_rng(0).uniform(50, 60, img.shape).astype(np.float32)
@@ -286,7 +282,7 @@ def test_the_api_refuses_a_scan_the_cli_refuses_unless_forced(tiny_run):
 
 def test_the_api_takes_a_4d_image_with_one_volume_as_the_cli_does(tiny_run):
     import nibabel as nib
-    from conftest import AFFINE
+    from helpers import AFFINE
 
     img, _ = toy_brain(1)
     restorer = _tiny_restorer(tiny_run)

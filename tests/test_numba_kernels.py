@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import numpy_rng, seed_note
 
 from ifad_fast.config import HCP_T2_CENTRES
 from ifad_fast.kernels.numba_ops import assign_nearest, mode_pool3d
 
 SHAPES = [(7, 5, 9), (1, 4, 3), (16, 17, 18)]
 PAPER_CENTRES = np.array(HCP_T2_CENTRES)
-
-
-@pytest.fixture
-def seeded():
-    return numpy_rng(), seed_note()
 
 
 # --------------------------------------------------------------------------- references

@@ -8,26 +8,19 @@ the call it comes from (shutil.disk_usage, os.posix_fallocate), as in test_cli_h
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from ifad_fast.dataset import MANIFEST, STACKS
-from test_cli_hardening import cli, leftovers, one_error_line, scan
+from helpers import cli, digests, leftovers, one_error_line, scan
 
 TINY = ["--preset", "tiny", "--classes", "10"]
 TRAIN = ["--preset", "tiny", "--epochs", "1", "--device", "cpu"]
 SYNTH = ["--voxel-mm", "4"]
 CLASSES, BRAIN = "_ifad-classes.nii.gz", "_ifad-brainmask.nii.gz"
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under `folder`, by relative name."""
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in leftovers(folder)}
 
 
 def prepared_names(cases) -> list[str]:

@@ -8,8 +8,7 @@ from ifad_fast import config as cfg
 from ifad_fast.cli import main
 from ifad_fast.errors import IfadError
 from ifad_fast.preprocess import GridMap, IntensityEncoder, brain_region, model_affine, normalise, prepare
-from conftest import AFFINE, toy_brain
-from helpers import base_seed
+from helpers import AFFINE, base_seed, toy_brain
 
 
 def test_normalise_minmax_is_the_papers():

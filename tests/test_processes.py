@@ -17,7 +17,7 @@ import pytest
 
 from ifad_fast import limits, locks
 from ifad_fast.errors import IfadError
-from test_cli_hardening import FAST, cli, leftovers, one_error_line, scan
+from helpers import FAST, cli, leftovers, one_error_line, scan
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to list a process's children")
 
@@ -82,6 +82,7 @@ def holder():
 # ------------------------------------------------------------------ workers end with the launcher
 
 
+@pytest.mark.slow
 @needs_proc
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "kill -9"])
 def test_workers_end_with_their_launcher_and_print_no_traceback(tiny_run, tmp_path, sig):

@@ -8,7 +8,6 @@ with monkeypatch at the restore step or the training epoch they come from.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import shutil
 import subprocess
@@ -20,15 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import AFFINE, toy_brain
-from test_cli_hardening import FAST, bad_model, cli, leftovers, one_error_line, outputs_of, scan
+from helpers import AFFINE, FAST, bad_model, cli, digests, leftovers, one_error_line, outputs_of, scan, toy_brain
 
 ALLOCATOR = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12"
-
-
-def digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under `folder`, by relative name."""
-    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in leftovers(folder)}
 
 
 def _zero_pixdim(path: Path, sform: bool) -> Path:

@@ -8,14 +8,14 @@ import torch.nn.functional as F
 from ifad_fast import config as cfg
 from ifad_fast.backends import TorchBackend
 from ifad_fast.restore import initial_latents, optimise_latents, postprocess, restore_classes, score_grid
-from test_train import toy_volumes, trainer
+from helpers import tiny_trainer, toy_class_volumes
 
 
 @pytest.fixture(scope="module")
 def trained():
     """A tiny model fitted to three toy volumes (module-scoped: trained once)."""
-    vols = toy_volumes(3, size=12, seed=1)
-    t = trainer(vols, epochs=100, lr_step_epochs=1000, points_per_volume=1728, prior="none", lr_latents=2e-2)
+    vols = toy_class_volumes(3, size=12, seed=1)
+    t = tiny_trainer(vols, epochs=100, lr_step_epochs=1000, points_per_volume=1728, prior="none", lr_latents=2e-2)
     t.run(100, progress=False)
     return t.model(), vols.numpy()
 
@@ -35,6 +35,7 @@ def _mean_ce(model, z, vol):
     return float(scores.mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_restoration_lowers_loss_and_recovers_training_latent(trained, case):
     model, vols = trained
@@ -50,6 +51,7 @@ def test_restoration_lowers_loss_and_recovers_training_latent(trained, case):
     assert (res.classes == vols[case]).mean() > 0.7
 
 
+@pytest.mark.slow
 def test_restoration_is_seeded(trained):
     model, vols = trained
     rc = cfg.RestoreConfig(phases=((5, 256),), prior="none", seed=7)
@@ -60,6 +62,7 @@ def test_restoration_is_seeded(trained):
     assert not np.array_equal(a.z, c.z)
 
 
+@pytest.mark.slow
 def test_batched_restoration_equals_one_at_a_time(trained):
     model, vols = trained
     rc = cfg.RestoreConfig(phases=((6, 200), (2, 300)), prior="paper", sigma=0.5, seed=2, lr_decay=0.5)
@@ -96,6 +99,7 @@ def _replay(backend, vol, z0, rc, draws):
     return z.detach()
 
 
+@pytest.mark.slow
 def test_brain_region_scoring_equals_full_grid_inside_brain(trained):
     model, vols = trained
     vol = np.zeros((20, 20, 20), np.uint8)

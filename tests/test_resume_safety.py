@@ -11,15 +11,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from conftest import toy_brain, write_nifti
-from test_cli_hardening import FAST, cli, leftovers, one_error_line, scan
+from helpers import FAST, cli, digests, one_error_line, scan, toy_brain, write_nifti
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under `folder`, by relative name."""
-    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in leftovers(folder)}
 
 
 def copy_of_run(tiny_run, tmp_path) -> Path:
@@ -38,12 +32,12 @@ def test_resume_with_other_data_of_the_same_size_is_refused_and_the_run_is_uncha
         scan(other, f"h{i}", seed=10 + i)
     assert cli(capsys, "prepare", other, "-o", tmp_path / "other_prep", "--preset", "tiny")[0] == 0
     run = copy_of_run(tiny_run, tmp_path)
-    before = hashes(run)
+    before = digests(run)
     assert {"checkpoint.pt", "config.json", "model.pt", "loss.jsonl"} <= set(before)
     code, out, err = cli(capsys, "train", tmp_path / "other_prep", "-o", run, "--epochs", "8", "--resume", *TINY)
     line = one_error_line(err, "train")
     assert code == 2 and f"{run} was trained on other data" in line and "pass the same DATA" in line, line
-    assert hashes(run) == before
+    assert digests(run) == before
 
 
 def test_resume_with_the_same_data_continues_the_run(tiny_run, tmp_path, capsys):
@@ -77,18 +71,18 @@ def test_continue_redoes_a_case_whose_input_changed_and_skips_an_unchanged_one(t
     assert cli(capsys, *args)[0] == 0
     summary = json.loads((out / "b_restore.json").read_text())
     assert summary["input_sha256"] == hashlib.sha256((scans / "b.nii.gz").read_bytes()).hexdigest()
-    first = hashes(out)
+    first = digests(out)
     write_nifti(scans / "b.nii.gz", toy_brain(42)[0])                  # same name, another scan
     code, stdout, err = cli(capsys, *args, "--continue")
     assert code == 0, err
     assert "b: " in stdout and "changed" in stdout and "1 of 2 cases already done" in stdout, stdout
-    now = hashes(out)
+    now = digests(out)
     assert [now[k] for k in first if k.startswith("a_")] == [first[k] for k in first if k.startswith("a_")]
     assert now["b_anomaly.nii.gz"] != first["b_anomaly.nii.gz"]
     assert json.loads((out / "b_restore.json").read_text())["input_sha256"] == \
         hashlib.sha256((scans / "b.nii.gz").read_bytes()).hexdigest()
     code, stdout, _ = cli(capsys, *args, "--continue")                  # now both are up to date
-    assert code == 0 and "2 of 2 cases already done" in stdout and hashes(out) == now
+    assert code == 0 and "2 of 2 cases already done" in stdout and digests(out) == now
 
 
 # ------------------------------------------------------------------------------ IF 2D, a thin brain

@@ -18,7 +18,7 @@ from helpers import base_seed, grid_indices, numpy_rng, random_decoder
 MC = dataclasses.replace(cfg.get_preset("tiny-2d").model, n_classes=4)
 
 
-def random_model(pc=cfg.PreprocessConfig(resolution=16, extent_mm=192.0), seed=0) -> Model:
+def random_2d_model(pc=cfg.PreprocessConfig(resolution=16, extent_mm=192.0), seed=0) -> Model:
     """A 2D model with random weights: enough for everything that does not need a trained field."""
     return Model(random_decoder(MC, base_seed() + seed), torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64),
                  pc, torch.zeros(3, MC.latent_dim))
@@ -49,7 +49,7 @@ def test_blocks_tile_the_axial_axis(depth, step):
 
 
 def test_restored_slices_fill_their_blocks_and_are_scored_with_their_own_latent():
-    model = random_model()
+    model = random_2d_model()
     classes, brain = random_scan((12, 10, 16))
     classes[:, :, :4], brain[:, :, :4] = 0, False                         # a block without brain
     rc = cfg.RestoreConfig(phases=((3, 64),), seed=5, brain_fraction=0.5)
@@ -72,7 +72,7 @@ def test_restored_slices_fill_their_blocks_and_are_scored_with_their_own_latent(
 
 
 def test_brain_region_gives_the_full_map_inside_the_brain():
-    model = random_model()
+    model = random_2d_model()
     classes, brain = random_scan((22, 21, 16))
     brain[:8], brain[-8:], brain[:, :8] = False, False, False           # reach 1 + 2 = 3 stays inside the grid
     rc = cfg.RestoreConfig(phases=((2, 64),), seed=1, avg_pool=5)
@@ -87,7 +87,7 @@ def test_brain_region_gives_the_full_map_inside_the_brain():
 def test_slices_restored_together_equal_each_restored_alone(init, fraction):
     """40 slices (160 at step 4) in one batch vs one at a time, same seed: each row draws its start and
     its points from its own generator, and Adam and the backend treat rows independently."""
-    model = random_model(cfg.PreprocessConfig(resolution=160))
+    model = random_2d_model(cfg.PreprocessConfig(resolution=160))
     model.latents = torch.randn(3, MC.latent_dim, generator=torch.Generator().manual_seed(base_seed()))
     classes, brain = random_scan((6, 5, 160))
     rc = cfg.RestoreConfig(phases=((3, 1200), (2, 2000)), seed=11, init=init, brain_fraction=fraction,
@@ -107,7 +107,7 @@ def test_slices_restored_together_equal_each_restored_alone(init, fraction):
 
 
 def test_fast_backend_gives_the_reference_slices():
-    model = random_model()
+    model = random_2d_model()
     classes, brain = random_scan((12, 10, 16), seed=3)
     # no prior: at σ = 0.01 it would swamp the data gradient and hide a wrong one
     rc = cfg.RestoreConfig(phases=((4, 96),), seed=2, brain_fraction=0.5, lr=1e-2, prior="none")
@@ -122,11 +122,11 @@ def test_a_brain_between_the_default_slices_is_restored_at_its_nearest_slice():
     classes, brain = random_scan((8, 8, 16))
     brain[:] = False
     brain[2:6, 2:6, 2:4] = True                                          # slices 2, 3: the defaults are 1, 5, ...
-    res = restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
+    res = restore_classes(random_2d_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
                           brain=brain)[0]
     assert list(res.slices) == [2] and (res.anomaly[brain] > 0).all()
     with pytest.raises(IfadError, match="no brain voxel"):
-        restore_classes(random_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
+        restore_classes(random_2d_model(), classes, cfg.RestoreConfig(phases=((1, 16),)), backend="torch",
                         brain=np.zeros_like(brain))
 
 
@@ -166,7 +166,7 @@ def test_slice_sampler_draws_inside_each_slice_and_its_brain():
 
 
 def test_2d_models_are_format_3_and_older_files_load_as_3d(tmp_path):
-    model = random_model()
+    model = random_2d_model()
     save_model(model, tmp_path / "m2d.pt")
     meta = json.loads(torch.load(tmp_path / "m2d.pt", weights_only=True)["meta"])
     assert meta["format_version"] == FORMAT_VERSION_2D == 3 and meta["model"]["variant"] == "2d"
@@ -192,7 +192,7 @@ def test_slice_step_and_resolution_are_checked():
         cfg.RestoreConfig(slice_step=0)
     with pytest.raises(IfadError, match="variant"):
         dataclasses.replace(MC, variant="2D")
-    model = random_model()
+    model = random_2d_model()
     img = np.zeros((10, 10, 10), np.float32)
     img[2:8, 2:8, 2:8] = 1.0 + numpy_rng(1).random((6, 6, 6))
     with pytest.raises(IfadError, match="drop --resolution"):
@@ -203,11 +203,12 @@ def test_slice_step_and_resolution_are_checked():
 
 
 def test_2d_trainer_has_a_latent_per_brain_slice_and_resumes_exactly(tmp_path):
-    from test_train import tiny, toy_volumes
+    from helpers import tiny_configs, toy_class_volumes
     from ifad_fast.train import Trainer
 
-    vols = toy_volumes(3, size=12, seed=2)
-    mc, tc, pc = tiny(epochs=3, volumes_per_batch=5, points_per_volume=64, brain_fraction=0.5, checkpoint_every=1)
+    vols = toy_class_volumes(3, size=12, seed=2)
+    mc, tc, pc = tiny_configs(epochs=3, volumes_per_batch=5, points_per_volume=64, brain_fraction=0.5,
+                              checkpoint_every=1)
     mc = dataclasses.replace(mc, variant="2d")
     make = lambda: Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4))        # noqa: E731
     full = make()
@@ -225,14 +226,14 @@ def test_2d_trainer_has_a_latent_per_brain_slice_and_resumes_exactly(tmp_path):
     model = load_model(tmp_path / "model.pt")
     assert model.config.variant == "2d" and model.latents.shape == (sum(per_volume), mc.latent_dim)
     with pytest.raises(IfadError, match="trained on other data"):      # other data: other slices, other rows
-        other = Trainer(toy_volumes(2, size=12, seed=2), mc, tc, pc, centres=np.linspace(0, 1, 4))
+        other = Trainer(toy_class_volumes(2, size=12, seed=2), mc, tc, pc, centres=np.linspace(0, 1, 4))
         other.load(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def model_2d():
     """A tiny-2d model (24³, 192 mm frame) trained on eight world-space toy brains at 4 mm."""
-    from test_frame import train_world_model
+    from helpers import train_world_model
     return train_world_model("tiny-2d", epochs=10, volumes_per_batch=16, points_per_volume=192)
 
 
@@ -242,8 +243,9 @@ def _restore(model, img, affine):
     return restore_array(model, img, affine, rc=rc, backend="torch", device="cpu")
 
 
+@pytest.mark.slow
 def test_trained_2d_model_detects_a_bright_lesion(model_2d):
-    from test_frame import acquisition, brain_image, world_of
+    from helpers import acquisition, brain_image, world_of
     from ifad_fast.metrics import curve_metrics
 
     shape, affine = acquisition("ras", voxel=4.0)
@@ -255,12 +257,13 @@ def test_trained_2d_model_detects_a_bright_lesion(model_2d):
     assert auroc > 0.6, auroc
 
 
+@pytest.mark.slow
 def test_axial_axis_is_world_superior_for_ras_lps_and_permuted_scans(model_2d):
     """The same anatomy as RAS, as LPS (array flipped in x and y) and with the array's axes permuted
     to (I, R, A): the restored slices are the model grid's last axis (world S) every time, so each
     map is the RAS map flipped or permuted like its scan. (3 mm voxels: not aligned with the 8 mm
     model grid, where the brain's `> 0` threshold would tie.)"""
-    from test_frame import acquisition, brain_image, world_of
+    from helpers import acquisition, brain_image, world_of
 
     shape, affine = acquisition("ras", voxel=3.0)
     img, _ = brain_image(world_of(shape, affine), np.random.default_rng(21), lesion=True)
@@ -290,7 +293,7 @@ def test_axial_axis_is_world_superior_for_ras_lps_and_permuted_scans(model_2d):
 
 
 def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys):
-    from conftest import toy_brain, write_nifti
+    from helpers import toy_brain, write_nifti
     from ifad_fast.cli import main
 
     run = tmp_path / "run2d"
@@ -324,6 +327,7 @@ def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys)
     assert "bench accuracy" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_accuracy_benchmark_reports_if2d_beside_if3d(model_2d, tiny_run, tmp_path):
     """bench accuracy with a 3D model and --compare a 2D one: one method each, named by variant (quick:
     3 mm synthetic scans, two acquisitions, a 5-step VAE)."""
@@ -371,11 +375,12 @@ def test_2d_training_in_two_processes_equals_one(tiny_run, tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_restorer_2d_host_and_device_pipelines_agree_and_batches_change_nothing(model_2d):
     """Through the Restorer: the device pipeline (on torch's CPU device) gives the host pipeline's
     maps, and two scans restored together give what each gets alone (their slices are rows of one
     batch of latents, each with its own draws)."""
-    from test_frame import acquisition, brain_image, world_of
+    from helpers import acquisition, brain_image, world_of
     from ifad_fast.api import Restorer
 
     shape, affine = acquisition("ras", voxel=4.0)

@@ -1,10 +1,9 @@
 """Torch encoding kernels (for scans on a GPU) against the Numba kernels, bit for bit.
 
-Fresh random inputs every run; the seed is in every assertion message (IFAD_TEST_SEED replays it).
+Random inputs from the test seed (conftest's `seeded`); the seed is in every assertion message
+(IFAD_TEST_SEED=<int> replays or varies it).
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
@@ -12,12 +11,6 @@ import torch
 
 from ifad_fast.kernels.numba_ops import assign_nearest, mode_pool3d
 from ifad_fast.kernels.torch_ops import assign_nearest_torch, mode_pool3d_torch
-
-
-@pytest.fixture
-def seeded():
-    seed = int(os.environ.get("IFAD_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    return np.random.default_rng(seed), f"IFAD_TEST_SEED={seed}"
 
 
 @pytest.mark.parametrize("shape", [(7, 5, 9), (1, 4, 3), (16, 17, 18)])

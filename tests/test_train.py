@@ -6,35 +6,12 @@ import torch
 
 from ifad_fast import config as cfg
 from ifad_fast.train import Trainer, latent_prior
+from helpers import tiny_configs, tiny_trainer, toy_class_volumes
 
 
-def toy_volumes(n=3, size=12, seed=0):
-    """Class volumes (n, size³) uint8: a ball holding a core whose place and size vary per volume."""
-    rng = np.random.default_rng(seed)
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
-    r = np.sqrt((g ** 2).sum(0))
-    vols = []
-    for _ in range(n):
-        shift = rng.uniform(-0.5, 0.5, 3)[:, None, None, None]
-        core = np.sqrt(((g - shift) ** 2).sum(0)) < rng.uniform(0.25, 0.45)
-        outer = rng.uniform(0.55, 0.95)
-        vols.append(np.where(r > outer, 0, np.where(core, 3, np.where(g[0] > shift[0, 0], 2, 1))).astype(np.uint8))
-    return torch.from_numpy(np.stack(vols))
-
-
-def tiny(**train):
-    p = cfg.get_preset("tiny")
-    mc = dataclasses.replace(p.model, n_classes=4, dropout=0.1)
-    return mc, dataclasses.replace(p.train, **train), dataclasses.replace(p.preprocess, resolution=12)
-
-
-def trainer(vols, **train):
-    mc, tc, pc = tiny(**train)
-    return Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4))
-
-
+@pytest.mark.slow
 def test_training_lowers_the_loss():
-    t = trainer(toy_volumes(), epochs=30, lr_step_epochs=100)
+    t = tiny_trainer(toy_class_volumes(), epochs=30, lr_step_epochs=100)
     t.run(30, progress=False)
     losses = [row["loss"] for row in t.log]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
@@ -42,13 +19,13 @@ def test_training_lowers_the_loss():
 
 @pytest.mark.parametrize("prior", ["paper", "reference", "none"])
 def test_resume_equals_uninterrupted(tmp_path, prior):
-    vols = toy_volumes()
-    full = trainer(vols, prior=prior, checkpoint_every=2)
+    vols = toy_class_volumes()
+    full = tiny_trainer(vols, prior=prior, checkpoint_every=2)
     full.run(4, progress=False)
 
-    first = trainer(vols, prior=prior, checkpoint_every=2)
+    first = tiny_trainer(vols, prior=prior, checkpoint_every=2)
     first.run(2, tmp_path, progress=False)
-    resumed = trainer(vols, prior=prior, checkpoint_every=2)
+    resumed = tiny_trainer(vols, prior=prior, checkpoint_every=2)
     resumed.load(tmp_path)
     assert resumed.epoch == 2
     resumed.run(4, tmp_path, progress=False)
@@ -61,8 +38,8 @@ def test_resume_equals_uninterrupted(tmp_path, prior):
 
 
 def test_seed_makes_runs_repeatable_and_differs_across_seeds():
-    vols = toy_volumes()
-    a, b, c = trainer(vols, seed=1), trainer(vols, seed=1), trainer(vols, seed=2)
+    vols = toy_class_volumes()
+    a, b, c = tiny_trainer(vols, seed=1), tiny_trainer(vols, seed=1), tiny_trainer(vols, seed=2)
     for t in (a, b, c):
         t.run(2, progress=False)
     torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=0)
@@ -79,7 +56,7 @@ def test_latent_priors():
 
 
 def test_reference_prior_bounds_latent_norm():
-    t = trainer(toy_volumes(), prior="reference", max_norm=0.05, latent_init_std=1.0)
+    t = tiny_trainer(toy_class_volumes(), prior="reference", max_norm=0.05, latent_init_std=1.0)
     t.run(1, progress=False)
     # rows are renormalised before each use; after one step they sit near the bound
     assert t.latents.detach().norm(dim=1).max() < 0.05 + 0.05
@@ -123,14 +100,15 @@ def test_hoisted_step_equals_plain_autograd_step(dtype, dropout, tol):
         torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
 
 
+@pytest.mark.slow
 def test_bf16_training_loss_curve_tracks_float32():
     """The gate for precision='bf16': a 25-epoch loss curve within 1 % of float32's, epoch by epoch."""
     import warnings
 
-    vols = toy_volumes(4)
+    vols = toy_class_volumes(4)
     curves = {}
     for precision in ("float32", "bf16"):
-        mc, tc, pc = tiny()
+        mc, tc, pc = tiny_configs()
         mc = dataclasses.replace(mc, dropout=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)       # emulated bf16 on this CPU: slow, not wrong
@@ -143,12 +121,12 @@ def test_bf16_training_loss_curve_tracks_float32():
 
 
 def test_trainer_reads_memory_mapped_stacks_in_place(tmp_path):
-    vols = toy_volumes()
+    vols = toy_class_volumes()
     brains = (vols > 0).to(torch.uint8)
     np.save(tmp_path / "v.npy", vols.numpy())
     np.save(tmp_path / "b.npy", brains.numpy())
     mapped, mapped_brains = (np.load(tmp_path / name, mmap_mode="r") for name in ("v.npy", "b.npy"))
-    mc, tc, pc = tiny(brain_fraction=0.5)
+    mc, tc, pc = tiny_configs(brain_fraction=0.5)
     a = Trainer(mapped, mc, tc, pc, centres=np.linspace(0, 1, 4), brains=mapped_brains)
     b = Trainer(vols, mc, tc, pc, centres=np.linspace(0, 1, 4), brains=brains.bool())
     assert a.volumes.data_ptr() == mapped.ctypes.data                  # neither stack copied
