@@ -65,6 +65,54 @@ def _add_engine_args(p, backend=True):
     p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto)")
 
 
+def _augment_kinds(text: str) -> tuple:
+    from .augment import parse_kinds
+    try:
+        return parse_kinds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_augment_kinds.__name__ = "augmentations"
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+    return value
+
+
+_non_negative.__name__ = "number"
+
+
+def _add_augment_args(p):
+    g = p.add_argument_group("augmentation (domain randomisation of the training targets; off by default in every "
+                             "preset: no accuracy gain measured yet)")
+    g.add_argument("--augment", type=_augment_kinds, default=None, metavar="KINDS",
+                   help="none (default) or a comma list of contrast (gamma and class-centre jitter), bias (smooth "
+                        "multiplicative field), noise (Rician), deform (fixed smooth warps: with --augment-copies); "
+                        "contrast, bias and noise are redrawn every epoch and need a folder from this version's "
+                        "'ifad-fast prepare' (its intensities.npy)")
+    g.add_argument("--augment-copies", type=_int_in(1, 64), default=None, metavar="M",
+                   help="deform: each volume trains as M virtual subjects with their own latents, copy 0 the "
+                        "volume itself, 1..M-1 its fixed warps (default 1; deform needs at least 2)")
+    from .config import TrainConfig
+    for name, what in (("gamma", "contrast: sd of log gamma"),
+                       ("centre-jitter", "contrast: sd of each class centre's shift"),
+                       ("bias", "bias: sd of the log field over the grid"),
+                       ("noise", "noise: largest Rician sigma (normalised intensity)"),
+                       ("deform", "deform: RMS displacement in voxels"),
+                       ("rotate", "deform: sd of the rotation about each axis in degrees"),
+                       ("scale", "deform: sd of the log global scale")):
+        default = TrainConfig.__dataclass_fields__[f"augment_{name.replace('-', '_')}"].default
+        g.add_argument(f"--augment-{name}", type=_non_negative, default=None, metavar="S",
+                       help=f"{what} (default {default:g})")
+
+
 def _add_seed(p, default=0):
     p.add_argument("--seed", type=_int_in(0, MAX_SEED), default=default, help=f"0..{MAX_SEED}")
 
@@ -155,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "leave out under torchrun")
     p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
                    help="bf16: autocast for the decoder, float32 weights (GPUs / CPUs with native bf16)")
+    _add_augment_args(p)
     _add_frame_args(p)
     _add_input_checks(p)
     _add_engine_args(p, backend=False)
@@ -386,7 +435,8 @@ def cmd_train(args):
     """
     from . import config as cfg
     from .engines import resolve_device
-    from .dataset import MANIFEST, training_volumes
+    from .augment import uses_intensities
+    from .dataset import MANIFEST, load_intensities, training_volumes
     from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes, usable_cores
@@ -394,7 +444,15 @@ def cmd_train(args):
 
     preset = cfg.get_preset(args.preset)
     tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
-                                        volumes_per_batch=args.volumes_per_batch))
+                                        volumes_per_batch=args.volumes_per_batch, augment=args.augment,
+                                        augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
+                                        augment_centre_jitter=args.augment_centre_jitter,
+                                        augment_bias=args.augment_bias, augment_noise=args.augment_noise,
+                                        augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
+                                        augment_scale=args.augment_scale))
+    if preset.model.variant == "2d" and "deform" in tc.augment:
+        raise IfadError("--augment deform (virtual subjects) is for 3D models; a 2D preset takes contrast, bias "
+                        "and noise")
     device = resolve_device(args.device)
     nproc, world = _processes(args, device)
     out = _output(args.output)
@@ -417,9 +475,15 @@ def cmd_train(args):
     volumes, brains, names, centres, pc = training_volumes(args.data, pc, args.centres, out / "cache",
                                                            k=preset.model.n_classes, seed=tc.seed,
                                                            progress=group.main, force=args.force,
-                                                           max_voxels=args.max_voxels)
+                                                           max_voxels=args.max_voxels,
+                                                           intensities=uses_intensities(tc.augment))
     if group.main:
         group.barrier()
+    intensities, mode_pool = load_intensities(volumes) if uses_intensities(tc.augment) else (None, None)
+    if uses_intensities(tc.augment) and intensities is None:
+        raise IfadError(f"{args.data} was prepared without intensities.npy (by an older ifad-fast); --augment "
+                        f"{','.join(k for k in tc.augment if k != 'deform')} re-encodes the intensities: run "
+                        "'ifad-fast prepare' on its scans again")
     if len(centres) != preset.model.n_classes:
         raise IfadError(f"{len(centres)} intensity centres but the {args.preset} model has "
                         f"{preset.model.n_classes} classes; pass matching --centres")
@@ -449,7 +513,8 @@ def cmd_train(args):
                    centres=tuple(float(c) for c in centres), model=preset.model, train=tc, preprocess=pc,
                    out=str(out), device=str(device), resume=args.resume, precision=args.precision,
                    threads=threads, provenance=tuple(provenance.items()),
-                   data=tuple(data_fingerprint(volumes, brains, names).items()))     # hashed once, not per process
+                   data=tuple(data_fingerprint(volumes, brains, names, intensities).items()),  # hashed once
+                   intensities=None if intensities is None else str(intensities.filename), mode_pool=mode_pool)
     summary = (launch(train_job, nproc, job, hint="--resume continues from the last checkpoint")[0]
                if nproc > 1 else train_job(job))
     if group.main:

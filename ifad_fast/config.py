@@ -144,6 +144,10 @@ class PreprocessConfig:
 LEGACY_PREPROCESS = dict(frame="cube", normalisation="upper")
 
 
+#: Training augmentations (ifad_fast/augment.py); contrast, bias and noise read the prepared intensities.
+AUGMENT_KINDS = ("contrast", "bias", "noise", "deform")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Auto-decoder training. A training sample is a volume (IF 3D) or, for a 2D model, one axial
@@ -166,10 +170,41 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     brain_fraction: float = 0.0          # share of each volume's points drawn inside the brain (paper: 0)
+    # Domain randomisation of the training targets (ifad_fast/augment.py), off unless `augment` names kinds:
+    augment: tuple = ()                  # any of contrast, bias, noise, deform (() = off: the paper's training)
+    augment_copies: int = 1              # deform: samples (latents) per volume; copy 0 undeformed, 1.. fixed warps
+    augment_gamma: float = 0.2           # contrast: sd of log γ (intensity ** γ), per epoch and volume
+    augment_centre_jitter: float = 0.01  # contrast: sd of each tissue centre's shift (normalised intensity)
+    augment_bias: float = 0.1            # bias: sd of the log bias field over the grid (quadratic field)
+    augment_noise: float = 0.03          # noise: Rician σ ~ U(0, this) (normalised intensity)
+    augment_deform: float = 2.0          # deform: RMS displacement (voxels) of the smooth warp
+    augment_rotate: float = 0.0          # deform: sd of the rotation about each axis (degrees)
+    augment_scale: float = 0.0           # deform: sd of the log of a global scale
 
     def __post_init__(self):
         _check_choice(self, "prior", TrainPrior)
         _check_positive(self, "sigma")
+        kinds = self.augment
+        if (not isinstance(kinds, (tuple, list)) or any(k not in AUGMENT_KINDS for k in kinds)
+                or len(set(kinds)) != len(kinds)):
+            raise IfadError(f"TrainConfig.augment must name each of {', '.join(AUGMENT_KINDS)} at most once; "
+                            f"got {kinds!r}")
+        if isinstance(kinds, list):
+            object.__setattr__(self, "augment", tuple(kinds))
+        for name in ("augment_gamma", "augment_centre_jitter", "augment_bias", "augment_noise", "augment_deform",
+                     "augment_rotate", "augment_scale"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value >= 0):
+                raise IfadError(f"TrainConfig.{name} must be a number of at least 0; got {value!r}")
+        copies = self.augment_copies
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise IfadError(f"TrainConfig.augment_copies must be a whole number of at least 1; got {copies!r}")
+        if copies > 1 and "deform" not in kinds:
+            raise IfadError("augment_copies > 1 needs the deform augmentation (the copies differ by their warp)")
+        if "deform" in kinds and copies < 2:
+            raise IfadError("the deform augmentation needs augment_copies >= 2: copy 0 of each volume is the "
+                            "volume itself, copies 1.. its fixed warps (a warp redrawn per epoch would blur "
+                            "the decoder: one latent cannot explain many anatomies)")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,14 @@ affine and percentiles). The names carry `ifad` so that they never meet a scan's
 written as one set (io.OutputSet): class files under temporary names, renamed at the end, the
 manifest last, so an interrupted prepare leaves no class files without a manifest.
 `volumes.npy` and `brains.npy` hold the same classes and brain masks stacked ((N, R, R, R)
-uint8) for training. `train` reads such a folder, or prepares raw scans into a cache.
+uint8) for training. `intensities.npy` ((N, R, R, R) float16) holds the normalised intensity
+on the model grid that each case's classes were encoded from (preprocess.to_model_grid's
+volume: clipped, min-max normalised, resampled to the grid, in [0, 1]; the classes are
+mode_pool(encode(it)), the mode pool filtering on the same grid, so no averaging is needed; a
+float16 rounding of at most 2⁻¹² can move a voxel that lies within it of a class boundary);
+training's contrast, bias and noise augmentations (augment.py) re-encode it, and only they read
+it. Folders prepared before it existed train as before; such an augmentation on them is refused
+with a request to prepare again. `train` reads such a folder, or prepares raw scans into a cache.
 
 Training memory-maps the stacks read-only: the volumes are stored once, in the OS page cache,
 shared by every training process, and paged in and out when they do not fit in RAM. A folder
@@ -39,6 +46,7 @@ from .progress import progress_bar
 
 MANIFEST = "manifest.json"
 STACKS = {"classes": "volumes.npy", "brains": "brains.npy"}      # (N, R, R, R) uint8 each
+INTENSITIES = "intensities.npy"                                   # (N, R, R, R) float16: the intensities encoded
 #: A case's files after its name; io.NON_SCAN_SUFFIXES keeps them from being read as scans.
 CASE_FILES = {"classes": "_ifad-classes.nii.gz", "brain": "_ifad-brainmask.nii.gz"}
 LEGACY_CASE_FILES = {"classes": "_classes.nii.gz", "brain": "_brain.nii.gz"}    # manifests without "files"
@@ -63,7 +71,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
     paths = find_scans(inputs)
     out_dir = Path(out_dir)
     files = {p: {key: out_dir / f"{case_name(p)}{suffix}" for key, suffix in CASE_FILES.items()} for p in paths}
-    ours = [out_dir / MANIFEST, *(out_dir / name for name in STACKS.values()),
+    ours = [out_dir / MANIFEST, *(out_dir / name for name in STACKS.values()), out_dir / INTENSITIES,
             *(f for case in files.values() for f in case.values())]
     inputs = {p.resolve(): p for p in paths}
     for f in ours:
@@ -85,7 +93,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         except IfadError as exc:
             failed[path] = str(exc)
     if len(failed) < len(paths):
-        _check_room(out_dir, (len(paths) - len(failed),) + (pc.resolution,) * 3)
+        _check_room(out_dir, (len(paths) - len(failed),) + (pc.resolution,) * 3, intensities=True)
     cached: dict[int, tuple] = {}
     rng = np.random.default_rng(seed)
     readable = [i for i, p in enumerate(paths) if p not in failed]
@@ -124,7 +132,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
             name = case_name(path)
             save_volume(outputs.add(files[path]["classes"]), classes, placement.model_affine, dtype=np.uint8)
             save_volume(outputs.add(files[path]["brain"]), placement.brain, placement.model_affine, dtype=np.uint8)
-            stacks.add(len(cases), classes=classes, brains=placement.brain)
+            stacks.add(len(cases), classes=classes, brains=placement.brain, intensities=volume)
             case = dict(name=name, source=str(path.resolve()), files={k: f.name for k, f in files[path].items()},
                         native_shape=list(scan.data.shape),
                         model_shape=list(classes.shape), affine=scan.affine.tolist(),
@@ -139,7 +147,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                         standardise=pc.standardise,
                         landmarks=list(pc.landmarks), mode_pool=mode_pool,
                         centres=encoder.centres.tolist(), cases=cases,
-                        failed={str(p): why for p, why in failed.items()}, stacks=STACKS)
+                        failed={str(p): why for p, why in failed.items()}, stacks=STACKS, intensities=INTENSITIES)
         if cases:
             save_json(outputs.add(out_dir / MANIFEST), manifest)
     listed = {out_dir / name for case in cases for name in case["files"].values()}
@@ -155,15 +163,20 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
 
 
 class _StackWriter:
-    """The set's classes and brains stacked into STACKS, written through `outputs` (so renamed with
-    the set, before its manifest) case by case; `close(n)` trims them to the n cases written."""
+    """The set's classes and brains stacked into STACKS and its intensities into INTENSITIES (float16),
+    written through `outputs` (so renamed with the set, before its manifest) case by case;
+    `close(n)` trims them to the n cases written."""
+
+    NAMES = {**STACKS, "intensities": INTENSITIES}
+    DTYPES = {"intensities": np.float16}
 
     def __init__(self, outputs: OutputSet, out_dir: Path, capacity: int):
         self.outputs, self.out_dir, self.capacity, self.arrays = outputs, Path(out_dir), capacity, None
 
     def _open(self, n: int, shape) -> dict:
-        return {key: _new_stack(self.outputs.add(self.out_dir / name), self.out_dir / name, (n,) + tuple(shape))
-                for key, name in STACKS.items()}
+        return {key: _new_stack(self.outputs.add(self.out_dir / name), self.out_dir / name, (n,) + tuple(shape),
+                                self.DTYPES.get(key, np.uint8))
+                for key, name in self.NAMES.items()}
 
     def add(self, row: int, **volumes):
         if self.arrays is None:
@@ -184,25 +197,29 @@ class _StackWriter:
         self.arrays = None
 
 
-def _check_room(folder: Path, shape):
-    """IfadError unless the disk of `folder` has room for both STACKS of `shape` (uint8)."""
-    need, probe = len(STACKS) * math.prod(shape), folder
+def _check_room(folder: Path, shape, intensities: bool = False):
+    """IfadError unless the disk of `folder` has room for both STACKS of `shape` (uint8) and, with
+    `intensities`, the INTENSITIES stack (float16)."""
+    need, probe = (len(STACKS) + 2 * intensities) * math.prod(shape), folder
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need > free:
-        raise IfadError(f"{folder / STACKS['classes']}: no space left on the device (it and {STACKS['brains']} "
+        also = f"{STACKS['brains']}{f' and {INTENSITIES}' if intensities else ''}"
+        raise IfadError(f"{folder / STACKS['classes']}: no space left on the device (it and {also} "
                         f"need {need / 2 ** 20:.3g} MB, {free / 2 ** 20:.3g} MB are free); "
                         "free some space or write elsewhere")
 
 
-def _new_stack(tmp: Path, final: Path, shape) -> np.memmap:
-    """A zeroed uint8 .npy of `shape` at `tmp`, memory-mapped for writing, its disk blocks
-    allocated first (so a full disk is an IfadError naming `final`, not a SIGBUS in the map)."""
+def _new_stack(tmp: Path, final: Path, shape, dtype=np.uint8) -> np.memmap:
+    """A zeroed .npy of `shape` and `dtype` (uint8 by default) at `tmp`, memory-mapped for writing, its
+    disk blocks allocated first (so a full disk is an IfadError naming `final`, not a SIGBUS in the map)."""
+    dtype = np.dtype(dtype)
     try:
         with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, dict(descr="|u1", fortran_order=False, shape=tuple(shape)))
-            _allocate(f, f.tell() + math.prod(shape))
+            np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(dtype),
+                                                         fortran_order=False, shape=tuple(shape)))
+            _allocate(f, f.tell() + math.prod(shape) * dtype.itemsize)
         return np.lib.format.open_memmap(tmp, mode="r+")
     except OSError as exc:
         raise IfadError(describe_os_error(exc, final)) from None
@@ -351,6 +368,26 @@ def _open_stacks(folder: Path):
     return tuple(np.load(folder / STACKS[key], mmap_mode="r") for key in ("classes", "brains"))
 
 
+def load_intensities(volumes) -> tuple[np.ndarray | None, int | None]:
+    """The INTENSITIES stack beside a training class stack (a memmap of a prepared folder's or cache's
+    `volumes.npy`) and the mode pool its classes were made with: (float16 memmap (N, R, R, R), the
+    manifest's mode_pool), or (None, None) where the folder has none (prepared by an older ifad-fast)."""
+    filename = getattr(volumes, "filename", None)
+    if filename is None:
+        return None, None
+    folder = Path(filename).parent
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        stack = np.load(folder / INTENSITIES, mmap_mode="r")
+    except (OSError, ValueError):
+        return None, None
+    if (not isinstance(manifest, dict) or manifest.get("intensities") != INTENSITIES
+            or stack.dtype != np.float16 or stack.shape != tuple(volumes.shape)):
+        return None, None
+    pool = manifest.get("mode_pool")
+    return stack, pool if isinstance(pool, int) and not isinstance(pool, bool) and pool in (1, 2, 3) else None
+
+
 def load_prepared(folder, cache_dir=None) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """A prepared folder -> (classes (N, R, R, R) uint8, brains (N, R, R, R) uint8 or bool, case names,
     manifest).
@@ -387,10 +424,21 @@ def load_prepared(folder, cache_dir=None) -> tuple[np.ndarray, np.ndarray, list[
     return (*_open_stacks(cache_dir), names, manifest)
 
 
+def _cached_classes(cache_dir: Path):
+    """The class stack of a cache folder, memory-mapped (None when unreadable)."""
+    try:
+        return np.load(cache_dir / STACKS["classes"], mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+
+
 def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, cache_dir,
                      k: int = 10, seed: int = 0, progress: bool = True, force: bool = False,
-                     max_voxels: int | None = None):
+                     max_voxels: int | None = None, intensities: bool = False):
     """Training data from a prepared folder, or from raw scans prepared into `cache_dir` once.
+
+    intensities: the run reads the INTENSITIES stack (load_intensities): a cache prepared by an
+    older ifad-fast without it is prepared again.
 
     Returns (classes (N, R, R, R) uint8, brains (N, R, R, R) uint8 -- both read-only memmaps --,
     names, centres (C,) float64, the PreprocessConfig the volumes were made with: pc, or a
@@ -412,7 +460,8 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
                standardise=pc.standardise, landmarks=list(pc.landmarks),
                centres=centres, k=k, seed=seed, sources=sources)
     key_file = cache_dir / "cache_key.json"
-    if not (key_file.is_file() and json.loads(key_file.read_text()) == key):
+    if not (key_file.is_file() and json.loads(key_file.read_text()) == key
+            and not (intensities and load_intensities(_cached_classes(cache_dir))[0] is None)):
         encoder = IntensityEncoder.load(centres) if centres else None
         prepare_scans([data_dir], cache_dir, pc, pc.train_mode_pool, encoder, k=k, seed=seed, progress=progress,
                       overwrite=True, force=force, max_voxels=max_voxels)

@@ -24,6 +24,14 @@ The step (`hoisted_logits`): z's share of layer 0 and of layer `latent_in` is on
 volume (W_z·z + b), not per point, so the per-point matmuls read γ(p) (6L wide) instead of
 [z, γ(p)] (D + 6L), and no gradient is formed for the per-point copies of z. precision="bf16"
 runs the decoder under torch.autocast (weights, Adam and the loss stay float32).
+
+Augmentation (opt-in, `TrainConfig.augment`; augment.py): the targets of a step's points are
+computed from the prepared intensities (contrast, bias field, Rician noise: redrawn per epoch
+and volume) and/or read through a fixed per-copy warp (deform: `augment_copies` virtual
+subjects per volume, each with its own latent; sample r is copy r // N of volume r % N). Every
+augmentation draw is seeded by (seed, epoch, volume, copy), not by the run's generator, so the
+run's own draws (order, points, dropout) are those of an unaugmented run and a resumed run
+repeats an uninterrupted one. With augment = () nothing of this runs.
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import config as cfg
+from .augment import Augmenter, uses_intensities
 from .distributed import SINGLE, Group, from_env
 from .errors import IfadError, IfadWarning
 from .io import atomic_path, describe_os_error, save_json
@@ -155,11 +164,13 @@ def estimate_seconds(mc: cfg.ModelConfig, tc: cfg.TrainConfig, n_volumes: int, e
     return flops / (0.5 * rate), rate
 
 
-def data_fingerprint(volumes, brains, names) -> dict:
+def data_fingerprint(volumes, brains, names, intensities=None) -> dict:
     """What a checkpoint records of its training data: the case names, the stack's shape and a
-    BLAKE2b hash of the class volumes and brain masks (arrays or tensors, read a volume at a time)."""
+    BLAKE2b hash of the class volumes and brain masks (arrays or tensors, read a volume at a time),
+    and of the intensity stack when given (runs whose augmentation reads it; without it the record
+    is what it always was, so older checkpoints resume)."""
     h = hashlib.blake2b(digest_size=16)
-    for stack in (volumes, brains if brains is not None else ()):
+    for stack in (volumes, brains if brains is not None else (), intensities if intensities is not None else ()):
         for v in stack:
             h.update(np.ascontiguousarray(v.cpu().numpy() if isinstance(v, torch.Tensor) else v))
     return dict(cases=list(names), shape=[int(n) for n in volumes.shape], blake2b=h.hexdigest())
@@ -174,6 +185,24 @@ def _data_difference(old: dict, new: dict) -> str:
     if old.get("shape") != new["shape"]:
         return f"a {'×'.join(map(str, old.get('shape') or []))} stack; now {'×'.join(map(str, new['shape']))}"
     return "the same case names, other voxels"
+
+
+def _check_augmentation(tc: cfg.TrainConfig, mc: cfg.ModelConfig, volumes, intensities):
+    """IfadError unless tc.augment can run on this model and data; the intensity stack as a tensor
+    (None when no augmentation reads it)."""
+    if mc.variant == "2d" and ("deform" in tc.augment or tc.augment_copies > 1):
+        raise IfadError("the deform augmentation (virtual subjects) is for 3D models; a 2D model takes "
+                        "contrast, bias and noise")
+    if not uses_intensities(tc.augment):
+        return None
+    if intensities is None:
+        raise IfadError(f"augmentation {','.join(k for k in tc.augment if k != 'deform')} needs the prepared "
+                        "intensities (intensities.npy); run 'ifad-fast prepare' again")
+    intensities = as_tensor(intensities)
+    if tuple(intensities.shape) != tuple(volumes.shape) or not intensities.is_floating_point():
+        raise IfadError(f"intensities {tuple(intensities.shape)} {intensities.dtype} do not match the class "
+                        f"volumes {tuple(volumes.shape)}; run 'ifad-fast prepare' again")
+    return intensities
 
 
 class _StopAfterEpoch:
@@ -224,12 +253,15 @@ class Trainer:
     group: this process's place in a data-parallel run (default: alone). precision: float32 or
     bf16 (autocast). step: hoisted (the fast step) or plain (the reference). data: what
     checkpoints record of the training data, checked on `load` (default: `data_fingerprint`).
+    intensities: (N, X, Y, Z) float16 normalised intensities (the prepared `intensities.npy`),
+    needed by tc.augment's contrast, bias and noise; mode_pool: the window the classes were
+    pooled with (default pc.train_mode_pool), which augmented targets are pooled with too.
     """
 
     def __init__(self, volumes, mc: cfg.ModelConfig, tc: cfg.TrainConfig,
                  pc: cfg.PreprocessConfig, centres, device="cpu", names=None, provenance: dict | None = None,
                  brains=None, group: Group = SINGLE, precision: str = "float32", step: str = "hoisted",
-                 data: dict | None = None):
+                 data: dict | None = None, intensities=None, mode_pool: int | None = None):
         from . import __version__
 
         check_train_config(tc)
@@ -246,6 +278,11 @@ class Trainer:
             raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(PRECISIONS)}")
         if step not in STEPS:
             raise IfadError(f"unknown training step {step!r}; choose {' or '.join(STEPS)}")
+        augmenting = bool(tc.augment)
+        if augmenting:
+            intensities = _check_augmentation(tc, mc, volumes, intensities)
+        else:
+            intensities = None                        # off: nothing of augment.py runs
         self.device = torch.device(device)
         if precision == "bf16" and self.device.type == "cpu":
             from .backends import cpu_has_native_bf16 as _cpu_has_native_bf16
@@ -253,16 +290,17 @@ class Trainer:
                 import warnings
                 warnings.warn("precision='bf16' on a CPU without native bf16 instructions: its bf16 matmuls "
                               "are emulated and much slower than float32", RuntimeWarning, stacklevel=2)
-        if self.device.type == "cuda" and _fits_on(self.device, volumes, brains):
+        if self.device.type == "cuda" and _fits_on(self.device, volumes, brains, intensities):
             volumes = volumes.to(self.device)         # point draws and class lookups on the GPU too
             brains = None if brains is None else brains.to(self.device)
+            intensities = None if intensities is None else intensities.to(self.device)
         self.volumes = volumes                        # else it stays where it is (CPU / memmap)
         self.flat = volumes.reshape(volumes.shape[0], -1)
         self.mc, self.tc, self.pc = mc, tc, pc
         self.group, self.precision, self.logits = group, precision, STEPS[step]
         self.centres = torch.as_tensor(np.asarray(centres), dtype=torch.float64)
         self.names = list(names) if names is not None else [f"vol{i}" for i in range(len(volumes))]
-        self.data = data or data_fingerprint(volumes, brains, self.names)
+        self.data = data or data_fingerprint(volumes, brains, self.names, intensities)
         self.generator = torch.Generator().manual_seed(tc.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(tc.seed)
@@ -274,7 +312,14 @@ class Trainer:
             self.sampler = SliceSampler(focus, tc.brain_fraction)
         else:
             self.sampler = PointSampler(volumes.shape[1:], focus, tc.brain_fraction)
-        n_samples = len(self.sampler) if mc.variant == "2d" else len(volumes)
+        n_samples = len(self.sampler) if mc.variant == "2d" else len(volumes) * tc.augment_copies
+        self.augmenter = None
+        if augmenting:
+            flat_brains = self.flat if brains is None else brains.reshape(brains.shape[0], -1)
+            self.augmenter = Augmenter(tc, self.flat, None if intensities is None else
+                                       intensities.reshape(intensities.shape[0], -1), flat_brains,
+                                       volumes.shape[1:], self.centres,
+                                       pc.train_mode_pool if mode_pool is None else mode_pool, self.device)
         self.latents = (torch.randn(n_samples, mc.latent_dim, generator=self.generator)
                         * tc.latent_init_std).to(self.device).requires_grad_(True)
         self.optimizer = torch.optim.Adam([
@@ -310,9 +355,17 @@ class Trainer:
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0   # no sync per step
         for start in range(0, n, tc.volumes_per_batch):
             rows = order[start:start + tc.volumes_per_batch]
-            idx, lin = self.sampler.draw(rows, k, self.generator, part=self._share(k))
-            vols = self.sampler.volumes_of(rows) if self.mc.variant == "2d" else rows
-            targets = self.flat[vols.to(self.flat.device)[:, None], lin.to(self.flat.device)]  # (B, P) uint8
+            if self.augmenter is None:
+                idx, lin = self.sampler.draw(rows, k, self.generator, part=self._share(k))
+                vols = self.sampler.volumes_of(rows) if self.mc.variant == "2d" else rows
+                targets = self.flat[vols.to(self.flat.device)[:, None], lin.to(self.flat.device)]  # (B, P) uint8
+            else:                          # sample r: copy r // N of volume r % N (3D); a slice's volume (2D)
+                nv = len(self.volumes)
+                vols = self.sampler.volumes_of(rows) if self.mc.variant == "2d" else rows % nv
+                idx, lin = self.sampler.draw(rows if self.mc.variant == "2d" else vols, k, self.generator,
+                                             part=self._share(k))
+                copies = torch.zeros_like(vols) if self.mc.variant == "2d" else rows // nv
+                targets = self.augmenter.targets(self.epoch, vols.cpu(), copies.cpu(), idx)
             rows_d, idx, targets = rows.to(self.device), idx.to(self.device), targets.to(self.device).long()
             if tc.prior == "reference":
                 _renorm_(self.latents, rows_d, tc.max_norm)
@@ -537,6 +590,8 @@ class TrainJob:
     progress: bool = True
     provenance: tuple = ()       # (key, value) pairs for config.json and the model's info
     data: tuple = ()             # data_fingerprint's (key, value) pairs, computed once; (): by each process
+    intensities: str | None = None   # the (N, R, R, R) float16 intensity stack, read by train.augment's kinds
+    mode_pool: int | None = None     # the classes' mode pool (the prepared manifest's); None: preprocess's
 
 
 def train_job(job: TrainJob) -> dict:
@@ -549,9 +604,12 @@ def train_job(job: TrainJob) -> dict:
         torch.set_num_threads(job.threads)
     volumes = np.load(job.volumes, mmap_mode="r")
     brains = None if job.brains is None else np.load(job.brains, mmap_mode="r")
+    intensities = (np.load(job.intensities, mmap_mode="r")
+                   if job.intensities is not None and uses_intensities(job.train.augment) else None)
     trainer = Trainer(volumes, job.model, job.train, job.preprocess, np.asarray(job.centres), device,
                       job.names, provenance=dict(job.provenance), brains=brains, group=group,
-                      precision=job.precision, data=dict(job.data))
+                      precision=job.precision, data=dict(job.data), intensities=intensities,
+                      mode_pool=job.mode_pool)
     if job.resume:
         trainer.load(job.out)
     t0 = time.perf_counter()
