@@ -170,6 +170,9 @@ class Restorer:
         self.adam = ("fused" if cuda else "foreach") if on_device else "default"
         self.cuda_graphs = cuda and on_device and (cuda_graphs is None or bool(cuda_graphs))
         self.time_stages = bool(time_stages)
+        # the maps' decision threshold (the model's; restore_files adds its own): where an
+        # 'adaptive' score grid must be exact
+        self.decision = (model.info or {}).get("threshold")
 
     @property
     def backend(self) -> str:
@@ -196,8 +199,9 @@ class Restorer:
         scans = [as_scan(v, a) for v, a in zip(volumes, affines)]
         return self._restore([(check_scan(v, a, f"volume {i}", force), a) for i, (v, a) in enumerate(scans)])
 
-    def _restore(self, scans: list[tuple]) -> list[NativeResult]:
-        """restore_arrays for checked (array, affine) pairs."""
+    def _restore(self, scans: list[tuple], decision: float | None = None) -> list[NativeResult]:
+        """restore_arrays for checked (array, affine) pairs; decision: the maps' decision threshold
+        (default the model's, `self.decision`)."""
         t0 = time.perf_counter()
         stage = StageTimes(self.device, enabled=self.time_stages)
         on_device = self.pipeline == "device"
@@ -218,7 +222,8 @@ class Restorer:
         generator = torch.Generator(self.device if on_device else "cpu").manual_seed(self.rc.seed)
         maps = restore_batch(self.engine, self.model, classes, self.rc, generator, brain=brain, region=self.region,
                              progress=self.progress, score_classes=score_classes, score_brain=score_brain,
-                             adam=self.adam, graphs=self.cuda_graphs, stages=stage)
+                             adam=self.adam, graphs=self.cuda_graphs, stages=stage,
+                             threshold=self.decision if decision is None else decision)
         with stage("native"):
             grids = maps.to_host()
             native = []
@@ -237,17 +242,17 @@ class Restorer:
                              seconds=seconds, placement=placement, stages=stages)
                 for (anomaly, classes, placement), r in zip(native, grids)]
 
-    def _restore_scans(self, scans: list[Scan]) -> list[NativeResult]:
+    def _restore_scans(self, scans: list[Scan], decision: float | None = None) -> list[NativeResult]:
         """restore_arrays for loaded scans; after a GPU's out-of-memory error, once more with score
         chunks an eighth the size."""
         pairs = [(s.data, s.affine) for s in scans]           # checked by io.load_scan
         try:
-            return self._restore(pairs)
+            return self._restore(pairs, decision)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
         rc, self.rc = self.rc, cfg.replace(self.rc, chunk=max(1, self.rc.chunk // 8))
         try:
-            return self._restore(pairs)
+            return self._restore(pairs, decision)
         finally:
             self.rc = rc
 
@@ -299,6 +304,7 @@ class Restorer:
             require("matplotlib")
         model, rc, region, resolution = self.model, self.rc, self.region, self.resolution
         threshold = resolve_threshold(model, threshold)
+        decision = min((t for t in (threshold, self.decision) if t is not None), default=None)
         paths = find_scans(inputs)
         if shard is not None:
             rank, world = shard
@@ -388,7 +394,7 @@ class Restorer:
             if not scans:
                 continue
             try:
-                results = self._restore_scans(scans)
+                results = self._restore_scans(scans, decision)
             except (IfadError, MemoryError, RuntimeError) as exc:
                 if not (isinstance(exc, IfadError) or out_of_memory(exc)):
                     raise

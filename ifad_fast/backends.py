@@ -11,6 +11,9 @@ for a grid of `shape` (X, Y, Z):
   No gradients.
 - `score_and_classes(z, idx, targets, shape) -> ((M,) float32, (M,) uint8)`: the same plus the
   most likely class per voxel (the restoration), from the same forward.
+- `log_probs(z, idx, shape) -> (M, C) float32`: log P(c | z, p) of every class at M voxels (the
+  coarse lattice of `restore.score_grid_adaptive`). Optional: `has_log_probs` says whether a
+  backend has it (torch and cpu do; triton does not, and scores the full grid).
 
 `Backend` owns what every backend shares: the input checks (shapes, index and class ranges,
 raised as IfadError before any work), the precision names (`parse_precision`), and the bounded
@@ -143,6 +146,28 @@ class Backend(ABC):
         with self.matmul_precision():
             return self._score_and_classes(z.detach(), idx, targets, shape)
 
+    @torch.no_grad()
+    def log_probs(self, z: torch.Tensor, idx: torch.Tensor, shape, *, checked: bool = False) -> torch.Tensor:
+        """z (D,), idx (M, 3) int -> (M, C) float32 log-probabilities of every class at each voxel."""
+        if not self.has_log_probs:
+            raise NotImplementedError(f"the {self.name} backend has no log_probs")
+        if checked:
+            shape = _grid_shape(shape)
+        else:
+            shape = self._check(z, idx, torch.zeros(idx.shape[:1], dtype=torch.long, device=idx.device), shape,
+                                batched=False)
+        with self.matmul_precision():
+            return self._log_probs(z.detach(), idx, shape)
+
+    @property
+    def has_log_probs(self) -> bool:
+        """Whether this backend implements `log_probs`."""
+        return type(self)._log_probs is not Backend._log_probs
+
+    def _log_probs(self, z, idx, shape) -> torch.Tensor:
+        """log_probs's (M, C) float32 (optional: `has_log_probs` is False when not overridden)."""
+        raise NotImplementedError
+
     def matmul_precision(self):
         """A context in which this backend's float32 matmuls run at its precision: TF32 tensor
         cores for 'tf32' (set for the call only, restored after), unchanged otherwise."""
@@ -248,3 +273,6 @@ class TorchBackend(Backend):
     def _score_and_classes(self, z, idx, targets, shape):
         logits = self.decoder.logits_at(z[None], idx[None], shape)[0]
         return cross_entropy_per_point(logits, targets), logits.argmax(-1).to(torch.uint8)
+
+    def _log_probs(self, z, idx, shape):
+        return torch.log_softmax(self.decoder.logits_at(z[None], idx[None], shape)[0].float(), dim=-1)

@@ -225,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
     p.add_argument("--protocol", choices=("paper",), default=None,
                    help="paper: the paper's setting (schedule paper, region full)")
+    p.add_argument("--grid", choices=("full", "adaptive"), default=None,
+                   help="full: the decoder at every voxel near the brain; adaptive: at every 2nd voxel, "
+                        "interpolated, and at every voxel where the map can reach the threshold (exact "
+                        "masks, about half the work; default of the fast schedule when the model stores "
+                        "a threshold)")
     p.add_argument("--bids", action="store_true",
                    help="name the outputs as a BIDS derivative data set: sub-<label>[/ses-<label>]/anat/"
                         "<case>_desc-anomaly_map.nii.gz with its .json sidecar, _desc-restoration_map, "
@@ -585,6 +590,8 @@ def cmd_restore(args):
             if given is not None and given != protocol[name]:
                 raise IfadError(f"--protocol {args.protocol} sets --{name} {protocol[name]}; drop --{name} {given}")
         schedule, region = protocol["schedule"], protocol["region"]
+        if args.grid == "adaptive":
+            raise IfadError(f"--protocol {args.protocol} scores the full grid; drop --grid adaptive")
     _output(args.output)
     device = resolve_device(args.device)
     nproc, world = _processes(args, device)
@@ -595,7 +602,7 @@ def cmd_restore(args):
     threshold = resolve_threshold(model, args.threshold)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
-    rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step)
+    rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     if alone:
         restorer = Restorer(model, args.backend, device, args.precision, rc, region, args.resolution, progress=True)

@@ -17,6 +17,7 @@ TrainPrior = Literal["paper", "reference", "none"]
 RestorePrior = Literal["paper", "none"]
 LatentInit = Literal["random", "mean"]
 Variant = Literal["3d", "2d"]
+ScoreGrid = Literal["full", "adaptive"]
 
 
 def _check_choice(obj, field: str, choices) -> None:
@@ -224,11 +225,27 @@ class RestoreConfig:
     brain_fraction: float = 0.0          # share of each step's points drawn inside the brain (paper: 0)
     restart_per_phase: bool = False      # a new Adam (fresh moments) for each phase, as the reference notebook
     slice_step: int = 4                  # 2D models: one axial slice in this many is restored (paper: 4)
+    # full: the decoder at every voxel of the scored region. adaptive: at every 2nd voxel (log-probs
+    # of all classes, interpolated trilinearly), then at every voxel within the pooling reach of where
+    # the interpolated map reaches (1 - refine_margin) x the decision threshold (restore.score_grid_adaptive)
+    grid: ScoreGrid = "full"
+    refine_margin: float = 0.15
+    # a phase ends early once the mean data loss of its last `stop_window` steps is not below that
+    # of the window before by more than stop_tol x that loss (0: every phase runs all its steps)
+    stop_tol: float = 0.0
+    stop_window: int = 10
 
     def __post_init__(self):
         _check_choice(self, "prior", RestorePrior)
         _check_choice(self, "init", LatentInit)
+        _check_choice(self, "grid", ScoreGrid)
         _check_positive(self, "sigma")
+        if isinstance(self.stop_tol, bool) or not (isinstance(self.stop_tol, (int, float)) and 0.0 <= self.stop_tol < 1.0):
+            raise IfadError(f"the stopping tolerance must be a fraction in [0, 1), got {self.stop_tol!r}")
+        if isinstance(self.stop_window, bool) or not isinstance(self.stop_window, int) or self.stop_window < 1:
+            raise IfadError(f"the stopping window must be a whole number of steps of at least 1, got {self.stop_window!r}")
+        if isinstance(self.refine_margin, bool) or not (isinstance(self.refine_margin, (int, float)) and 0.0 <= self.refine_margin < 1.0):
+            raise IfadError(f"the refine margin must be a fraction in [0, 1), got {self.refine_margin!r}")
         if isinstance(self.slice_step, bool) or not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise IfadError(f"the slice step must be a whole number of at least 1, got {self.slice_step!r}")
 

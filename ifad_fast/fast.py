@@ -183,6 +183,17 @@ class FastBackend(Backend):
         self._run(z[None], idx[None], targets[None], shape, need_grad=False, point_out=out, class_out=classes)
         return out, classes
 
+    def _log_probs(self, z, idx, shape):
+        T0, Tr, rows = self._embedding_tables(z[None].to(self.device, torch.float32), idx[None], shape)
+        M = idx.shape[0]
+        out = torch.empty(M, self.n_classes, dtype=torch.float32, device=self.device)
+        n = max(1, min(self.chunk or default_chunk(self.device), M))
+        bufs = self._bufs(n)
+        for p0 in range(0, M, n):
+            _, logits = self._forward(bufs, T0, Tr, rows[0, p0:p0 + n])
+            torch.sub(logits, torch.logsumexp(logits, dim=1, keepdim=True), out=out[p0:p0 + n])
+        return out
+
     # ---------------------------------------------------------------- internals
     def _axis_tables(self, shape):
         """Per-axis layer-0 and layer-r γ contributions: ((S_x+S_y+S_z, H0), (…, H_r)), float32."""

@@ -156,7 +156,10 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     per-slice draws, ifad_fast/slices.py); it replaces the draws above, and `classes` then only
     gives the grid shape and the device.
 
-    Returns z (B, D) float32 and the per-step mean data loss (steps, B) float32, both on the
+    rc.stop_tol > 0 ends a phase early once its loss has levelled off (`converged`, read every
+    rc.stop_window steps; the B latents stop together).
+
+    Returns z (B, D) float32 and the per-step mean data loss (steps run, B) float32, both on the
     classes' device.
     """
     if adam not in ADAM:
@@ -197,16 +200,30 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
             return data_loss.detach()
 
         run = GraphedStep(step, opt) if graphs and steps > GraphedStep.WARMUP + 1 else step
-        for _ in range(steps):
+        for s in range(steps):
             trace[done] = run(*points(k))
             done += 1
             bar.update(1)
+            if rc.stop_tol and converged(trace[done - s - 1:done], rc.stop_window, rc.stop_tol):
+                bar.update(steps - s - 1)
+                break
         if isinstance(run, GraphedStep) and run.fallback:
             warnings.warn(f"CUDA graph capture failed, phase {phase + 1} ran eagerly: {run.fallback}",
                           RuntimeWarning, stacklevel=2)
         del run
     bar.close()
-    return z.detach(), trace
+    return z.detach(), trace[:done]
+
+
+def converged(losses: torch.Tensor, window: int, tol: float) -> bool:
+    """Whether a phase's search has levelled off: losses (steps so far, B) float32; checked every
+    `window` steps (one read from the device), True when for every latent the mean of the last
+    window is not below the mean of the window before by more than tol x that mean."""
+    n = losses.shape[0]
+    if n < 2 * window or n % window:
+        return False
+    last, before = losses[n - window:].mean(0), losses[n - 2 * window:n - window].mean(0)
+    return bool(((before - last) <= tol * before.abs()).all())
 
 
 class GraphedStep:
@@ -298,6 +315,103 @@ def score_grid(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Te
     return scores.reshape(classes.shape), predicted.reshape(classes.shape)
 
 
+def lattice_axis(n: int, device=None) -> torch.Tensor:
+    """(L,) int64 coarse-lattice positions along an axis of n voxels: every 2nd voxel and the last,
+    so that every voxel lies on or between two lattice positions at most 2 apart."""
+    ax = torch.arange(0, n, 2, device=device)
+    return ax if (n - 1) % 2 == 0 else torch.cat((ax, torch.tensor([n - 1], device=device)))
+
+
+def _cell(coord: torch.Tensor, n: int):
+    """For voxel coordinates (P,) along an axis of n: the lower lattice index j (P,) int64 (into
+    lattice_axis(n)) and the weight t (P,) float32 of the upper one (0 on the lower, 1 on the upper)."""
+    top = (n - 1) // 2 + (0 if (n - 1) % 2 == 0 else 1)          # last lattice index
+    j = (coord // 2).clamp(max=max(top - 1, 0))
+    lo = 2 * j
+    hi = torch.where(j + 1 == top, torch.full_like(j, n - 1), lo + 2) if top else lo
+    t = ((coord - lo).float() / (hi - lo).clamp(min=1).float()) if top else torch.zeros_like(coord, dtype=torch.float32)
+    return j, t
+
+
+@torch.no_grad()
+def interpolated_log_probs(lattice_lp: torch.Tensor, coords: torch.Tensor, shape) -> torch.Tensor:
+    """Trilinear interpolation of per-class log-probabilities from the coarse lattice.
+
+    lattice_lp: (Lx, Ly, Lz, C) float32 at the positions lattice_axis(X) x lattice_axis(Y) x
+    lattice_axis(Z); coords: (P, 3) int64 voxel indices of a grid `shape`. Returns (P, C) float32.
+    """
+    lx, ly, lz, c = lattice_lp.shape
+    flat = lattice_lp.reshape(-1, c)
+    (jx, tx), (jy, ty), (jz, tz) = (_cell(coords[:, a], int(shape[a])) for a in range(3))
+    out = torch.zeros(coords.shape[0], c, dtype=torch.float32, device=lattice_lp.device)
+    for dx, wx in ((0, 1 - tx), (1, tx)):
+        for dy, wy in ((0, 1 - ty), (1, ty)):
+            for dz, wz in ((0, 1 - tz), (1, tz)):
+                w = wx * wy * wz
+                corner = ((jx + dx).clamp(max=lx - 1) * ly + (jy + dy).clamp(max=ly - 1)) * lz + \
+                    (jz + dz).clamp(max=lz - 1)
+                out.addcmul_(flat[corner], w[:, None])
+    return out
+
+
+@torch.no_grad()
+def score_grid_adaptive(backend, z: torch.Tensor, classes: torch.Tensor, region: torch.Tensor,
+                        refine: "callable", chunk: int = 65536, progress: bool = False):
+    """score_grid at a fraction of the decoder evaluations, exact where the decision is made.
+
+    1. The decoder gives every class's log-probability on the coarse lattice (every 2nd voxel per
+       axis, `lattice_axis`) wherever a lattice point is a corner of a cell touching the region.
+    2. Every region voxel gets its cross-entropy and restored class from the trilinear
+       interpolation of those log-probabilities (the decoder is a continuous field; IF 3D*).
+    3. refine(scores) -> bool (X, Y, Z): the voxels whose post-processed value must be exact; every
+       region voxel within the pooling reach of them is scored exactly (`score_points`).
+
+    classes: (X, Y, Z) uint8 (checked by the caller); region: bool (X, Y, Z). Returns (scores
+    float32 (X, Y, Z), 0 outside the region; classes uint8 (X, Y, Z); decoder evaluations int).
+    """
+    shape = tuple(int(s) for s in classes.shape)
+    device = classes.device
+    axes = [lattice_axis(s, device) for s in shape]
+    near = dilate(region, 1)[axes[0]][:, axes[1]][:, :, axes[2]]              # lattice points needed
+    pick = near.nonzero()
+    coords = torch.stack([axes[a][pick[:, a]] for a in range(3)], 1)
+    lattice = torch.zeros(*near.shape, backend.config.n_classes, dtype=torch.float32, device=device)
+    for start in range(0, coords.shape[0], chunk):
+        part = pick[start:start + chunk]
+        lattice[part[:, 0], part[:, 1], part[:, 2]] = backend.log_probs(z, coords[start:start + chunk], shape,
+                                                                         checked=True)
+    lin = region.reshape(-1).nonzero().squeeze(1)
+    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
+    sizes = torch.tensor(shape, device=device)
+    flat_cls = classes.reshape(-1)
+    scores = torch.zeros(classes.numel(), dtype=torch.float32, device=device)
+    predicted = torch.zeros(classes.numel(), dtype=torch.uint8, device=device)
+    for start in range(0, lin.numel(), chunk):
+        part = lin[start:start + chunk]
+        lp = interpolated_log_probs(lattice, (part[:, None] // strides) % sizes, shape)
+        scores[part] = -lp.gather(1, flat_cls[part].long()[:, None])[:, 0]
+        predicted[part] = lp.argmax(1).to(torch.uint8)
+    scores, predicted = scores.reshape(shape), predicted.reshape(shape)
+    exact = refine(scores) & region
+    on_lattice = torch.zeros(shape, dtype=torch.bool, device=device)
+    on_lattice[axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]] = True
+    redo = (exact & ~on_lattice).reshape(-1).nonzero().squeeze(1)
+    if redo.numel():
+        ce, cls = score_points(backend, z, classes, redo, chunk, progress)
+        scores.view(-1)[redo] = ce
+        predicted.view(-1)[redo] = cls
+    return scores, predicted, int(coords.shape[0] + redo.numel())
+
+
+def refine_near(brain: torch.Tensor, rc: cfg.RestoreConfig, threshold: float, region: str):
+    """The refine rule of score_grid_adaptive: voxels within the pooling reach of those whose
+    post-processed map (of the interpolated scores) reaches (1 - rc.refine_margin) * threshold."""
+    def refine(scores: torch.Tensor) -> torch.Tensor:
+        near = anomaly_map(scores, brain, rc, region) >= (1.0 - rc.refine_margin) * threshold
+        return dilate(near, pool_reach(rc))
+    return refine
+
+
 def anomaly_map(score: torch.Tensor, brain: torch.Tensor, rc: cfg.RestoreConfig, region: str) -> torch.Tensor:
     """The anomaly map of one raw score (X, Y, Z) float32: min-pool then average-pool (rc's sizes),
     zeroed outside the bool `brain` when region is 'brain'."""
@@ -368,14 +482,19 @@ class DeviceMaps:
 def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
                   *, brain: torch.Tensor | None = None, region: str = "brain", progress: bool = False,
                   score_classes: torch.Tensor | None = None, score_brain: torch.Tensor | None = None,
-                  adam: str = "default", graphs: bool = False, stages=None) -> DeviceMaps:
+                  adam: str = "default", graphs: bool = False, stages=None,
+                  threshold: float | None = None) -> DeviceMaps:
     """Restore a batch of encoded scans on the classes' device (the backend's): search, score, pool.
 
     classes: (B, R, R, R) uint8 on the model grid; brain: bool like it (default classes != 0);
     score_classes / score_brain: the same scans on another grid of the same frame, where the
     scores are computed (see `restore_classes`). generator: draws z0 and the points (on its own
     device, see `optimise_latents`, with `adam` and `graphs`). stages: a `StageTimes` to record
-    search / grid / post, or None. Returns DeviceMaps (nothing copied to the host).
+    search / grid / post, or None. threshold: the decision threshold of the maps; with
+    rc.grid 'adaptive' the grid is then scored by `score_grid_adaptive` (exact wherever the map can
+    reach (1 - rc.refine_margin) * threshold), on backends that have `log_probs`; otherwise, and
+    without a threshold, every voxel of the region is scored. Returns DeviceMaps (nothing copied
+    to the host); its `scored` counts the decoder evaluations of the grid.
     """
     if model.config.variant == "2d":            # IF 2D: one latent per restored axial slice
         from .slices import restore_slices
@@ -398,17 +517,25 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
         z0 = initial_latents(model, classes.shape[0], rc, generator)
         z, trace = optimise_latents(backend, classes, z0, rc, generator, progress, brain, adam=adam,
                                     graphs=graphs, checked=True)
+    adaptive = rc.grid == "adaptive" and threshold is not None and backend.has_log_probs
     scores, anomalies, predicted, scored = [], [], [], []
     for i in range(classes.shape[0]):
         with stage("grid"):
             keep = dilate(score_brain[i], pool_reach(src)) if region == "brain" else None
-            score, cls = score_grid(backend, z[i], score_cls[i], keep, rc.chunk, progress, checked=True)
+            if adaptive:
+                within = keep if keep is not None else torch.ones_like(score_brain[i])
+                score, cls, n = score_grid_adaptive(backend, z[i], score_cls[i], within,
+                                                    refine_near(score_brain[i], src, threshold, region),
+                                                    rc.chunk, progress)
+            else:
+                score, cls = score_grid(backend, z[i], score_cls[i], keep, rc.chunk, progress, checked=True)
+                n = keep.sum() if keep is not None else score.numel()
         with stage("post"):
             anomaly = anomaly_map(score, score_brain[i], src, region)
         scores.append(score)
         anomalies.append(anomaly)
         predicted.append(cls)
-        scored.append(keep.sum() if keep is not None else torch.full((), score.numel(), device=score.device))
+        scored.append(torch.as_tensor(n, device=score.device))
     return DeviceMaps(anomaly=torch.stack(anomalies), score=torch.stack(scores), classes=torch.stack(predicted),
                       z=z, losses=trace, scored=torch.stack(scored), region=region)
 
@@ -416,7 +543,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
                     backend="auto", device="auto", precision="float32", brain: np.ndarray | None = None,
                     region: str = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
-                    score_brain: np.ndarray | None = None) -> list[Restoration]:
+                    score_brain: np.ndarray | None = None, threshold: float | None = None) -> list[Restoration]:
     """Restore one or several encoded scans at once.
 
     classes: (X, Y, Z) or (B, X, Y, Z) uint8 on the model grid, where the latent is searched.
@@ -429,6 +556,7 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     are resolved by `backends.resolve_backend` (a Backend object, or names; 'auto' by default).
     The points are drawn from a CPU generator seeded with rc.seed (the same draws on any device);
     the work runs on the backend's device (`restore_batch`) and the results come back as NumPy.
+    threshold: the maps' decision threshold, for rc.grid 'adaptive' (see `restore_batch`).
     """
     if region not in ("brain", "full"):
         raise IfadError(f"region must be brain or full, got {region!r}")
@@ -443,5 +571,6 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
 
     maps = restore_batch(engine, model, batch(classes, np.uint8), rc, torch.Generator().manual_seed(rc.seed),
                          brain=batch(brain, bool), region=region, progress=progress,
-                         score_classes=batch(score_classes, np.uint8), score_brain=batch(score_brain, bool))
+                         score_classes=batch(score_classes, np.uint8), score_brain=batch(score_brain, bool),
+                         threshold=threshold)
     return maps.to_host()

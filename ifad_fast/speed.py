@@ -107,7 +107,8 @@ def benchmark_volume(resolution: int):
     return p.classes, p.brain
 
 
-STAGES = ("prepare", "search", "grid", "post", "native")
+STAGES = ("prepare", "search", "grid", "post", "native")      # what Restorer(time_stages=True) records
+REPORTED_STAGES = STAGES + ("write",)                         # and the outputs written, timed here
 
 
 def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: torch.device, backend="auto",
@@ -137,11 +138,42 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
         Restorer(model, backend, device, schedule=warm, **kw).restore_array(case.image, case.affine)
         restorer = Restorer(model, backend, device, schedule=rc, **kw)
         result = restorer.restore_array(case.image, case.affine)
+        stages = {k: result.stages.get(k, 0.0) for k in STAGES}
+        stages["write"] = write_seconds(case, result, restorer)
         label = pipeline + ("" if graphs is None else ", CUDA graphs" if restorer.cuda_graphs else ", no graphs")
-        rows.append(dict(pipeline=label, backend=restorer.backend, precision=restorer.precision,
-                         points=sum(st * k for st, k in rc.phases), seconds=result.seconds,
-                         stages={k: result.stages.get(k, 0.0) for k in STAGES}))
+        points = sum(k for k in _phase_points(rc, len(result.model_grid.losses)))
+        hoisted = restorer.backend != "torch"
+        fwd = macs_per_point(decoder.config, hoisted=hoisted)
+        rows.append(dict(pipeline=label, backend=restorer.backend, precision=restorer.precision, points=points,
+                         seconds=result.seconds + stages["write"], stages=stages,
+                         flop=dict(search=2 * 2 * fwd * points, grid=2 * fwd * result.model_grid.scored_voxels),
+                         grid_evaluations=result.model_grid.scored_voxels))
     return rows
+
+
+def _phase_points(rc: cfg.RestoreConfig, steps_run: int):
+    """The points of each step the search ran (its phases in order, `steps_run` steps in all)."""
+    for steps, k in rc.phases:
+        for _ in range(min(steps, steps_run)):
+            yield k
+        steps_run -= min(steps, steps_run)
+
+
+def write_seconds(case, result, restorer) -> float:
+    """Seconds to write one restore's outputs (anomaly map, restoration, JSON) as `restore` does,
+    into a temporary folder."""
+    import tempfile
+
+    import nibabel as nib
+
+    from .api import write_outputs
+    from .io import Scan
+
+    scan = Scan(case.image, case.affine, nib.Nifti1Header())
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        write_outputs(scan, result, out, None, restorer.engine, restorer.rc, restorer.region)
+        return time.perf_counter() - t0
 
 
 def run(quick=False, backend="auto", device="auto", report=print) -> dict:
@@ -345,13 +377,25 @@ def format_report(r: dict) -> str:
     if r.get("stages"):
         lines += ["", f"stage breakdown of one whole restore through the Restorer ({label}, the scan's native grid "
                   "in and out; seconds and share of the total):", "",
-                  "| pipeline | backend | " + " | ".join(STAGES) + " | total |",
-                  "|---|---|" + "---:|" * (len(STAGES) + 1)]
+                  "| pipeline | backend | " + " | ".join(REPORTED_STAGES) + " | total |",
+                  "|---|---|" + "---:|" * (len(REPORTED_STAGES) + 1)]
         for row in r["stages"]:
             total = sum(row["stages"].values()) or 1.0
-            cells = [f"{row['stages'][k]:.2f} ({100 * row['stages'][k] / total:.0f} %)" for k in STAGES]
+            cells = [f"{row['stages'].get(k, 0.0):.2f} ({100 * row['stages'].get(k, 0.0) / total:.0f} %)"
+                     for k in REPORTED_STAGES]
             lines.append(f"| {row['pipeline']} | {row['backend']} {row['precision']} | " + " | ".join(cells)
                          + f" | {row['seconds']:.2f} |")
+        lines += ["", "the decoder's work per stage against the float32 matmul peak (FLOP = 2 × multiply-adds; "
+                  "search: forward and backward to z of every point drawn, grid: one forward per evaluated "
+                  "voxel; the other stages do no decoder work):", "",
+                  "| pipeline | stage | decoder evaluations | GFLOP | seconds | GFLOP/s | % of fp32 peak |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for row in r["stages"]:
+            for stage, n in (("search", row["points"]), ("grid", row.get("grid_evaluations", 0))):
+                flop, sec = row.get("flop", {}).get(stage, 0), row["stages"][stage]
+                rate = flop / sec / 1e9 if sec else 0.0
+                lines.append(f"| {row['pipeline']} | {stage} | {n:,} | {flop / 1e9:.0f} | {sec:.2f} | {rate:.0f} | "
+                             f"{100 * rate / p32:.0f} % |")
     if "training" in r:
         lines += ["", train_speed.format_training(r["training"])]
     return "\n".join(lines)
