@@ -199,3 +199,36 @@ def test_cli_grid_option(tiny_run, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "case_restore.json").read_text())
     assert summary["restore"]["grid"] == "adaptive" and summary["scored_voxels"] > 0
+
+
+def test_latent_adam_is_torchs_adam_number_for_number():
+    from ifad_fast.restore import LatentAdam
+
+    g = torch.Generator().manual_seed(base_seed())
+    z0 = torch.randn(3, 16, generator=g)
+    ours, theirs = z0.clone().requires_grad_(True), z0.clone().requires_grad_(True)
+    a, b = LatentAdam(ours, 1e-2), torch.optim.Adam([theirs], lr=1e-2)
+    for step in range(60):
+        grad = torch.randn(3, 16, generator=g) * (0.1 + step % 7)
+        if step == 30:                                           # a new phase: the learning rate decays
+            for opt in (a, b):
+                opt.param_groups[0]["lr"] *= 0.3
+        for opt, z in ((a, ours), (b, theirs)):
+            opt.zero_grad(set_to_none=True)
+            (z * grad).sum().backward()
+            opt.step()
+        assert torch.equal(ours, theirs), (step, seed_note())
+    assert ours.grad is not None and (a.zero_grad(), ours.grad)[1] is None
+
+
+def test_the_search_on_the_cpu_does_not_import_dynamo():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from ifad_fast.restore import _adam\n"
+            "z = torch.zeros(4, requires_grad=True); opt = _adam(z, 1e-2, 'default', False)\n"
+            "z.sum().backward(); opt.step()\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
