@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from ifad_fast.dataset import MANIFEST, STACKS
+from ifad_fast.dataset import MANIFEST, INTENSITIES, STACKS
 from helpers import cli, digests, leftovers, one_error_line, scan
 
 TINY = ["--preset", "tiny", "--classes", "10"]
@@ -25,7 +25,7 @@ CLASSES, BRAIN = "_ifad-classes.nii.gz", "_ifad-brainmask.nii.gz"
 
 def prepared_names(cases) -> list[str]:
     """The files `prepare` writes for these case names, sorted."""
-    return sorted([MANIFEST, *STACKS.values(), *(c + s for c in cases for s in (CLASSES, BRAIN))])
+    return sorted([MANIFEST, *STACKS.values(), INTENSITIES, *(c + s for c in cases for s in (CLASSES, BRAIN))])
 
 
 # ------------------------------------------------------------------------------ prepare: inputs

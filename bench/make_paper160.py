@@ -1,0 +1,30 @@
+"""A paper-sized model file with random weights (weight-norm gains randomised, as `bench speed`) on a 160³
+model grid, and `bench speed`'s synthetic MNI152 brain as a NIfTI scan: the inputs of bench/cli_timing.sh.
+
+    python bench/make_paper160.py OUT_DIR      # writes OUT_DIR/paper160.pt and OUT_DIR/scan160.nii.gz
+"""
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from ifad_fast import config as cfg
+from ifad_fast.model import Decoder, Model, save_model
+from ifad_fast.speed import benchmark_case
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(0)
+mc = cfg.ModelConfig()
+decoder = Decoder(mc).eval()
+with torch.no_grad():
+    for layer in decoder.layers:
+        g = layer.parametrizations.weight.original0
+        g.mul_(torch.rand_like(g) + 0.5)
+model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
+              preprocess=cfg.PreprocessConfig(resolution=160), latents=torch.randn(1, mc.latent_dim) / 16)
+save_model(model, out / "paper160.pt")
+case = benchmark_case()
+nib.save(nib.Nifti1Image(case.image.astype(np.float32), case.affine), str(out / "scan160.nii.gz"))
