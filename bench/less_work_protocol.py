@@ -3,7 +3,7 @@ the adaptive grid, and a search stopped on a level loss (stop_tol, window 5) sco
 Dice / AP per acquisition of the test stream (seed 2, 1 mm) and overall, plus per scan the decoder evaluations,
 the maps' max difference and the voxels whose decision flips.
 
-    python bench/less_work_protocol.py N_CASES MODEL|bundled THREADS [THRESHOLD] [STOP_TOL]
+    python bench/less_work_protocol.py N_CASES MODEL|bundled THREADS [THRESHOLD] [STOP_TOL] [STOP_WINDOW]
 """
 import sys, json, time, numpy as np, torch
 from ifad_fast import api, config as cfg, metrics
@@ -16,7 +16,8 @@ torch.set_num_threads(int(sys.argv[3]))
 model = api.default_model() if sys.argv[2] == "bundled" else __import__("ifad_fast.model", fromlist=["x"]).load_model(sys.argv[2])
 thr = float((model.info or {}).get("threshold") or float(sys.argv[4]))
 base = api.restore_config(model, "fast")
-stop = cfg.replace(base, stop_tol=float(sys.argv[5]) if len(sys.argv) > 5 else 0.002, stop_window=5)
+stop = cfg.replace(base, stop_tol=float(sys.argv[5]) if len(sys.argv) > 5 else 0.002,
+                   stop_window=int(sys.argv[6]) if len(sys.argv) > 6 else 5)
 eng = resolve_backend("cpu", model.decoder, "cpu"); enc = IntensityEncoder(model.centres.numpy()); pc = model.preprocess
 acc = {}
 def add(k, name, a, b, m):
