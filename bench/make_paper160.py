@@ -12,7 +12,7 @@ import torch
 
 from ifad_fast import config as cfg
 from ifad_fast.model import Decoder, Model, save_model
-from ifad_fast.speed import benchmark_case
+from ifad_fast.bench_inputs import benchmark_case
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ on healthy scans, thresholds from a validation set, every metric on a test set.
 """
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -51,6 +50,7 @@ import numpy as np
 
 from .acquisition import HELD_OUT
 from .baselines import VAEConfig
+from .bench_inputs import machine
 from .errors import IfadError
 from .progress import progress_bar
 
@@ -63,23 +63,6 @@ THRESHOLD, ZSCORE = "thresholding (Meissen 2021)", "z-score (Saase 2020)"
 PAPER_FIGURES = {"IF 3D (paper)": dict(dice_best=0.681, dice_mean=0.640, dice_std=0.177, ap=0.733, auroc=0.992,
                                        fpr95=0.0462),
                  "VQ-VAE (paper)": dict(dice_best=0.568, dice_mean=0.518, dice_std=0.188)}
-
-
-def machine() -> str:
-    """One line naming this machine for a results table: CPU model, core count, the CUDA GPU if
-    any, torch's version."""
-    import os
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from . import reference as paper
 from . import train_speed
 from .backends import TorchBackend
 from .engines import resolve_backend, resolve_device
-from .benchmark import machine
+from .bench_inputs import benchmark_case, benchmark_volume, machine
 from .fast import FastBackend
 from .model import Decoder, layer_shapes
 from .restore import GraphedStep, optimise_latents, pool_reach, postprocess, score_grid
@@ -90,21 +90,6 @@ def matmul_peak(dtype, device: torch.device) -> float:
         for _ in range(10):
             a @ b
     return 10 * 2 * m * n * k / timed(run, 5, sync=_sync(device)) / 1e9
-
-
-def benchmark_case():
-    """The synthetic MNI152 brain every row is timed on (healthy subject 0 of seed 123)."""
-    from .synth import generate_healthy
-    return generate_healthy(0, seed=123)
-
-
-def benchmark_volume(resolution: int):
-    """A synthetic MNI152 brain at resolution³: (classes uint8 with the HCP T2 centres, brain mask bool)."""
-    from .preprocess import IntensityEncoder, prepare
-    case = benchmark_case()
-    p = prepare(case.image, IntensityEncoder.preset("hcp-t2"), cfg.PreprocessConfig(resolution=resolution), 3,
-                case.affine)
-    return p.classes, p.brain
 
 
 STAGES = ("prepare", "search", "grid", "post", "native")      # what Restorer(time_stages=True) records

@@ -40,7 +40,7 @@ def train_flop_per_point(mc: cfg.ModelConfig) -> int:
 def synthetic_volumes(n: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(classes, brains), each (n, R, R, R) uint8: the speed suite's synthetic MNI152 brain, shifted
     a voxel or two per copy."""
-    from .speed import benchmark_volume
+    from .bench_inputs import benchmark_volume
     classes, brain = benchmark_volume(resolution)
     rng = np.random.default_rng(seed)
     shifts = [tuple(rng.integers(-2, 3, 3)) for _ in range(n)]

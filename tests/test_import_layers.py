@@ -19,10 +19,8 @@ KERNELS = ROOT / "kernels"
 
 # Strongly connected components of the import graph still present, each a frozenset of module
 # names. restore <-> slices: slices scores a restoration, restore imports slices' helpers.
-# benchmark -> speed -> train_speed -> speed, speed -> benchmark.machine: the speed tables.
 KNOWN_CYCLES = {
     frozenset({"restore", "slices"}),
-    frozenset({"benchmark", "speed", "train_speed"}),
 }
 BACKEND_LAYER = {"backends", "fast", "triton_backend", "engines"}
 
