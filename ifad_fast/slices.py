@@ -43,6 +43,8 @@ import torch
 from . import config as cfg
 from .errors import IfadError
 from .model import Model
+from .scoring import DeviceMaps, StageTimes, anomaly_map, dilate, pool_reach, score_points
+from .search import initial_latents, optimise_latents
 
 
 def blocks(depth: int, step: int) -> list[tuple[int, int, int]]:
@@ -213,7 +215,6 @@ def search_slices(model: Model, engine, classes: torch.Tensor, brain: torch.Tens
     pipeline); adam, graphs: as for optimise_latents. Returns z (B, D) float32 and the per-step
     mean data loss (steps, B) float32 on the classes' device, as optimise_latents.
     """
-    from .restore import initial_latents, optimise_latents
 
     depth = classes.shape[-1]
     per_slice = tuple((steps, points_per_slice(k, depth, rc.slice_step)) for steps, k in rc.phases)
@@ -251,7 +252,6 @@ def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.Restore
     restored slices holding brain, whose latents z holds scan after scan.
     """
     from .backends import check_classes
-    from .restore import DeviceMaps, StageTimes, anomaly_map, dilate, pool_reach, score_points
 
     stage = stages or StageTimes(enabled=False)
     check_classes(classes, backend.config.n_classes)

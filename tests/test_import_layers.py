@@ -18,10 +18,8 @@ PACKAGE = ROOT / "ifad_fast"
 KERNELS = ROOT / "kernels"
 
 # Strongly connected components of the import graph still present, each a frozenset of module
-# names. restore <-> slices: slices scores a restoration, restore imports slices' helpers.
-KNOWN_CYCLES = {
-    frozenset({"restore", "slices"}),
-}
+# names: none (restore hands 2D models to slices, and both use search and scoring).
+KNOWN_CYCLES: set = set()
 BACKEND_LAYER = {"backends", "fast", "triton_backend", "engines"}
 
 
