@@ -158,12 +158,8 @@ def _inputs(args) -> list:
     return inputs
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command."""
-    parser = _Parser(prog="ifad-fast", description="Implicit-field anomaly detection for brain MRI.")
-    parser.add_argument("--version", action="version", version=f"ifad-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_prepare_command(sub):
+    """The `prepare` command's arguments."""
     p = sub.add_parser("prepare", help="encode scans as intensity-class volumes on the model grid")
     _add_inputs(p)
     p.add_argument("-o", "--output", required=True, help="output folder")
@@ -181,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed(p)
     _add_input_checks(p)
 
+
+def _add_train_command(sub):
+    """The `train` command's arguments."""
     p = sub.add_parser("train", help="train the auto-decoder on healthy scans")
     p.add_argument("data", help="folder of healthy NIfTI scans, or the output of 'prepare'")
     p.add_argument("-o", "--output", required=True, help="run folder (model.pt, checkpoint.pt, loss.jsonl)")
@@ -208,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_checks(p)
     _add_engine_args(p, backend=False)
 
+
+def _add_restore_command(sub):
+    """The `restore` command's arguments."""
     p = sub.add_parser("restore", help="anomaly maps for scans (restoration by latent search)")
     _add_inputs(p)
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_checks(p)
     _add_engine_args(p)
 
+
+def _add_evaluate_command(sub):
+    """The `evaluate` command's arguments."""
     p = sub.add_parser("evaluate", help="the paper's metrics and lesion-wise detection for anomaly maps against "
                                         "lesion masks")
     p.add_argument("--scores", default=None, help="folder of <case>_anomaly.nii.gz")
@@ -274,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-voxels", type=_int_in(1), default=None,
                    help=f"refuse maps with more voxels than this (default {DEFAULT_MAX_VOXELS:,})")
 
+
+def _add_synth_command(sub):
+    """The `synth` command's arguments."""
     p = sub.add_parser("synth", help="synthesise healthy and lesion brains from the MNI152 maps")
     p.add_argument("-o", "--output", required=True,
                    help="output folder: healthy/<case>.nii.gz, lesion/<case>.nii.gz with <case>_mask.nii.gz, "
@@ -287,11 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "not write are removed, nothing else)")
     _add_seed(p)
 
+
+def _add_demo_command(sub):
+    """The `demo` command's arguments."""
     p = sub.add_parser("demo", help="synthesise a lesion case, restore it with the bundled model, plot it")
     p.add_argument("-o", "--output", default="ifad_demo", help="output folder (default ifad_demo)")
     _add_seed(p)
     _add_engine_args(p)
 
+
+def _add_bench_command(sub):
+    """The `bench` command's arguments."""
     p = sub.add_parser("bench", help="speed and accuracy benchmarks")
     p.add_argument("what", choices=("speed", "accuracy"),
                    help="speed: one 160³ scan through each engine; accuracy: the paper's metrics on synthetic lesions")
@@ -330,6 +344,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which scans to read where a case has several (BraTS _t2/_flair/..., BIDS _T2w/...; "
                            "default t2)")
     _add_engine_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = _Parser(prog="ifad-fast", description="Implicit-field anomaly detection for brain MRI.")
+    parser.add_argument("--version", action="version", version=f"ifad-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_prepare_command(sub)
+    _add_train_command(sub)
+    _add_restore_command(sub)
+    _add_evaluate_command(sub)
+    _add_synth_command(sub)
+    _add_demo_command(sub)
+    _add_bench_command(sub)
     for p in sub.choices.values():
         talk = p.add_mutually_exclusive_group()
         talk.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const="quiet", default="normal",
@@ -431,6 +460,40 @@ def cmd_prepare(args):
     print(f"prepared {len(manifest['cases'])} scans at {pc.resolution}³ ({pc.frame} frame) -> {args.output}")
 
 
+def _train_config(args, preset):
+    """The preset's TrainConfig with the command line's choices, checked."""
+    from . import config as cfg
+    from .train import check_train_config
+
+    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
+                                        volumes_per_batch=args.volumes_per_batch, augment=args.augment,
+                                        augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
+                                        augment_centre_jitter=args.augment_centre_jitter,
+                                        augment_bias=args.augment_bias, augment_noise=args.augment_noise,
+                                        augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
+                                        augment_scale=args.augment_scale))
+    if preset.model.variant == "2d" and "deform" in tc.augment:
+        raise IfadError("--augment deform (virtual subjects) is for 3D models; a 2D preset takes contrast, bias "
+                        "and noise")
+    return tc
+
+
+def _warn_gpu_sized(name: str, preset, tc, names, brains, device):
+    """Warn that a paper-sized training on this CPU takes hours (estimated from its matmul rate)."""
+    from .train import estimate_seconds
+
+    samples, what = len(names), f"{len(names)} volumes"
+    if preset.model.variant == "2d":                 # a sample per brain slice
+        from .slices import slice_table
+        samples = len(slice_table(brains))
+        what += f" ({samples} slices)"
+    seconds, rate = estimate_seconds(preset.model, tc, samples, tc.epochs, device)
+    warnings.warn(IfadWarning(
+        f"the {name} preset is GPU-sized: {tc.epochs} epochs on {what} need roughly "
+        f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
+        f"use a GPU (--device cuda) or --preset {name.replace('paper', 'small')}"))
+
+
 @_holding_output
 def cmd_train(args):
     """`ifad-fast train`: validate everything, load the data, train (Ctrl-C saves a checkpoint).
@@ -445,19 +508,10 @@ def cmd_train(args):
     from .distributed import SINGLE, from_env, launch
     from .io import clean_stale_temporaries
     from .limits import check_memory, train_bytes, usable_cores
-    from .train import TrainJob, check_train_config, data_fingerprint, estimate_seconds, train_job
+    from .train import TrainJob, data_fingerprint, train_job
 
     preset = cfg.get_preset(args.preset)
-    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
-                                        volumes_per_batch=args.volumes_per_batch, augment=args.augment,
-                                        augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
-                                        augment_centre_jitter=args.augment_centre_jitter,
-                                        augment_bias=args.augment_bias, augment_noise=args.augment_noise,
-                                        augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
-                                        augment_scale=args.augment_scale))
-    if preset.model.variant == "2d" and "deform" in tc.augment:
-        raise IfadError("--augment deform (virtual subjects) is for 3D models; a 2D preset takes contrast, bias "
-                        "and noise")
+    tc = _train_config(args, preset)
     device = resolve_device(args.device)
     nproc, world = _processes(args, device)
     out = _output(args.output)
@@ -496,16 +550,7 @@ def cmd_train(args):
                  f"training on {len(names)} volumes at {preset.preprocess.resolution}³",
                  "train on fewer volumes, use a smaller preset or a machine with more memory", device)
     if args.preset in ("paper", "paper-2d") and device.type == "cpu" and group.main:
-        samples, what = len(names), f"{len(names)} volumes"
-        if preset.model.variant == "2d":                 # a sample per brain slice
-            from .slices import slice_table
-            samples = len(slice_table(brains))
-            what += f" ({samples} slices)"
-        seconds, rate = estimate_seconds(preset.model, tc, samples, tc.epochs, device)
-        warnings.warn(IfadWarning(
-            f"the {args.preset} preset is GPU-sized: {tc.epochs} epochs on {what} need roughly "
-            f"{seconds / 3600:.1f} h on this CPU (at half its measured {rate / 1e9:.0f} GFLOP/s matmul rate); "
-            f"use a GPU (--device cuda) or --preset {args.preset.replace('paper', 'small')}"))
+        _warn_gpu_sized(args.preset, preset, tc, names, brains, device)
     threads = args.threads
     if threads is None and nproc > 1 and device.type == "cpu":
         threads = max(1, usable_cores() // nproc)
