@@ -11,18 +11,14 @@ import numpy as np
 import torch
 
 from ifad_fast import config as cfg
-from ifad_fast.model import Decoder, Model, save_model
+from ifad_fast.model import Model, save_model
+from ifad_fast.speed import paper_sized_decoder
 from ifad_fast.bench_inputs import benchmark_case
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
-torch.manual_seed(0)
-mc = cfg.ModelConfig()
-decoder = Decoder(mc).eval()
-with torch.no_grad():
-    for layer in decoder.layers:
-        g = layer.parametrizations.weight.original0
-        g.mul_(torch.rand_like(g) + 0.5)
+decoder = paper_sized_decoder("cpu")
+mc = decoder.config
 model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
               preprocess=cfg.PreprocessConfig(resolution=160), latents=torch.randn(1, mc.latent_dim) / 16)
 save_model(model, out / "paper160.pt")

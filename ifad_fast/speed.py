@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -170,13 +171,8 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     """
     device = resolve_device(device)
     sync = _sync(device)
-    torch.manual_seed(0)
-    mc = cfg.ModelConfig()
-    decoder = Decoder(mc).to(device).eval()
-    with torch.no_grad():
-        for layer in decoder.layers:
-            g = layer.parametrizations.weight.original0
-            g.mul_(torch.rand_like(g) + 0.5)
+    decoder = paper_sized_decoder(device)
+    mc = decoder.config
     res = 96 if quick else 160
     classes_np, brain_np = benchmark_volume(res)
     classes = torch.from_numpy(classes_np).to(device)
@@ -184,16 +180,12 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     k = 16200
     steps_timed = 1 if quick else 5
     z = torch.randn(1, mc.latent_dim, device=device) / 16
-    gen = torch.Generator().manual_seed(0)
-    idx = (torch.rand(1, k, 3, generator=gen) * torch.tensor(shape)).long().to(device)
-    lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
-    targets = classes.reshape(1, -1).long().gather(1, lin)
+    idx, targets = random_points(classes, k)
 
     fwd_ref, fwd_fast = macs_per_point(mc, False), macs_per_point(mc, True)
     step_flop = {"paper": 2 * fwd_ref * k * 3, "torch": 2 * fwd_ref * k * 2, "cpu": 2 * fwd_fast * k * 2}
     impls = {"torch": TorchBackend(decoder, device), "cpu float32": FastBackend(decoder, device, "float32")}
     if not quick:
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             impls["cpu bf16"] = FastBackend(decoder, device, "bf16")
@@ -224,54 +216,19 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
     if quick:
         fast_rc = cfg.RestoreConfig(**{**cfg.SCHEDULES["fast"], "prior": "none",
                                        "phases": tuple((max(1, s // 10), kk) for s, kk in fast_rc.phases)})
-    brain = torch.from_numpy(brain_np)
-
-    def fast_restore(rc):
-        optimise_latents(impls["cpu float32"], classes[None], z.cpu(), rc, torch.Generator().manual_seed(0),
-                         brain=brain[None])
-        sync()
-    fast_restore(cfg.replace(fast_rc, phases=tuple((1, kk) for _, kk in fast_rc.phases)))    # warm-up
-    t0 = time.perf_counter()
-    fast_restore(fast_rc)
-    t_fast_restore = time.perf_counter() - t0
+    t_fast_restore = time_search(impls["cpu float32"], classes, brain_np, z, fast_rc, sync)
     fast_points = sum(s * kk for s, kk in fast_rc.phases)
     restore_rows.append((f"restore fast ({fast_points:,} points, run)", "cpu float32", t_fast_restore))
 
-    # grid: a 65,536-voxel chunk of the straightforward code, extrapolated to the full grid;
-    # the fast path's brain-region grid is run for real
-    n_grid = classes.numel()
-    chunk_idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
-    chunk_idx = chunk_idx[n_grid // 2: n_grid // 2 + 65536].to(device)
-    chunk_t = classes.reshape(-1)[n_grid // 2: n_grid // 2 + 65536]
-    t_chunk = timed(lambda: paper.reference_score(decoder, z[0], chunk_idx, chunk_t, shape), 1 if quick else 2,
-                    sync=sync)
-    t_grid_paper = t_chunk * n_grid / 65536
-    from .preprocess import brain_region
-    region = torch.from_numpy(brain_region(brain_np, pool_reach(cfg.RestoreConfig()))).to(device)
-    slab = torch.zeros_like(region)
-    slab[shape[0] // 2] = region[shape[0] // 2]
-    score_grid(impls["cpu float32"], z[0], classes, slab)                              # warm-up
-    sync()
-    t0 = time.perf_counter()
-    scores, _ = score_grid(impls["cpu float32"], z[0], classes, region)
-    sync()
-    t_grid_fast = time.perf_counter() - t0
-    n_region = int(region.sum())
-
-    # post-processing: direct min-pool 3 + 15³ average pool on the device vs prefix sums (NumPy, CPU)
-    def direct():
-        x = -F.max_pool3d(-scores[None, None], 3, stride=1, padding=1)
-        return F.avg_pool3d(x, 15, stride=1, padding=7)
-    t_post_direct = timed(direct, 1, sync=sync)
-    raw = scores.cpu().numpy()
-    t_post_fast = timed(lambda: postprocess(raw), 2)
+    grid, scores = time_grid(decoder, impls["cpu float32"], z, classes, brain_np, fwd_fast, quick, sync)
+    postprocessing = time_postprocessing(scores, sync)
 
     breakdown = stage_breakdown(decoder, z, res, device, backend, quick)
     engine = resolve_backend(backend, decoder, device)          # the run's backend ('auto': the API's choice)
     variants = restore_variants(decoder, classes_np, brain_np, fast_rc, engine, sync)
 
-    total_paper = t_paper * 700 * 16200 / k + t_grid_paper + t_post_direct
-    total_fast = t_fast_restore + t_grid_fast + t_post_fast
+    total_paper = t_paper * 700 * 16200 / k + grid["paper_full_extrapolated"] + postprocessing["direct"]
+    total_fast = t_fast_restore + grid["fast_region"] + postprocessing["prefix_sums"]
     peak32 = matmul_peak(torch.float32, device)
     peak16 = matmul_peak(torch.bfloat16, device)
     result = dict(machine=machine(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), quick=quick,
@@ -279,15 +236,86 @@ def run(quick=False, backend="auto", device="auto", report=print) -> dict:
                   matmul_shape=list(matmul_shape(device)),
                   steps=[dict(what=w, impl=i, seconds=s, gflops=f / s / 1e9) for w, i, s, f in rows],
                   restorations=[dict(what=w, impl=i, seconds=s) for w, i, s in restore_rows],
-                  grid=dict(paper_full_extrapolated=t_grid_paper, fast_region=t_grid_fast,
-                            region_voxels=n_region, grid_voxels=n_grid,
-                            fast_region_gflops=2 * fwd_fast * n_region / t_grid_fast / 1e9),
-                  postprocess=dict(direct=t_post_direct, prefix_sums=t_post_fast), stages=breakdown,
+                  grid=grid, postprocess=postprocessing, stages=breakdown,
                   total=dict(paper_straightforward=total_paper, fast=total_fast, ratio=total_paper / total_fast),
                   variants=dict(**variants, slice_step=fast_rc.slice_step, backend=f"{engine.name} {engine.precision}"))
     result["training"] = train_speed.training(quick, device, report=lambda _: None)
     report(format_report(result))
     return result
+
+
+def paper_sized_decoder(device) -> Decoder:
+    """The decoder every speed row runs: the paper's size, torch's initialisation (seed 0) with the
+    weight-norm gains randomised (x U(0.5, 1.5)), eval mode, on `device`."""
+    torch.manual_seed(0)
+    decoder = Decoder(cfg.ModelConfig()).to(device).eval()
+    with torch.no_grad():
+        for layer in decoder.layers:
+            g = layer.parametrizations.weight.original0
+            g.mul_(torch.rand_like(g) + 0.5)
+    return decoder
+
+
+def random_points(classes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k voxels of the classes (X, Y, Z) drawn uniformly (seed 0): (idx (1, k, 3) int64, targets (1, k)
+    int64), on the classes' device."""
+    shape = tuple(classes.shape)
+    gen = torch.Generator().manual_seed(0)
+    idx = (torch.rand(1, k, 3, generator=gen) * torch.tensor(shape)).long().to(classes.device)
+    lin = (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2]
+    return idx, classes.reshape(1, -1).long().gather(1, lin)
+
+
+def time_search(backend, classes: torch.Tensor, brain_np, z: torch.Tensor, rc: cfg.RestoreConfig, sync) -> float:
+    """Seconds of one latent search with `rc` on the classes (X, Y, Z), after a one-step-per-phase warm-up."""
+    brain = torch.from_numpy(brain_np)
+
+    def search(schedule):
+        optimise_latents(backend, classes[None], z.cpu(), schedule, torch.Generator().manual_seed(0),
+                         brain=brain[None])
+        sync()
+    search(cfg.replace(rc, phases=tuple((1, k) for _, k in rc.phases)))
+    t0 = time.perf_counter()
+    search(rc)
+    return time.perf_counter() - t0
+
+
+def time_grid(decoder: Decoder, fast, z: torch.Tensor, classes: torch.Tensor, brain_np, fwd_fast: int, quick: bool,
+              sync) -> tuple[dict, torch.Tensor]:
+    """The score grid: a 65,536-voxel chunk of the straightforward code, extrapolated to the full
+    grid, and the fast backend's brain-region grid run for real (after a one-slab warm-up).
+    Returns (the grid's row of run(), the fast grid's scores (X, Y, Z) float32)."""
+    from .preprocess import brain_region
+
+    shape, device = tuple(classes.shape), classes.device
+    n_grid = classes.numel()
+    chunk_idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
+    chunk_idx = chunk_idx[n_grid // 2: n_grid // 2 + 65536].to(device)
+    chunk_t = classes.reshape(-1)[n_grid // 2: n_grid // 2 + 65536]
+    t_chunk = timed(lambda: paper.reference_score(decoder, z[0], chunk_idx, chunk_t, shape), 1 if quick else 2,
+                    sync=sync)
+    region = torch.from_numpy(brain_region(brain_np, pool_reach(cfg.RestoreConfig()))).to(device)
+    slab = torch.zeros_like(region)
+    slab[shape[0] // 2] = region[shape[0] // 2]
+    score_grid(fast, z[0], classes, slab)                              # warm-up
+    sync()
+    t0 = time.perf_counter()
+    scores, _ = score_grid(fast, z[0], classes, region)
+    sync()
+    t_fast = time.perf_counter() - t0
+    n_region = int(region.sum())
+    return dict(paper_full_extrapolated=t_chunk * n_grid / 65536, fast_region=t_fast, region_voxels=n_region,
+                grid_voxels=n_grid, fast_region_gflops=2 * fwd_fast * n_region / t_fast / 1e9), scores
+
+
+def time_postprocessing(scores: torch.Tensor, sync) -> dict:
+    """Min-pool 3 then the 15³ average pool: direct (max_pool3d, avg_pool3d on the scores' device)
+    against the prefix sums of `postprocess` (NumPy in, on the CPU); seconds each."""
+    def direct():
+        x = -F.max_pool3d(-scores[None, None], 3, stride=1, padding=1)
+        return F.avg_pool3d(x, 15, stride=1, padding=7)
+    raw = scores.cpu().numpy()
+    return dict(direct=timed(direct, 1, sync=sync), prefix_sums=timed(lambda: postprocess(raw), 2))
 
 
 def restore_variants(decoder: Decoder, classes, brain, rc: cfg.RestoreConfig, engine, sync) -> dict:
