@@ -384,6 +384,35 @@ def _mean(values) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def _at_threshold(scores, masks, regions, names, voxel_volumes, threshold: float):
+    """Every test case binarised at `threshold`: (per_case and per_healthy rows as `evaluate` returns
+    them, and the found, missed and false lesions of the lesion cases pooled)."""
+    thr32 = np.float32(threshold)
+    per_case, per_healthy = [], []
+    found, missed, false = [], [], []
+    for i in range(len(scores)):
+        s, t, r = _case(scores[i], masks[i], None if regions is None else regions[i], f"test case {i}")
+        name = str(names[i]) if names is not None else f"case_{i:03d}"
+        pred = s >= thr32
+        if r is not None:
+            pred &= r
+            t = t & r
+        lesions = lesion_detection(pred, t, None if voxel_volumes is None else voxel_volumes[i])
+        if not t.any():
+            per_healthy.append({"name": name, "fp_voxels": int(np.count_nonzero(pred)),
+                                "fp_lesions": len(lesions["false"])})
+            continue
+        found += lesions["found"]
+        missed += lesions["missed"]
+        false += lesions["false"]
+        fs, ft = (s[r], t[r]) if r is not None else (s.ravel(), t.ravel())
+        per_case.append({"name": name, "dice": dice(fs >= thr32, ft), "ap": _case_ap(fs, ft),
+                         "lesions": len(lesions["found"]) + len(lesions["missed"]),
+                         "found": len(lesions["found"]), "false_positive": len(lesions["false"])})
+        del s, t, r, pred, fs, ft
+    return per_case, per_healthy, found, missed, false
+
+
 def evaluate(
     scores: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -431,29 +460,8 @@ def evaluate(
         threshold = test["threshold"]
         source = "test (no validation set given)"
 
-    thr32 = np.float32(threshold)
-    per_case, per_healthy = [], []
-    found, missed, false = [], [], []
-    for i in range(len(scores)):
-        s, t, r = _case(scores[i], masks[i], None if regions is None else regions[i], f"test case {i}")
-        name = str(names[i]) if names is not None else f"case_{i:03d}"
-        pred = s >= thr32
-        if r is not None:
-            pred &= r
-            t = t & r
-        lesions = lesion_detection(pred, t, None if voxel_volumes is None else voxel_volumes[i])
-        if not t.any():
-            per_healthy.append({"name": name, "fp_voxels": int(np.count_nonzero(pred)),
-                                "fp_lesions": len(lesions["false"])})
-            continue
-        found += lesions["found"]
-        missed += lesions["missed"]
-        false += lesions["false"]
-        fs, ft = (s[r], t[r]) if r is not None else (s.ravel(), t.ravel())
-        per_case.append({"name": name, "dice": dice(fs >= thr32, ft), "ap": _case_ap(fs, ft),
-                         "lesions": len(lesions["found"]) + len(lesions["missed"]),
-                         "found": len(lesions["found"]), "false_positive": len(lesions["false"])})
-        del s, t, r, pred, fs, ft
+    per_case, per_healthy, found, missed, false = _at_threshold(scores, masks, regions, names, voxel_volumes,
+                                                                threshold)
     d = np.array([c["dice"] for c in per_case], dtype=np.float64)
     detected = _detection(found, missed, false)
     return {
