@@ -53,6 +53,64 @@ LEGACY_CASE_FILES = {"classes": "_classes.nii.gz", "brain": "_brain.nii.gz"}    
 FIT_VOLUMES = 32
 
 
+def _planned_files(paths, out_dir: Path, overwrite: bool):
+    """The files prepare will write per scan ({path: {key: file}}) and the inputs ({resolved: path});
+    IfadError if one of ours is an input, or already exists without `overwrite`."""
+    files = {p: {key: out_dir / f"{case_name(p)}{suffix}" for key, suffix in CASE_FILES.items()} for p in paths}
+    ours = [out_dir / MANIFEST, *(out_dir / name for name in STACKS.values()), out_dir / INTENSITIES,
+            *(f for case in files.values() for f in case.values())]
+    inputs = {p.resolve(): p for p in paths}
+    for f in ours:
+        if f.resolve() in inputs:
+            raise IfadError(f"{f} would overwrite the input {inputs[f.resolve()]}; choose another -o")
+    existing = [f for f in ours if os.path.lexists(f)]
+    if existing and not overwrite:
+        raise IfadError(f"{out_dir} already holds prepared outputs ({existing[0].name}"
+                        f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
+                        "pass --overwrite to replace them or choose another -o")
+    return files, inputs
+
+
+def _unusable_headers(paths, pc: cfg.PreprocessConfig, max_voxels) -> dict[Path, str]:
+    """{path: why} for the scans whose header is unreadable, too large, or needs more memory than
+    this machine has to prepare (read from the headers only)."""
+    failed: dict[Path, str] = {}
+    for path in paths:
+        try:
+            shape = header_shape(path, max_voxels, "scan")
+            check_memory(prepare_bytes(pc.resolution, int(np.prod(shape)), max(shape) ** 3),
+                         f"preparing {path} {shape}", "use a smaller --resolution or a machine with more memory")
+        except IfadError as exc:
+            failed[path] = str(exc)
+    return failed
+
+
+def _manifest_case(name: str, path: Path, files: dict, scan, classes, placement, percentiles) -> dict:
+    """A prepared case's entry in manifest.json."""
+    case = dict(name=name, source=str(path.resolve()), files={k: f.name for k, f in files.items()},
+                native_shape=list(scan.data.shape), model_shape=list(classes.shape), affine=scan.affine.tolist(),
+                model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
+    if placement.grid is not None:
+        case.update(cube=placement.grid.cube, offset=list(placement.grid.offset))
+    return case
+
+
+def _fit_encoder(paths, chosen, pc, k: int, seed: int, cached: dict, failed: dict, force, max_voxels,
+                 progress) -> IntensityEncoder:
+    """k-means centres fitted on the scans paths[i], i in `chosen`, on the model grid; each one read
+    is kept in `cached` (i -> _to_grid's result), each that fails goes into `failed`."""
+    for i in progress_bar(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
+        try:
+            cached[i] = _to_grid(paths[i], pc, force, max_voxels)
+        except IfadError as exc:
+            failed[paths[i]] = str(exc)
+    if not cached:
+        raise IfadError(_failures(failed) if len(paths) == 1 else
+                        f"no scan could be read to fit the intensity centres: {_failures(failed)}")
+    return IntensityEncoder.fit([c[0] for c in cached.values()], k=k, seed=seed,
+                                brains=[c[1].brain for c in cached.values()])
+
+
 def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
                   encoder: IntensityEncoder | None = None, k: int = 10, seed: int = 0,
                   progress: bool = True, overwrite: bool = False, force: bool = False,
@@ -70,28 +128,10 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         raise IfadError(f"--classes must be from 2 to 255 (background + tissue classes), got {k}")
     paths = find_scans(inputs)
     out_dir = Path(out_dir)
-    files = {p: {key: out_dir / f"{case_name(p)}{suffix}" for key, suffix in CASE_FILES.items()} for p in paths}
-    ours = [out_dir / MANIFEST, *(out_dir / name for name in STACKS.values()), out_dir / INTENSITIES,
-            *(f for case in files.values() for f in case.values())]
-    inputs = {p.resolve(): p for p in paths}
-    for f in ours:
-        if f.resolve() in inputs:
-            raise IfadError(f"{f} would overwrite the input {inputs[f.resolve()]}; choose another -o")
-    existing = [f for f in ours if os.path.lexists(f)]
-    if existing and not overwrite:
-        raise IfadError(f"{out_dir} already holds prepared outputs ({existing[0].name}"
-                        f"{f' and {len(existing) - 1} more' if len(existing) > 1 else ''}); "
-                        "pass --overwrite to replace them or choose another -o")
+    files, inputs = _planned_files(paths, out_dir, overwrite)
     clean_stale_temporaries(out_dir)
     previous = _listed_files(out_dir) if overwrite else []
-    failed: dict[Path, str] = {}
-    for path in paths:                       # headers first: sizes, readability, memory before any work
-        try:
-            shape = header_shape(path, max_voxels, "scan")
-            check_memory(prepare_bytes(pc.resolution, int(np.prod(shape)), max(shape) ** 3),
-                         f"preparing {path} {shape}", "use a smaller --resolution or a machine with more memory")
-        except IfadError as exc:
-            failed[path] = str(exc)
+    failed = _unusable_headers(paths, pc, max_voxels)     # sizes, readability, memory before any work
     if len(failed) < len(paths):
         _check_room(out_dir, (len(paths) - len(failed),) + (pc.resolution,) * 3, intensities=True)
     cached: dict[int, tuple] = {}
@@ -102,16 +142,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         pc = cfg.replace(pc, landmarks=_fit_landmarks([paths[i] for i in chosen], pc, failed, force, max_voxels,
                                                       progress))
     if encoder is None:
-        for i in progress_bar(chosen, desc="fit centres", unit="scan", disable=None if progress else True):
-            try:
-                cached[i] = _to_grid(paths[i], pc, force, max_voxels)
-            except IfadError as exc:
-                failed[paths[i]] = str(exc)
-        if not cached:
-            raise IfadError(_failures(failed) if len(paths) == 1 else
-                            f"no scan could be read to fit the intensity centres: {_failures(failed)}")
-        encoder = IntensityEncoder.fit([c[0] for c in cached.values()], k=k, seed=seed,
-                                       brains=[c[1].brain for c in cached.values()])
+        encoder = _fit_encoder(paths, chosen, pc, k, seed, cached, failed, force, max_voxels, progress)
     cases = []
     with OutputSet() as outputs:
         stacks = _StackWriter(outputs, out_dir, len(paths) - len(failed))
@@ -133,13 +164,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
             save_volume(outputs.add(files[path]["classes"]), classes, placement.model_affine, dtype=np.uint8)
             save_volume(outputs.add(files[path]["brain"]), placement.brain, placement.model_affine, dtype=np.uint8)
             stacks.add(len(cases), classes=classes, brains=placement.brain, intensities=volume)
-            case = dict(name=name, source=str(path.resolve()), files={k: f.name for k, f in files[path].items()},
-                        native_shape=list(scan.data.shape),
-                        model_shape=list(classes.shape), affine=scan.affine.tolist(),
-                        model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
-            if placement.grid is not None:
-                case.update(cube=placement.grid.cube, offset=list(placement.grid.offset))
-            cases.append(case)
+            cases.append(_manifest_case(name, path, files[path], scan, classes, placement, percentiles))
         stacks.close(len(cases))
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
