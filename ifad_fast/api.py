@@ -274,6 +274,29 @@ class Restorer:
             out["slice_step"] = rc.slice_step
         return out
 
+    def _unrestorable(self, paths, max_voxels, batch: int) -> dict[Path, str]:
+        """{path: why} for the scans whose header is unreadable or too large, or whose restoration
+        needs more memory than this machine has (IfadError when even the model grid does not fit)."""
+        failed: dict[Path, str] = {}
+        shapes = {}
+        for p in paths:
+            try:
+                shapes[p] = header_shape(p, max_voxels, "scan")
+            except IfadError as exc:
+                failed[p] = str(exc)
+        k_max = max(k for _, k in self.rc.phases)
+        grid_size = max(self.model.preprocess.resolution, self.resolution or 0)
+        check_memory(restore_bytes(self.model.config, grid_size, k_max, batch), "restoring on the model grid",
+                     "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
+        for p, shape in shapes.items():
+            n, cube = int(np.prod(shape)), max(shape) ** 3
+            try:
+                check_memory(restore_bytes(self.model.config, grid_size, k_max, batch, n, cube),
+                             f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
+            except IfadError as exc:
+                failed[p] = str(exc)
+        return failed
+
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool | str = False, force: bool = False,
                       max_voxels: int | None = None, shard: tuple[int, int] | None = None,
@@ -296,23 +319,13 @@ class Restorer:
         (one of `world` processes sharing the work; each case is written by exactly one of them).
         """
         _check_files_options(existing, batch)
-        if figure:
-            from .extras import require
-            from .figures import CONVENTIONS
-            if isinstance(figure, str) and figure not in CONVENTIONS:
-                raise IfadError(f"figure must be one of {', '.join(CONVENTIONS)}, got {figure!r}")
-            require("matplotlib")
-        model, rc, region, resolution = self.model, self.rc, self.region, self.resolution
+        _check_figure(figure)
+        model, rc, region = self.model, self.rc, self.region
         threshold = resolve_threshold(model, threshold)
         decision = min((t for t in (threshold, self.decision) if t is not None), default=None)
-        paths = find_scans(inputs)
-        if shard is not None:
-            rank, world = shard
-            if not 0 <= rank < world:
-                raise IfadError(f"shard {rank} of {world} does not exist")
-            paths = paths[rank::world]
-            if not paths:
-                return []
+        paths = _shard_of(find_scans(inputs), shard)
+        if shard is not None and not paths:
+            return []
         out_dir = check_output_folder(out_dir)
         provenance = self.provenance()
         if self.model.source:
@@ -322,47 +335,8 @@ class Restorer:
         run_args = dict(provenance, inputs=[portable_path(i, out_dir) for i in inputs], threshold=threshold,
                         batch=batch, existing=existing, figure=figure, force=force, max_voxels=max_voxels)
         plan = {p: case_outputs(out_dir, case_name(p), threshold, figure, bids) for p in paths}
-        inputs_resolved = {p.resolve(): p for p in paths}
-        for p, files in plan.items():
-            for f in files.values():
-                if f.resolve() in inputs_resolved:
-                    raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
-        states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
-        present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
-        if present and existing == "refuse":
-            shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-            raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
-                            "or --overwrite to redo them")
-        todo = list(paths)
-        if existing == "continue":
-            for p in paths:
-                if states[p] == "complete":
-                    _check_same_settings(plan[p]["summary"], provenance, threshold)
-                elif states[p] == "changed":
-                    report(f"{case_name(p)}: {p} changed since its outputs were written; restoring it again")
-            todo = [p for p in paths if states[p] != "complete"]
-            if len(todo) < len(paths):
-                report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
-
-        # everything that can be known before the first restoration: headers, sizes, memory
-        failed: dict[Path, str] = {}
-        shapes = {}
-        for p in todo:
-            try:
-                shapes[p] = header_shape(p, max_voxels, "scan")
-            except IfadError as exc:
-                failed[p] = str(exc)
-        k_max = max(k for _, k in rc.phases)
-        grid_size = max(model.preprocess.resolution, resolution or 0)
-        check_memory(restore_bytes(model.config, grid_size, k_max, batch), "restoring on the model grid",
-                     "use --batch 1, a smaller schedule (fewer points per step) or a machine with more memory")
-        for p, shape in shapes.items():
-            n, cube = int(np.prod(shape)), max(shape) ** 3
-            try:
-                check_memory(restore_bytes(model.config, grid_size, k_max, batch, n, cube),
-                             f"restoring {p} {shape}", "use --batch 1 or a machine with more memory")
-            except IfadError as exc:
-                failed[p] = str(exc)
+        todo = _cases_to_do(plan, out_dir, existing, provenance, threshold, figure, bids, report)
+        failed = self._unrestorable(todo, max_voxels, batch)    # before the first restoration
         for folder in {out_dir, *(files["summary"].parent for files in plan.values())}:
             clean_stale_temporaries(folder)                 # --bids writes into the cases' own folders
 
@@ -450,6 +424,58 @@ def model_grid_maps(result: NativeResult, label=None) -> tuple[np.ndarray, np.nd
     placement = result.placement
     lab = None if label is None else placement.label_to_model(label)
     return result.model_grid.anomaly, placement.brain, lab
+
+
+def _check_figure(figure) -> None:
+    """IfadError unless `figure` is False, True or a convention of figures.CONVENTIONS, and
+    matplotlib is installed when a figure is asked for."""
+    if not figure:
+        return
+    from .extras import require
+    from .figures import CONVENTIONS
+    if isinstance(figure, str) and figure not in CONVENTIONS:
+        raise IfadError(f"figure must be one of {', '.join(CONVENTIONS)}, got {figure!r}")
+    require("matplotlib")
+
+
+def _shard_of(paths: list, shard: tuple[int, int] | None) -> list:
+    """Cases rank, rank + world, ... of `paths` for shard (rank, world); all of them for None."""
+    if shard is None:
+        return paths
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise IfadError(f"shard {rank} of {world} does not exist")
+    return paths[rank::world]
+
+
+def _cases_to_do(plan: dict, out_dir: Path, existing: str, provenance: dict, threshold, figure, bids: bool,
+                 report) -> list:
+    """The scans of `plan` ({path: its output files}) to restore: every one, unless `existing` is
+    'continue' (finished cases skipped, after checking they were made with the same settings).
+    IfadError when an output would replace an input, or outputs exist and `existing` is 'refuse'."""
+    paths = list(plan)
+    inputs_resolved = {p.resolve(): p for p in paths}
+    for files in plan.values():
+        for f in files.values():
+            if f.resolve() in inputs_resolved:
+                raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
+    states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
+    present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
+    if present and existing == "refuse":
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
+                        "or --overwrite to redo them")
+    if existing != "continue":
+        return paths
+    for p in paths:
+        if states[p] == "complete":
+            _check_same_settings(plan[p]["summary"], provenance, threshold)
+        elif states[p] == "changed":
+            report(f"{case_name(p)}: {p} changed since its outputs were written; restoring it again")
+    todo = [p for p in paths if states[p] != "complete"]
+    if len(todo) < len(paths):
+        report(f"{len(paths) - len(todo)} of {len(paths)} cases already done in {out_dir}; skipping them")
+    return todo
 
 
 def bids_folder(name: str) -> Path:
