@@ -150,7 +150,8 @@ class Backend(ABC):
     def log_probs(self, z: torch.Tensor, idx: torch.Tensor, shape, *, checked: bool = False) -> torch.Tensor:
         """z (D,), idx (M, 3) int -> (M, C) float32 log-probabilities of every class at each voxel."""
         if not self.has_log_probs:
-            raise NotImplementedError(f"the {self.name} backend has no log_probs")
+            raise IfadError(f"the {self.name} backend gives no per-class log-probabilities; use the cpu or torch "
+                            "backend for the adaptive grid, or score the full grid (--grid full)")
         if checked:
             shape = _grid_shape(shape)
         else:
@@ -161,12 +162,12 @@ class Backend(ABC):
 
     @property
     def has_log_probs(self) -> bool:
-        """Whether this backend implements `log_probs`."""
-        return type(self)._log_probs is not Backend._log_probs
+        """Whether this backend gives `log_probs`."""
+        return self._log_probs is not None
 
-    def _log_probs(self, z, idx, shape) -> torch.Tensor:
-        """log_probs's (M, C) float32 (optional: `has_log_probs` is False when not overridden)."""
-        raise NotImplementedError
+    # optional: a backend that can give every class's log-probabilities defines
+    # _log_probs(z, idx, shape) -> (M, C) float32 on checked inputs
+    _log_probs = None
 
     def matmul_precision(self):
         """A context in which this backend's float32 matmuls run at its precision: TF32 tensor

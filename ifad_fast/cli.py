@@ -649,8 +649,15 @@ def cmd_restore(args):
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
+    if args.grid == "adaptive" and threshold is None and (model.info or {}).get("threshold") is None:
+        warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
+                                  "scoring the full grid (pass --threshold T to use the adaptive grid)"))
     if alone:
         restorer = Restorer(model, args.backend, device, args.precision, rc, region, args.resolution, progress=True)
+        if args.grid == "adaptive" and not restorer.engine.has_log_probs:
+            warnings.warn(IfadWarning(f"--grid adaptive needs per-class log-probabilities, which the "
+                                      f"{restorer.backend} backend does not give: scoring the full grid "
+                                      "(--backend cpu or torch gives the adaptive grid)"))
         verbose(f"restoring with the {restorer.backend} backend on {restorer.device} ({restorer.precision}, "
                 f"{restorer.pipeline} pipeline), schedule {'+'.join(f'{s}x{k}' for s, k in rc.phases)}, "
                 f"region {region}, seed {rc.seed}")

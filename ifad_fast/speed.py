@@ -127,7 +127,7 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
         stages = {k: result.stages.get(k, 0.0) for k in STAGES}
         stages["write"] = write_seconds(case, result, restorer)
         label = pipeline + ("" if graphs is None else ", CUDA graphs" if restorer.cuda_graphs else ", no graphs")
-        points = sum(k for k in _phase_points(rc, len(result.model_grid.losses)))
+        points = sum(_phase_points(rc, len(result.model_grid.losses)))
         hoisted = restorer.backend != "torch"
         fwd = macs_per_point(decoder.config, hoisted=hoisted)
         rows.append(dict(pipeline=label, backend=restorer.backend, precision=restorer.precision, points=points,

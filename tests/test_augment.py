@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
-from helpers import numpy_rng
+from helpers import numpy_rng, toy_class_volumes
 from ifad_fast import config as cfg
 from ifad_fast import augment as aug
 from ifad_fast.cli import main
@@ -335,20 +335,6 @@ def test_augmentation_off_is_the_run_without_the_fields():
     on.run(2, progress=False)
     assert [r["loss"] for r in on.log] != [r["loss"] for r in plain.log]
     assert on.data != plain.data                                    # the intensities are recorded
-
-
-def toy_class_volumes(n=3, size=12, seed=0):
-    """test_train's toy class volumes at commit 63f08b6: a ball holding a core, per volume its own."""
-    rng = np.random.default_rng(seed)
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
-    r = np.sqrt((g ** 2).sum(0))
-    vols = []
-    for _ in range(n):
-        shift = rng.uniform(-0.5, 0.5, 3)[:, None, None, None]
-        core = np.sqrt(((g - shift) ** 2).sum(0)) < rng.uniform(0.25, 0.45)
-        outer = rng.uniform(0.55, 0.95)
-        vols.append(np.where(r > outer, 0, np.where(core, 3, np.where(g[0] > shift[0, 0], 2, 1))).astype(np.uint8))
-    return torch.from_numpy(np.stack(vols))
 
 
 def test_training_without_augmentation_repeats_the_run_from_before_augmentation_existed():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import base_seed, grid_indices, random_batch, random_decoder, random_model, rel_max, seed_note
+from helpers import RANDOM_MC, base_seed, grid_indices, random_batch, random_decoder, random_model, rel_max, seed_note
 from ifad_fast import config as cfg
 from ifad_fast.backends import TorchBackend
 from ifad_fast.errors import IfadError
@@ -133,7 +133,7 @@ def _interpolated_only(backend, z, classes, region):
 def test_adaptive_grid_follows_the_threshold_through_restore_classes():
     model = random_model(base_seed())
     rng = np.random.default_rng(base_seed())
-    classes = rng.integers(0, RANDOM_CLASSES, (20, 20, 20)).astype(np.uint8)
+    classes = rng.integers(0, RANDOM_MC.n_classes, (20, 20, 20)).astype(np.uint8)
     rc = cfg.RestoreConfig(phases=((3, 256),), grid="adaptive", avg_pool=5)
     full = restore_classes(model, classes, cfg.replace(rc, grid="full"), "cpu", "cpu")[0]
     no_threshold = restore_classes(model, classes, rc, "cpu", "cpu")[0]
@@ -142,8 +142,6 @@ def test_adaptive_grid_follows_the_threshold_through_restore_classes():
     assert np.array_equal(low.score, full.score)                            # everything can cross 0
     assert low.scored_voxels >= full.scored_voxels                          # the lattice came first
 
-
-RANDOM_CLASSES = 6
 
 
 def test_converged_reads_whole_windows():
@@ -199,6 +197,14 @@ def test_cli_grid_option(tiny_run, tmp_path, capsys):
     assert code == 0, err
     summary = json.loads((tmp_path / "out" / "case_restore.json").read_text())
     assert summary["restore"]["grid"] == "adaptive" and summary["scored_voxels"] > 0
+    # the tiny run's model stores no threshold: asked for without one, the grid is the full one, and it says so
+    code, _, err = cli(capsys, "restore", case, "-m", model, "-o", tmp_path / "full", "--grid", "adaptive", *FAST)
+    assert code == 0 and "scoring the full grid" in err and "--threshold" in err, err
+    again = json.loads((tmp_path / "full" / "case_restore.json").read_text())
+    code, _, err = cli(capsys, "restore", case, "-m", model, "-o", tmp_path / "plain", "--grid", "full", *FAST)
+    assert code == 0 and "scoring the full grid" not in err
+    plain = json.loads((tmp_path / "plain" / "case_restore.json").read_text())
+    assert again["scored_voxels"] == plain["scored_voxels"]
 
 
 def test_latent_adam_is_torchs_adam_number_for_number():
@@ -232,3 +238,37 @@ def test_the_search_on_the_cpu_does_not_import_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_a_backend_without_log_probs_says_so_and_the_grid_falls_back_to_full():
+    from ifad_fast.backends import Backend
+    from ifad_fast.restore import restore_batch
+
+    class ScoresOnly(Backend):           # as the triton backend: scores, no per-class log-probabilities
+        name = "scores-only"
+
+        def __init__(self, decoder):
+            super().__init__(decoder)
+            self.inner = FastBackend(decoder)
+
+        def _mean_loss(self, z, idx, targets, shape):
+            return self.inner._mean_loss(z, idx, targets, shape)
+
+        def _score(self, z, idx, targets, shape, out):
+            return self.inner._score(z, idx, targets, shape, out)
+
+        def _score_and_classes(self, z, idx, targets, shape):
+            return self.inner._score_and_classes(z, idx, targets, shape)
+
+    model = random_model(base_seed())
+    backend = ScoresOnly(model.decoder)
+    assert not backend.has_log_probs and FastBackend(model.decoder).has_log_probs
+    with pytest.raises(IfadError, match="--grid full"):
+        backend.log_probs(torch.zeros(RANDOM_MC.latent_dim), torch.zeros(1, 3, dtype=torch.long), (4, 4, 4))
+    rng = np.random.default_rng(base_seed())
+    classes = torch.from_numpy(rng.integers(0, RANDOM_MC.n_classes, (1, 20, 20, 20)).astype(np.uint8))
+    rc = cfg.RestoreConfig(phases=((2, 128),), grid="adaptive", avg_pool=5)
+    adaptive = restore_batch(backend, model, classes, rc, torch.Generator().manual_seed(0), threshold=0.0)
+    full = restore_batch(backend, model, classes, cfg.replace(rc, grid="full"), torch.Generator().manual_seed(0))
+    assert torch.equal(adaptive.anomaly, full.anomaly) and torch.equal(adaptive.scored, full.scored)
+
