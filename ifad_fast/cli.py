@@ -190,7 +190,15 @@ def _add_train_command(sub):
     p.add_argument("--epochs", type=_int_in(1), default=None,
                    help="epochs to train in all, --resume included (default: the preset's, paper 2000, small 250)")
     _add_seed(p, default=None)
-    p.add_argument("--prior", choices=("paper", "reference", "none"), default=None, help="latent prior")
+    p.add_argument("--prior", choices=("paper", "reference", "none"), default=None,
+                   help="latent prior: paper (|z|^2/sigma^2, sigma 0.01), reference (DeepSDF: a penalty on |z| "
+                        "ramped in, |z| bounded), none (default: the preset's)")
+    p.add_argument("--norm-penalty", type=_non_negative, default=None, metavar="L",
+                   help="reference prior: weight of the mean |z| (default 1e-4)")
+    p.add_argument("--norm-ramp-epochs", type=_int_in(1), default=None, metavar="E",
+                   help="reference prior: epochs over which that weight ramps in (default 100)")
+    p.add_argument("--max-latent-norm", type=_non_negative, default=None, metavar="B",
+                   help="reference prior: each latent's |z| kept at most B (default 1)")
     p.add_argument("--centres", default=None, help="JSON file of centres or hcp-t2 (default: fit on the data)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     p.add_argument("--threads", type=_int_in(1, 4096), default=None,
@@ -466,6 +474,8 @@ def _train_config(args, preset):
     from .train import check_train_config
 
     tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
+                                        norm_penalty=args.norm_penalty, norm_ramp_epochs=args.norm_ramp_epochs,
+                                        max_norm=args.max_latent_norm,
                                         volumes_per_batch=args.volumes_per_batch, augment=args.augment,
                                         augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
                                         augment_centre_jitter=args.augment_centre_jitter,

@@ -185,6 +185,11 @@ class TrainConfig:
     def __post_init__(self):
         _check_choice(self, "prior", TrainPrior)
         _check_positive(self, "sigma")
+        _check_positive(self, "max_norm")
+        if not (_is_number(self.norm_penalty) and self.norm_penalty >= 0):
+            raise IfadError(f"TrainConfig.norm_penalty must be a number of at least 0; got {self.norm_penalty!r}")
+        if isinstance(self.norm_ramp_epochs, bool) or not isinstance(self.norm_ramp_epochs, int) or self.norm_ramp_epochs < 1:
+            raise IfadError(f"TrainConfig.norm_ramp_epochs must be a whole number of at least 1; got {self.norm_ramp_epochs!r}")
         kinds = self.augment
         if (not isinstance(kinds, (tuple, list)) or any(k not in AUGMENT_KINDS for k in kinds)
                 or len(set(kinds)) != len(kinds)):

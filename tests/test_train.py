@@ -62,6 +62,25 @@ def test_reference_prior_bounds_latent_norm():
     assert t.latents.detach().norm(dim=1).max() < 0.05 + 0.05
 
 
+def test_train_command_sets_the_reference_prior_and_refuses_a_zero_bound(tmp_path, scan_dir, capsys):
+    import json
+
+    from ifad_fast.cli import main
+
+    prep, common = tmp_path / "prep", ["--preset", "tiny", "--device", "cpu", "--epochs", "1", "-q"]
+    assert main(["prepare", str(scan_dir), "-o", str(prep), "--preset", "tiny", "-q"]) == 0
+    assert main(["train", str(prep), "-o", str(tmp_path / "ref"), "--prior", "reference", "--norm-penalty", "0.001",
+                 "--norm-ramp-epochs", "20", "--max-latent-norm", "10", *common]) == 0
+    saved = json.loads((tmp_path / "ref" / "config.json").read_text())["train"]
+    assert (saved["prior"], saved["norm_penalty"], saved["norm_ramp_epochs"], saved["max_norm"]) == ("reference", 0.001, 20, 10.0)
+    capsys.readouterr()
+    assert main(["train", str(prep), "-o", str(tmp_path / "bad"), "--prior", "reference", "--max-latent-norm", "0",
+                 *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_norm must be a positive number" in err[0], err
+    assert not (tmp_path / "bad" / "model.pt").exists()
+
+
 @pytest.mark.parametrize("dtype,dropout,tol", [(torch.float64, 0.0, 1e-10), (torch.float32, 0.0, 2e-5),
                                                (torch.float32, 0.3, 2e-5)])
 def test_hoisted_step_equals_plain_autograd_step(dtype, dropout, tol):
