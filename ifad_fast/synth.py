@@ -18,9 +18,30 @@ nothing is downloaded. Each subject is the template anatomy, varied and re-image
   noise at a random SNR, skull-stripped (zero outside the deformed brain mask) and sampled
   on an MNI-aligned grid of `voxel_mm` isotropic voxels (121 x 145 x 121 at 1.5 mm).
 
-Every case is a pure function of (set, index, seed, voxel size): the random stream of healthy
-subject i is `SeedSequence([seed, 0, i])` and that of lesion case j `SeedSequence([seed, 1, j])`,
-so the two sets never share a stream and the same arguments give bit-identical output.
+`anatomy="mni"` (the default) is the above: every subject has the template's smooth, averaged
+cortex. `anatomy="folded"` (opt-in; `ifad-fast synth --anatomy folded`) gives each subject,
+on top of all the above, an individual cortex and hemispheric asymmetry:
+
+* cortical folding: in the cortical ribbon (fading out 20-30 mm below the brain surface and
+  within 6-12 mm of the lateral ventricles, so deep structures and the ventricles stay put)
+  the template's GM/CSF and GM/WM edges are sharpened (gain 2.5 about 0.5), then both
+  surfaces are moved along the cortex's outward normal: sulci open as CSF clefts along the
+  zero set of band-limited noise (a spectral shell at half over the gyral width, 4-8 mm
+  sulcus to sulcus), 2-4 mm wide at the surface, 3-8 mm deep, U-shaped, the white surface
+  following them down 2.5 mm wider so grey matter lines their walls; plus a shift of the
+  whole surface (sd 0.5-1.5 mm, 2.5x the gyral scale) and of the cortical thickness (sd
+  0.3-0.8 mm, 25 mm scale). The brain mask is not moved, so new sulci fill with CSF;
+* asymmetry: petalia, the right frontal pole pushed forward and the left occipital pole
+  backward by -1 to 4 mm each (ramped in from the brain's centre, crossing over within a few
+  mm of the midline), and a right/left ratio of the ventricle pull of 0.7-1.4 (log-uniform).
+
+Every case is a pure function of (set, index, seed, voxel size, anatomy): the random stream of
+healthy subject i is `SeedSequence([seed, 0, i])` and that of lesion case j
+`SeedSequence([seed, 1, j])`, so the two sets never share a stream and the same arguments give
+bit-identical output. The folded anatomy draws its parameters and noise from a stream of its
+own, `SeedSequence([seed, set, index, 3])`, so a folded subject has the pose, size, contrast,
+ventricles, atrophy and lesion of its mni twin, and `mni` output is what it was before
+`anatomy` existed.
 Generator version 2 (wider head size, tilt, ventricle and atrophy ranges) draws different
 subjects from the same seeds than version 1 did: images made by version 1 are not reproduced.
 """
