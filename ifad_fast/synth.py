@@ -683,16 +683,26 @@ def _fold_fine(voxel_mm: float) -> torch.Tensor:
     return torch.from_numpy(np.stack([*maps, mask])[None])
 
 
-def _band_noise(rng: np.random.Generator, shape, spacing, k0: float) -> np.ndarray:
-    """A random field (float32, `shape`, unit sd) whose spectrum is a shell at k0 cycles/mm
-    (Gaussian profile, sd 0.25 k0): isotropic band-limited noise, periodic over the box."""
+@functools.lru_cache(maxsize=2)
+def _frequencies(shape: tuple, spacing: tuple) -> tuple[tuple, np.ndarray]:
+    """The FFT box for a field of `shape` (each side a fast length, >= shape) and its
+    frequency magnitudes in cycles/mm, float32 (rfftn layout)."""
     import scipy.fft as sfft
 
-    big = [sfft.next_fast_len(int(n), real=True) for n in shape]   # then cropped to shape
+    big = tuple(sfft.next_fast_len(int(n), real=True) for n in shape)
     k = np.meshgrid(*(sfft.fftfreq(n, d) for n, d in zip(big[:2], spacing[:2])),
                     sfft.rfftfreq(big[2], spacing[2]), indexing="ij")
-    kr = np.sqrt(sum(a ** 2 for a in k))
-    gain = np.exp(-0.5 * ((kr - k0) / (0.25 * k0)) ** 2).astype(np.float32)
+    return big, np.sqrt(sum(a ** 2 for a in k)).astype(np.float32)
+
+
+def _band_noise(rng: np.random.Generator, shape, spacing, k0: float) -> np.ndarray:
+    """A random field (float32, `shape`, unit sd) whose spectrum is a shell at k0 cycles/mm
+    (Gaussian profile, sd 0.25 k0): isotropic band-limited noise, periodic over a box a little
+    larger than `shape` and cropped to it."""
+    import scipy.fft as sfft
+
+    big, kr = _frequencies(tuple(int(n) for n in shape), tuple(float(d) for d in spacing))
+    gain = np.exp(np.float32(-0.5) * ((kr - np.float32(k0)) / np.float32(0.25 * k0)) ** 2)
     spec = rng.standard_normal((2, *kr.shape), dtype=np.float32)
     out = sfft.irfftn((spec[0] + np.complex64(1j) * spec[1]) * gain, s=big, workers=1)
     out = np.ascontiguousarray(out[:shape[0], :shape[1], :shape[2]], dtype=np.float32)
