@@ -298,6 +298,9 @@ def _add_synth_command(sub):
     p.add_argument("--lesions", type=_int_in(0, 100000), default=4,
                    help="brains with a glioma-like lesion, each with its mask (default 4)")
     p.add_argument("--voxel-mm", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
+    p.add_argument("--anatomy", choices=("mni", "folded"), default="mni",
+                   help="mni: the template's smooth cortex, varied (default; the same images as before); "
+                        "folded: each subject also gets individual cortical folding and hemispheric asymmetry")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic set already in the output folder (its files that the new set does "
                         "not write are removed, nothing else)")
@@ -719,8 +722,8 @@ def cmd_synth(args):
         raise IfadError("ask for at least one case with --healthy N and/or --lesions M")
     _output(args.output)
     write_set(args.output, args.healthy, args.lesions, seed=args.seed, voxel_mm=args.voxel_mm,
-              overwrite=args.overwrite)
-    print(f"wrote {args.healthy} healthy and {args.lesions} lesion cases -> {args.output}")
+              overwrite=args.overwrite, anatomy=args.anatomy)
+    print(f"wrote {args.healthy} healthy and {args.lesions} lesion cases ({args.anatomy} anatomy) -> {args.output}")
 
 
 def cmd_demo(args):

@@ -18,9 +18,30 @@ nothing is downloaded. Each subject is the template anatomy, varied and re-image
   noise at a random SNR, skull-stripped (zero outside the deformed brain mask) and sampled
   on an MNI-aligned grid of `voxel_mm` isotropic voxels (121 x 145 x 121 at 1.5 mm).
 
-Every case is a pure function of (set, index, seed, voxel size): the random stream of healthy
-subject i is `SeedSequence([seed, 0, i])` and that of lesion case j `SeedSequence([seed, 1, j])`,
-so the two sets never share a stream and the same arguments give bit-identical output.
+`anatomy="mni"` (the default) is the above: every subject has the template's smooth, averaged
+cortex. `anatomy="folded"` (opt-in; `ifad-fast synth --anatomy folded`) gives each subject,
+on top of all the above, an individual cortex and hemispheric asymmetry:
+
+* cortical folding: in the cortical ribbon (fading out 20-30 mm below the brain surface and
+  within 6-12 mm of the lateral ventricles, so deep structures and the ventricles stay put)
+  the template's GM/CSF and GM/WM edges are sharpened (gain 2.5 about 0.5), then both
+  surfaces are moved along the cortex's outward normal: sulci open as CSF clefts along the
+  zero set of band-limited noise (a spectral shell at half over the gyral width, 4-8 mm
+  sulcus to sulcus), 2-4 mm wide at the surface, 3-8 mm deep, U-shaped, the white surface
+  following them down 2.5 mm wider so grey matter lines their walls; plus a shift of the
+  whole surface (sd 0.5-1.5 mm, 2.5x the gyral scale) and of the cortical thickness (sd
+  0.3-0.8 mm, 25 mm scale). The brain mask is not moved, so new sulci fill with CSF;
+* asymmetry: petalia, the right frontal pole pushed forward and the left occipital pole
+  backward by -1 to 4 mm each (ramped in from the brain's centre, crossing over within a few
+  mm of the midline), and a right/left ratio of the ventricle pull of 0.7-1.4 (log-uniform).
+
+Every case is a pure function of (set, index, seed, voxel size, anatomy): the random stream of
+healthy subject i is `SeedSequence([seed, 0, i])` and that of lesion case j
+`SeedSequence([seed, 1, j])`, so the two sets never share a stream and the same arguments give
+bit-identical output. The folded anatomy draws its parameters and noise from a stream of its
+own, `SeedSequence([seed, set, index, 3])`, so a folded subject has the pose, size, contrast,
+ventricles, atrophy and lesion of its mni twin, and `mni` output is what it was before
+`anatomy` existed.
 Generator version 2 (wider head size, tilt, ventricle and atrophy ranges) draws different
 subjects from the same seeds than version 1 did: images made by version 1 are not reproduced.
 """
@@ -75,6 +96,21 @@ _SHIFT_MM = 8.0                          # ± position in the MNI field of view,
 _VENTRICLE_MM = 8.0                      # pull toward the lateral ventricles (85 % of subjects 0-8 mm)
 _ATROPHY = 0.85                          # largest share of outer cortex turned into CSF
 _ATROPHY_DEPTH_MM = (15.0, 35.0)         # how deep below the surface atrophy reaches
+
+# The `folded` anatomy (drawn from its own stream, SeedSequence([seed, set, index, 3])):
+_ANATOMIES = ("mni", "folded")
+_FOLD_STREAM = 3
+_GYRAL_WIDTH_MM = (4.0, 8.0)             # sulcus to sulcus: half the dominant wavelength of the pattern
+_SULCAL_DEPTH_MM = (3.0, 8.0)            # how far a sulcus cuts in below the template's surface
+_SULCAL_WIDTH_MM = (2.0, 4.0)            # opening of a sulcus at the surface
+_PIAL_SHIFT_MM = (0.5, 1.5)              # sd of the surface's shift at 2.5x the gyral scale
+_THICKNESS_MM = (0.3, 0.8)               # sd of the cortical thickness change at a 25 mm scale
+_PETALIA_MM = (-1.0, 4.0)                # right frontal / left occipital protrusion
+_VENTRICLE_RATIO = (0.7, 1.4)            # right/left ventricle pull, log-uniform
+_GM_LINING_MM = 2.5                      # grey matter lining the walls of a sulcus
+_SHARPEN = 2.5                           # contrast gain on the template's GM/CSF and GM/WM edges
+_RIBBON_DEPTH_MM = (20.0, 30.0)          # folding fades out between these depths below the surface
+_RIBBON_VENTRICLE_MM = (6.0, 12.0)       # ... and fades in between these distances from the ventricles
 
 
 @dataclass
@@ -144,6 +180,7 @@ class _Templates:
     centres: np.ndarray         # (N, 3) candidate lesion centres (world mm): deep white matter
     brain_ml: float             # volume of the brain mask (mL)
     brain_centre: np.ndarray    # (3,) centre of mass of the brain mask (world mm)
+    ventricles: np.ndarray      # (i, j, k) bool on the smooth grid: the lateral ventricles
 
 
 _MNI_FILES = {
@@ -232,6 +269,7 @@ def _templates() -> _Templates:
         centres=centres.astype(np.float64),
         brain_ml=float(brain.sum()) * float(abs(np.linalg.det(aff[:3, :3]))) / 1000.0,
         brain_centre=np.argwhere(brain).mean(0) + origin,
+        ventricles=vent > 0,
     )
 
 
@@ -499,7 +537,7 @@ class _Tissue:
 
 
 def _lesion_geometry(rng: np.random.Generator, tpl: _Templates, p: dict, pose: _Pose,
-                     elastic: _Spline3 | None) -> _LesionGeometry:
+                     elastic: _Spline3 | None, fold: dict | None = None) -> _LesionGeometry:
     """Tumour centre (a deep white-matter candidate, jittered) and size; drawn before the
     anatomy is sampled because its mass effect moves the anatomy."""
     k = int(rng.integers(len(tpl.centres)))
@@ -507,6 +545,10 @@ def _lesion_geometry(rng: np.random.Generator, tpl: _Templates, p: dict, pose: _
     c_u = c_t.copy()
     for _ in range(3):  # solve c_u + e(forward(c_u)) = c_t
         c_u = c_t - (elastic.at(pose.forward(c_u)) if elastic is not None else 0.0)
+    if fold is not None:  # ... and through the petalia: petalia(c_u + e(forward(c_u))) = c_t
+        for _ in range(3):
+            e = elastic.at(pose.forward(c_u)) if elastic is not None else 0.0
+            c_u = c_u + (c_t - _petalia(fold, c_u + e))
     lesion_ml = p["lesion_fraction_target"] * tpl.brain_ml * float(np.prod(p["scale"]))
     r_lesion = (3.0 * lesion_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
     r_core = r_lesion * p["core_share"] ** (1.0 / 3.0)
@@ -515,9 +557,10 @@ def _lesion_geometry(rng: np.random.Generator, tpl: _Templates, p: dict, pose: _
 
 
 def _pull_back(tpl: _Templates, grid: _Grid, pose: _Pose, elastic: _Spline3 | None,
-               lesion: _LesionGeometry | None, p: dict) -> _PullBack:
+               lesion: _LesionGeometry | None, p: dict, fold: dict | None = None) -> _PullBack:
     """Output world -> template mm at the coarse nodes: inverse pose, mass effect, elastic
-    displacement, ventricle enlargement; then the smooth template maps sampled there."""
+    displacement, (folded: petalia,) ventricle enlargement (folded: right/left in the ratio
+    `ventricle_ratio`); then the smooth template maps sampled there."""
     coarse = grid.node_axes()
     x = np.stack(np.meshgrid(*coarse, indexing="ij"), -1)                  # (a, b, c, 3)
     u = pose.inverse(x)
@@ -529,10 +572,16 @@ def _pull_back(tpl: _Templates, grid: _Grid, pose: _Pose, elastic: _Spline3 | No
                          lesion.mass_mm * np.exp(-(r - r_core) / max(lesion.mass_decay_mm, 1e-6)))
         u = u - d * (delta / np.maximum(r, 1e-6))[..., None]
     p0 = u if elastic is None else u + np.moveaxis(elastic.on_grid(*coarse), 0, -1)
+    if fold is not None:
+        p0 = _petalia(fold, p0)
     sm_shape = tpl.smooth.shape[2:]
     if p["ventricle_mm"] > 0:  # ventricle enlargement: pull toward the lateral ventricles
         g = _sample(tpl.smooth[:, 3:], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
-        p0 = p0 + p["ventricle_mm"] * np.moveaxis(g, 0, -1)
+        if fold is None:
+            p0 = p0 + p["ventricle_mm"] * np.moveaxis(g, 0, -1)
+        else:  # right/left pull ratio, crossing over at the midline
+            side = np.exp(0.5 * math.log(fold["ventricle_ratio"]) * np.tanh(p0[..., 0] / 4.0))
+            p0 = p0 + (p["ventricle_mm"] * side)[..., None] * np.moveaxis(g, 0, -1)
     csf_s, depth, mask = _sample(tpl.smooth[:, :3], _grid_coords(p0, tpl.origin, tpl.smooth_step, sm_shape))
     nrm = np.moveaxis(_grid_coords(p0, tpl.origin, 1.0, tpl.fine.shape[2:]), -1, 0).astype(np.float32)
     return _PullBack(nrm=nrm, csf=csf_s, depth=depth, mask=mask)
@@ -551,6 +600,176 @@ def _smooth_fields(rng: np.random.Generator, p: dict, pb: _PullBack, n_nodes) ->
     return fields
 
 
+# --------------------------------------------------------------------------------------------
+# the folded anatomy
+
+
+def _check_anatomy(anatomy) -> str:
+    if anatomy not in _ANATOMIES:
+        raise IfadError(f"unknown anatomy {anatomy!r}; pass one of {', '.join(_ANATOMIES)}")
+    return anatomy
+
+
+def _draw_fold_params(rng: np.random.Generator) -> dict:
+    """The folded anatomy's scalar parameters, drawn in a fixed order from its own stream."""
+    p = {}
+    p["gyral_width_mm"] = float(rng.uniform(*_GYRAL_WIDTH_MM))
+    p["sulcal_depth_mm"] = float(rng.uniform(*_SULCAL_DEPTH_MM))
+    p["sulcal_width_mm"] = float(rng.uniform(*_SULCAL_WIDTH_MM))
+    p["pial_shift_mm"] = float(rng.uniform(*_PIAL_SHIFT_MM))
+    p["thickness_mm"] = float(rng.uniform(*_THICKNESS_MM))
+    p["petalia_frontal_mm"] = float(rng.uniform(*_PETALIA_MM))
+    p["petalia_occipital_mm"] = float(rng.uniform(*_PETALIA_MM))
+    p["ventricle_ratio"] = float(math.exp(rng.uniform(*np.log(_VENTRICLE_RATIO))))
+    return p
+
+
+def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """0 below lo, 1 above hi, linear in between."""
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class _FoldMaps:
+    """Template maps of the folded anatomy. The fold grid has the smooth grid's node counts
+    spread over the 1 mm maps' box (so the fine maps' grid_sample coordinates address it too)."""
+
+    normal: np.ndarray      # (3, i, j, k) float32: outward normal of the cortex times the ribbon
+                            # weight, in the fine maps' normalised units per mm, (k, j, i) order
+    spacing: np.ndarray     # (3,) mm between fold-grid nodes along x, y, z (2 mm)
+    tissue: np.ndarray      # (I, J, K) float32 at 1 mm: GM + WM, edges sharpened in the ribbon
+    white: np.ndarray       # (I, J, K) float32 at 1 mm: WM, edges sharpened in the ribbon
+
+
+@functools.lru_cache(maxsize=1)
+def _fold_maps() -> _FoldMaps:
+    """Derive the folded anatomy's template maps once per process."""
+    tpl = _templates()
+    gm, wm = (m.numpy() for m in tpl.fine[0, :2])
+    fine_shape = np.asarray(gm.shape)
+    shape = tuple(tpl.smooth.shape[2:])
+    spacing = (fine_shape - 1) / (np.asarray(shape) - 1)
+    tissue = gm + wm
+    # the ribbon: within 20-30 mm of the brain surface, 6-12 mm away from the lateral ventricles
+    depth = tpl.smooth[0, 1].numpy()
+    to_vent = ndi.distance_transform_edt(~tpl.ventricles, sampling=spacing)
+    ribbon = (1.0 - _ramp(depth, *_RIBBON_DEPTH_MM)) * _ramp(to_vent, *_RIBBON_VENTRICLE_MM)
+    # outward normal: down the gradient of the smoothed tissue share, faded where it is flat
+    t_lr = _upsample(tissue, shape)
+    t_lr = ndi.gaussian_filter(t_lr, 3.0 / spacing, truncate=3.0)
+    g = -np.stack(np.gradient(t_lr, *spacing))
+    normal = g / np.sqrt((g ** 2).sum(0) + 0.03 ** 2) * ribbon
+    normal = normal * (2.0 / (fine_shape - 1))[:, None, None, None]
+    # sharpen the template's blurred edges in the ribbon (it is an average of 152 brains)
+    rib = _upsample(ribbon.astype(np.float32), tuple(fine_shape))
+
+    def sharpen(m):
+        return m + rib * (np.clip(0.5 + _SHARPEN * (m - 0.5), 0.0, 1.0) - m)
+
+    return _FoldMaps(normal=np.ascontiguousarray(normal[::-1], dtype=np.float32), spacing=spacing,
+                     tissue=sharpen(tissue).astype(np.float32), white=sharpen(wm).astype(np.float32))
+
+
+@functools.lru_cache(maxsize=4)
+def _fold_fine(voxel_mm: float) -> torch.Tensor:
+    """(1, 3, I, J, K) float32: the folded anatomy's 1 mm tissue and WM maps, blurred for
+    `voxel_mm` voxels as `_fine_maps` blurs the template's, and the template's brain mask."""
+    fm = _fold_maps()
+    var = (voxel_mm ** 2 - 1.0) / 12.0
+    maps = [fm.tissue, fm.white]
+    if var > 0.01:
+        maps = [ndi.gaussian_filter(m, math.sqrt(var), truncate=3.0) for m in maps]
+    mask = _fine_maps(voxel_mm)[0, 2].numpy()
+    return torch.from_numpy(np.stack([*maps, mask])[None])
+
+
+@functools.lru_cache(maxsize=2)
+def _frequencies(shape: tuple, spacing: tuple) -> tuple[tuple, np.ndarray]:
+    """The FFT box for a field of `shape` (each side a fast length, >= shape) and its
+    frequency magnitudes in cycles/mm, float32 (rfftn layout)."""
+    import scipy.fft as sfft
+
+    big = tuple(sfft.next_fast_len(int(n), real=True) for n in shape)
+    k = np.meshgrid(*(sfft.fftfreq(n, d) for n, d in zip(big[:2], spacing[:2])),
+                    sfft.rfftfreq(big[2], spacing[2]), indexing="ij")
+    return big, np.sqrt(sum(a ** 2 for a in k)).astype(np.float32)
+
+
+def _band_noise(rng: np.random.Generator, shape, spacing, k0: float) -> np.ndarray:
+    """A random field (float32, `shape`, unit sd) whose spectrum is a shell at k0 cycles/mm
+    (Gaussian profile, sd 0.25 k0): isotropic band-limited noise, periodic over a box a little
+    larger than `shape` and cropped to it."""
+    import scipy.fft as sfft
+
+    big, kr = _frequencies(tuple(int(n) for n in shape), tuple(float(d) for d in spacing))
+    gain = np.exp(np.float32(-0.5) * ((kr - np.float32(k0)) / np.float32(0.25 * k0)) ** 2)
+    spec = rng.standard_normal((2, *kr.shape), dtype=np.float32)
+    out = sfft.irfftn((spec[0] + np.complex64(1j) * spec[1]) * gain, s=big, workers=1)
+    out = np.ascontiguousarray(out[:shape[0], :shape[1], :shape[2]], dtype=np.float32)
+    return out / max(float(out.std()), 1e-12)
+
+
+@dataclass(frozen=True)
+class _Folding:
+    """One subject's folding on the fold grid, applied per voxel by `sample`."""
+
+    fields: torch.Tensor    # (1, 6, i, j, k) float32: sulcal pattern (unit sd), pial and white
+                            # surface shifts (mm), ribbon-weighted outward normal (3)
+    depth: float            # mm, sulcal depth
+    w_sulcus: float         # |pattern| below which a sulcus opens
+    w_lining: float         # |pattern| below which the white surface follows it down
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, fp: dict) -> "_Folding":
+        fm = _fold_maps()
+        shape = fm.normal.shape[1:]
+        k0 = 0.5 / fp["gyral_width_mm"]
+        grad = 2.0 * math.pi * k0   # about |grad pattern| where the pattern crosses zero
+        pattern = _band_noise(rng, shape, fm.spacing, k0)
+        pial = fp["pial_shift_mm"] * _band_noise(rng, shape, fm.spacing, k0 / 2.5)
+        thick = fp["thickness_mm"] * _band_noise(rng, shape, fm.spacing, 1.0 / 25.0)
+        fields = np.concatenate([pattern[None], pial[None], (pial + thick)[None], fm.normal])
+        return cls(fields=torch.from_numpy(fields[None]), depth=fp["sulcal_depth_mm"],
+                   w_sulcus=0.5 * fp["sulcal_width_mm"] * grad,
+                   w_lining=(0.5 * fp["sulcal_width_mm"] + _GM_LINING_MM) * grad)
+
+    def sample(self, voxel_mm: float, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """GM, WM and brain-mask fractions (each float32, q's shape less the last axis) at the
+        fine maps' normalised coordinates q (..., 3): the brain mask where it is, the pial
+        surface moved in along the normal by the sulcal cleft plus its shift, the white surface
+        by the (wider) cleft plus its shift."""
+        maps = _fold_fine(voxel_mm)
+        tissue, wm, maskf = _sample(maps, q)
+        brain = maskf > 0.0     # only here can folding change anything
+        qb = np.ascontiguousarray(q[brain], dtype=np.float32)[:, None, None]       # (n, 1, 1, 3)
+        pattern, pial, white, *normal = _sample(self.fields, qb)
+        normal = np.stack(normal, -1)
+        a = np.abs(pattern)
+        # U-shaped clefts: full depth over the inner half of the opening
+        pial += np.float32(self.depth) * np.clip(2.0 - 2.0 * a / np.float32(self.w_sulcus), 0.0, 1.0)
+        white += np.float32(self.depth) * np.clip(2.0 - 2.0 * a / np.float32(self.w_lining), 0.0, 1.0)
+        tissue[brain] = _sample(maps[:, :1], qb + pial[..., None] * normal)[0, :, 0, 0]
+        wm[brain] = _sample(maps[:, 1:2], qb + white[..., None] * normal)[0, :, 0, 0]
+        np.minimum(wm, tissue, out=wm)
+        return tissue - wm, wm, maskf
+
+
+def _petalia(fp: dict, p0: np.ndarray) -> np.ndarray:
+    """Template mm (..., 3) -> the same with the right frontal pole pushed forward and the left
+    occipital pole backward (by the petalia parameters at the poles, ramped in from the brain's
+    centre; the hemispheres cross over within a few mm of the midline)."""
+    tpl = _templates()
+    x, y = p0[..., 0], p0[..., 1]
+    right = 0.5 * (1.0 + np.tanh(x / 4.0))
+    yc = tpl.brain_centre[1]
+    front = _ramp(y, yc, 70.0) ** 2
+    back = _ramp(-y, -yc, 105.0) ** 2
+    shift = fp["petalia_frontal_mm"] * right * front - fp["petalia_occipital_mm"] * (1.0 - right) * back
+    out = p0.copy()
+    out[..., 1] -= shift   # pull-back: sample behind the point to push tissue forward
+    return out
+
+
 def _crop_box(grid: _Grid, mask: np.ndarray) -> _Crop:
     """The crop: the coarse cells that touch the brain, one node of margin."""
     occ = np.argwhere(mask > 0.0)
@@ -560,11 +779,16 @@ def _crop_box(grid: _Grid, mask: np.ndarray) -> _Crop:
     return _Crop(nlo=nlo, nhi=nhi, lo=lo, hi=np.minimum(nhi * grid.step + 1, grid.shape))
 
 
-def _tissue(p: dict, grid: _Grid, crop: _Crop, pb: _PullBack, fields: list[np.ndarray]) -> tuple[_Tissue, list]:
-    """Sample the 1 mm GM/WM/mask maps through the pull-back, normalise the fractions, apply
-    atrophy. Returns the tissue and the remaining upsampled fields (texture)."""
+def _tissue(p: dict, grid: _Grid, crop: _Crop, pb: _PullBack, fields: list[np.ndarray],
+            folding: _Folding | None = None) -> tuple[_Tissue, list]:
+    """Sample the 1 mm GM/WM/mask maps through the pull-back (folded: through the subject's
+    folding), normalise the fractions, apply atrophy. Returns the tissue and the remaining
+    upsampled fields (texture)."""
     up = crop.upsample(np.concatenate([pb.nrm, *fields]), grid.step)
-    gm, wm, maskf = _sample(_fine_maps(round(grid.v, 4)), np.moveaxis(up[:3], 0, -1))
+    if folding is None:
+        gm, wm, maskf = _sample(_fine_maps(round(grid.v, 4)), np.moveaxis(up[:3], 0, -1))
+    else:
+        gm, wm, maskf = folding.sample(round(grid.v, 4), np.moveaxis(up[:3], 0, -1))
     rest = list(up[3:])
     del up
     csf = np.clip(maskf - gm - wm, 0.0, 1.0)
@@ -720,25 +944,33 @@ def _acquire(rng: np.random.Generator, p: dict, img: np.ndarray, brain: np.ndarr
     return img
 
 
-def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> SynthCase:
+def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anatomy: str = "mni") -> SynthCase:
     """One subject: draw its parameters, then pose -> lesion geometry -> pull-back -> tissue ->
-    T2 image -> spots -> lesion -> acquisition. `info` = drawn parameters + measured results."""
+    T2 image -> spots -> lesion -> acquisition. `info` = drawn parameters + measured results.
+    The folded anatomy draws its own parameters and fields from SeedSequence([seed, stream,
+    index, 3]), so every draw of the main stream stays what it is for `mni`."""
     t0 = time.perf_counter()
     grid = _Grid.make(_check_voxel(voxel_mm))
+    anatomy = _check_anatomy(anatomy)
     tpl = _templates()
     lesion = stream == _LESION_STREAM
     reference = stream == _REFERENCE
     rng = _rng(max(stream, 0), index, seed) if not reference else np.random.default_rng(0)
     p = _draw_params(rng, lesion, reference)         # read only from here on
+    fold, folding = None, None
+    if anatomy == "folded":
+        frng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(index), _FOLD_STREAM]))
+        fold = _draw_fold_params(frng)
+        folding = _Folding.draw(frng, fold)
     pose = _Pose.from_params(p, tpl)
     # elastic displacement, a function of output position: cubic spline of ~25 mm nodes
     elastic = (_Spline3(rng, _FOV_LO - 10.0, _FOV_HI + 10.0, 25.0, p["elastic_mm"])
                if p["elastic_mm"] > 0 else None)
-    geom = _lesion_geometry(rng, tpl, p, pose, elastic) if lesion else None
-    pb = _pull_back(tpl, grid, pose, elastic, geom, p)
+    geom = _lesion_geometry(rng, tpl, p, pose, elastic, fold) if lesion else None
+    pb = _pull_back(tpl, grid, pose, elastic, geom, p, fold)
     fields = _smooth_fields(rng, p, pb, grid.n_nodes)
     crop = _crop_box(grid, pb.mask)
-    tissue, texture = _tissue(p, grid, crop, pb, fields)
+    tissue, texture = _tissue(p, grid, crop, pb, fields, folding)
     img = _t2_image(p, tissue, texture)
     spots = _wm_spots(rng, p, img, tissue, pb, grid, crop)
     labels = tissue.labels()
@@ -759,23 +991,25 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float) -> S
 
     return SynthCase(name=name, image=full(img, np.float32), mask=None if mask is None else full(mask, np.uint8),
                      brain_mask=full(tissue.brain, np.uint8), affine=grid.affine,
-                     tissue=full(labels, np.uint8), info={**p, **result})
+                     tissue=full(labels, np.uint8), info={**p, "anatomy": anatomy, **(fold or {}), **result})
 
 
 # --------------------------------------------------------------------------------------------
 # public API
 
 
-def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
-    """Healthy subject `index` of the set drawn with `seed` (stream SeedSequence([seed, 0, index]))."""
+def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: str = "mni") -> SynthCase:
+    """Healthy subject `index` of the set drawn with `seed` (stream SeedSequence([seed, 0, index]));
+    anatomy "mni" (the template's) or "folded" (individual folding and asymmetry on top)."""
     index, seed = _check_count(index, "index"), _check_count(seed, "seed")
-    return _render(_case_name("healthy", index), _HEALTHY_STREAM, index, seed, voxel_mm)
+    return _render(_case_name("healthy", index), _HEALTHY_STREAM, index, seed, voxel_mm, anatomy)
 
 
-def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5) -> SynthCase:
-    """Glioma-like lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index]))."""
+def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: str = "mni") -> SynthCase:
+    """Glioma-like lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index]));
+    anatomy as for `generate_healthy`."""
     index, seed = _check_count(index, "index"), _check_count(seed, "seed")
-    return _render(_case_name("lesion", index), _LESION_STREAM, index, seed, voxel_mm)
+    return _render(_case_name("lesion", index), _LESION_STREAM, index, seed, voxel_mm, anatomy)
 
 
 def mni_reference(voxel_mm: float = 1.5) -> SynthCase:
@@ -807,8 +1041,9 @@ def _listed_files(out: Path) -> list[Path]:
 
 
 def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: float = 1.5,
-              progress: bool = True, overwrite: bool = False) -> dict:
-    """Write `n_healthy` healthy and `n_lesions` lesion cases as NIfTI under `out_dir`.
+              progress: bool = True, overwrite: bool = False, anatomy: str = "mni") -> dict:
+    """Write `n_healthy` healthy and `n_lesions` lesion cases of `anatomy` ("mni" or "folded")
+    as NIfTI under `out_dir`.
 
     Layout: out_dir/healthy/<name>.nii.gz, out_dir/lesion/<name>.nii.gz and
     out_dir/lesion/<name>_mask.nii.gz, and out_dir/manifest.json, written last. Returns the
@@ -824,6 +1059,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
     n_lesions = _check_count(n_lesions, "n_lesions")
     seed = _check_count(seed, "seed")
     v = _check_voxel(voxel_mm)
+    anatomy = _check_anatomy(anatomy)
     out = Path(out_dir)
     files = _set_files(out, [_case_name("healthy", i) for i in range(n_healthy)],
                        [_case_name("lesion", j) for j in range(n_lesions)])
@@ -844,6 +1080,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
         "version": _VERSION,
         "seed": seed,
         "voxel_mm": v,
+        "anatomy": anatomy,
         "shape": list(shape),
         "affine": affine.tolist(),
         "intensity_scale": _INTENSITY_SCALE,
@@ -856,7 +1093,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
     bar = progress_bar(total=len(jobs), desc="synth", unit="case", disable=None if progress else True)
     try:
         for fn, i in jobs:
-            case = fn(i, seed=seed, voxel_mm=v)
+            case = fn(i, seed=seed, voxel_mm=v, anatomy=anatomy)
             kind = "lesion" if case.mask is not None else "healthy"
             save_volume(out / kind / f"{case.name}.nii.gz", case.image, case.affine, dtype=np.float32)
             if case.mask is not None:

@@ -114,6 +114,22 @@ def test_synth_voxel_mm(tmp_path, capsys):
     assert main(["synth", "-o", str(tmp_path / "u"), "--resolution", "2"]) == 2
 
 
+def test_synth_anatomy(tmp_path, capsys):
+    """`synth --anatomy folded` records the anatomy in the manifest (and each case's folding
+    parameters); the default is mni; an unknown anatomy is one error line and no output."""
+    code, out, err = cli(capsys, "synth", "-o", tmp_path / "f", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4,
+                         "--anatomy", "folded")
+    assert code == 0 and "folded anatomy" in out, err
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["anatomy"] == "folded"
+    case = manifest["cases"]["healthy_0000"]
+    assert case["anatomy"] == "folded" and 4.0 <= case["gyral_width_mm"] <= 8.0
+    code, _, _ = cli(capsys, "synth", "-o", tmp_path / "m", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4)
+    assert code == 0 and json.loads((tmp_path / "m" / "manifest.json").read_text())["anatomy"] == "mni"
+    code, _, err = cli(capsys, "synth", "-o", tmp_path / "x", "--healthy", 1, "--voxel-mm", 4, "--anatomy", "mni152")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 def test_maps_method_names_what_made_the_maps(tmp_path):
     """evaluate's method label: from the cases' <case>_restore.json (no variant = IF 3D), none = 'anomaly maps'."""
     from ifad_fast.api import maps_method
