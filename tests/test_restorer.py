@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import AFFINE, base_seed, random_model, toy_scans
 
+from ifad_fast import config as cfg
 from ifad_fast.api import Restorer, restore_array, restore_arrays, restore_config, restore_files
 from ifad_fast.backends import TorchBackend
 from ifad_fast.errors import IfadError
@@ -107,3 +108,15 @@ def test_stage_times_name_every_stage_of_a_restore_and_fit_in_its_wall_time(mode
     assert all(v >= 0 for v in timed.stages.values()) and timed.stages["search"] > 0, timed.stages
     assert sum(timed.stages.values()) <= timed.seconds <= wall, (timed.stages, timed.seconds, wall)
     assert Restorer(model, "cpu", "cpu", schedule=SCHEDULE).restore_array(img, AFFINE).stages is None
+
+
+@pytest.mark.parametrize("trained,restoring", [("paper", "paper"), ("reference", "paper"), ("none", "none")])
+def test_restoring_prior_follows_the_training_prior(trained, restoring):
+    """A model trained under a prior on z (the paper's or DeepSDF's) is restored under the paper's prior with
+    its sigma; a model trained without one, without one."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(train=cfg.TrainConfig(prior=trained, sigma=0.05))
+    rc = restore_config(model, "fast")
+    assert (rc.prior, rc.sigma) == (restoring, 0.05)
+    assert restore_config(model, "reference").prior == "none"          # the notebook's schedule has none
