@@ -1,7 +1,7 @@
 """Which training augmentation carries a model over to scans it was not trained on?
 
-    python bench/augment_study.py EPOCHS N VARIANTS OUT_DIR [CASES]
-    e.g. python bench/augment_study.py 60 16 ref,ref+int,ref+all out 4
+    python bench/augment_study.py EPOCHS N VARIANTS OUT_DIR [CASES] [RESTORE_PRIORS]
+    e.g. python bench/augment_study.py 60 16 ref,ref+int,ref+all out 4 paper,none
 
 Trains the `small` preset on healthy subjects 0..N-1 (seed 0, 1.5 mm, prepared as `prepare` does,
 intensities kept for the intensity augmentations) for EPOCHS epochs with the DeepSDF-style training
@@ -12,7 +12,7 @@ prior (`--prior reference`), once per variant:
     ref+all   contrast, bias, noise, deform with 2 copies per volume (twice the samples per epoch)
     paper     the paper's prior, no augmentation (the bundled model's recipe)
 
-Each model is restored (fast schedule, cpu backend) under the paper's restoring prior and under none,
+Each model is restored (fast schedule, cpu backend) under each restoring prior (default: paper and none),
 on test lesion cases 0..CASES-1 (seed 2, 1 mm) re-acquired as 1.5mm, linear-1x1x3mm and the held-out
 styles contrast, bias, noise; one JSON line per (variant, restoring prior): pooled best Dice / AP per
 acquisition over the cases' brain voxels, and the restoration fit (restored class within one of the
@@ -60,6 +60,7 @@ def train(variant, volumes, brains, pc, epochs):
 def main():
     epochs, n, variants, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
     n_cases = int(sys.argv[5]) if len(sys.argv) > 5 else 4
+    priors = sys.argv[6].split(",") if len(sys.argv) > 6 else ("paper", "none")
     torch.set_num_threads(2)
     pc = cfg.get_preset("small").preprocess
     volumes, brains, pc = healthy_volumes(n, pc, progress=False)
@@ -70,7 +71,7 @@ def main():
         model = train(variant, volumes, brains, pc, epochs)
         train_s = time.time() - t0
         save_model(model, f"{out}/{variant}_{epochs}_{n}.pt")
-        for prior in ("paper", "none"):
+        for prior in priors:
             restorer = Restorer(model, "cpu", "cpu", schedule="fast", prior=prior, sigma=0.01)
             row = dict(variant=variant, restore_prior=prior, epochs=epochs, n=n, cases=n_cases, train_s=round(train_s),
                        latent_norm=round(float(model.latents.norm(dim=1).mean()), 3))

@@ -57,7 +57,10 @@ class Acquisition:
     contrasts), `bias_sd` (a smooth multiplicative field exp(quadratic), coefficients N(0, bias_sd²),
     over the brain's box), `snr` (Rician noise of sd mean brain intensity / snr). `held_out`: a style
     outside what training scans show (`ifad-fast synth`: bias sd 0.03-0.10, SNR 15-40, its own tissue
-    contrasts, hard brain edges), reported apart from the others by the accuracy protocol."""
+    contrasts, hard brain edges), reported apart from the others by the accuracy protocol. `anatomy`:
+    the `synth` anatomy the protocol draws the case with for this acquisition ('folded': individual
+    cortical folding and asymmetry, an anatomy the MNI152-derived training subjects never show);
+    `reacquire` refuses a synthetic case of another anatomy."""
 
     name: str
     description: str
@@ -72,6 +75,7 @@ class Acquisition:
     bias_sd: float = 0.0
     snr: float | None = None
     held_out: bool = False
+    anatomy: str = "mni"
 
     def __post_init__(self):
         codes = self.orientation.upper()
@@ -103,6 +107,8 @@ ACQUISITIONS = {a.name: a for a in (
     Acquisition("contrast", "1.5 mm, tissue contrast changed by a gamma of 1.6", gamma=1.6, held_out=True),
     Acquisition("bias", "1.5 mm, a strong bias field (log-field sd 0.25)", bias_sd=0.25, held_out=True),
     Acquisition("noise", "1.5 mm, Rician noise at SNR 8", snr=8.0, held_out=True),
+    Acquisition("folded", "1.5 mm, RAS, the case drawn with synth's folded anatomy (individual cortical folding, "
+                "hemispheric asymmetry)", anatomy="folded", held_out=True),
 )}
 HELD_OUT = tuple(name for name, a in ACQUISITIONS.items() if a.held_out)
 
@@ -239,6 +245,10 @@ def reacquire(case, acq: Acquisition | str) -> Acquired:
     acq = ACQUISITIONS[acq] if isinstance(acq, str) and acq in ACQUISITIONS else acq
     if not isinstance(acq, Acquisition):
         get_acquisitions([acq])                               # raises the user error
+    drawn = (getattr(case, "info", None) or {}).get("anatomy", acq.anatomy)
+    if drawn != acq.anatomy:
+        raise IfadError(f"{case.name}: the {acq.name} acquisition needs a case drawn with the {acq.anatomy} "
+                        f"anatomy, got {drawn} (synth's generate_lesion(..., anatomy={acq.anatomy!r}))")
     image = np.asarray(case.image)
     if image.ndim != 3:
         raise IfadError(f"{case.name}: a 3D scan is needed, got shape {image.shape}")

@@ -29,7 +29,8 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    finer acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over
    the standard acquisitions, which the project targets at ≤ 0.03 for one model. The generalisation
    test: the held-out styles (`acquisition.HELD_OUT`: a soft rim, other contrast, a strong bias
-   field, low SNR; never seen in training) pooled apart from the standard acquisitions, and the gap
+   field, low SNR, and the folded anatomy: the test case drawn with individual cortical folding and
+   asymmetry; never seen in training) pooled apart from the standard acquisitions, and the gap
    between the two per method ([DICE] and AP). accuracy.png: the pooled
    precision-recall curves of every method, and a test case's slice with each method's map.
 
@@ -48,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .acquisition import HELD_OUT
+from .acquisition import ACQUISITIONS, HELD_OUT
 from .baselines import VAEConfig
 from .bench_inputs import machine
 from .errors import IfadError
@@ -516,9 +517,12 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
                disable=None if progress else True)
     shown = setup.val_acquisition if setup.val_acquisition in setup.acquisitions else setup.acquisitions[0]
     for j in range(setup.n_test):
-        case = generate_lesion(j, seed=TEST_SEED, voxel_mm=setup.source_mm)
+        cases = {}                                # the test case per anatomy (acquisition 'folded': its own)
         for a in setup.acquisitions:
-            scan = reacquire(case, a)
+            anatomy = ACQUISITIONS[a].anatomy
+            if anatomy not in cases:
+                cases[anatomy] = generate_lesion(j, seed=TEST_SEED, voxel_mm=setup.source_mm, anatomy=anatomy)
+            scan = reacquire(cases[anatomy], a)
             maps = _score(test, methods, scan)
             if j == 0 and a == shown:
                 figure_case = (scan, maps)

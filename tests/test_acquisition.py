@@ -229,5 +229,19 @@ def test_rician_noise_of_the_set_snr(source):
 
 
 def test_held_out_styles_are_named_and_rendered():
-    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise"}
+    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise", "folded"}
     assert not any(ACQUISITIONS[n].held_out for n in ACQUISITIONS if n not in HELD_OUT)
+
+
+def test_the_folded_acquisition_takes_a_case_of_the_folded_anatomy_only():
+    """'folded' is the held-out anatomy: its case is drawn with synth's folded anatomy (the protocol does),
+    and a case of the template's anatomy is refused in one line rather than passed off as one."""
+    from ifad_fast.synth import generate_lesion
+
+    mni = generate_lesion(0, seed=2, voxel_mm=4.0)
+    with pytest.raises(IfadError, match="folded anatomy"):
+        reacquire(mni, "folded")
+    folded = reacquire(generate_lesion(0, seed=2, voxel_mm=4.0, anatomy="folded"), "folded")
+    assert folded.acquisition == "folded" and folded.mask.any()
+    with pytest.raises(IfadError, match="mni anatomy"):
+        reacquire(generate_lesion(0, seed=2, voxel_mm=4.0, anatomy="folded"), "1.5mm")
