@@ -26,10 +26,12 @@ from .errors import IfadError
 
 TEMPLATE_MM = 2                               # the fixed image's voxel size (block average of the 1 mm template)
 LEVELS = ((2, 2.0), (1, 1.0))                 # (shrink factor of the 2 mm template, smoothing sigma in mm)
-SAMPLING = 0.1                                # share of the template's brain voxels the metric reads
+SAMPLING = 0.1                                # share of the 2 mm template's brain voxels the metric reads (the
+                                              # same number at a coarser level: a smooth metric where steps are large)
 BINS = 32                                     # Mattes histogram bins
 STEP = 4.0                                    # first step of the regular-step gradient descent (physical shift scales)
 ITERATIONS = 100                              # gradient steps per level, at most
+THREADS = 1                                   # ITK's threads: more sum the metric in a varying order (not reproducible)
 INSTALL = "pip install 'ifad-fast[register]'"
 _T1 = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"   # in nilearn/datasets/data
 
@@ -118,12 +120,13 @@ def _matrix(transform) -> np.ndarray:
 
 
 def _fit(sitk, fixed, moving, mask, transform, seed: int):
-    """One stage: Mattes MI on the fixed mask's voxels, gradient descent over LEVELS; returns the
-    fitted transform (fixed world -> moving world)."""
+    """One stage: Mattes MI on a seeded random sample of the fixed mask's voxels (as many at every
+    level), regular-step gradient descent over LEVELS; returns the fitted transform (fixed world ->
+    moving world), the same for the same inputs (one thread)."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=BINS)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(SAMPLING, seed)
+    reg.SetMetricSamplingPercentagePerLevel([min(1.0, SAMPLING * s ** 3) for s, _ in LEVELS], seed)
     reg.SetMetricFixedMask(mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=STEP, minStep=1e-3, numberOfIterations=ITERATIONS,
@@ -156,12 +159,17 @@ def register(data, affine) -> np.ndarray:
     start.SetCenter(c_tpl.tolist())
     start.SetTranslation((c_scan - c_tpl).tolist())
     start.SetScale((v_scan / v_tpl) ** (1 / 3))
-    similarity = _fit(sitk, fixed, moving, mask, start, seed=1)
-    full = sitk.AffineTransform(3)
-    full.SetCenter(similarity.GetCenter())
-    full.SetMatrix(similarity.GetMatrix())
-    full.SetTranslation(similarity.GetTranslation())
-    full = _fit(sitk, fixed, moving, mask, full, seed=2)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(THREADS)      # ITK's metric threads are created from it
+    try:
+        similarity = _fit(sitk, fixed, moving, mask, start, seed=1)
+        full = sitk.AffineTransform(3)
+        full.SetCenter(similarity.GetCenter())
+        full.SetMatrix(similarity.GetMatrix())
+        full.SetTranslation(similarity.GetTranslation())
+        full = _fit(sitk, fixed, moving, mask, full, seed=2)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return np.linalg.inv(_matrix(full))
 
 
