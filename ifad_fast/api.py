@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 
 from . import config as cfg
 from .engines import resolve_backend, resolve_device
-from .errors import IfadError, out_of_memory
+from .errors import IfadError, IfadWarning, out_of_memory
 from .io import (BIDS_OUTPUT_FILES, OUTPUT_FILES, OutputSet, Scan, case_name, check_output_folder, check_scan,
                  clean_stale_temporaries, find_scans, header_shape, load_scan, save_json, save_volume)
 from .limits import check_memory, check_schedule, restore_bytes
@@ -156,6 +157,9 @@ class Restorer:
                                        or resolution < 4):
             raise IfadError(f"the score resolution must be a whole number of at least 4, got {resolution!r}")
         check_variant_options(model, resolution)
+        if model.preprocess.register:
+            from .register import require_simpleitk
+            require_simpleitk()
         if isinstance(schedule, cfg.RestoreConfig):
             rc = cfg.replace(schedule, seed=seed, **overrides)
             check_schedule(rc.phases)
@@ -545,9 +549,11 @@ def _check_same_settings(summary_path: Path, provenance: dict, threshold):
     except (OSError, ValueError):
         return
     before = dict(model=(old.get("model") or {}).get("sha256"), schedule=old.get("schedule"),
-                  region=old.get("region"), threshold=old.get("threshold"), slice_step=old.get("slice_step"))
+                  region=old.get("region"), threshold=old.get("threshold"), slice_step=old.get("slice_step"),
+                  register=(old.get("frame") or {}).get("register", False))
     now = dict(model=provenance["model"]["sha256"], schedule=provenance["schedule"], region=provenance["region"],
-               threshold=threshold, slice_step=provenance.get("slice_step"))
+               threshold=threshold, slice_step=provenance.get("slice_step"),
+               register=provenance["frame"].get("register", False))
     for key, value in before.items():
         if value != now[key]:
             what = "model (another file hash)" if key == "model" else f"{key} ({value!r}, now {now[key]!r})"
@@ -651,6 +657,8 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
                        final_loss=res.model_grid.losses[-1] if res.model_grid.losses else None,
                        threshold=threshold,
                        files={k: v.name for k, v in final.items() if k != "summary"})
+        if res.placement is not None and not np.array_equal(res.placement.native_affine, scan.affine):
+            summary["registration"] = (res.placement.native_affine @ np.linalg.inv(scan.affine)).tolist()  # -> MNI mm
         summary.setdefault("backend", getattr(engine, "name", "?"))
         summary.setdefault("region", region)
         summary.setdefault("schedule", [list(p) for p in rc.phases])
@@ -735,6 +743,7 @@ class RestoreJob:
     resolution: int | None = None
     threads: int | None = None
     bias_correction: bool = False
+    register: bool = False
     bids: bool = False
 
 
@@ -742,6 +751,24 @@ def with_bias_correction(model: Model) -> Model:
     """The model, its scans divided by their fitted bias field before normalising
     (preprocess.correct_bias): for scans not bias-corrected as its training scans were."""
     return dataclasses.replace(model, preprocess=cfg.replace(model.preprocess, bias_correction=True))
+
+
+def with_registration(model: Model, warn: bool = False) -> Model:
+    """The model, its scans placed by their affine registration to MNI152 (register.py). warn: an
+    IfadWarning when the model was trained without registration (its frame holds brains centred,
+    not registered: the protocol's answer needs a model trained with --register)."""
+    from .register import require_simpleitk
+
+    require_simpleitk()
+    if model.preprocess.register:
+        return model
+    if model.preprocess.frame != "physical":
+        raise IfadError("--register places scans in the physical frame; this model's frame is cube")
+    if warn:
+        warnings.warn(IfadWarning("this model was trained without --register: its scans are registered to MNI152 "
+                                  "now, but it never saw registered scans (train with --register for a matched "
+                                  "model)"))
+    return dataclasses.replace(model, preprocess=cfg.replace(model.preprocess, register=True))
 
 
 def restore_shard(job: RestoreJob) -> dict:
@@ -760,6 +787,8 @@ def restore_shard(job: RestoreJob) -> dict:
     model = default_model(device) if job.model is None else load_model(job.model, device)
     if job.bias_correction:
         model = with_bias_correction(model)
+    if job.register:
+        model = with_registration(model, warn=rank == 0)
     tag = f"[{rank + 1}/{world}] " if world > 1 else ""
     try:
         restorer = Restorer(model, job.backend, device, job.precision, job.rc, job.region, job.resolution,

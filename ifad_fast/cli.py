@@ -132,6 +132,10 @@ def _add_frame_args(p):
     p.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=None,
                    help="map each scan's intensity landmarks onto a scale fitted on the training scans "
                         "(Nyúl-Udupa histogram standardisation; default: the preset's)")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
+                   help="place each scan in the frame by its affine registration to the MNI152 brain "
+                        "(SimpleITK, a few seconds a scan: pip install 'ifad-fast[register]'); a model trained "
+                        "so registers the scans it restores (default: off)")
 
 
 def _add_input_checks(p):
@@ -248,6 +252,10 @@ def _add_restore_command(sub):
                    help="divide each scan by its fitted smooth bias field before normalising, for scans that "
                         "were not bias-corrected (N4) as the model's training scans were (adds about a second "
                         "per scan)")
+    p.add_argument("--register", action="store_true",
+                   help="place each scan by its affine registration to the MNI152 brain (pip install "
+                        "'ifad-fast[register]'); a model trained with --register does this anyway; for one trained "
+                        "without it a warning says the model never saw registered scans")
     p.add_argument("--slice-step", type=_int_in(1, MAX_RESOLUTION), default=None, metavar="N",
                    help="2D models: restore one axial slice in N, its score filling N slices (default 4, the paper's)")
     p.add_argument("--batch", type=_int_in(1, 1024), default=1, help="scans restored together (default 1)")
@@ -447,12 +455,17 @@ def _holding_output(command):
 
 
 def _frame_config(pc, args):
-    """The preset's PreprocessConfig with --frame / --extent / --percentile-region / --standardise applied."""
+    """The preset's PreprocessConfig with --frame / --extent / --percentile-region / --bias-correction /
+    --standardise / --register applied."""
     from . import config as cfg
     if args.extent is not None and not (math.isfinite(args.extent) and args.extent > 0):
         raise IfadError("--extent must be a positive number of millimetres")
-    return cfg.replace(pc, frame=args.frame, extent_mm=args.extent, percentile_region=args.percentile_region,
-                       bias_correction=args.bias_correction, standardise=args.standardise)
+    pc = cfg.replace(pc, frame=args.frame, extent_mm=args.extent, percentile_region=args.percentile_region,
+                     bias_correction=args.bias_correction, standardise=args.standardise, register=args.register)
+    if pc.register:
+        from .register import require_simpleitk
+        require_simpleitk()
+    return pc
 
 
 def cmd_prepare(args):
@@ -534,10 +547,11 @@ def cmd_train(args):
         raise IfadError(f"{out / 'checkpoint.pt'}: no checkpoint to resume from; start without --resume")
     if (Path(args.data) / MANIFEST).is_file() and (args.frame or args.extent or args.percentile_region
                                                    or args.standardise is not None
-                                                   or args.bias_correction is not None):
+                                                   or args.bias_correction is not None
+                                                   or args.register is not None):
         raise IfadError(f"{args.data} is a prepared folder: its frame and intensities were chosen by 'ifad-fast "
-                        "prepare'; drop --frame/--extent/--percentile-region/--bias-correction/--standardise or pass the "
-                        "raw scans")
+                        "prepare'; drop --frame/--extent/--percentile-region/--bias-correction/--standardise/--register "
+                        "or pass the raw scans")
     pc = _frame_config(preset.preprocess, args)
     group = from_env(device)[0] if world > 1 else SINGLE      # under torchrun: join now, prepare on rank 0
     if group.main:
@@ -628,7 +642,7 @@ def cmd_restore(args):
     every case is written once, by one process; --continue skips the cases already finished.
     """
     from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
-                      restore_shard, with_bias_correction)
+                      restore_shard, with_bias_correction, with_registration)
     from .engines import resolve_device
     from .distributed import launch
     from .extras import require
@@ -657,6 +671,8 @@ def cmd_restore(args):
     model = load_model_arg(args.model, device if alone else "cpu")   # shared: each process loads its own
     if args.bias_correction:
         model = with_bias_correction(model)
+    if args.register:
+        model = with_registration(model, warn=True)
     threshold = resolve_threshold(model, args.threshold)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
@@ -690,7 +706,7 @@ def cmd_restore(args):
                      device=str(device), precision=args.precision, region=region, threshold=threshold,
                      batch=args.batch, existing=existing, figure=figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads,
-                     bias_correction=args.bias_correction, bids=args.bids)
+                     bias_correction=args.bias_correction, register=args.register, bids=args.bids)
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]

@@ -91,6 +91,9 @@ class PreprocessConfig:
     standardise: after min-max, map the scan's intensity landmarks (its brain's normalised values at
     LANDMARK_PERCENTILES) piecewise-linearly onto `landmarks`, the training scans' mean landmarks
     (Nyúl & Udupa's histogram standardisation), fitted when the training data is prepared.
+    register: place each scan in the physical frame by its affine registration to the MNI152 brain
+    (register.py; `pip install 'ifad-fast[register]'`): the frame's world is then MNI space; the maps
+    still come back on the scan's own grid. Model files without the key: False.
     """
 
     resolution: int = 160                # model grid is resolution³
@@ -104,6 +107,7 @@ class PreprocessConfig:
     bias_correction: bool = False        # divide each scan by a smooth bias field first (preprocess.correct_bias)
     standardise: bool = False            # map each scan's landmarks onto `landmarks` (fitted on the training scans)
     landmarks: tuple = ()                # the standard scale at LANDMARK_PERCENTILES; () until fitted
+    register: bool = False               # place each scan by its affine registration to MNI152 (register.py)
 
     def __post_init__(self):
         _check_choice(self, "frame", Frame)
@@ -120,7 +124,7 @@ class PreprocessConfig:
             raise IfadError("PreprocessConfig.clip_percentiles must be two percentiles 0 <= lo < hi <= 100; "
                             f"got {clip!r}")
         marks = self.landmarks
-        for name in ("standardise", "bias_correction"):
+        for name in ("standardise", "bias_correction", "register"):
             if not isinstance(getattr(self, name), bool):
                 raise IfadError(f"PreprocessConfig.{name} must be true or false; got {getattr(self, name)!r}")
         if marks and not (isinstance(marks, (tuple, list)) and len(marks) == len(LANDMARK_PERCENTILES)
@@ -128,6 +132,8 @@ class PreprocessConfig:
                           and all(a < b for a, b in zip(marks, marks[1:])) and marks[-1] < 1):
             raise IfadError(f"PreprocessConfig.landmarks must be {len(LANDMARK_PERCENTILES)} increasing numbers in "
                             f"(0, 1); got {marks!r}")
+        if self.register and self.frame != "physical":
+            raise IfadError("registration to MNI152 places scans in the physical frame; drop --frame cube")
         if (self.standardise or marks) and self.normalisation != "minmax":
             raise IfadError("intensity standardisation (landmarks) needs normalisation minmax")
         for name in ("train_mode_pool", "test_mode_pool"):

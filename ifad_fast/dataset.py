@@ -92,6 +92,8 @@ def _manifest_case(name: str, path: Path, files: dict, scan, classes, placement,
                 model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
     if placement.grid is not None:
         case.update(cube=placement.grid.cube, offset=list(placement.grid.offset))
+    if not np.array_equal(placement.native_affine, scan.affine):      # registered: scan world -> MNI world
+        case["registration"] = (placement.native_affine @ np.linalg.inv(scan.affine)).tolist()
     return case
 
 
@@ -169,7 +171,7 @@ def prepare_scans(inputs, out_dir, pc: cfg.PreprocessConfig, mode_pool: int,
         manifest = dict(resolution=pc.resolution, clip_percentiles=list(pc.clip_percentiles),
                         frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
                         percentile_region=pc.percentile_region, bias_correction=pc.bias_correction,
-                        standardise=pc.standardise,
+                        standardise=pc.standardise, **({"register": True} if pc.register else {}),
                         landmarks=list(pc.landmarks), mode_pool=mode_pool,
                         centres=encoder.centres.tolist(), cases=cases,
                         failed={str(p): why for p, why in failed.items()}, stacks=STACKS, intensities=INTENSITIES)
@@ -312,8 +314,9 @@ def manifest_preprocess(manifest: dict, pc: cfg.PreprocessConfig) -> cfg.Preproc
     """pc with the frame and normalisation a prepared folder was made with (folders from before the
     physical frame: cube + upper; from before percentile_region: brain)."""
     saved = {**cfg.LEGACY_PREPROCESS, "percentile_region": "brain", "bias_correction": False, "standardise": False,
-             "landmarks": (), **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region",
-                                                          "bias_correction", "standardise") if k in manifest}}
+             "register": False, "landmarks": (),
+             **{k: manifest[k] for k in ("frame", "extent_mm", "normalisation", "percentile_region",
+                                         "bias_correction", "standardise", "register") if k in manifest}}
     if "landmarks" in manifest:
         saved["landmarks"] = tuple(manifest["landmarks"])
     try:
@@ -483,7 +486,7 @@ def training_volumes(data_dir, pc: cfg.PreprocessConfig, centres: str | None, ca
                frame=pc.frame, extent_mm=pc.extent_mm, normalisation=pc.normalisation,
                percentile_region=pc.percentile_region, bias_correction=pc.bias_correction,
                standardise=pc.standardise, landmarks=list(pc.landmarks),
-               centres=centres, k=k, seed=seed, sources=sources)
+               centres=centres, k=k, seed=seed, sources=sources, **({"register": True} if pc.register else {}))
     key_file = cache_dir / "cache_key.json"
     if not (key_file.is_file() and json.loads(key_file.read_text()) == key
             and not (intensities and load_intensities(_cached_classes(cache_dir))[0] is None)):

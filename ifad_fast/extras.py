@@ -1,7 +1,8 @@
 """Optional dependencies: which extra of `pip install "ifad-fast[EXTRA]"` brings each one.
 
 The engine (load, restore, evaluate) needs none of them; `synth`, `demo` and `bench` need
-nilearn's MNI152 maps, figures need matplotlib.
+nilearn's MNI152 maps, figures need matplotlib, `--register` needs SimpleITK (register.py names
+its extra itself).
 """
 from __future__ import annotations
 

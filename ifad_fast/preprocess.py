@@ -642,7 +642,9 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     data: (X, Y, Z) array, skull-stripped (background 0), or a nibabel image (its affine is used
     when `affine` is None), or a tensor (then everything stays on its device). resolution: the grid
     size (default pc.resolution; another N keeps the frame's extent). The brain is the scan's
-    non-zero support (placement.brain on the model grid).
+    non-zero support (placement.brain on the model grid). With pc.register the scan is placed by
+    `register.registered_affine` (scan voxel -> MNI world; registered on the host), which becomes
+    placement.native_affine: the frame's resampling and `Placement.to_native` are unchanged.
     """
     data, affine = as_scan(data, affine)
     if data.ndim != 3:
@@ -655,6 +657,9 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
                         "training scans first (ifad-fast prepare / train do)")
     normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain, pc.percentile_region,
                                         pc.landmarks if pc.standardise else ())
+    if pc.register and affine is not None:        # the frame laid out in MNI space: scan voxel -> MNI world
+        from .register import registered_affine
+        affine = registered_affine(data, affine)
     placement = place(brain, affine, pc, resolution)
     volume = placement.to_model(normalised)
     if isinstance(volume, torch.Tensor):
