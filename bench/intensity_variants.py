@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from ifad_fast.acquisition import reacquire
+from ifad_fast.acquisition import ACQUISITIONS, reacquire
 from ifad_fast.api import Restorer, default_model
 from ifad_fast.benchmark import TEST_SEED, TRAIN_SEED, with_landmarks
 from ifad_fast.metrics import curve_metrics
@@ -49,12 +49,16 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = default_model("cpu") if args.model is None else load_model(args.model)
-    cases = [generate_lesion(j, seed=TEST_SEED, voxel_mm=1.0) for j in range(args.cases)]
+    cases = {}          # per anatomy: the 'folded' acquisition takes the cases drawn with the folded anatomy
     for variant in args.variant or ["brain", "interior"]:
         restorer = Restorer(variant_model(base, variant), "cpu", "cpu", schedule="fast")
         for name in args.acquisitions.split(","):
             scores, masks = [], []
-            for case in cases:
+            anatomy = ACQUISITIONS[name].anatomy
+            if anatomy not in cases:
+                cases[anatomy] = [generate_lesion(j, seed=TEST_SEED, voxel_mm=1.0, anatomy=anatomy)
+                                  for j in range(args.cases)]
+            for case in cases[anatomy]:
                 scan = reacquire(case, name)
                 brain = scan.brain_mask > 0
                 scores.append(restorer.restore_array(scan.image, scan.affine).anomaly[brain])

@@ -9,6 +9,7 @@ keep each test to a few seconds.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import warnings
@@ -21,6 +22,9 @@ from helpers import AFFINE, FAST, bad_model, cli, one_error_line, random_model, 
 from ifad_fast import api, config as cfg, register
 from ifad_fast.errors import IfadError
 from ifad_fast.model import load_model, save_model
+
+needs_simpleitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None,
+                                     reason="SimpleITK is not installed (pip install 'ifad-fast[register]')")
 
 
 @pytest.fixture
@@ -63,6 +67,7 @@ def rms_mm(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(((a - b)[:3] ** 2).sum(0).mean()))
 
 
+@needs_simpleitk
 def test_registration_recovers_a_known_affine(synthetic_case, coarse):
     """The case, and the case moved by K through its affine (the same voxels, claimed K mm away):
     registered, the same anatomy lands within 2 mm RMS at the same MNI position. The plain case's M
@@ -82,6 +87,7 @@ def test_registration_recovers_a_known_affine(synthetic_case, coarse):
     assert np.linalg.norm(centre - centre_tpl) < 3.0 and abs(volume / volume_tpl - 1) < 0.05
 
 
+@needs_simpleitk
 def test_a_registered_restore_comes_back_in_the_scans_space(tmp_path, capsys, quick):
     """A model with register=True, a toy scan with an oblique LPS affine, through the CLI: the maps have
     the scan's shape, affine and header; the case's JSON records M and the frame's register; the map is
@@ -144,6 +150,7 @@ def test_prepare_and_train_without_register_write_what_they_wrote_before(tmp_pat
     assert "register" not in manifest and not any("registration" in c for c in manifest["cases"])
 
 
+@needs_simpleitk
 def test_prepare_and_train_with_register(tmp_path, capsys, quick):
     """prepare --register records it and each case's M in manifest.json; a model trained on the folder
     registers (its PreprocessConfig says so); train refuses --register on a prepared folder."""
@@ -167,6 +174,7 @@ def test_prepare_and_train_with_register(tmp_path, capsys, quick):
     assert code == 2 and "--register" in one_error_line(err, "train")
 
 
+@needs_simpleitk
 def test_restore_register_on_a_model_trained_without_it_warns(tmp_path, capsys, quick):
     """restore --register with a model trained without registration: allowed, with a warning; the
     case's JSON records the registration. --continue into that folder without --register is refused."""
