@@ -304,6 +304,36 @@ class Restorer:
                 failed[p] = str(exc)
         return failed
 
+    def _restored_group(self, paths, run: "_FilesProgress", decision, max_voxels, force) -> list:
+        """Load and restore the scans of `paths` together -> [(Scan, RestoreResult)] of those that restored
+        to finite maps; each one that could not be read or restored is recorded in `run` with why."""
+        scans = []
+        for p in paths:
+            try:
+                scans.append(load_scan(p, max_voxels=max_voxels, force=force))
+            except IfadError as exc:
+                run.fail(p, str(exc))
+        if not scans:
+            return []
+        try:
+            results = self._restore_scans(scans, decision)
+        except (IfadError, MemoryError, RuntimeError) as exc:
+            if not (isinstance(exc, IfadError) or out_of_memory(exc)):
+                raise
+            why = str(exc) if isinstance(exc, IfadError) else \
+                "ran out of memory restoring it; use --batch 1 or a machine with more memory"
+            for scan in scans:
+                run.fail(scan.path, f"{scan.path}: {why}")
+            return []
+        finite = []
+        for scan, res in zip(scans, results):
+            if np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all():
+                finite.append((scan, res))
+            else:
+                run.fail(scan.path, f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan is "
+                                    "unusable); nothing was written for it")
+        return finite
+
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool | str = False, force: bool = False,
                       max_voxels: int | None = None, shard: tuple[int, int] | None = None,
@@ -343,70 +373,54 @@ class Restorer:
                         batch=batch, existing=existing, figure=figure, force=force, max_voxels=max_voxels)
         plan = {p: case_outputs(out_dir, case_name(p), threshold, figure, bids) for p in paths}
         todo = _cases_to_do(plan, out_dir, existing, provenance, threshold, figure, bids, report)
-        failed = self._unrestorable(todo, max_voxels, batch)    # before the first restoration
+        unrestorable = self._unrestorable(todo, max_voxels, batch)    # before the first restoration
         for folder in {out_dir, *(files["summary"].parent for files in plan.values())}:
             clean_stale_temporaries(folder)                 # --bids writes into the cases' own folders
 
-        runnable = [p for p in todo if p not in failed]
-        total, done, restored, t_start = len(todo), 0, 0, time.perf_counter()
-        summaries = []
-
-        def log(name, text):
-            nonlocal done
-            done += 1
-            report(f"{done}/{total} {name}: {text}")
-
-        def fail(path, why):
-            failed[path] = why
-            if total > 1:                           # one scan: the final error line says it
-                log(case_name(path), f"failed: {why}")
-
+        run = _FilesProgress(len(todo), report)
         for p in todo:
-            if p in failed:
-                fail(p, failed[p])
+            if p in unrestorable:
+                run.fail(p, unrestorable[p])
+        runnable = [p for p in todo if p not in run.failed]
+        summaries = []
         for start in range(0, len(runnable), batch):
-            group = runnable[start:start + batch]
-            scans = []
-            for p in group:
-                try:
-                    scans.append(load_scan(p, max_voxels=max_voxels, force=force))
-                except IfadError as exc:
-                    fail(p, str(exc))
-            if not scans:
-                continue
-            try:
-                results = self._restore_scans(scans, decision)
-            except (IfadError, MemoryError, RuntimeError) as exc:
-                if not (isinstance(exc, IfadError) or out_of_memory(exc)):
-                    raise
-                why = str(exc) if isinstance(exc, IfadError) else \
-                    "ran out of memory restoring it; use --batch 1 or a machine with more memory"
-                for scan in scans:
-                    fail(scan.path, f"{scan.path}: {why}")
-                continue
-            for scan, res in zip(scans, results):
-                if not (np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all()):
-                    fail(scan.path, f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan is "
-                                    "unusable); nothing was written for it")
-                    continue
+            for scan, res in self._restored_group(runnable[start:start + batch], run, decision, max_voxels, force):
                 summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
                                                provenance=provenance, figure=figure,
                                                model_threshold=(model.info or {}).get("threshold"), bids=bids))
-                if restored == 0 and (shard is None or shard[0] == 0):
+                if run.restored == 0 and (shard is None or shard[0] == 0):
                     save_json(out_dir / RUN_ARGS, run_args)
                     if bids:
                         write_bids_description(out_dir)
-                restored += 1
-                left = sum(1 for q in runnable if q not in failed) - restored
-                log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
-                               f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
-                               f"{_eta(time.perf_counter() - t_start, restored, left)}")
-        if failed:
+                run.restored += 1
+                left = sum(1 for q in runnable if q not in run.failed) - run.restored
+                run.log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
+                                   f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
+                                   f"{_eta(time.perf_counter() - run.t_start, run.restored, left)}")
+        if run.failed:
             if len(todo) == 1:
-                raise IfadError(next(iter(failed.values())))
-            raise IfadError(f"{len(failed)} of {len(todo)} scans failed ({len(summaries)} written to {out_dir}): "
-                            + "; ".join(failed.values()))
+                raise IfadError(next(iter(run.failed.values())))
+            raise IfadError(f"{len(run.failed)} of {len(todo)} scans failed ({len(summaries)} written to {out_dir}): "
+                            + "; ".join(run.failed.values()))
         return summaries
+
+
+class _FilesProgress:
+    """The cases of one restore_files run that failed (path -> why) and a numbered line per finished one."""
+
+    def __init__(self, total: int, report):
+        self.total, self.report, self.done, self.restored = total, report, 0, 0
+        self.failed: dict = {}
+        self.t_start = time.perf_counter()
+
+    def log(self, name: str, text: str) -> None:
+        self.done += 1
+        self.report(f"{self.done}/{self.total} {name}: {text}")
+
+    def fail(self, path, why: str) -> None:
+        self.failed[path] = why
+        if self.total > 1:                           # one scan: the final error line says it
+            self.log(case_name(path), f"failed: {why}")
 
 
 def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
