@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end `ifad-fast restore` wall times (process start to outputs written), one at a time, twice each:
-# the paper-sized random model on bench speed's brain at 160³ (bench/make_paper160.py), and the bundled model
-# on a 1 mm synthetic lesion scan; each with this checkout and with an older one (OLD, a git worktree) for
+# the paper-sized random model on bench speed's brain at 160³ (bench/make_paper160.py), a briefly trained
+# paper-sized model with a threshold when WORK holds paper160_trained.pt (bench/train_paper160.py), and the
+# bundled model on a 1 mm synthetic lesion scan; each with this checkout and with an older one (OLD, a git worktree) for
 # the ratio in the same run. Then the paper-style code's whole restore, extrapolated as bench speed does.
 #   bash bench/cli_timing.sh WORK_DIR [OLD_CHECKOUT]
 set -u
@@ -24,6 +25,9 @@ echo "start $(date -u) load $(cut -d' ' -f1-3 /proc/loadavg)"
 for rep in 1 2; do
   [ -n "$old" ] && run "paper160 old" "$old" "$work/scan160.nii.gz" -m "$work/paper160.pt" --backend cpu
   run "paper160 new" "$here" "$work/scan160.nii.gz" -m "$work/paper160.pt" --backend cpu
+  # a briefly trained paper-sized model with a threshold (bench/train_paper160.py), when WORK holds one
+  [ -f "$work/paper160_trained.pt" ] && run "paper160 trained new" "$here" "$work/scan160.nii.gz" \
+    -m "$work/paper160_trained.pt" --backend cpu
   [ -n "$old" ] && run "bundled old" "$old" "$work/lesion1mm.nii.gz"
   run "bundled new (adaptive)" "$here" "$work/lesion1mm.nii.gz"
   run "bundled new --grid full" "$here" "$work/lesion1mm.nii.gz" --grid full

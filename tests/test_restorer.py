@@ -112,11 +112,16 @@ def test_stage_times_name_every_stage_of_a_restore_and_fit_in_its_wall_time(mode
 
 @pytest.mark.parametrize("trained,restoring", [("paper", "paper"), ("reference", "paper"), ("none", "none")])
 def test_restoring_prior_follows_the_training_prior(trained, restoring):
-    """A model trained under a prior on z (the paper's or DeepSDF's) is restored under the paper's prior with
-    its sigma; a model trained without one, without one."""
+    """Paper-trained: the paper's prior at its training sigma. Reference-trained (DeepSDF's penalty sets no
+    sigma): the paper's prior at the per-dimension RMS of the training latents. No prior: none."""
     from types import SimpleNamespace
 
-    model = SimpleNamespace(train=cfg.TrainConfig(prior=trained, sigma=0.05))
+    latents = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)) * 0.3
+    model = SimpleNamespace(train=cfg.TrainConfig(prior=trained, sigma=0.05), latents=latents)
     rc = restore_config(model, "fast")
-    assert (rc.prior, rc.sigma) == (restoring, 0.05)
+    rms = float(np.sqrt(np.mean(latents.double().numpy() ** 2)))
+    assert rc.prior == restoring
+    assert rc.sigma == pytest.approx(rms if trained == "reference" else 0.05, rel=1e-12)
+    assert 0.29 < rms < 0.31
     assert restore_config(model, "reference").prior == "none"          # the notebook's schedule has none
+    assert restore_config(model, "fast", sigma=0.2).sigma == 0.2       # an explicit sigma wins
