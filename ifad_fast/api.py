@@ -36,6 +36,7 @@ from .limits import check_memory, check_schedule, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .progress import command_line, duration, say
+from .register import registration_of
 from .restore import Restoration, StageTimes, restore_batch
 
 #: The run's arguments and provenance, written beside its outputs once its first case is.
@@ -689,8 +690,9 @@ def write_outputs(scan: Scan, res: NativeResult, out_dir, threshold, engine, rc,
                        final_loss=res.model_grid.losses[-1] if res.model_grid.losses else None,
                        threshold=threshold,
                        files={k: v.name for k, v in final.items() if k != "summary"})
-        if res.placement is not None and not np.array_equal(res.placement.native_affine, scan.affine):
-            summary["registration"] = (res.placement.native_affine @ np.linalg.inv(scan.affine)).tolist()  # -> MNI mm
+        registration = None if res.placement is None else registration_of(res.placement.native_affine, scan.affine)
+        if registration is not None:
+            summary["registration"] = registration
         summary.setdefault("backend", getattr(engine, "name", "?"))
         summary.setdefault("region", region)
         summary.setdefault("schedule", [list(p) for p in rc.phases])

@@ -43,6 +43,7 @@ from .io import (OutputSet, atomic_path, case_name, check_folder, clean_stale_te
 from .limits import check_memory, check_resolution, prepare_bytes
 from .preprocess import IntensityEncoder, fit_landmarks, mode_pool3d, scan_landmarks, to_model_grid
 from .progress import progress_bar
+from .register import registration_of
 
 MANIFEST = "manifest.json"
 STACKS = {"classes": "volumes.npy", "brains": "brains.npy"}      # (N, R, R, R) uint8 each
@@ -92,8 +93,9 @@ def _manifest_case(name: str, path: Path, files: dict, scan, classes, placement,
                 model_affine=placement.model_affine.tolist(), percentiles=list(percentiles))
     if placement.grid is not None:
         case.update(cube=placement.grid.cube, offset=list(placement.grid.offset))
-    if not np.array_equal(placement.native_affine, scan.affine):      # registered: scan world -> MNI world
-        case["registration"] = (placement.native_affine @ np.linalg.inv(scan.affine)).tolist()
+    registration = registration_of(placement.native_affine, scan.affine)
+    if registration is not None:
+        case["registration"] = registration
     return case
 
 

@@ -176,3 +176,11 @@ def register(data, affine) -> np.ndarray:
 def registered_affine(data, affine) -> np.ndarray:
     """The scan's voxel -> MNI world affine, `register(data, affine) @ affine` (4x4 float64)."""
     return register(data, affine) @ np.asarray(affine, dtype=np.float64)
+
+
+def registration_of(native_affine: np.ndarray, scan_affine: np.ndarray) -> list | None:
+    """The registration a placement used, M = native_affine @ scan_affine⁻¹ (scan world -> MNI world mm) as a
+    4x4 nested list for JSON, or None when the scan was placed by its own affine (not registered)."""
+    if np.array_equal(native_affine, scan_affine):
+        return None
+    return (np.asarray(native_affine, dtype=np.float64) @ np.linalg.inv(scan_affine)).tolist()
