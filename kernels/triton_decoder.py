@@ -139,7 +139,7 @@ def _gather_encoding(idx_ptr, tab_ptr, gamma_slot, pt, valid, rm, Y0, Z0,
                      SW: tl.constexpr, TWO_L: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                      ODT: tl.constexpr, UPCAST: tl.constexpr):
     """γ of the tile's points (rows pt), gathered from the per-axis table into the γ slot; columns
-    past G and rows past K are 0."""
+    past G and rows past K are 0. Ends with a barrier: every warp of layers 0 and LI reads γ."""
     rg = tl.arange(0, GP)
     g_axis = rg // TWO_L                         # γ column -> axis, table row offset, column
     g_off = tl.where(g_axis == 1, Y0, tl.where(g_axis == 2, Z0, 0))
@@ -148,6 +148,7 @@ def _gather_encoding(idx_ptr, tab_ptr, gamma_slot, pt, valid, rm, Y0, Z0,
     vox = tl.load(idx_ptr + (pt[:, None] * 3 + g_axis[None, :]), mask=gmask, other=0)
     gam = tl.load(tab_ptr + ((vox + g_off[None, :]) * TWO_L + g_col[None, :]), mask=gmask, other=0.0)
     tl.store(gamma_slot + (rm[:, None] * SW + rg[None, :]), _operand(gam, ODT, UPCAST))
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -179,12 +180,55 @@ def _hidden_layers(base, fw_ptr, bias_b, need_grad, rm, rn, rk,
 
 
 @triton.jit
-def _backward_sums(base, last, bw_ptr, part_b, d_out, rm, rn, rc,
+def _tile_points(t, K, tiles_per_scan, bias_ptr, rm, NL: tl.constexpr, SW: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Tile t -> (its scan b, the global point index pt of each row, valid: row < K, the scan's
+    biases bias[b])."""
+    b = t // tiles_per_scan
+    row = (t - b * tiles_per_scan) * BLOCK_M + rm
+    valid = row < K
+    pt = b * K + row
+    bias_b = bias_ptr + b * ((NL + 1) * SW)
+    return b, pt, valid, bias_b
+
+
+@triton.jit
+def _output_layer(last, w_out, bias_b, tgt_ptr, loss_ptr, cls_ptr, pt, valid, write_cls, rm, rk, rc, c_ok,
+                  NL: tl.constexpr, HP: tl.constexpr, SW: tl.constexpr, BLOCK_K: tl.constexpr,
+                  CDT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """logits = h_{NL-1} W_out^T + b_out (h in slot `last`, w_out = fw[NL], b_out = bias_b[NL]) on a
+    (BLOCK_M, CP) fp32 register tile, -inf past C (c_ok = rc < C); log-softmax; stores the
+    cross-entropy of the target at the valid points pt (and, with write_cls, the argmax class).
+    Returns (exp(logits - max), Σ exp, onehot of the target) for the backward's δ_out."""
+    lacc = _tile_dot(tl.zeros((rm.shape[0], rc.shape[0]), dtype=tl.float32), last, w_out, HP, rm, rk, rc, SW,
+                     BLOCK_K, CDT, DOT_PREC)
+    logits = lacc + tl.load(bias_b + NL * SW + rc)[None, :]
+    logits = tl.where(c_ok[None, :], logits, float("-inf"))
+    mx = tl.max(logits, axis=1)
+    ex = tl.exp(logits - mx[:, None])
+    se = tl.sum(ex, axis=1)
+    tgt = tl.load(tgt_ptr + pt, mask=valid, other=0).to(tl.int32)
+    onehot = rc[None, :] == tgt[:, None]
+    lt = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
+    loss = mx + tl.log(se) - lt
+    tl.store(loss_ptr + pt, loss, mask=valid)
+    if write_cls != 0:                        # the restoration: most likely class (first max)
+        tl.store(cls_ptr + pt, tl.argmax(logits, axis=1).to(tl.uint8), mask=valid)
+    return ex, se, onehot
+
+
+@triton.jit
+def _backward_sums(base, last, bw_ptr, part_ptr, pid, B, b, ex, se, onehot, valid, c_ok, rm, rn, rc,
                    NL: tl.constexpr, LI: tl.constexpr, HP: tl.constexpr, HRP: tl.constexpr,
                    SW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOT: tl.constexpr,
                    ODT: tl.constexpr, CDT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """From δ_out (BLOCK_M, CP) down to δ_0: δ_{l-1} = (δ_l W_l[:, h]) ⊙ 1[h_{l-1} > 0], through two
-    δ slots; adds the column sums of δ_0 (part_b[0:SW]) and δ_LI (part_b[SW:2SW]) to the partials."""
+    """From δ_out = softmax - onehot (BLOCK_M, CP: ex / se - onehot from `_output_layer`, 0 past C
+    and on rows past K) down to δ_0: δ_{l-1} = (δ_l W_l[:, h]) ⊙ 1[h_{l-1} > 0], through two δ
+    slots; adds the column sums of δ_0 and δ_LI to this program's partials of scan b, part[pid, b]
+    (part_b[0:SW] and part_b[SW:2SW])."""
+    d_out = ex / se[:, None] - onehot.to(tl.float32)
+    d_out = tl.where(valid[:, None] & c_ok[None, :], d_out, 0.0)
+    part_b = part_ptr + ((pid * B + b) * 2) * SW
     rk = tl.arange(0, BLOCK_K)
     d_op = _operand(d_out, ODT, UPCAST).to(CDT)
     wb = bw_ptr + NL * (SW * SW)
@@ -282,41 +326,21 @@ def fused_point_kernel(
     w_out = fw_ptr + NL * (RW * SW)
 
     for t in range(pid, n_tiles, nprog):
-        b = t // tiles_per_scan
-        row = (t - b * tiles_per_scan) * BLOCK_M + rm
-        valid = row < K
-        pt = b * K + row
-        bias_b = bias_ptr + b * ((NL + 1) * SW)
+        b, pt, valid, bias_b = _tile_points(t, K, tiles_per_scan, bias_ptr, rm, NL, SW, BLOCK_M)
 
-        # ---- prologue: γ for the tile into slot 0
+        # ---- prologue: γ for the tile into slot 0; the hidden layers, slot to slot
         _gather_encoding(idx_ptr, tab_ptr, base, pt, valid, rm, Y0, Z0, SW, TWO_L, G, GP, ODT, UPCAST)
-        tl.debug_barrier()
-
         _hidden_layers(base, fw_ptr, bias_b, need_grad, rm, rn, rk, NL, LI, HP, HRP, SW, RW, GP, GK,
                        BLOCK_N, BLOCK_K, SLOT, ODT, CDT, UPCAST, DOT_PREC)
 
-        # ---- epilogue: logits, log-softmax, cross-entropy of the target
+        # ---- epilogue: logits, log-softmax, cross-entropy of the target (and the argmax class)
         last = base + tl.where(need_grad != 0, NL, 1 + (NL - 1) % 2) * SLOT
-        lacc = _tile_dot(tl.zeros((BLOCK_M, CP), dtype=tl.float32), last, w_out, HP, rm, rk, rc, SW, BLOCK_K,
-                         CDT, DOT_PREC)
-        logits = lacc + tl.load(bias_b + NL * SW + rc)[None, :]
-        logits = tl.where(c_ok[None, :], logits, float("-inf"))
-        mx = tl.max(logits, axis=1)
-        ex = tl.exp(logits - mx[:, None])
-        se = tl.sum(ex, axis=1)
-        tgt = tl.load(tgt_ptr + pt, mask=valid, other=0).to(tl.int32)
-        onehot = rc[None, :] == tgt[:, None]
-        lt = tl.sum(tl.where(onehot, logits, 0.0), axis=1)
-        loss = mx + tl.log(se) - lt
-        tl.store(loss_ptr + pt, loss, mask=valid)
-        if write_cls != 0:                        # the restoration: most likely class (first max)
-            tl.store(cls_ptr + pt, tl.argmax(logits, axis=1).to(tl.uint8), mask=valid)
+        ex, se, onehot = _output_layer(last, w_out, bias_b, tgt_ptr, loss_ptr, cls_ptr, pt, valid, write_cls,
+                                       rm, rk, rc, c_ok, NL, HP, SW, BLOCK_K, CDT, DOT_PREC)
 
         # ---- backward to the pre-activations of layers 0 and LI (only their sums leave)
         if need_grad != 0:
-            d_out = ex / se[:, None] - onehot.to(tl.float32)
-            d_out = tl.where(valid[:, None] & c_ok[None, :], d_out, 0.0)
-            _backward_sums(base, last, bw_ptr, part_ptr + ((pid * B + b) * 2) * SW, d_out, rm, rn, rc,
+            _backward_sums(base, last, bw_ptr, part_ptr, pid, B, b, ex, se, onehot, valid, c_ok, rm, rn, rc,
                            NL, LI, HP, HRP, SW, BLOCK_N, BLOCK_K, SLOT, ODT, CDT, UPCAST, DOT_PREC)
         tl.debug_barrier()
 
