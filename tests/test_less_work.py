@@ -85,7 +85,10 @@ def test_adaptive_grid_refined_everywhere_is_the_full_grid():
     z = torch.randn(MC.latent_dim) * 0.5
     full, full_cls = score_grid(backend, z, classes, region)
     adaptive, cls, n = score_grid_adaptive(backend, z, classes, region, lambda s: torch.ones_like(region))
-    assert torch.equal(adaptive, full) and torch.equal(cls, full_cls)
+    # the same voxels in chunks of another size: equal up to float32 rounding (a CPU GEMM may block
+    # its sums by the batch size; seen on AVX-512, 2.4e-7 on scores up to 2.4)
+    torch.testing.assert_close(adaptive, full, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cls, full_cls)
     assert n >= int(region.sum())                      # the lattice, then every other voxel of the region
 
 
@@ -139,7 +142,7 @@ def test_adaptive_grid_follows_the_threshold_through_restore_classes():
     no_threshold = restore_classes(model, classes, rc, "cpu", "cpu")[0]
     assert np.array_equal(no_threshold.anomaly, full.anomaly)              # no decision range: the full grid
     low = restore_classes(model, classes, rc, "cpu", "cpu", threshold=0.0)[0]
-    assert np.array_equal(low.score, full.score)                            # everything can cross 0
+    np.testing.assert_allclose(low.score, full.score, rtol=1e-6, atol=1e-6)  # everything can cross 0 (to rounding)
     assert low.scored_voxels >= full.scored_voxels                          # the lattice came first
 
 
