@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .config import PRECISIONS, TRAIN_PRECISIONS
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
 from .progress import cli_run, say, verbose
@@ -212,7 +213,7 @@ def _add_train_command(sub):
     p.add_argument("--nproc", type=_int_in(1, 1024), default=None,
                    help="data-parallel processes started here (gloo on CPU, NCCL with one GPU each); "
                         "leave out under torchrun")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS, default="float32",
                    help="bf16: autocast for the decoder, float32 weights (GPUs / CPUs with native bf16)")
     _add_augment_args(p)
     _add_frame_args(p)
@@ -230,7 +231,7 @@ def _add_restore_command(sub):
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
                         "without T (or with T = model), the threshold stored in the model")
-    p.add_argument("--precision", choices=("float32", "bf16", "tf32"), default="float32",
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32 (default); bf16 (bfloat16 operands, float32 accumulation) or tf32 "
                         "(float32 matmuls on TF32 tensor cores, CUDA only): faster, gated against float32")
     p.add_argument("--region", choices=("brain", "full"), default=None,

@@ -19,6 +19,16 @@ LatentInit = Literal["random", "mean"]
 Variant = Literal["3d", "2d"]
 ScoreGrid = Literal["full", "adaptive"]
 
+#: The decoder's compute precisions, the one list every backend, option and check reads. float32;
+#: bf16: bfloat16 operands and activations, float32 accumulation; tf32: float32 storage, the
+#: matmuls on a CUDA GPU's TF32 tensor cores. Who runs which: backends.RUNS.
+Precision = Literal["float32", "bf16", "tf32"]
+PRECISIONS: tuple = get_args(Precision)
+#: Other names accepted for them (by the API; the command line takes PRECISIONS).
+PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
+#: Those training runs in (bf16: autocast of the decoder, float32 weights); tf32 is a restoring backend's.
+TRAIN_PRECISIONS: tuple = tuple(p for p in PRECISIONS if p != "tf32")
+
 
 def _check_choice(obj, field: str, choices) -> None:
     """IfadError naming the valid values when obj.<field> is not one of the Literal `choices`."""

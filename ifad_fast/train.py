@@ -60,8 +60,6 @@ from .progress import progress_bar
 from .sampling import PointSampler, as_tensor
 from .slices import SliceSampler
 
-PRECISIONS = ("float32", "bf16")
-
 
 def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
     """The prior term for a batch of latents z (S, D), next to the mean data loss.
@@ -274,8 +272,8 @@ class Trainer:
         if int(volumes.max()) >= mc.n_classes:
             raise IfadError(f"volumes hold class {int(volumes.max())} but the model has {mc.n_classes} classes; "
                             "use centres with as many classes as the model")
-        if precision not in PRECISIONS:
-            raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+        if precision not in cfg.TRAIN_PRECISIONS:
+            raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(cfg.TRAIN_PRECISIONS)}")
         if step not in STEPS:
             raise IfadError(f"unknown training step {step!r}; choose {' or '.join(STEPS)}")
         augmenting = bool(tc.augment)
