@@ -500,11 +500,8 @@ def _cases_to_do(plan: dict, out_dir: Path, existing: str, provenance: dict, thr
             if f.resolve() in inputs_resolved:
                 raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
     states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
-    present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
-    if present and existing == "refuse":
-        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
-                        "or --overwrite to redo them")
+    if existing == "refuse":
+        refuse_existing(paths, out_dir, threshold, figure, bids)
     if existing != "continue":
         return paths
     for p in paths:
@@ -539,6 +536,16 @@ def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False, bid
     """Names of the cases among `paths` that already have some outputs in `out_dir`."""
     return [case_name(p) for p in paths
             if _case_state(case_outputs(out_dir, case_name(p), threshold, figure, bids)) != "absent"]
+
+
+def refuse_existing(paths, out_dir, threshold=None, figure: bool | str = False, bids: bool = False) -> None:
+    """IfadError naming the cases among `paths` that already have outputs in `out_dir` (what
+    existing='refuse' refuses), if any."""
+    present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
+                        "or --overwrite to redo them")
 
 
 def write_bids_description(out_dir) -> Path:
@@ -766,9 +773,9 @@ class RestoreJob:
     rc: cfg.RestoreConfig
     backend: str = "auto"
     device: str = "cpu"          # cpu | cuda (process r of a CUDA run takes cuda:LOCAL_RANK)
-    precision: str = "float32"
+    precision: cfg.Precision = "float32"
     region: str = "brain"
-    threshold: float | None = None
+    threshold: float | str | None = None   # a number, 'model' (the model's; check_job resolves it) or None
     batch: int = 1
     existing: str = "refuse"
     figure: bool | str = False
@@ -803,6 +810,16 @@ def with_registration(model: Model, warn: bool = False) -> Model:
                                   "now, but it never saw registered scans (train with --register for a matched "
                                   "model)"))
     return dataclasses.replace(model, preprocess=cfg.replace(model.preprocess, register=True))
+
+
+def check_job(model: Model, job: RestoreJob, whole_set: bool = True) -> RestoreJob:
+    """`job` with its threshold resolved (`resolve_threshold`), checked once before the processes
+    that share it start. whole_set: with job.existing 'refuse', an IfadError when job.out_dir holds
+    outputs of any of its cases (each process checks only its own shard's)."""
+    threshold = resolve_threshold(model, job.threshold)
+    if whole_set and job.existing == "refuse":
+        refuse_existing(find_scans(job.inputs), job.out_dir, threshold, job.figure, job.bids)
+    return dataclasses.replace(job, threshold=threshold)
 
 
 def restore_shard(job: RestoreJob) -> dict:

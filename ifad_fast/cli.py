@@ -642,12 +642,11 @@ def cmd_restore(args):
     --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
     every case is written once, by one process; --continue skips the cases already finished.
     """
-    from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
-                      restore_shard, with_bias_correction, with_registration)
+    from .api import (PROTOCOLS, Restorer, RestoreJob, check_job, restore_config, restore_shard, with_bias_correction,
+                      with_registration)
     from .engines import resolve_device
     from .distributed import launch
     from .extras import require
-    from .io import find_scans
     from .limits import usable_cores
 
     args.inputs = _inputs(args)
@@ -674,12 +673,11 @@ def cmd_restore(args):
         model = with_bias_correction(model)
     if args.register:
         model = with_registration(model, warn=True)
-    threshold = resolve_threshold(model, args.threshold)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
-    if args.grid == "adaptive" and threshold is None and (model.info or {}).get("threshold") is None:
+    if args.grid == "adaptive" and args.threshold is None and (model.info or {}).get("threshold") is None:
         warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
                                   "scoring the full grid (pass --threshold T to use the adaptive grid)"))
     if alone:
@@ -691,23 +689,18 @@ def cmd_restore(args):
         verbose(f"restoring with the {restorer.backend} backend on {restorer.device} ({restorer.precision}, "
                 f"{restorer.pipeline} pipeline), schedule {'+'.join(f'{s}x{k}' for s, k in rc.phases)}, "
                 f"region {region}, seed {rc.seed}")
-        written = restorer.restore_files(args.inputs, args.output, threshold, args.batch, report=say,
+        written = restorer.restore_files(args.inputs, args.output, args.threshold, args.batch, report=say,
                                          existing=existing, figure=figure, force=args.force,
                                          max_voxels=args.max_voxels, bids=args.bids)
         print(f"restored {len(written)} scans -> {args.output}")
         return
-    if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
-        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, figure, args.bids)
-        if present:
-            shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-            raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
-                            "cases or --overwrite to redo them")
     threads = max(1, usable_cores() // nproc) if device.type == "cpu" and nproc > 1 else None
     job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
-                     device=str(device), precision=args.precision, region=region, threshold=threshold,
+                     device=str(device), precision=args.precision, region=region, threshold=args.threshold,
                      batch=args.batch, existing=existing, figure=figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads,
                      bias_correction=args.bias_correction, register=args.register, bids=args.bids)
+    job = check_job(model, job, whole_set=nproc > 1)     # the whole set, before any process starts writing
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]
