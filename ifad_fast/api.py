@@ -32,7 +32,7 @@ from .engines import resolve_backend, resolve_device
 from .errors import IfadError, IfadWarning, out_of_memory
 from .io import (BIDS_OUTPUT_FILES, OUTPUT_FILES, OutputSet, Scan, case_name, check_output_folder, check_scan,
                  clean_stale_temporaries, find_scans, header_shape, load_scan, save_json, save_volume)
-from .limits import check_memory, check_schedule, restore_bytes
+from .limits import check_memory, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .progress import command_line, duration, say
@@ -78,15 +78,7 @@ def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.Res
     base = dict(prior=prior, sigma=sigma)
     base.update(cfg.SCHEDULES[schedule] if schedule in cfg.SCHEDULES else dict(phases=parse_phases(schedule)))
     base.update({k: v for k, v in overrides.items() if v is not None})
-    rc = cfg.RestoreConfig(**base)
-    check_schedule(rc.phases)
-    _check_seed(rc.seed)
-    return rc
-
-
-def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise IfadError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {seed!r}")
+    return cfg.RestoreConfig(**base)           # checked there: phases within the limits, the seed
 
 
 def _check_files_options(existing: str, batch) -> None:
@@ -165,11 +157,10 @@ class Restorer:
     PIPELINES = ("auto", "host", "device")
 
     def __init__(self, model: Model, backend="auto", device="auto", precision: str = "float32",
-                 schedule="fast", region: str = "brain", resolution: int | None = None, seed: int | None = None,
+                 schedule="fast", region: cfg.Region = "brain", resolution: int | None = None, seed: int | None = None,
                  *, progress: bool = False, pipeline: str = "auto", cuda_graphs: bool | None = None,
                  time_stages: bool = False, **overrides):
-        if region not in ("brain", "full"):
-            raise IfadError(f"region must be brain or full, got {region!r}")
+        cfg.check_region(region)
         if pipeline not in self.PIPELINES:
             raise IfadError(f"pipeline must be one of {', '.join(self.PIPELINES)}, got {pipeline!r}")
         if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
@@ -180,9 +171,7 @@ class Restorer:
             from .register import require_simpleitk
             require_simpleitk()
         if isinstance(schedule, cfg.RestoreConfig):
-            rc = cfg.replace(schedule, seed=seed, **overrides)
-            check_schedule(rc.phases)
-            _check_seed(rc.seed)
+            rc = cfg.replace(schedule, seed=seed, **overrides)     # checked by RestoreConfig
         else:
             rc = restore_config(model, schedule, seed=seed, **overrides)
         self.model, self.rc, self.region, self.progress = model, rc, region, bool(progress)
@@ -774,7 +763,7 @@ class RestoreJob:
     backend: str = "auto"
     device: str = "cpu"          # cpu | cuda (process r of a CUDA run takes cuda:LOCAL_RANK)
     precision: cfg.Precision = "float32"
-    region: str = "brain"
+    region: cfg.Region = "brain"
     threshold: float | str | None = None   # a number, 'model' (the model's; check_job resolves it) or None
     batch: int = 1
     existing: str = "refuse"

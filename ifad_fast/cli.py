@@ -17,12 +17,10 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import PRECISIONS, TRAIN_PRECISIONS
+from .config import MAX_SEED, PRECISIONS, REGIONS, TRAIN_PRECISIONS
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
 from .progress import cli_run, say, verbose
-
-MAX_SEED = 2 ** 32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,7 +232,7 @@ def _add_restore_command(sub):
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32 (default); bf16 (bfloat16 operands, float32 accumulation) or tf32 "
                         "(float32 matmuls on TF32 tensor cores, CUDA only): faster, gated against float32")
-    p.add_argument("--region", choices=("brain", "full"), default=None,
+    p.add_argument("--region", choices=REGIONS, default=None,
                    help="score voxels near the brain only (default) or the full grid")
     p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
@@ -486,19 +484,18 @@ def cmd_prepare(args):
 
 
 def _train_config(args, preset):
-    """The preset's TrainConfig with the command line's choices, checked."""
+    """The preset's TrainConfig with the command line's choices (checked by TrainConfig)."""
     from . import config as cfg
-    from .train import check_train_config
 
-    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
-                                        norm_penalty=args.norm_penalty, norm_ramp_epochs=args.norm_ramp_epochs,
-                                        max_norm=args.max_latent_norm,
-                                        volumes_per_batch=args.volumes_per_batch, augment=args.augment,
-                                        augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
-                                        augment_centre_jitter=args.augment_centre_jitter,
-                                        augment_bias=args.augment_bias, augment_noise=args.augment_noise,
-                                        augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
-                                        augment_scale=args.augment_scale))
+    tc = cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
+                     norm_penalty=args.norm_penalty, norm_ramp_epochs=args.norm_ramp_epochs,
+                     max_norm=args.max_latent_norm,
+                     volumes_per_batch=args.volumes_per_batch, augment=args.augment,
+                     augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
+                     augment_centre_jitter=args.augment_centre_jitter,
+                     augment_bias=args.augment_bias, augment_noise=args.augment_noise,
+                     augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
+                     augment_scale=args.augment_scale)
     if preset.model.variant == "2d" and "deform" in tc.augment:
         raise IfadError("--augment deform (virtual subjects) is for 3D models; a 2D preset takes contrast, bias "
                         "and noise")

@@ -105,7 +105,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
                     backend="auto", device="auto", precision="float32", brain: np.ndarray | None = None,
-                    region: str = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
+                    region: cfg.Region = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
                     score_brain: np.ndarray | None = None, threshold: float | None = None) -> list[Restoration]:
     """Restore one or several encoded scans at once.
 
@@ -121,8 +121,7 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     the work runs on the backend's device (`restore_batch`) and the results come back as NumPy.
     threshold: the maps' decision threshold, for rc.grid 'adaptive' (see `restore_batch`).
     """
-    if region not in ("brain", "full"):
-        raise IfadError(f"region must be brain or full, got {region!r}")
+    cfg.check_region(region)
     engine = resolve_backend(backend, model.decoder, device, precision)
     device = engine.device
 
