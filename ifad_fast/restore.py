@@ -115,8 +115,9 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     voxels within the pooling reach of the brain and zeroes the map outside the brain; 'full'
     scores and keeps every voxel. score_classes / score_brain: the same scans encoded on another
     grid of the same frame (e.g. N³), where the scores, the restoration and the pooling are then
-    computed (pools scaled by `pools_at`); default: the search grid. backend, device and precision
-    are resolved by `backends.resolve_backend` (a Backend object, or names; 'auto' by default).
+    computed (pools scaled by `pools_at`); default: the search grid. backend, device, precision and
+    region are resolved as the `api.Restorer` resolves them (`engines.resolve_backend`: a Backend
+    object, or names, 'auto' by default; `config.check_region`): the same numbers as its host pipeline.
     The points are drawn from a CPU generator seeded with rc.seed (the same draws on any device);
     the work runs on the backend's device (`restore_batch`) and the results come back as NumPy.
     threshold: the maps' decision threshold, for rc.grid 'adaptive' (see `restore_batch`).

@@ -154,3 +154,22 @@ def test_check_job_resolves_the_threshold_once_and_refuses_a_set_with_outputs(mo
         check_job(model, dataclasses.replace(job, threshold=None))
     assert check_job(model, dataclasses.replace(job, threshold=None), whole_set=False).threshold is None
     assert check_job(model, dataclasses.replace(job, threshold=None, existing="continue")).threshold is None
+
+
+def test_restore_classes_resolves_as_the_restorer_and_gives_its_numbers(model):
+    """restore.restore_classes (encoded classes in, NumPy out) resolves backend, device, precision
+    and region as the Restorer does and gives its host pipeline's model-grid maps bit for bit."""
+    from ifad_fast.preprocess import prepare
+    from ifad_fast.restore import restore_classes
+
+    img = toy_scans(1, offset=30)[0]
+    r = Restorer(model, "auto", "cpu", schedule=SCHEDULE, seed=5, pipeline="host", grid="adaptive")
+    got = r.restore_array(img, AFFINE).model_grid
+    pc = model.preprocess
+    p = prepare(img, r.encoder, pc, pc.test_mode_pool, AFFINE)
+    ref = restore_classes(model, p.classes, r.rc, "auto", "cpu", brain=p.brain, threshold=r.decision)[0]
+    for name in ("anomaly", "score", "classes", "z"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    assert got.losses == ref.losses and got.scored_voxels == ref.scored_voxels
+    with pytest.raises(IfadError, match="region must be brain or full, got 'skull'"):
+        restore_classes(model, p.classes, r.rc, "auto", "cpu", region="skull")
