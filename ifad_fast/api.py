@@ -32,7 +32,7 @@ from .engines import resolve_backend, resolve_device
 from .errors import IfadError, IfadWarning, out_of_memory
 from .io import (BIDS_OUTPUT_FILES, OUTPUT_FILES, OutputSet, Scan, case_name, check_output_folder, check_scan,
                  clean_stale_temporaries, find_scans, header_shape, load_scan, save_json, save_volume)
-from .limits import check_memory, check_schedule, restore_bytes
+from .limits import check_memory, restore_bytes
 from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .progress import command_line, duration, say
@@ -78,15 +78,7 @@ def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.Res
     base = dict(prior=prior, sigma=sigma)
     base.update(cfg.SCHEDULES[schedule] if schedule in cfg.SCHEDULES else dict(phases=parse_phases(schedule)))
     base.update({k: v for k, v in overrides.items() if v is not None})
-    rc = cfg.RestoreConfig(**base)
-    check_schedule(rc.phases)
-    _check_seed(rc.seed)
-    return rc
-
-
-def _check_seed(seed):
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise IfadError(f"seed must be a whole number from 0 to {2 ** 63 - 1}, got {seed!r}")
+    return cfg.RestoreConfig(**base)           # checked there: phases within the limits, the seed
 
 
 def _check_files_options(existing: str, batch) -> None:
@@ -165,11 +157,10 @@ class Restorer:
     PIPELINES = ("auto", "host", "device")
 
     def __init__(self, model: Model, backend="auto", device="auto", precision: str = "float32",
-                 schedule="fast", region: str = "brain", resolution: int | None = None, seed: int | None = None,
+                 schedule="fast", region: cfg.Region = "brain", resolution: int | None = None, seed: int | None = None,
                  *, progress: bool = False, pipeline: str = "auto", cuda_graphs: bool | None = None,
                  time_stages: bool = False, **overrides):
-        if region not in ("brain", "full"):
-            raise IfadError(f"region must be brain or full, got {region!r}")
+        cfg.check_region(region)
         if pipeline not in self.PIPELINES:
             raise IfadError(f"pipeline must be one of {', '.join(self.PIPELINES)}, got {pipeline!r}")
         if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
@@ -180,9 +171,7 @@ class Restorer:
             from .register import require_simpleitk
             require_simpleitk()
         if isinstance(schedule, cfg.RestoreConfig):
-            rc = cfg.replace(schedule, seed=seed, **overrides)
-            check_schedule(rc.phases)
-            _check_seed(rc.seed)
+            rc = cfg.replace(schedule, seed=seed, **overrides)     # checked by RestoreConfig
         else:
             rc = restore_config(model, schedule, seed=seed, **overrides)
         self.model, self.rc, self.region, self.progress = model, rc, region, bool(progress)
@@ -500,11 +489,8 @@ def _cases_to_do(plan: dict, out_dir: Path, existing: str, provenance: dict, thr
             if f.resolve() in inputs_resolved:
                 raise IfadError(f"{f} would overwrite the input {inputs_resolved[f.resolve()]}; choose another -o")
     states = {p: _case_state(files, p if existing == "continue" else None) for p, files in plan.items()}
-    present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
-    if present and existing == "refuse":
-        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
-                        "or --overwrite to redo them")
+    if existing == "refuse":
+        refuse_existing(paths, out_dir, threshold, figure, bids)
     if existing != "continue":
         return paths
     for p in paths:
@@ -539,6 +525,16 @@ def cases_with_outputs(paths, out_dir, threshold=None, figure: bool = False, bid
     """Names of the cases among `paths` that already have some outputs in `out_dir`."""
     return [case_name(p) for p in paths
             if _case_state(case_outputs(out_dir, case_name(p), threshold, figure, bids)) != "absent"]
+
+
+def refuse_existing(paths, out_dir, threshold=None, figure: bool | str = False, bids: bool = False) -> None:
+    """IfadError naming the cases among `paths` that already have outputs in `out_dir` (what
+    existing='refuse' refuses), if any."""
+    present = cases_with_outputs(paths, out_dir, threshold, figure, bids)
+    if present:
+        shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
+        raise IfadError(f"{out_dir} already holds outputs of {shown}; pass --continue to skip finished cases "
+                        "or --overwrite to redo them")
 
 
 def write_bids_description(out_dir) -> Path:
@@ -766,9 +762,9 @@ class RestoreJob:
     rc: cfg.RestoreConfig
     backend: str = "auto"
     device: str = "cpu"          # cpu | cuda (process r of a CUDA run takes cuda:LOCAL_RANK)
-    precision: str = "float32"
-    region: str = "brain"
-    threshold: float | None = None
+    precision: cfg.Precision = "float32"
+    region: cfg.Region = "brain"
+    threshold: float | str | None = None   # a number, 'model' (the model's; check_job resolves it) or None
     batch: int = 1
     existing: str = "refuse"
     figure: bool | str = False
@@ -803,6 +799,16 @@ def with_registration(model: Model, warn: bool = False) -> Model:
                                   "now, but it never saw registered scans (train with --register for a matched "
                                   "model)"))
     return dataclasses.replace(model, preprocess=cfg.replace(model.preprocess, register=True))
+
+
+def check_job(model: Model, job: RestoreJob, whole_set: bool = True) -> RestoreJob:
+    """`job` with its threshold resolved (`resolve_threshold`), checked once before the processes
+    that share it start. whole_set: with job.existing 'refuse', an IfadError when job.out_dir holds
+    outputs of any of its cases (each process checks only its own shard's)."""
+    threshold = resolve_threshold(model, job.threshold)
+    if whole_set and job.existing == "refuse":
+        refuse_existing(find_scans(job.inputs), job.out_dir, threshold, job.figure, job.bids)
+    return dataclasses.replace(job, threshold=threshold)
 
 
 def restore_shard(job: RestoreJob) -> dict:

@@ -35,19 +35,25 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from .config import PRECISION_ALIASES, PRECISIONS
 from .errors import IfadError
 from .model import Decoder, cross_entropy_per_point
 
-# precision name -> storage dtype of the per-point operands. tf32: float32 storage, float32 matmuls
-# on the TF32 tensor cores of a CUDA GPU (10-bit mantissa products, float32 accumulation)
-PRECISIONS = {"float32": torch.float32, "bf16": torch.bfloat16, "tf32": torch.float32}
-PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
+# precision name (config.PRECISIONS) -> storage dtype of the per-point operands. tf32: float32
+# storage, float32 matmuls on the TF32 tensor cores of a CUDA GPU (10-bit mantissa products,
+# float32 accumulation)
+OPERAND_DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "tf32": torch.float32}
 RUNS = {"float32": ("cpu", "triton", "torch"), "bf16": ("cpu", "triton"), "tf32": ("cpu",)}   # who runs what
 
 
-def parse_precision(name: str, allowed=tuple(PRECISIONS), who: str = "this backend") -> str:
-    """'float32' | 'bf16' | 'tf32' (also 'fp32', 'bfloat16') -> the canonical name; IfadError for
-    anything else or for a precision that `who` does not run."""
+def precisions_of(backend: str) -> tuple:
+    """The precisions (config.PRECISIONS order) that the backend named `backend` runs (RUNS)."""
+    return tuple(p for p in PRECISIONS if backend in RUNS[p])
+
+
+def parse_precision(name: str, allowed=PRECISIONS, who: str = "this backend") -> str:
+    """'float32' | 'bf16' | 'tf32' (config.PRECISIONS; also 'fp32', 'bfloat16') -> the canonical
+    name; IfadError for anything else or for a precision that `who` does not run."""
     canonical = PRECISION_ALIASES.get(name, name)
     if canonical not in PRECISIONS:
         raise IfadError(f"unknown precision {name!r}; choose {', '.join(PRECISIONS)}")
@@ -259,6 +265,7 @@ class TorchBackend(Backend):
     """Reference: plain torch, float32, folded weights, autograd for dL/dz."""
 
     name = "torch"
+    precisions = precisions_of("torch")
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32"):
         super().__init__(decoder, device, precision)

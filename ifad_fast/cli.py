@@ -17,11 +17,10 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .config import MAX_SEED, PRECISIONS, REGIONS, TRAIN_PRECISIONS
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
 from .progress import cli_run, say, verbose
-
-MAX_SEED = 2 ** 32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -212,7 +211,7 @@ def _add_train_command(sub):
     p.add_argument("--nproc", type=_int_in(1, 1024), default=None,
                    help="data-parallel processes started here (gloo on CPU, NCCL with one GPU each); "
                         "leave out under torchrun")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS, default="float32",
                    help="bf16: autocast for the decoder, float32 weights (GPUs / CPUs with native bf16)")
     _add_augment_args(p)
     _add_frame_args(p)
@@ -230,10 +229,10 @@ def _add_restore_command(sub):
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
                         "without T (or with T = model), the threshold stored in the model")
-    p.add_argument("--precision", choices=("float32", "bf16", "tf32"), default="float32",
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32 (default); bf16 (bfloat16 operands, float32 accumulation) or tf32 "
                         "(float32 matmuls on TF32 tensor cores, CUDA only): faster, gated against float32")
-    p.add_argument("--region", choices=("brain", "full"), default=None,
+    p.add_argument("--region", choices=REGIONS, default=None,
                    help="score voxels near the brain only (default) or the full grid")
     p.add_argument("--resolution", type=_int_in(4, MAX_RESOLUTION), default=None,
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
@@ -485,19 +484,18 @@ def cmd_prepare(args):
 
 
 def _train_config(args, preset):
-    """The preset's TrainConfig with the command line's choices, checked."""
+    """The preset's TrainConfig with the command line's choices (checked by TrainConfig)."""
     from . import config as cfg
-    from .train import check_train_config
 
-    tc = check_train_config(cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
-                                        norm_penalty=args.norm_penalty, norm_ramp_epochs=args.norm_ramp_epochs,
-                                        max_norm=args.max_latent_norm,
-                                        volumes_per_batch=args.volumes_per_batch, augment=args.augment,
-                                        augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
-                                        augment_centre_jitter=args.augment_centre_jitter,
-                                        augment_bias=args.augment_bias, augment_noise=args.augment_noise,
-                                        augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
-                                        augment_scale=args.augment_scale))
+    tc = cfg.replace(preset.train, epochs=args.epochs, seed=args.seed, prior=args.prior,
+                     norm_penalty=args.norm_penalty, norm_ramp_epochs=args.norm_ramp_epochs,
+                     max_norm=args.max_latent_norm,
+                     volumes_per_batch=args.volumes_per_batch, augment=args.augment,
+                     augment_copies=args.augment_copies, augment_gamma=args.augment_gamma,
+                     augment_centre_jitter=args.augment_centre_jitter,
+                     augment_bias=args.augment_bias, augment_noise=args.augment_noise,
+                     augment_deform=args.augment_deform, augment_rotate=args.augment_rotate,
+                     augment_scale=args.augment_scale)
     if preset.model.variant == "2d" and "deform" in tc.augment:
         raise IfadError("--augment deform (virtual subjects) is for 3D models; a 2D preset takes contrast, bias "
                         "and noise")
@@ -641,12 +639,11 @@ def cmd_restore(args):
     --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
     every case is written once, by one process; --continue skips the cases already finished.
     """
-    from .api import (PROTOCOLS, Restorer, RestoreJob, cases_with_outputs, resolve_threshold, restore_config,
-                      restore_shard, with_bias_correction, with_registration)
+    from .api import (PROTOCOLS, Restorer, RestoreJob, check_job, restore_config, restore_shard, with_bias_correction,
+                      with_registration)
     from .engines import resolve_device
     from .distributed import launch
     from .extras import require
-    from .io import find_scans
     from .limits import usable_cores
 
     args.inputs = _inputs(args)
@@ -673,12 +670,11 @@ def cmd_restore(args):
         model = with_bias_correction(model)
     if args.register:
         model = with_registration(model, warn=True)
-    threshold = resolve_threshold(model, args.threshold)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
-    if args.grid == "adaptive" and threshold is None and (model.info or {}).get("threshold") is None:
+    if args.grid == "adaptive" and args.threshold is None and (model.info or {}).get("threshold") is None:
         warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
                                   "scoring the full grid (pass --threshold T to use the adaptive grid)"))
     if alone:
@@ -690,23 +686,18 @@ def cmd_restore(args):
         verbose(f"restoring with the {restorer.backend} backend on {restorer.device} ({restorer.precision}, "
                 f"{restorer.pipeline} pipeline), schedule {'+'.join(f'{s}x{k}' for s, k in rc.phases)}, "
                 f"region {region}, seed {rc.seed}")
-        written = restorer.restore_files(args.inputs, args.output, threshold, args.batch, report=say,
+        written = restorer.restore_files(args.inputs, args.output, args.threshold, args.batch, report=say,
                                          existing=existing, figure=figure, force=args.force,
                                          max_voxels=args.max_voxels, bids=args.bids)
         print(f"restored {len(written)} scans -> {args.output}")
         return
-    if existing == "refuse" and nproc > 1:      # the whole set, before any process starts writing
-        present = cases_with_outputs(find_scans(args.inputs), args.output, threshold, figure, args.bids)
-        if present:
-            shown = ", ".join(present[:3]) + (f" and {len(present) - 3} more" if len(present) > 3 else "")
-            raise IfadError(f"{args.output} already holds outputs of {shown}; pass --continue to skip finished "
-                            "cases or --overwrite to redo them")
     threads = max(1, usable_cores() // nproc) if device.type == "cpu" and nproc > 1 else None
     job = RestoreJob(model=args.model, inputs=tuple(args.inputs), out_dir=args.output, rc=rc, backend=args.backend,
-                     device=str(device), precision=args.precision, region=region, threshold=threshold,
+                     device=str(device), precision=args.precision, region=region, threshold=args.threshold,
                      batch=args.batch, existing=existing, figure=figure, force=args.force,
                      max_voxels=args.max_voxels, resolution=args.resolution, threads=threads,
                      bias_correction=args.bias_correction, register=args.register, bids=args.bids)
+    job = check_job(model, job, whole_set=nproc > 1)     # the whole set, before any process starts writing
     results = (launch(restore_shard, nproc, job, hint="--continue skips the cases already written")
                if nproc > 1 else [restore_shard(job)])
     errors = [r["error"] for r in results if r["error"]]

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from .errors import IfadError
+from .limits import check_schedule
 
 # k-means centres of the reference implementation for HCP T2 at 160³ (docs/numerics.md).
 HCP_T2_CENTRES = (0.00834, 0.16113, 0.25638, 0.33246, 0.40170,
@@ -18,6 +20,23 @@ RestorePrior = Literal["paper", "none"]
 LatentInit = Literal["random", "mean"]
 Variant = Literal["3d", "2d"]
 ScoreGrid = Literal["full", "adaptive"]
+#: What a restoration scores: the voxels within the pooling reach of the brain, or the full grid.
+Region = Literal["brain", "full"]
+REGIONS: tuple = get_args(Region)
+#: Largest seed of a training run and of the command line's --seed (scikit-learn's k-means, which
+#: fits the centres, takes seeds up to this); a restoration's seed may reach MAX_RESTORE_SEED.
+MAX_SEED = 2 ** 32 - 1
+MAX_RESTORE_SEED = 2 ** 63 - 1
+
+#: The decoder's compute precisions, the one list every backend, option and check reads. float32;
+#: bf16: bfloat16 operands and activations, float32 accumulation; tf32: float32 storage, the
+#: matmuls on a CUDA GPU's TF32 tensor cores. Who runs which: backends.RUNS.
+Precision = Literal["float32", "bf16", "tf32"]
+PRECISIONS: tuple = get_args(Precision)
+#: Other names accepted for them (by the API; the command line takes PRECISIONS).
+PRECISION_ALIASES = {"fp32": "float32", "bfloat16": "bf16"}
+#: Those training runs in (bf16: autocast of the decoder, float32 weights); tf32 is a restoring backend's.
+TRAIN_PRECISIONS: tuple = tuple(p for p in PRECISIONS if p != "tf32")
 
 
 def _check_choice(obj, field: str, choices) -> None:
@@ -25,6 +44,30 @@ def _check_choice(obj, field: str, choices) -> None:
     value, allowed = getattr(obj, field), get_args(choices)
     if value not in allowed:
         raise IfadError(f"{type(obj).__name__}.{field} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_region(region) -> str:
+    """`region` (one of REGIONS); IfadError naming them otherwise."""
+    if region not in REGIONS:
+        raise IfadError(f"region must be {' or '.join(REGIONS)}, got {region!r}")
+    return region
+
+
+def _is_whole(value, least: int = 0, most: int | None = None) -> bool:
+    """True for an int (not a bool) in [least, most]."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= least
+            and (most is None or value <= most))
+
+
+def _is_count(value) -> bool:
+    """True for an integer of any integer type (not a bool) of at least 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_seed(seed, most: int) -> None:
+    """IfadError unless `seed` is a whole number from 0 to `most`."""
+    if not _is_whole(seed, 0, most):
+        raise IfadError(f"seed must be a whole number from 0 to {most}, got {seed!r}")
 
 
 def _is_number(value) -> bool:
@@ -152,7 +195,8 @@ LEGACY_PREPROCESS = dict(frame="cube", normalisation="upper")
 
 
 #: Training augmentations (ifad_fast/augment.py); contrast, bias and noise read the prepared intensities.
-AUGMENT_KINDS = ("contrast", "bias", "noise", "deform")
+AugmentKind = Literal["contrast", "bias", "noise", "deform"]
+AUGMENT_KINDS: tuple = get_args(AugmentKind)
 
 
 @dataclass(frozen=True)
@@ -178,7 +222,7 @@ class TrainConfig:
     seed: int = 0
     brain_fraction: float = 0.0          # share of each volume's points drawn inside the brain (paper: 0)
     # Domain randomisation of the training targets (ifad_fast/augment.py), off unless `augment` names kinds:
-    augment: tuple = ()                  # any of contrast, bias, noise, deform (() = off: the paper's training)
+    augment: tuple[AugmentKind, ...] = ()   # any of contrast, bias, noise, deform (() = off: the paper's training)
     augment_copies: int = 1              # deform: samples (latents) per volume; copy 0 undeformed, 1.. fixed warps
     augment_gamma: float = 0.2           # contrast: sd of log γ (intensity ** γ), per epoch and volume
     augment_centre_jitter: float = 0.01  # contrast: sd of each tissue centre's shift (normalised intensity)
@@ -217,6 +261,11 @@ class TrainConfig:
             raise IfadError("the deform augmentation needs augment_copies >= 2: copy 0 of each volume is the "
                             "volume itself, copies 1.. its fixed warps (a warp redrawn per epoch would blur "
                             "the decoder: one latent cannot explain many anatomies)")
+        for name in ("epochs", "volumes_per_batch", "points_per_volume", "checkpoint_every"):
+            value = getattr(self, name)
+            if not _is_whole(value, 1):
+                raise IfadError(f"train setting {name} must be a whole number of at least 1, got {value!r}")
+        _check_seed(self.seed, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -259,6 +308,13 @@ class RestoreConfig:
             raise IfadError(f"the refine margin must be a fraction in [0, 1), got {self.refine_margin!r}")
         if isinstance(self.slice_step, bool) or not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise IfadError(f"the slice step must be a whole number of at least 1, got {self.slice_step!r}")
+        phases = self.phases
+        if not (isinstance(phases, (tuple, list)) and phases and all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_count(v) for v in p) for p in phases)):
+            raise IfadError(f"RestoreConfig.phases must be (steps, points) pairs of whole numbers of at least 1; "
+                            f"got {phases!r}")
+        check_schedule(phases)          # within the limits of steps x points
+        _check_seed(self.seed, MAX_RESTORE_SEED)
 
 
 SCHEDULES = {

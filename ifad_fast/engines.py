@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from . import triton_backend
-from .backends import PRECISION_ALIASES, Backend, TorchBackend
+from .backends import Backend, TorchBackend
+from .config import PRECISION_ALIASES
 from .errors import IfadError
 from .fast import FastBackend
 from .model import Decoder

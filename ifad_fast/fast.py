@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import PRECISIONS, Backend, BoundedCache, cpu_has_native_bf16
+from .backends import OPERAND_DTYPES, Backend, BoundedCache, cpu_has_native_bf16, precisions_of
 from .errors import IfadError
 from .model import Decoder, axis_encoding
 
@@ -116,12 +116,12 @@ class FastBackend(Backend):
     """Folded, z-hoisted, γ-tabulated, weight-gradient-free decoder evaluation (any device)."""
 
     name = "cpu"
-    precisions = ("float32", "bf16", "tf32")
+    precisions = precisions_of("cpu")
     graph_safe = True
 
     def __init__(self, decoder: Decoder, device="cpu", precision: str = "float32", chunk: int | None = None):
         super().__init__(decoder, device, precision)
-        self.dtype = cd = PRECISIONS[self.precision]
+        self.dtype = cd = OPERAND_DTYPES[self.precision]
         self.chunk = None if chunk is None else int(chunk)       # None: default_chunk() at each call
         if self.chunk is not None and self.chunk < 1:
             raise IfadError(f"chunk must be a positive number of points, got {chunk}")

@@ -286,9 +286,7 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
     if pc.standardise and not pc.landmarks:
         raise _damaged(path, "it standardises intensities but holds no landmarks")
     train = meta.get("train")
-    tc = _typed_config(cfg.TrainConfig, train, path, "train", required=False) if train else None
-    if tc is not None and tc.prior not in ("paper", "reference", "none"):
-        raise _damaged(path, f"unknown latent prior {tc.prior!r} (known: paper, reference, none)")
+    tc = _typed_config(cfg.TrainConfig, train, path, "train", required=False) if train else None   # prior checked there
     info = meta.get("info", {})
     if not isinstance(info, dict):
         raise _damaged(path, "meta field 'info' is not a dict")

@@ -105,7 +105,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
                     backend="auto", device="auto", precision="float32", brain: np.ndarray | None = None,
-                    region: str = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
+                    region: cfg.Region = "brain", progress: bool = False, score_classes: np.ndarray | None = None,
                     score_brain: np.ndarray | None = None, threshold: float | None = None) -> list[Restoration]:
     """Restore one or several encoded scans at once.
 
@@ -115,14 +115,14 @@ def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = c
     voxels within the pooling reach of the brain and zeroes the map outside the brain; 'full'
     scores and keeps every voxel. score_classes / score_brain: the same scans encoded on another
     grid of the same frame (e.g. N³), where the scores, the restoration and the pooling are then
-    computed (pools scaled by `pools_at`); default: the search grid. backend, device and precision
-    are resolved by `backends.resolve_backend` (a Backend object, or names; 'auto' by default).
+    computed (pools scaled by `pools_at`); default: the search grid. backend, device, precision and
+    region are resolved as the `api.Restorer` resolves them (`engines.resolve_backend`: a Backend
+    object, or names, 'auto' by default; `config.check_region`): the same numbers as its host pipeline.
     The points are drawn from a CPU generator seeded with rc.seed (the same draws on any device);
     the work runs on the backend's device (`restore_batch`) and the results come back as NumPy.
     threshold: the maps' decision threshold, for rc.grid 'adaptive' (see `restore_batch`).
     """
-    if region not in ("brain", "full"):
-        raise IfadError(f"region must be brain or full, got {region!r}")
+    cfg.check_region(region)
     engine = resolve_backend(backend, model.decoder, device, precision)
     device = engine.device
 

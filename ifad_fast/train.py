@@ -60,8 +60,6 @@ from .progress import progress_bar
 from .sampling import PointSampler, as_tensor
 from .slices import SliceSampler
 
-PRECISIONS = ("float32", "bf16")
-
 
 def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
     """The prior term for a batch of latents z (S, D), next to the mean data loss.
@@ -120,22 +118,6 @@ def plain_logits(decoder: Decoder, z: torch.Tensor, idx: torch.Tensor, shape) ->
 
 
 STEPS = {"hoisted": hoisted_logits, "plain": plain_logits}
-
-
-MAX_SEED = 2 ** 32 - 1        # scikit-learn's k-means (centre fitting) takes seeds up to this
-
-
-def check_train_config(tc: cfg.TrainConfig) -> cfg.TrainConfig:
-    """IfadError for settings training cannot run with (counts < 1, a seed out of range, a bad prior)."""
-    for name in ("epochs", "volumes_per_batch", "points_per_volume", "checkpoint_every"):
-        value = getattr(tc, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise IfadError(f"train setting {name} must be a whole number of at least 1, got {value!r}")
-    if isinstance(tc.seed, bool) or not isinstance(tc.seed, int) or not 0 <= tc.seed <= MAX_SEED:
-        raise IfadError(f"seed must be a whole number from 0 to {MAX_SEED}, got {tc.seed!r}")
-    if tc.prior not in ("paper", "reference", "none"):
-        raise IfadError(f"unknown latent prior {tc.prior!r}; use paper, reference or none")
-    return tc
 
 
 def estimate_seconds(mc: cfg.ModelConfig, tc: cfg.TrainConfig, n_volumes: int, epochs: int,
@@ -264,8 +246,7 @@ class Trainer:
                  data: dict | None = None, intensities=None, mode_pool: int | None = None):
         from . import __version__
 
-        check_train_config(tc)
-        volumes = as_tensor(volumes)
+        volumes = as_tensor(volumes)              # tc was checked when it was built (TrainConfig)
         if volumes.ndim != 4 or volumes.shape[0] < 1:
             raise IfadError("training needs at least one encoded volume")
         brains = None if brains is None else as_tensor(brains)
@@ -274,8 +255,8 @@ class Trainer:
         if int(volumes.max()) >= mc.n_classes:
             raise IfadError(f"volumes hold class {int(volumes.max())} but the model has {mc.n_classes} classes; "
                             "use centres with as many classes as the model")
-        if precision not in PRECISIONS:
-            raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(PRECISIONS)}")
+        if precision not in cfg.TRAIN_PRECISIONS:
+            raise IfadError(f"unknown training precision {precision!r}; choose {' or '.join(cfg.TRAIN_PRECISIONS)}")
         if step not in STEPS:
             raise IfadError(f"unknown training step {step!r}; choose {' or '.join(STEPS)}")
         augmenting = bool(tc.augment)

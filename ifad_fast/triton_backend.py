@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .backends import Backend, BoundedCache
+from .backends import Backend, BoundedCache, precisions_of
 from .errors import IfadError
 from .model import Decoder, axis_encoding
 
@@ -117,7 +117,7 @@ class TritonBackend(Backend):
     """Fused Triton kernels; float32 (exact dots) or bf16 (tensor cores, fp32 accumulation)."""
 
     name = "triton"
-    precisions = ("float32", "bf16")
+    precisions = precisions_of("triton")
     graph_safe = True
 
     def __init__(self, decoder: Decoder, device="cuda", precision: str = "float32",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 
 import pytest
 
@@ -38,3 +39,76 @@ def test_named_schedules_and_presets_are_valid_and_survive_a_model_file():
         for section in (preset.model, preset.preprocess, preset.train):
             stored = json.loads(json.dumps(dataclasses.asdict(section)))
             assert cfg.from_dict(type(section), stored) == section, (name, type(section).__name__)
+
+
+def _choices(parser, command: str, option: str) -> tuple:
+    """The `choices` of `option` of the CLI's `command`."""
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_one_list_of_precisions():
+    """config.PRECISIONS is the one list: the CLI's choices, the backends' dtypes and who runs what,
+    each backend's precisions and training's are read from it (subsets in its order)."""
+    from ifad_fast import cli, train
+    from ifad_fast.backends import OPERAND_DTYPES, RUNS, TorchBackend, parse_precision
+    from ifad_fast.fast import FastBackend
+    from ifad_fast.triton_backend import TritonBackend
+
+    assert cfg.PRECISIONS == ("float32", "bf16", "tf32") == tuple(OPERAND_DTYPES) == tuple(RUNS)
+    parser = cli.build_parser()
+    assert _choices(parser, "restore", "--precision") == cfg.PRECISIONS
+    assert _choices(parser, "train", "--precision") == cfg.TRAIN_PRECISIONS == ("float32", "bf16")
+    for cls in (TorchBackend, FastBackend, TritonBackend):
+        assert cls.precisions == tuple(p for p in cfg.PRECISIONS if cls.name in RUNS[p]), cls.name
+    assert (TorchBackend.precisions, FastBackend.precisions, TritonBackend.precisions) == \
+        (("float32",), cfg.PRECISIONS, ("float32", "bf16"))
+    for alias, name in cfg.PRECISION_ALIASES.items():
+        assert name in cfg.PRECISIONS and parse_precision(alias) == name
+    assert not hasattr(train, "PRECISIONS")
+
+
+@pytest.mark.parametrize("cls, changes, message", [
+    (cfg.RestoreConfig, dict(seed=-1), f"seed must be a whole number from 0 to {2 ** 63 - 1}, got -1"),
+    (cfg.RestoreConfig, dict(seed=2 ** 63), "seed must be a whole number from 0"),
+    (cfg.RestoreConfig, dict(seed=True), "seed must be a whole number from 0"),
+    (cfg.RestoreConfig, dict(phases=((700, 1 << 23),)), "schedule: 8,388,608 points per step is more than the limit"),
+    (cfg.RestoreConfig, dict(phases=((10 ** 6, 1 << 20),)), "points in all (steps x points) is more than the limit"),
+    (cfg.RestoreConfig, dict(phases=()), "RestoreConfig.phases must be (steps, points) pairs"),
+    (cfg.RestoreConfig, dict(phases=((0, 100),)), "RestoreConfig.phases must be (steps, points) pairs"),
+    (cfg.RestoreConfig, dict(phases=((100,),)), "RestoreConfig.phases must be (steps, points) pairs"),
+    (cfg.RestoreConfig, dict(phases=((100, 2.5),)), "RestoreConfig.phases must be (steps, points) pairs"),
+    (cfg.TrainConfig, dict(epochs=0), "train setting epochs must be a whole number of at least 1, got 0"),
+    (cfg.TrainConfig, dict(volumes_per_batch=1.5), "train setting volumes_per_batch must be a whole number"),
+    (cfg.TrainConfig, dict(points_per_volume=-3), "train setting points_per_volume must be a whole number"),
+    (cfg.TrainConfig, dict(checkpoint_every=False), "train setting checkpoint_every must be a whole number"),
+    (cfg.TrainConfig, dict(seed=2 ** 32), f"seed must be a whole number from 0 to {2 ** 32 - 1}, got {2 ** 32}"),
+    (cfg.TrainConfig, dict(seed=-1), "seed must be a whole number from 0"),
+    (cfg.TrainConfig, dict(augment=("blur",)), "TrainConfig.augment must name each of contrast, bias, noise, deform"),
+])
+def test_configs_check_their_settings_when_built(cls, changes, message):
+    """Every check of a restore or training setting runs when its config is built (directly, by
+    replace() or from a stored dict), with the message the command line shows."""
+    for build in (lambda: cls(**changes), lambda: dataclasses.replace(cls(), **changes),
+                  lambda: cfg.from_dict(cls, changes)):
+        with pytest.raises(IfadError) as err:
+            build()
+        assert message in str(err.value)
+
+
+def test_configs_take_their_extremes():
+    import numpy as np
+
+    assert cfg.RestoreConfig(seed=2 ** 63 - 1, phases=[[1, 1 << 22]]).seed == 2 ** 63 - 1
+    assert cfg.RestoreConfig(phases=((np.int64(5), np.int32(64)),)).phases[0] == (5, 64)
+    assert cfg.TrainConfig(seed=cfg.MAX_SEED, epochs=1, checkpoint_every=1).seed == 2 ** 32 - 1
+    assert typing.get_args(cfg.AugmentKind) == cfg.AUGMENT_KINDS
+
+
+def test_one_list_of_regions():
+    from ifad_fast import cli
+
+    assert cfg.REGIONS == ("brain", "full") == _choices(cli.build_parser(), "restore", "--region")
+    assert [cfg.check_region(r) for r in cfg.REGIONS] == list(cfg.REGIONS)
+    with pytest.raises(IfadError, match="region must be brain or full, got 'skull'"):
+        cfg.check_region("skull")

@@ -125,3 +125,51 @@ def test_restoring_prior_follows_the_training_prior(trained, restoring):
     assert 0.29 < rms < 0.31
     assert restore_config(model, "reference").prior == "none"          # the notebook's schedule has none
     assert restore_config(model, "fast", sigma=0.2).sigma == 0.2       # an explicit sigma wins
+
+
+def test_check_job_resolves_the_threshold_once_and_refuses_a_set_with_outputs(model, tmp_path):
+    """The check of a run shared by processes (`api.check_job`, what `ifad-fast restore --nproc N`
+    calls before starting them): the threshold resolved as restore_files resolves it, and outputs of
+    any case of the whole set refused with restore_files' message."""
+    import dataclasses
+
+    import nibabel as nib
+
+    from ifad_fast.api import RestoreJob, check_job, resolve_threshold
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for i, img in enumerate(toy_scans(2, offset=10)):
+        nib.save(nib.Nifti1Image(img, AFFINE), str(src / f"c{i}.nii.gz"))
+    job = RestoreJob(model=None, inputs=(str(src),), out_dir=str(out), rc=restore_config(model, SCHEDULE),
+                     threshold="model")
+    with pytest.raises(IfadError, match="stores no threshold"):
+        check_job(model, job)
+    stored = dataclasses.replace(model, info={**(model.info or {}), "threshold": 0.25})
+    assert check_job(stored, job).threshold == resolve_threshold(stored, "model") == 0.25
+    assert check_job(model, dataclasses.replace(job, threshold=0.5)).threshold == 0.5
+    (out / "c1_anomaly.nii.gz").write_bytes(b"")
+    with pytest.raises(IfadError, match=r"already holds outputs of c1; pass --continue"):
+        check_job(model, dataclasses.replace(job, threshold=None))
+    assert check_job(model, dataclasses.replace(job, threshold=None), whole_set=False).threshold is None
+    assert check_job(model, dataclasses.replace(job, threshold=None, existing="continue")).threshold is None
+
+
+def test_restore_classes_resolves_as_the_restorer_and_gives_its_numbers(model):
+    """restore.restore_classes (encoded classes in, NumPy out) resolves backend, device, precision
+    and region as the Restorer does and gives its host pipeline's model-grid maps bit for bit."""
+    from ifad_fast.preprocess import prepare
+    from ifad_fast.restore import restore_classes
+
+    img = toy_scans(1, offset=30)[0]
+    r = Restorer(model, "auto", "cpu", schedule=SCHEDULE, seed=5, pipeline="host", grid="adaptive")
+    got = r.restore_array(img, AFFINE).model_grid
+    pc = model.preprocess
+    p = prepare(img, r.encoder, pc, pc.test_mode_pool, AFFINE)
+    ref = restore_classes(model, p.classes, r.rc, "auto", "cpu", brain=p.brain, threshold=r.decision)[0]
+    for name in ("anomaly", "score", "classes", "z"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    assert got.losses == ref.losses and got.scored_voxels == ref.scored_voxels
+    with pytest.raises(IfadError, match="region must be brain or full, got 'skull'"):
+        restore_classes(model, p.classes, r.rc, "auto", "cpu", region="skull")
