@@ -13,6 +13,7 @@ IfadError rather than guess; cube-frame models (format-1 files such as the bundl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import platform
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,17 +314,11 @@ class Restorer:
                 failed[p] = str(exc)
         return failed
 
-    def _restored_group(self, paths, run: "_FilesProgress", decision, max_voxels, force) -> list:
-        """Load and restore the scans of `paths` together -> [(Scan, RestoreResult)] of those that restored
-        to finite maps; each one that could not be read or restored is recorded in `run` with why."""
-        scans = []
-        for p in paths:
-            try:
-                scans.append(load_scan(p, max_voxels=max_voxels, force=force))
-            except IfadError as exc:
-                run.fail(p, str(exc))
+    def _restore_group(self, scans: list[Scan], decision) -> tuple[list, list]:
+        """Restore loaded scans together -> ([(Scan, NativeResult)] of those restored to finite maps,
+        [(path, why)] of the others)."""
         if not scans:
-            return []
+            return [], []
         try:
             results = self._restore_scans(scans, decision)
         except (IfadError, MemoryError, RuntimeError) as exc:
@@ -330,22 +326,60 @@ class Restorer:
                 raise
             why = str(exc) if isinstance(exc, IfadError) else \
                 "ran out of memory restoring it; use --batch 1 or a machine with more memory"
-            for scan in scans:
-                run.fail(scan.path, f"{scan.path}: {why}")
-            return []
-        finite = []
+            return [], [(scan.path, f"{scan.path}: {why}") for scan in scans]
+        finite, failed = [], []
         for scan, res in zip(scans, results):
             if np.isfinite(res.anomaly).all() and np.isfinite(res.model_grid.losses).all():
                 finite.append((scan, res))
             else:
-                run.fail(scan.path, f"{scan.path}: the restoration gave NaN or Inf scores (the model or this scan is "
-                                    "unusable); nothing was written for it")
-        return finite
+                failed.append((scan.path, f"{scan.path}: the restoration gave NaN or Inf scores (the model or this "
+                                          "scan is unusable); nothing was written for it"))
+        return finite, failed
+
+    def _groups_in_turn(self, groups, run: "_FilesProgress", load, write: "_CaseWriter", decision) -> None:
+        """Load, restore and write each group of paths, one after the other; `run.written` logs each case."""
+        for paths in groups:
+            restored, failed = self._restore_group(_note_loaded(load(paths), run), decision)
+            run.fail_all(failed)
+            for scan, res in restored:
+                run.written(scan, res, write(scan, res))
+
+    def _groups_overlapped(self, groups, run: "_FilesProgress", load, write: "_CaseWriter", decision) -> None:
+        """`_groups_in_turn`, but while a group restores, the next one loads and the previous one's
+        outputs are written, each in a background thread (one group ahead and one behind at most).
+        The lines, warnings and errors are those of `_groups_in_turn` in the same order: a group's
+        written cases are logged once the next group has restored."""
+        reader = ThreadPoolExecutor(1, thread_name_prefix="ifad-load")
+        writer = ThreadPoolExecutor(1, thread_name_prefix="ifad-write")
+        behind = None                                   # the previous group: (restored, its writes' future)
+        try:
+            ahead = reader.submit(load, groups[0])
+            for i in range(len(groups)):
+                loaded = ahead.result()
+                if i + 1 < len(groups):
+                    ahead = reader.submit(load, groups[i + 1])
+                scans = [one.scan for one in loaded if one.scan is not None]
+                stop = any(one.error is not None for one in loaded)
+                try:
+                    restored, failed = ([], []) if stop else self._restore_group(scans, decision)
+                finally:
+                    done, behind = behind, None
+                    _logged(done, run)
+                    _note_loaded(loaded, run)           # raises what stopped the loading
+                run.fail_all(failed)
+                behind = restored, writer.submit(write.group, restored)
+        finally:
+            reader.shutdown(wait=False, cancel_futures=True)
+            try:
+                _logged(behind, run)
+            finally:
+                writer.shutdown()
+                reader.shutdown()
 
     def restore_files(self, inputs, out_dir, threshold=None, batch: int = 1, report=print,
                       existing: str = "refuse", figure: bool | str = False, force: bool = False,
                       max_voxels: int | None = None, shard: tuple[int, int] | None = None,
-                      bids: bool = False) -> list[dict]:
+                      bids: bool = False, overlap_io: bool = True) -> list[dict]:
         """Restore scans (files or folders); per case write, as one set, <case>_anomaly.nii.gz,
         <case>_restoration.nii.gz, with a threshold <case>_pred-mask.nii.gz, with `figure`
         <case>_figure.png (True, "neurological" or "radiological": see `figures`), and
@@ -362,6 +396,9 @@ class Restorer:
 
         shard: (rank, world) -- restore only cases rank, rank + world, ... of the sorted scan list
         (one of `world` processes sharing the work; each case is written by exactly one of them).
+        overlap_io: while a group of `batch` scans restores, load the next group and write the
+        previous one's outputs in background threads (same outputs, lines and errors; each group's
+        lines come once the next group has restored); False: one step after the other.
         """
         _check_files_options(existing, batch)
         _check_figure(figure)
@@ -385,26 +422,19 @@ class Restorer:
         for folder in {out_dir, *(files["summary"].parent for files in plan.values())}:
             clean_stale_temporaries(folder)                 # --bids writes into the cases' own folders
 
-        run = _FilesProgress(len(todo), report)
+        run = _FilesProgress(len(todo), report, out_dir)
         for p in todo:
             if p in unrestorable:
                 run.fail(p, unrestorable[p])
-        runnable = [p for p in todo if p not in run.failed]
-        summaries = []
-        for start in range(0, len(runnable), batch):
-            for scan, res in self._restored_group(runnable[start:start + batch], run, decision, max_voxels, force):
-                summaries.append(write_outputs(scan, res, out_dir, threshold, self.engine, rc, region,
-                                               provenance=provenance, figure=figure,
-                                               model_threshold=(model.info or {}).get("threshold"), bids=bids))
-                if run.restored == 0 and (shard is None or shard[0] == 0):
-                    save_json(out_dir / RUN_ARGS, run_args)
-                    if bids:
-                        write_bids_description(out_dir)
-                run.restored += 1
-                left = sum(1 for q in runnable if q not in run.failed) - run.restored
-                run.log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
-                                   f"max anomaly {res.anomaly.max():.3f} -> {out_dir}"
-                                   f"{_eta(time.perf_counter() - run.t_start, run.restored, left)}")
+        run.runnable = [p for p in todo if p not in run.failed]
+        write = _CaseWriter(out_dir, run_args if shard is None or shard[0] == 0 else None, threshold=threshold,
+                            engine=self.engine, rc=rc, region=region, provenance=provenance, figure=figure,
+                            model_threshold=(model.info or {}).get("threshold"), bids=bids)
+        groups = [run.runnable[s:s + batch] for s in range(0, len(run.runnable), batch)]
+        load = functools.partial(_load_group, max_voxels=max_voxels, force=force)
+        restore_groups = self._groups_overlapped if overlap_io and len(groups) > 1 else self._groups_in_turn
+        restore_groups(groups, run, load, write, decision)
+        summaries = run.summaries
         if run.failed:
             if len(todo) == 1:
                 raise IfadError(next(iter(run.failed.values())))
@@ -414,11 +444,14 @@ class Restorer:
 
 
 class _FilesProgress:
-    """The cases of one restore_files run that failed (path -> why) and a numbered line per finished one."""
+    """The cases of one restore_files run that failed (path -> why), the summaries of those written,
+    and a numbered line per finished one."""
 
-    def __init__(self, total: int, report):
-        self.total, self.report, self.done, self.restored = total, report, 0, 0
+    def __init__(self, total: int, report, out_dir: Path):
+        self.total, self.report, self.out_dir, self.done, self.restored = total, report, out_dir, 0, 0
         self.failed: dict = {}
+        self.summaries: list[dict] = []
+        self.runnable: list = []
         self.t_start = time.perf_counter()
 
     def log(self, name: str, text: str) -> None:
@@ -429,6 +462,104 @@ class _FilesProgress:
         self.failed[path] = why
         if self.total > 1:                           # one scan: the final error line says it
             self.log(case_name(path), f"failed: {why}")
+
+    def fail_all(self, failed) -> None:
+        for path, why in failed:
+            self.fail(path, why)
+
+    def written(self, scan: Scan, res: NativeResult, summary: dict) -> None:
+        self.summaries.append(summary)
+        self.restored += 1
+        left = sum(1 for q in self.runnable if q not in self.failed) - self.restored
+        self.log(scan.name, f"{res.seconds:.1f} s, final loss {res.model_grid.losses[-1]:.4f}, "
+                            f"max anomaly {res.anomaly.max():.3f} -> {self.out_dir}"
+                            f"{_eta(time.perf_counter() - self.t_start, self.restored, left)}")
+
+
+class _CaseWriter:
+    """Writes a case's outputs (`write_outputs` with `options`), and after the first one the run's
+    arguments (RUN_ARGS, and with BIDS names dataset_description.json) when `run_args` is given."""
+
+    def __init__(self, out_dir: Path, run_args: dict | None, **options):
+        self.out_dir, self.run_args, self.options = out_dir, run_args, options
+
+    def __call__(self, scan: Scan, res: NativeResult) -> dict:
+        summary = write_outputs(scan, res, self.out_dir, **self.options)
+        if self.run_args is not None:
+            save_json(self.out_dir / RUN_ARGS, self.run_args)
+            if self.options["bids"]:
+                write_bids_description(self.out_dir)
+            self.run_args = None
+        return summary
+
+    def group(self, restored: list) -> tuple[list[dict], BaseException | None]:
+        """Write each (Scan, NativeResult) in turn -> (their summaries, the exception that stopped
+        the writing or None)."""
+        summaries = []
+        for scan, res in restored:
+            try:
+                summaries.append(self(scan, res))
+            except BaseException as exc:
+                return summaries, exc
+        return summaries, None
+
+
+def _logged(behind, run: _FilesProgress) -> None:
+    """Wait for a group's writes (behind: (restored, future of `_CaseWriter.group`) or None), log
+    each written case, then raise what stopped the writing, as writing in turn would have."""
+    if behind is None:
+        return
+    restored, future = behind
+    summaries, error = future.result()
+    for (scan, res), summary in zip(restored, summaries):
+        run.written(scan, res, summary)
+    if error is not None:
+        raise error
+
+
+@dataclass
+class _Loaded:
+    """One scan of a group as `_load_group` left it: loaded, or why not (an IfadError's message), or
+    the unexpected exception that stopped the group's loading; with the warnings its loading held."""
+
+    path: Path
+    scan: Scan | None = None
+    why: str | None = None
+    error: Exception | None = None
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def _load_group(paths, max_voxels, force) -> list[_Loaded]:
+    """Load the scans of `paths` in turn (in any thread: nothing is reported or warned here), up to
+    the first unexpected exception."""
+    loaded = []
+    for p in paths:
+        one = _Loaded(p)
+        loaded.append(one)
+        try:
+            one.scan = load_scan(p, max_voxels=max_voxels, force=force, notes=one.notes)
+        except IfadError as exc:
+            one.why = str(exc)
+        except Exception as exc:
+            one.error = exc
+            break
+    return loaded
+
+
+def _note_loaded(loaded: list[_Loaded], run: _FilesProgress) -> list[Scan]:
+    """Issue each scan's held warnings and record its failure, in order -> the loaded scans; raises
+    the exception that stopped the loading."""
+    scans = []
+    for one in loaded:
+        for note in one.notes:
+            warnings.warn(note, stacklevel=2)
+        if one.error is not None:
+            raise one.error
+        if one.scan is None:
+            run.fail(one.path, one.why)
+        else:
+            scans.append(one.scan)
+    return scans
 
 
 def restore_arrays(model: Model, volumes, affines=None, rc: cfg.RestoreConfig | None = None,
@@ -623,13 +754,13 @@ def restore_files(model: Model, inputs, out_dir, rc: cfg.RestoreConfig | None = 
                   device="auto", precision="float32", region="brain", threshold=None, batch: int = 1,
                   progress=True, report=print, existing: str = "refuse", figure: bool = False,
                   force: bool = False, max_voxels: int | None = None, resolution: int | None = None,
-                  shard: tuple[int, int] | None = None, bids: bool = False) -> list[dict]:
+                  shard: tuple[int, int] | None = None, bids: bool = False, overlap_io: bool = True) -> list[dict]:
     """`Restorer(model, ...).restore_files(inputs, out_dir, ...)` in one call; rc: the
     RestoreConfig (default: the fast schedule). See `Restorer.restore_files`."""
     _check_files_options(existing, batch)
     restorer = Restorer(model, backend, device, precision, rc or "fast", region, resolution, progress=progress)
     return restorer.restore_files(inputs, out_dir, threshold, batch, report, existing, figure, force, max_voxels,
-                                  shard, bids)
+                                  shard, bids, overlap_io)
 
 
 def _version() -> str:

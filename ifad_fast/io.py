@@ -435,11 +435,12 @@ def bright_shell(data: np.ndarray, voxel_mm) -> str | None:
     return None
 
 
-def check_scan(data, affine=None, label: str = "volume", force: bool = False, voxel_ml: float | None = None):
+def check_scan(data, affine=None, label: str = "volume", force: bool = False, voxel_ml: float | None = None,
+               notes: list | None = None):
     """The input check of every scan, read by the CLI or passed to the API: `check_volume` (a 4D
     array with one volume taken as 3D) and `background_problem` (refused, or with `force` an
-    IfadWarning). affine: voxel -> world in mm (voxel sizes, and volume unless `voxel_ml` is given).
-    Returns the 3D array."""
+    IfadWarning, appended to `notes` instead of issued when a list is given). affine: voxel -> world
+    in mm (voxel sizes, and volume unless `voxel_ml` is given). Returns the 3D array."""
     a = np.asarray(data)
     if a.ndim == 4 and a.shape[3] == 1:                  # NIfTI's 4D with one volume
         a = a[..., 0]
@@ -453,8 +454,11 @@ def check_scan(data, affine=None, label: str = "volume", force: bool = False, vo
         if not force:
             raise IfadError(f"{message}; the model needs the brain alone with background exactly 0: skull-strip "
                             "it first (e.g. SynthStrip, HD-BET or FSL bet), or pass --force to go on anyway")
-        warnings.warn(IfadWarning(f"{message}; going on because of --force, but its anomaly map is likely "
-                                  "meaningless"), stacklevel=3)
+        warning = IfadWarning(f"{message}; going on because of --force, but its anomaly map is likely meaningless")
+        if notes is None:
+            warnings.warn(warning, stacklevel=3)
+        else:
+            notes.append(warning)
     return a
 
 
@@ -466,15 +470,17 @@ def _voxel_ml(img) -> float | None:
     return abs(float(np.linalg.det(np.asarray(img.affine)[:3, :3]))) * scale ** 3 / 1000.0
 
 
-def load_scan(path: str | os.PathLike, max_voxels: int | None = None, force: bool = False) -> Scan:
+def load_scan(path: str | os.PathLike, max_voxels: int | None = None, force: bool = False,
+              notes: list | None = None) -> Scan:
     """Read a 3D NIfTI (or 4D with one volume) as float32, checking it is usable.
 
     A scan that does not look skull-stripped (see `background_problem`) is refused, or with
-    `force` read with an IfadWarning.
+    `force` read with an IfadWarning (appended to `notes` when a list is given: a loading thread's
+    warnings, issued later by the thread that reports).
     """
     path = Path(path)
     img, shape = open_nifti(path, max_voxels)
-    data = check_scan(_read_voxels(img, path, shape), img.affine, str(path), force, _voxel_ml(img))
+    data = check_scan(_read_voxels(img, path, shape), img.affine, str(path), force, _voxel_ml(img), notes)
     header = img.header.copy()
     return Scan(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=header, path=path)
 
