@@ -679,16 +679,6 @@ def prepare(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool
     return Prepared(volume, classes, placement, percentiles)
 
 
-def brain_region(brain: np.ndarray, reach: int) -> np.ndarray:
-    """Voxels within Chebyshev distance `reach` of a brain mask (bool (R, R, R)): bool (R, R, R)."""
-    from scipy.ndimage import maximum_filter
-
-    brain = np.asarray(brain, dtype=bool)
-    if reach <= 0:
-        return brain
-    return maximum_filter(brain, size=2 * reach + 1, mode="constant", cval=False)
-
-
 def model_affine(grid: GridMap, affine: np.ndarray) -> np.ndarray:
     """The cube frame's world affine of the model grid: model voxel -> cube voxel -> native voxel -> world."""
     s = (grid.cube - 1) / max(grid.resolution - 1, 1)
