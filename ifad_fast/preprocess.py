@@ -34,10 +34,18 @@ the interior's p2. After min-max the darkest brain voxels are 0 like the
 background, so the brain is never read back from intensities: it is the scan's non-zero support,
 carried through resampling explicitly (`Placement.brain`: the resampled support, > 0).
 
-Two paths, one set of functions: a NumPy array runs on the host (NumPy percentiles, the Numba
-kernels of kernels/numba_ops.py), a torch tensor stays on its device (the percentiles by
-`percentiles_torch`, the kernels of kernels/torch_ops.py, the frame's resampling in torch); on
-torch's CPU device both give the same numbers bit for bit (tests/test_device_pipeline.py).
+One pipeline, two sets of kernels. Every function here is one implementation, written on arrays
+with the operators and methods NumPy arrays and torch tensors share; what differs by device is
+the kernel table `_kernels` picks: `_HostKernels` (NumPy, the Numba kernels of
+kernels/numba_ops.py) for a NumPy array or a tensor on torch's CPU device (computed on its
+zero-copy NumPy view), `_TorchKernels` (torch, `percentiles_torch`, kernels/torch_ops.py) for a
+tensor on any other device, where it stays. The frame's resampling is torch on both (`resample`;
+zero-copy from and back to NumPy on the host). Each public function returns the kind it was
+given: arrays for arrays, tensors on the input's device for tensors. Torch's own CPU operations
+are not used for CPU tensors because on volumes they are many times slower than NumPy's (masked
+gathers, reductions, percentiles by a full sort); `CPU_TENSOR_KERNELS = "torch"` forces the
+device kernels onto CPU tensors, where they give the host's numbers bit for bit
+(tests/test_device_pipeline.py): that is how CI checks the device code without a GPU.
 """
 from __future__ import annotations
 
@@ -55,103 +63,27 @@ from .errors import IfadError
 from .kernels.numba_ops import assign_nearest, mode_pool3d
 from .kernels.torch_ops import assign_nearest_torch, mode_pool3d_torch
 
+# ---------------------------------------------------------------------- arrays and their kernels
 
-def normalise(data: np.ndarray, percentiles=(2.0, 98.0), method: str = "minmax",
-              brain: np.ndarray | None = None, region: str = "brain",
-              landmarks=()) -> tuple[np.ndarray, tuple[float, float]]:
-    """Clip the brain's voxels to their percentiles and scale them; everything else is 0.
-
-    data: (X, Y, Z); brain: bool of the same shape (default data != 0). region: where the
-    percentiles are taken, 'brain' (every brain voxel, the paper's) or 'interior' (the brain less
-    its partial-volume rim, `_percentile_set`, so a resampled scan's rim cannot drag them). method 'minmax':
-    (x - lo) / (hi - lo) into [0, 1]. 'upper' (format-version-1 models): positive scans divided
-    by the upper percentile, into (0, 1]; scans with negative values min-max scaled into
-    [0.05, 1]. landmarks: a standard scale (config.LANDMARK_PERCENTILES); when given, the min-max
-    values are mapped piecewise-linearly so that the scan's own landmarks land on it
-    (`standardise`). Returns float32 (X, Y, Z) and (lo, hi).
-    """
-    if isinstance(data, torch.Tensor):
-        return normalise_torch(data, percentiles, method, brain, region, landmarks)
-    brain = data != 0 if brain is None else brain
-    values = data[brain].astype(np.float64)
-    _check_brain_values(values.size)
-    reference = _percentile_set(data, brain, values, percentiles, region)
-    lo, hi = np.percentile(reference, percentiles)
-    _check_range(lo, hi)
-    out = np.zeros(data.shape, np.float32)
-    scaled = _scale(np.clip(values, lo, hi), lo, hi, method)
-    if len(landmarks):
-        own = np.percentile(_scale(np.clip(reference, lo, hi), lo, hi, method), cfg.LANDMARK_PERCENTILES)
-        scaled = standardise(scaled, own.tolist(), landmarks)
-    out[brain] = scaled
-    return out, (float(lo), float(hi))
+#: How a tensor on torch's CPU device is computed: "numpy" (on its zero-copy NumPy view, by the host
+#: kernels; the fast way) or "torch" (by the device kernels, run on the CPU: how the tests check
+#: them against the host without a GPU).
+CPU_TENSOR_KERNELS = "numpy"
 
 
-def normalise_torch(data: torch.Tensor, percentiles=(2.0, 98.0), method: str = "minmax",
-                    brain: torch.Tensor | None = None, region: str = "brain",
-                    landmarks=()) -> tuple[torch.Tensor, tuple[float, float]]:
-    """`normalise` on a tensor, on its device: float32 (X, Y, Z) on data's device and (lo, hi);
-    the same numbers as the NumPy version bit for bit (float64 values, `percentiles_torch`)."""
-    brain = data != 0 if brain is None else brain
-    values = data[brain].to(torch.float64)
-    _check_brain_values(values.numel())
-    reference = _percentile_set(data, brain, values, percentiles, region)
-    lo, hi = percentiles_torch(reference, percentiles).tolist()
-    _check_range(lo, hi)
-    out = torch.zeros(data.shape, dtype=torch.float32, device=data.device)
-    scaled = _scale(values.clamp(lo, hi), lo, hi, method)
-    if len(landmarks):
-        own = percentiles_torch(_scale(reference.clamp(lo, hi), lo, hi, method), cfg.LANDMARK_PERCENTILES)
-        scaled = standardise(scaled, own.tolist(), landmarks)
-    out[brain] = scaled.to(torch.float32)
-    return out, (lo, hi)
+def _array(x):
+    """What preprocessing computes on: a tensor on another device than the CPU (or any tensor, with
+    CPU_TENSOR_KERNELS = "torch") as it is, a CPU tensor as its zero-copy NumPy view, anything else
+    as a NumPy array."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().numpy() if x.device.type == "cpu" and CPU_TENSOR_KERNELS == "numpy" else x
+    return np.asarray(x)
 
 
-def standardise(values, own, standard):
-    """Nyúl-Udupa histogram standardisation of min-max values (float64 array or tensor in [0, 1]):
-    the piecewise-linear map through (0, 0), (own[i], standard[i]) and (1, 1). own: the scan's
-    landmarks, standard: the model's (Python floats, increasing). A landmark that does not rise
-    above the previous knot (many clipped voxels share a value) is dropped. NumPy and torch run
-    the same float64 operations, so they agree bit for bit."""
-    xs, ys = [0.0], [0.0]
-    for x, y in zip([*own, 1.0], [*standard, 1.0]):
-        if x > xs[-1] and y > ys[-1]:
-            xs.append(float(x))
-            ys.append(float(y))
-    if xs[-1] < 1.0:
-        xs[-1], ys[-1] = 1.0, 1.0
-    tensor = isinstance(values, torch.Tensor)
-    knots = torch.tensor(xs, dtype=torch.float64, device=values.device) if tensor else np.asarray(xs)
-    levels = torch.tensor(ys, dtype=torch.float64, device=values.device) if tensor else np.asarray(ys)
-    seg = (torch.searchsorted(knots, values, right=True) if tensor
-           else np.searchsorted(knots, values, side="right")) - 1
-    seg = seg.clamp(0, len(xs) - 2) if tensor else np.clip(seg, 0, len(xs) - 2)
-    x0, x1, y0, y1 = knots[seg], knots[seg + 1], levels[seg], levels[seg + 1]
-    return y0 + (values - x0) / (x1 - x0) * (y1 - y0)
-
-
-def scan_landmarks(data, pc: cfg.PreprocessConfig, brain=None) -> np.ndarray:
-    """A native scan's own landmarks: its min-max values (pc's percentiles and region) at
-    config.LANDMARK_PERCENTILES, float64 (9,). The mean over training scans is the standard scale."""
-    data = np.asarray(data, dtype=np.float32)
-    brain = data != 0 if brain is None else brain
-    if pc.bias_correction:
-        data = correct_bias(data, brain)
-    values = data[brain].astype(np.float64)
-    _check_brain_values(values.size)
-    reference = _percentile_set(data, brain, values, pc.clip_percentiles, pc.percentile_region)
-    lo, hi = np.percentile(reference, pc.clip_percentiles)
-    _check_range(lo, hi)
-    return np.percentile(_scale(np.clip(reference, lo, hi), lo, hi, "minmax"), cfg.LANDMARK_PERCENTILES)
-
-
-def fit_landmarks(own: list) -> tuple:
-    """The standard scale: the mean of the training scans' own landmarks (`scan_landmarks`), made
-    strictly increasing inside (0, 1)."""
-    mean = np.clip(np.mean(np.asarray(own, dtype=np.float64), axis=0), 1e-4, 1 - 1e-4)
-    for i in range(1, len(mean)):
-        mean[i] = max(mean[i], mean[i - 1] + 1e-4)
-    return tuple(float(v) for v in mean)
+def _like(result, given):
+    """`result` (from `_array`'s kinds) in the kind of what the caller gave: a tensor for a tensor
+    (zero-copy from a NumPy result), an array for anything else."""
+    return torch.as_tensor(result) if isinstance(given, torch.Tensor) else result
 
 
 def percentiles_torch(values: torch.Tensor, q) -> torch.Tensor:
@@ -176,6 +108,233 @@ def percentiles_torch(values: torch.Tensor, q) -> torch.Tensor:
     return torch.stack(out)
 
 
+class _HostKernels:
+    """The host's kernels, on NumPy arrays: NumPy, and the Numba kernels of kernels/numba_ops.py.
+    `like` (an array of this kind) says where a new array lives; the host has one place."""
+
+    @staticmethod
+    def astype(x, dtype):
+        """x as `dtype` (a name such as "float32", or an array's dtype); x itself when it is one."""
+        return x.astype(dtype, copy=False)
+
+    @staticmethod
+    def zeros(shape, dtype: str, like):
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def constant(values, like):
+        """Numbers (a sequence) as a float64 1-D array."""
+        return np.asarray(values, dtype=np.float64)
+
+    @staticmethod
+    def concat(arrays):
+        return np.concatenate(arrays)
+
+    @staticmethod
+    def searchsorted(knots, values):
+        """int64 indices: where values go among sorted knots, after equal ones."""
+        return np.searchsorted(knots, values, side="right")
+
+    @staticmethod
+    def percentiles(values, q):
+        """NumPy's linear percentiles, float64 (len(q),), of float64 values (a selection, no sort)."""
+        return np.percentile(values, q)
+
+    @staticmethod
+    def take(table, index):
+        """table[index] for integer ids of any integer dtype."""
+        return table[index]
+
+    @staticmethod
+    def nearest_centre(volume, centres):
+        """uint8 ids of the nearest centre (Numba; float32 voxels against float64 centres)."""
+        return assign_nearest(np.ascontiguousarray(volume, dtype=np.float32), centres)
+
+    @staticmethod
+    def mode_pool(classes, window: int, n_classes: int):
+        return mode_pool3d(classes, window, n_classes)
+
+    @staticmethod
+    def to_torch(x) -> torch.Tensor:
+        """x as a float32 CPU tensor for `resample` (zero-copy when it is a contiguous float32 array)."""
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    @staticmethod
+    def from_torch(t: torch.Tensor, like):
+        return t.numpy()
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return x
+
+    @staticmethod
+    def from_host(a: np.ndarray, like):
+        return a
+
+
+class _TorchKernels:
+    """The device's kernels, on torch tensors, each on its tensor's device: torch, `percentiles_torch`
+    and kernels/torch_ops.py. Each gives `_HostKernels`' numbers bit for bit."""
+
+    @staticmethod
+    def astype(x, dtype):
+        return x.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+
+    @staticmethod
+    def zeros(shape, dtype: str, like):
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=like.device)
+
+    @staticmethod
+    def constant(values, like):
+        return torch.as_tensor(values, dtype=torch.float64, device=like.device)
+
+    @staticmethod
+    def concat(arrays):
+        return torch.cat(arrays)
+
+    @staticmethod
+    def searchsorted(knots, values):
+        return torch.searchsorted(knots, values, right=True)
+
+    @staticmethod
+    def percentiles(values, q):
+        return percentiles_torch(values, q)
+
+    @staticmethod
+    def take(table, index):
+        return table[index.long()]
+
+    @staticmethod
+    def nearest_centre(volume, centres):
+        return assign_nearest_torch(volume, centres)
+
+    @staticmethod
+    def mode_pool(classes, window: int, n_classes: int):
+        return mode_pool3d_torch(classes, window, n_classes)
+
+    @staticmethod
+    def to_torch(x) -> torch.Tensor:
+        return x.to(torch.float32)
+
+    @staticmethod
+    def from_torch(t: torch.Tensor, like):
+        return t
+
+    @staticmethod
+    def to_host(x) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    @staticmethod
+    def from_host(a: np.ndarray, like):
+        return torch.from_numpy(a).to(like.device)
+
+
+def _kernels(x):
+    """The kernel table of an array from `_array`: `_TorchKernels` for a tensor, else `_HostKernels`."""
+    return _TorchKernels if isinstance(x, torch.Tensor) else _HostKernels
+
+
+# ---------------------------------------------------------------------------- intensities
+
+def normalise(data, percentiles=(2.0, 98.0), method: str = "minmax", brain=None, region: str = "brain",
+              landmarks=()) -> tuple:
+    """Clip the brain's voxels to their percentiles and scale them; everything else is 0.
+
+    data: (X, Y, Z), an array or a tensor (then computed on its device); brain: bool of the same
+    shape and kind (default data != 0). region: where the percentiles are taken, 'brain' (every
+    brain voxel, the paper's) or 'interior' (the brain less its partial-volume rim,
+    `_percentile_set`, so a resampled scan's rim cannot drag them). method 'minmax':
+    (x - lo) / (hi - lo) into [0, 1]. 'upper' (format-version-1 models): positive scans divided
+    by the upper percentile, into (0, 1]; scans with negative values min-max scaled into
+    [0.05, 1]. landmarks: a standard scale (config.LANDMARK_PERCENTILES); when given, the min-max
+    values are mapped piecewise-linearly so that the scan's own landmarks land on it
+    (`standardise`). Returns float32 (X, Y, Z) of data's kind and (lo, hi) as Python floats.
+    """
+    scan = _array(data)
+    mask = scan != 0 if brain is None else _array(brain)
+    kernels = _kernels(scan)
+    values, reference, lo, hi = _clip_range(scan, mask, percentiles, region)
+    scaled = _scale(values.clip(lo, hi), lo, hi, method)
+    if len(landmarks):
+        own = kernels.percentiles(_scale(reference.clip(lo, hi), lo, hi, method), cfg.LANDMARK_PERCENTILES)
+        scaled = standardise(scaled, own.tolist(), landmarks)
+    out = kernels.zeros(scan.shape, "float32", scan)
+    out[mask] = kernels.astype(scaled, "float32")
+    return _like(out, data), (lo, hi)
+
+
+def standardise(values, own, standard):
+    """Nyúl-Udupa histogram standardisation of min-max values (float64 array or tensor in [0, 1]):
+    the piecewise-linear map through (0, 0), (own[i], standard[i]) and (1, 1). own: the scan's
+    landmarks, standard: the model's (Python floats, increasing). A landmark that does not rise
+    above the previous knot (many clipped voxels share a value) is dropped. Returns float64 of
+    values' kind; arrays and tensors run the same float64 operations, so they agree bit for bit."""
+    xs, ys = [0.0], [0.0]
+    for x, y in zip([*own, 1.0], [*standard, 1.0]):
+        if x > xs[-1] and y > ys[-1]:
+            xs.append(float(x))
+            ys.append(float(y))
+    if xs[-1] < 1.0:
+        xs[-1], ys[-1] = 1.0, 1.0
+    v = _array(values)
+    kernels = _kernels(v)
+    knots, levels = kernels.constant(xs, v), kernels.constant(ys, v)
+    seg = (kernels.searchsorted(knots, v) - 1).clip(0, len(xs) - 2)
+    x0, x1, y0, y1 = knots[seg], knots[seg + 1], levels[seg], levels[seg + 1]
+    return _like(y0 + (v - x0) / (x1 - x0) * (y1 - y0), values)
+
+
+def scan_landmarks(data, pc: cfg.PreprocessConfig, brain=None) -> np.ndarray:
+    """A native scan's own landmarks: its min-max values (pc's percentiles and region) at
+    config.LANDMARK_PERCENTILES, float64 (9,). The mean over training scans is the standard scale."""
+    scan = _array(as_scan(data)[0])
+    mask = scan != 0 if brain is None else _array(brain)
+    if pc.bias_correction:
+        scan = correct_bias(scan, mask)
+    _, reference, lo, hi = _clip_range(scan, mask, pc.clip_percentiles, pc.percentile_region)
+    own = _kernels(scan).percentiles(_scale(reference.clip(lo, hi), lo, hi, "minmax"), cfg.LANDMARK_PERCENTILES)
+    return np.asarray(own.tolist(), dtype=np.float64)
+
+
+def fit_landmarks(own: list) -> tuple:
+    """The standard scale: the mean of the training scans' own landmarks (`scan_landmarks`), made
+    strictly increasing inside (0, 1)."""
+    mean = np.clip(np.mean(np.asarray(own, dtype=np.float64), axis=0), 1e-4, 1 - 1e-4)
+    for i in range(1, len(mean)):
+        mean[i] = max(mean[i], mean[i - 1] + 1e-4)
+    return tuple(float(v) for v in mean)
+
+
+def _clip_range(data, brain, percentiles, region: str) -> tuple:
+    """The start of `normalise` and `scan_landmarks` on arrays from `_array`: (the brain's values
+    float64 (N,), the values the percentiles are taken of (`_percentile_set`), lo, hi)."""
+    kernels = _kernels(data)
+    values = kernels.astype(data[brain], "float64")
+    _check_brain_values(values.shape[0])
+    reference = _percentile_set(data, brain, values, percentiles, region)
+    lo, hi = kernels.percentiles(reference, percentiles).tolist()
+    _check_range(lo, hi)
+    return values, reference, lo, hi
+
+
+def _percentile_set(data, brain, values, percentiles, region: str):
+    """The brain values (float64 (M,), of data's kind) that the percentiles are taken of.
+
+    'brain': every one (`values`). 'interior': the brain less its partial-volume rim, i.e. less the
+    voxels of its outer layer (brain, not `interior`) that are darker than the interior's lower
+    percentile. A resampled scan's rim, tissue blended with the zero background, goes; a sharp
+    edge's real tissue stays, so a scan with a hard edge keeps nearly the paper's percentiles.
+    """
+    if region == "brain":
+        return values
+    kernels = _kernels(data)
+    inner = interior(brain)
+    inside = kernels.astype(data[inner], "float64")
+    lo = kernels.percentiles(inside, percentiles[:1]).tolist()[0]
+    edge = kernels.astype(data[brain & ~inner], "float64")
+    return kernels.concat([inside, edge[edge >= lo]])
+
+
 # Below this share of the brain (or this many voxels) the interior is too thin to stand for it.
 INTERIOR_MIN_SHARE, INTERIOR_MIN_VOXELS = 0.25, 1000
 
@@ -185,18 +344,27 @@ def interior(brain):
     brain, outside the array counting as background. Falls back to the whole brain when that
     leaves under INTERIOR_MIN_SHARE of it or INTERIOR_MIN_VOXELS voxels (a thin or tiny brain).
 
-    brain: bool (X, Y, Z), NumPy or a tensor (stays on its device); returns the same kind. The two
-    are the same mask: a binary erosion by a 3×3×3 cube, exact in either.
+    brain: bool (X, Y, Z), an array or a tensor (stays on its device); returns the same kind.
     """
-    if isinstance(brain, torch.Tensor):
-        outside = 1.0 - F.pad(brain.to(torch.float16 if brain.is_cuda else torch.float32), (1,) * 6)
-        inner = F.max_pool3d(outside[None, None], 3, stride=1)[0, 0] == 0
-        kept, total = int(inner.sum()), int(brain.sum())
-    else:
-        from scipy.ndimage import binary_erosion
-        inner = binary_erosion(brain, np.ones((3, 3, 3), bool), border_value=0)
-        kept, total = int(inner.sum()), int(brain.sum())
-    return inner if kept >= max(INTERIOR_MIN_VOXELS, INTERIOR_MIN_SHARE * total) else brain
+    mask = _array(brain)
+    inner = _erode(mask)
+    kept, total = int(inner.sum()), int(mask.sum())
+    return _like(inner if kept >= max(INTERIOR_MIN_VOXELS, INTERIOR_MIN_SHARE * total) else mask, brain)
+
+
+def _erode(mask):
+    """A bool (X, Y, Z) array (from `_array`) eroded by a 3×3×3 cube, outside the array counting as
+    background: three 1-D erosions, a voxel kept when it and both its neighbours along the axis are."""
+    kernels = _kernels(mask)
+    for axis in range(3):
+        n = mask.shape[axis]
+
+        def span(start, stop, axis=axis):
+            return (slice(None),) * axis + (slice(start, stop),)
+        eroded = kernels.zeros(mask.shape, "bool", mask)
+        eroded[span(1, n - 1)] = mask[span(0, n - 2)] & mask[span(1, n - 1)] & mask[span(2, n)]
+        mask = eroded
+    return mask
 
 
 BIAS_SAMPLES, BIAS_BIN = 60_000, 0.02       # brain voxels the field is fitted on; log-histogram bin width
@@ -226,12 +394,18 @@ def correct_bias(data, brain=None):
     """The scan divided by a smooth multiplicative bias field: exp(quadratic) over its grid, whose 9
     coefficients minimise the entropy of the brain's log-intensity histogram (the principle of N3),
     fitted by Powell's method on BIAS_SAMPLES brain voxels drawn with a fixed seed. data: (X, Y, Z)
-    NumPy or tensor (corrected on the host, returned on its device); float32, background kept 0."""
+    array or tensor (fitted on the host, returned in data's kind and on its device); float32,
+    background kept 0."""
+    scan = _array(data)
+    kernels = _kernels(scan)
+    host = _bias_corrected(kernels.to_host(scan), None if brain is None else kernels.to_host(_array(brain)))
+    return _like(kernels.from_host(host, scan), data)
+
+
+def _bias_corrected(data: np.ndarray, brain: np.ndarray | None) -> np.ndarray:
+    """`correct_bias` on the host: float32 (X, Y, Z) NumPy array in, float32 out."""
     from scipy.optimize import minimize
 
-    if isinstance(data, torch.Tensor):
-        host = correct_bias(data.cpu().numpy(), None if brain is None else brain.cpu().numpy())
-        return torch.from_numpy(host).to(data.device)
     data = np.asarray(data, dtype=np.float32)
     brain = data > 0 if brain is None else brain & (data > 0)
     idx = np.argwhere(brain)
@@ -245,26 +419,6 @@ def correct_bias(data, brain=None):
     out = data.copy()
     out[brain] = (data[brain] / np.exp(_bias_terms(idx, data.shape) @ fit.x)).astype(np.float32)
     return out
-
-
-def _percentile_set(data, brain, values, percentiles, region: str):
-    """The brain values (float64, NumPy or tensor like `data`) that the percentiles are taken of.
-
-    'brain': every one (`values`). 'interior': the brain less its partial-volume rim, i.e. less the
-    voxels of its outer layer (brain, not `interior`) that are darker than the interior's lower
-    percentile. A resampled scan's rim, tissue blended with the zero background, goes; a sharp
-    edge's real tissue stays, so a scan with a hard edge keeps nearly the paper's percentiles.
-    """
-    if region == "brain":
-        return values
-    inner = interior(brain)
-    tensor = isinstance(data, torch.Tensor)
-    inside = data[inner].to(torch.float64) if tensor else data[inner].astype(np.float64)
-    lo = percentiles_torch(inside, percentiles[:1])[0] if tensor else np.percentile(inside, percentiles[0])
-    outer = brain & ~inner
-    edge = data[outer].to(torch.float64) if tensor else data[outer].astype(np.float64)
-    kept = edge[edge >= lo]
-    return torch.cat([inside, kept]) if tensor else np.concatenate([inside, kept])
 
 
 def _check_brain_values(n: int) -> None:
@@ -285,6 +439,8 @@ def _scale(clipped, lo, hi, method: str):
         return clipped / hi if lo > 0 else 0.05 + 0.95 * (clipped - lo) / (hi - lo)
     raise IfadError(f"unknown normalisation {method!r}; use minmax or upper")
 
+
+# ---------------------------------------------------------------------------- the frame
 
 def resample(volume: torch.Tensor, index_affine: np.ndarray, out_shape, mode: str = "linear",
              chunk_voxels: int = 1 << 22) -> torch.Tensor:
@@ -345,32 +501,25 @@ class GridMap:
         return cls(tuple(int(s) for s in shape), int(cube), offset, int(resolution))
 
     def to_model(self, volume):
-        """Native (X, Y, Z) float -> model grid (R, R, R) float32 (linear); a tensor stays on its device."""
-        if isinstance(volume, torch.Tensor):
-            cube = torch.zeros((self.cube,) * 3, dtype=torch.float32, device=volume.device)
-            cube[self._native_slices()] = volume
-            return _resample_tensor(cube, self.resolution, "trilinear")
-        cube = np.zeros((self.cube,) * 3, np.float32)
-        cube[self._native_slices()] = volume
-        return _resample(cube, self.resolution, "trilinear")
+        """Native (X, Y, Z) float or bool -> model grid (R, R, R) float32 (linear); an array gives an
+        array, a tensor a tensor on its device."""
+        v = _array(volume)
+        kernels = _kernels(v)
+        cube = kernels.zeros((self.cube,) * 3, "float32", v)
+        cube[self._native_slices()] = v
+        out = _resample_tensor(kernels.to_torch(cube), self.resolution, "trilinear")
+        return _like(kernels.from_torch(out, v), volume)
 
     def to_native(self, volume, mode: str = "linear"):
         """Model grid (R, R, R) -> native (X, Y, Z), dtype kept; mode 'linear' (scores) or 'nearest'
-        (classes); a tensor stays on its device."""
-        how = "trilinear" if mode == "linear" else "nearest"
-        if isinstance(volume, torch.Tensor):
-            out = _resample_tensor(volume.to(torch.float32), self.cube, how)
-            return out[self._native_slices()].to(volume.dtype)
-        dtype = volume.dtype
-        out = _resample(volume.astype(np.float32), self.cube, how)
-        return out[self._native_slices()].astype(dtype, copy=False)
+        (classes); an array gives an array, a tensor a tensor on its device."""
+        v = _array(volume)
+        kernels = _kernels(v)
+        out = _resample_tensor(kernels.to_torch(v), self.cube, "trilinear" if mode == "linear" else "nearest")
+        return _like(kernels.astype(kernels.from_torch(out, v)[self._native_slices()], v.dtype), volume)
 
     def _native_slices(self):
         return tuple(slice(o, o + s) for o, s in zip(self.offset, self.native_shape))
-
-
-def _resample(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
-    return _resample_tensor(torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)), size, mode).numpy()
 
 
 def _resample_tensor(volume: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -431,17 +580,17 @@ class IntensityEncoder:
         return cls(np.concatenate([[0.0], km.cluster_centers_.ravel()]))
 
     def encode(self, volume):
-        """Normalised float volume (X, Y, Z) -> uint8 class ids (Numba for arrays; a tensor stays on
-        its device, through kernels/torch_ops.py: the same ids bit for bit)."""
-        if isinstance(volume, torch.Tensor):
-            return assign_nearest_torch(volume, self.centres)
-        return assign_nearest(np.ascontiguousarray(volume, dtype=np.float32), self.centres)
+        """Normalised float volume (X, Y, Z) -> uint8 class ids of the nearest centre (the kernel of
+        volume's device: Numba on the host, kernels/torch_ops.py elsewhere; the same ids bit for bit);
+        an array gives an array, a tensor a tensor on its device."""
+        v = _array(volume)
+        return _like(_kernels(v).nearest_centre(v, self.centres), volume)
 
     def decode(self, classes):
-        """uint8 class ids -> float32 intensities (the centres); a tensor stays on its device."""
-        if isinstance(classes, torch.Tensor):
-            return torch.as_tensor(self.centres, device=classes.device)[classes.long()].to(torch.float32)
-        return self.centres[classes].astype(np.float32)
+        """uint8 class ids -> float32 intensities (the centres), of classes' kind and device."""
+        ids = _array(classes)
+        kernels = _kernels(ids)
+        return _like(kernels.astype(kernels.take(kernels.constant(self.centres, ids), ids), "float32"), classes)
 
     def save(self, path) -> Path:
         """The centres as JSON {"centres": [...]} at `path` (what `load` reads back); returns the path."""
@@ -497,34 +646,27 @@ class Placement:
         return np.linalg.inv(self.native_affine) @ self.model_affine
 
     def to_model(self, volume, mode: str = "linear"):
-        """Native (X, Y, Z) -> model grid (R, R, R) float32; mode 'linear' or 'nearest' (physical
-        frame). A NumPy array gives an array; a tensor stays on its device."""
-        on_device = isinstance(volume, torch.Tensor)
-        volume = volume if on_device else np.asarray(volume)
-        if tuple(volume.shape) != self.native_shape:
-            raise IfadError(f"volume shape {tuple(volume.shape)} is not the scan's {self.native_shape}")
+        """Native (X, Y, Z) float or bool -> model grid (R, R, R) float32; mode 'linear' or 'nearest'
+        (physical frame). An array gives an array; a tensor a tensor on its device."""
+        v = _array(volume)
+        if tuple(v.shape) != self.native_shape:
+            raise IfadError(f"volume shape {tuple(v.shape)} is not the scan's {self.native_shape}")
         if self.grid is not None:
-            return self.grid.to_model(volume)
-        if on_device:
-            return resample(volume.to(torch.float32), self.model_to_native, self.shape, mode)
-        src = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-        return resample(src, self.model_to_native, self.shape, mode).numpy()
+            return _like(self.grid.to_model(v), volume)
+        kernels = _kernels(v)
+        out = resample(kernels.to_torch(v), self.model_to_native, self.shape, mode)
+        return _like(kernels.from_torch(out, v), volume)
 
     def to_native(self, volume, mode: str = "linear"):
         """Model grid (R, R, R) -> native (X, Y, Z), dtype kept; mode 'linear' (scores) or 'nearest'
-        (classes). Every native voxel gets a value; those outside the frame get 0. A NumPy array
-        gives an array; a tensor stays on its device."""
-        if isinstance(volume, torch.Tensor):
-            if self.grid is not None:
-                return self.grid.to_native(volume, mode)
-            out = resample(volume.to(torch.float32), np.linalg.inv(self.model_to_native), self.native_shape, mode)
-            return out.to(volume.dtype)
-        volume = np.asarray(volume)
+        (classes). Every native voxel gets a value; those outside the frame get 0. An array gives
+        an array; a tensor a tensor on its device."""
+        v = _array(volume)
         if self.grid is not None:
-            return self.grid.to_native(volume, mode)
-        src = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))
-        out = resample(src, np.linalg.inv(self.model_to_native), self.native_shape, mode).numpy()
-        return out.astype(volume.dtype, copy=False)
+            return _like(self.grid.to_native(v, mode), volume)
+        kernels = _kernels(v)
+        out = resample(kernels.to_torch(v), np.linalg.inv(self.model_to_native), self.native_shape, mode)
+        return _like(kernels.astype(kernels.from_torch(out, v), v.dtype), volume)
 
     def label_to_model(self, label: np.ndarray) -> np.ndarray:
         """A native label map -> bool (R, R, R): label != 0 resampled linearly (order 1), then > 0,
@@ -534,15 +676,13 @@ class Placement:
 
 def brain_centre(brain, affine: np.ndarray) -> np.ndarray:
     """World position (3,) float64 of the centre of mass of a bool (X, Y, Z) mask (unweighted);
-    `brain` a NumPy array or a tensor (summed on its device: exact integer sums either way)."""
-    if isinstance(brain, torch.Tensor):
-        per_axis = [brain.sum(dim=tuple(a for a in range(3) if a != axis), dtype=torch.int64) for axis in range(3)]
-        sums = [per_axis[0].sum()] + [(c * torch.arange(c.numel(), device=c.device)).sum() for c in per_axis]
-        total, *moments = torch.stack(sums).tolist()
-    else:
-        total = int(np.count_nonzero(brain))
-        moments = [(np.count_nonzero(brain, axis=tuple(a for a in range(3) if a != axis))
-                    * np.arange(brain.shape[axis])).sum() for axis in range(3)]
+    `brain` an array or a tensor (counted on its device, read back once: exact integer sums)."""
+    mask = _array(brain)
+    counts = _kernels(mask).concat([mask.sum(tuple(a for a in range(3) if a != axis)) for axis in range(3)]).tolist()
+    starts = np.cumsum([0, *mask.shape])
+    per_axis = [counts[a:b] for a, b in zip(starts[:-1], starts[1:])]
+    total = sum(per_axis[0])
+    moments = [sum(i * c for i, c in enumerate(axis_counts)) for axis_counts in per_axis]
     if total == 0:
         raise IfadError("the scan has no non-zero (brain) voxels; pass a skull-stripped scan")
     centre = [float(m) / total for m in moments]
@@ -569,10 +709,11 @@ def place(brain, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
     """The frame's placement of a scan whose brain (non-zero support) is `brain` bool (X, Y, Z).
 
     affine: 4x4 voxel -> world mm; None is allowed in the cube frame only (identity assumed).
-    The returned Placement carries the brain resampled to the model grid (a tensor on brain's
-    device when `brain` is a tensor).
+    The returned Placement carries the brain resampled to the model grid, bool (R, R, R) of brain's
+    kind (a tensor on brain's device for a tensor).
     """
-    shape = tuple(int(s) for s in brain.shape)
+    mask = _array(brain)
+    shape = tuple(int(s) for s in mask.shape)
     n = int(resolution or pc.resolution)
     if len(shape) != 3 or min(shape) < 2:
         raise IfadError(f"scan shape {shape} is not a 3D volume; pass a 3D scan")
@@ -588,11 +729,10 @@ def place(brain, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
         grid = GridMap.for_shape(shape, n)
         placement = Placement("cube", shape, affine, model_affine(grid, affine), n, grid=grid)
     else:
-        placement = Placement("physical", shape, affine, frame_affine(brain_centre(brain, affine), pc, n), n)
-    weights = brain.to(torch.float32) if isinstance(brain, torch.Tensor) else brain.astype(np.float32)
-    placement = replace(placement, brain=placement.to_model(weights) > 0)
-    _check_brain_span(placement.brain)
-    return placement
+        placement = Placement("physical", shape, affine, frame_affine(brain_centre(mask, affine), pc, n), n)
+    placed = placement.to_model(mask) > 0
+    _check_brain_span(placed)
+    return replace(placement, brain=_like(placed, brain))
 
 
 #: Fewest planes of the grid, along each axis, a placed brain must reach (the 3-voxel min-pool's
@@ -636,57 +776,52 @@ def as_scan(data, affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndar
 
 
 def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
-                  resolution: int | None = None) -> tuple[np.ndarray, Placement, tuple]:
+                  resolution: int | None = None) -> tuple:
     """Native scan -> (normalised model-grid volume (R, R, R) float32 in [0, 1], Placement, percentiles).
 
     data: (X, Y, Z) array, skull-stripped (background 0), or a nibabel image (its affine is used
-    when `affine` is None), or a tensor (then everything stays on its device). resolution: the grid
-    size (default pc.resolution; another N keeps the frame's extent). The brain is the scan's
-    non-zero support (placement.brain on the model grid). With pc.register the scan is placed by
-    `register.registered_affine` (scan voxel -> MNI world; registered on the host), which becomes
-    placement.native_affine: the frame's resampling and `Placement.to_native` are unchanged.
+    when `affine` is None), or a tensor (then the volume and placement.brain are tensors on its
+    device). resolution: the grid size (default pc.resolution; another N keeps the frame's extent).
+    The brain is the scan's non-zero support (placement.brain on the model grid). With pc.register
+    the scan is placed by `register.registered_affine` (scan voxel -> MNI world; registered on the
+    host), which becomes placement.native_affine: the frame's resampling and `Placement.to_native`
+    are unchanged.
     """
     data, affine = as_scan(data, affine)
-    if data.ndim != 3:
-        raise IfadError(f"scan shape {tuple(data.shape)} is not a 3D volume; pass a 3D scan")
-    brain = data != 0
+    volume, placement, percentiles = _to_model_grid(_array(data), affine, pc, resolution)
+    return _like(volume, data), replace(placement, brain=_like(placement.brain, data)), percentiles
+
+
+def _to_model_grid(scan, affine, pc: cfg.PreprocessConfig, resolution: int | None) -> tuple:
+    """`to_model_grid` on an array from `_array` (float32 (X, Y, Z)): its results of the same kind."""
+    if scan.ndim != 3:
+        raise IfadError(f"scan shape {tuple(scan.shape)} is not a 3D volume; pass a 3D scan")
+    brain = scan != 0
     if pc.bias_correction:
-        data = correct_bias(data, brain)
+        scan = correct_bias(scan, brain)
     if pc.standardise and not pc.landmarks:
         raise IfadError("this preprocessing standardises intensities but holds no landmarks; fit them on the "
                         "training scans first (ifad-fast prepare / train do)")
-    normalised, percentiles = normalise(data, pc.clip_percentiles, pc.normalisation, brain, pc.percentile_region,
+    normalised, percentiles = normalise(scan, pc.clip_percentiles, pc.normalisation, brain, pc.percentile_region,
                                         pc.landmarks if pc.standardise else ())
     if pc.register and affine is not None:        # the frame laid out in MNI space: scan voxel -> MNI world
         from .register import registered_affine
-        affine = registered_affine(data, affine)
+        affine = registered_affine(scan, affine)
     placement = place(brain, affine, pc, resolution)
-    volume = placement.to_model(normalised)
-    if isinstance(volume, torch.Tensor):
-        return volume.clamp_(0.0, 1.0), placement, percentiles
-    return np.clip(volume, 0.0, 1.0), placement, percentiles
+    return placement.to_model(normalised).clip(0.0, 1.0), placement, percentiles
 
 
 def prepare(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int,
             affine: np.ndarray | None = None, resolution: int | None = None) -> Prepared:
     """Native scan -> model input: normalise, place in the frame, encode, mode-pool (1 = none).
-    A NumPy scan (or nibabel image) is prepared on the host; a tensor on its device."""
-    volume, placement, percentiles = to_model_grid(data, affine, pc, resolution)
+    A NumPy scan (or nibabel image) gives arrays; a tensor gives tensors on its device."""
+    data, affine = as_scan(data, affine)
+    volume, placement, percentiles = _to_model_grid(_array(data), affine, pc, resolution)
     classes = encoder.encode(volume)
     if mode_pool > 1:
-        pool = mode_pool3d_torch if isinstance(classes, torch.Tensor) else mode_pool3d
-        classes = pool(classes, mode_pool, encoder.n_classes)
-    return Prepared(volume, classes, placement, percentiles)
-
-
-def brain_region(brain: np.ndarray, reach: int) -> np.ndarray:
-    """Voxels within Chebyshev distance `reach` of a brain mask (bool (R, R, R)): bool (R, R, R)."""
-    from scipy.ndimage import maximum_filter
-
-    brain = np.asarray(brain, dtype=bool)
-    if reach <= 0:
-        return brain
-    return maximum_filter(brain, size=2 * reach + 1, mode="constant", cval=False)
+        classes = _kernels(classes).mode_pool(classes, mode_pool, encoder.n_classes)
+    return Prepared(_like(volume, data), _like(classes, data), replace(placement, brain=_like(placement.brain, data)),
+                    percentiles)
 
 
 def model_affine(grid: GridMap, affine: np.ndarray) -> np.ndarray:

@@ -85,7 +85,7 @@ def _box_sum(x: torch.Tensor, k: int, axis: int) -> torch.Tensor:
 
 def dilate(mask: torch.Tensor, reach: int) -> torch.Tensor:
     """Voxels within Chebyshev distance `reach` of a bool (X, Y, Z) mask, on its device: bool
-    (X, Y, Z), equal to preprocess.brain_region (SciPy's maximum filter) bit for bit."""
+    (X, Y, Z), equal to SciPy's maximum filter of that size bit for bit (tests/test_device_pipeline.py)."""
     if reach <= 0:
         return mask.to(torch.bool)
     x = mask.to(torch.int32)

@@ -45,7 +45,7 @@ from .engines import resolve_backend, resolve_device
 from .bench_inputs import benchmark_case, benchmark_volume, machine
 from .fast import FastBackend
 from .model import Decoder, layer_shapes
-from .restore import GraphedStep, optimise_latents, pool_reach, postprocess, score_grid
+from .restore import GraphedStep, dilate, optimise_latents, pool_reach, postprocess, score_grid
 
 
 def macs_per_point(mc: cfg.ModelConfig, hoisted: bool) -> int:
@@ -285,8 +285,6 @@ def time_grid(decoder: Decoder, fast, z: torch.Tensor, classes: torch.Tensor, br
     """The score grid: a 65,536-voxel chunk of the straightforward code, extrapolated to the full
     grid, and the fast backend's brain-region grid run for real (after a one-slab warm-up).
     Returns (the grid's row of run(), the fast grid's scores (X, Y, Z) float32)."""
-    from .preprocess import brain_region
-
     shape, device = tuple(classes.shape), classes.device
     n_grid = classes.numel()
     chunk_idx = torch.stack(torch.meshgrid(*(torch.arange(s) for s in shape), indexing="ij"), -1).reshape(-1, 3)
@@ -294,7 +292,7 @@ def time_grid(decoder: Decoder, fast, z: torch.Tensor, classes: torch.Tensor, br
     chunk_t = classes.reshape(-1)[n_grid // 2: n_grid // 2 + 65536]
     t_chunk = timed(lambda: paper.reference_score(decoder, z[0], chunk_idx, chunk_t, shape), 1 if quick else 2,
                     sync=sync)
-    region = torch.from_numpy(brain_region(brain_np, pool_reach(cfg.RestoreConfig()))).to(device)
+    region = dilate(torch.from_numpy(brain_np).to(device), pool_reach(cfg.RestoreConfig()))
     slab = torch.zeros_like(region)
     slab[shape[0] // 2] = region[shape[0] // 2]
     score_grid(fast, z[0], classes, slab)                              # warm-up

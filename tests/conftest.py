@@ -20,6 +20,14 @@ def seeded_global_rngs():
     np.random.seed(base_seed() % 2**32)
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Preprocessing computes CPU tensors with its device kernels (torch), as it does CUDA tensors,
+    instead of on their NumPy views: how the device code is checked against the host without a GPU."""
+    from ifad_fast import preprocess
+    monkeypatch.setattr(preprocess, "CPU_TENSOR_KERNELS", "torch")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()

@@ -1,7 +1,8 @@
 """The device-resident restore (Restorer(pipeline="device")): the scan is copied to the device
 once and prepared, restored, pooled and returned to its grid there. Run here on torch's CPU
-device, where it must give what the host pipeline (NumPy, Numba, CPU draws) gives; its pieces
-are checked against their host counterparts one by one."""
+device, with preprocessing's device kernels (the `torch_kernels` fixture), where it must give
+what the host pipeline (NumPy, Numba, CPU draws) gives; its pieces are checked against their
+host counterparts one by one."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,11 +11,12 @@ import torch
 from helpers import AFFINE, base_seed, numpy_rng, random_model, seed_note, toy_scans
 
 from ifad_fast import config as cfg
+from ifad_fast import preprocess
 from ifad_fast.api import Restorer
 from ifad_fast.backends import Backend, TorchBackend, check_classes
 from ifad_fast.errors import IfadError
 from ifad_fast.fast import FastBackend
-from ifad_fast.preprocess import brain_region, normalise, normalise_torch, percentiles_torch
+from ifad_fast.preprocess import IntensityEncoder, normalise, percentiles_torch, prepare
 from ifad_fast.restore import dilate, optimise_latents, postprocess
 from ifad_fast.sampling import PointSampler
 
@@ -23,7 +25,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("frame, resolution", [("physical", None), ("physical", 26), ("cube", None)])
-def test_device_pipeline_equals_the_host_pipeline(frame, resolution):
+def test_device_pipeline_equals_the_host_pipeline(frame, resolution, torch_kernels):
     """Fresh random scans and model, a batch of two: classes bit for bit, maps to 1e-5."""
     model = random_model(base_seed() + 1, frame)
     imgs = toy_scans(2, offset=20)
@@ -62,19 +64,42 @@ def test_torch_percentiles_are_numpys(n, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["minmax", "upper"])
-def test_torch_normalisation_is_numpys(method, device):
+def test_torch_normalisation_is_numpys(method, device, torch_kernels):
     rng = numpy_rng(5)
     data = np.where(rng.random((11, 13, 9)) < 0.6, rng.gamma(3.0, 100.0, (11, 13, 9)), 0).astype(np.float32)
     if method == "upper":
         data[data != 0] -= 150                                  # negative values: the min-max branch of 'upper'
     ref, (lo, hi) = normalise(data, (2.0, 98.0), method)
-    out, (tlo, thi) = normalise_torch(torch.from_numpy(data).to(device), (2.0, 98.0), method)
+    out, (tlo, thi) = normalise(torch.from_numpy(data).to(device), (2.0, 98.0), method)
     assert (tlo, thi) == (lo, hi) and out.device.type == device
     np.testing.assert_array_equal(out.cpu().numpy(), ref)
     assert normalise(torch.from_numpy(data), (2.0, 98.0), method)[0].dtype == torch.float32
     for bad in (np.zeros((4, 4, 4), np.float32), np.full((4, 4, 4), 7.0, np.float32)):
         with pytest.raises(IfadError):
-            normalise_torch(torch.from_numpy(bad))
+            normalise(torch.from_numpy(bad))
+
+
+@pytest.mark.parametrize("kernels", ["numpy", "torch"])
+@pytest.mark.parametrize("frame, region, landmarks", [("physical", "interior", (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+                                                     ("cube", "brain", ())])
+def test_a_cpu_tensor_is_prepared_as_its_array_is(kernels, frame, region, landmarks, monkeypatch):
+    """prepare of a CPU tensor, on its NumPy view (the default) or by the device kernels: tensors
+    out, the host's numbers bit for bit, and back to the scan's grid the same."""
+    monkeypatch.setattr(preprocess, "CPU_TENSOR_KERNELS", kernels)
+    img = toy_scans(1, offset=30)[0]
+    enc = IntensityEncoder(np.linspace(0.0, 1.0, 8))
+    pc = cfg.PreprocessConfig(resolution=24, frame=frame, percentile_region=region, standardise=bool(landmarks),
+                              landmarks=landmarks)
+    host, dev = prepare(img, enc, pc, 3, AFFINE), prepare(torch.from_numpy(img), enc, pc, 3, AFFINE)
+    assert isinstance(host.classes, np.ndarray) and isinstance(host.brain, np.ndarray)
+    assert all(isinstance(x, torch.Tensor) for x in (dev.normalised, dev.classes, dev.brain))
+    assert dev.percentiles == host.percentiles
+    for a, b in ((host.normalised, dev.normalised), (host.classes, dev.classes), (host.brain, dev.brain)):
+        np.testing.assert_array_equal(b.numpy(), a)
+    back = dev.placement.to_native(dev.classes, mode="nearest")
+    assert isinstance(back, torch.Tensor) and back.dtype == torch.uint8
+    np.testing.assert_array_equal(back.numpy(), host.placement.to_native(host.classes, mode="nearest"))
+    np.testing.assert_array_equal(enc.decode(dev.classes).numpy(), enc.decode(host.classes))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,10 +130,12 @@ def test_sampler_on_a_device_generator_draws_inside_the_brain(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reach", [0, 1, 3, 8])
 def test_dilate_is_scipys_maximum_filter(reach, device):
+    from scipy.ndimage import maximum_filter
+
     rng = numpy_rng(reach)
     mask = rng.random((17, 23, 12)) < 0.02
-    np.testing.assert_array_equal(dilate(torch.from_numpy(mask).to(device), reach).cpu().numpy(),
-                                  brain_region(mask, reach))
+    ref = maximum_filter(mask, size=2 * reach + 1, mode="constant", cval=False) if reach else mask
+    np.testing.assert_array_equal(dilate(torch.from_numpy(mask).to(device), reach).cpu().numpy(), ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,7 +17,7 @@ from helpers import numpy_rng, seed_note
 from ifad_fast import config as cfg
 from ifad_fast.errors import IfadError
 from ifad_fast.model import load_model, bundled_model_path
-from ifad_fast.preprocess import IntensityEncoder, interior, normalise, normalise_torch
+from ifad_fast.preprocess import IntensityEncoder, interior, normalise
 
 
 def eroded_reference(brain: np.ndarray) -> np.ndarray:
@@ -40,7 +40,7 @@ def blob(rng, shape=(29, 25, 27)) -> np.ndarray:
 
 
 @pytest.mark.parametrize("offset", range(3))
-def test_interior_is_an_erosion_by_a_cube_on_host_and_tensor(offset):
+def test_interior_is_an_erosion_by_a_cube_on_host_and_tensor(offset, torch_kernels):
     brain = blob(numpy_rng(30 + offset))
     ref = eroded_reference(brain)
     assert ref.sum() >= max(1000, 0.25 * brain.sum()), "the blob is too thin for this test"
@@ -48,7 +48,7 @@ def test_interior_is_an_erosion_by_a_cube_on_host_and_tensor(offset):
     np.testing.assert_array_equal(interior(torch.from_numpy(brain)).numpy(), ref, err_msg=seed_note())
 
 
-def test_a_thin_brain_keeps_every_voxel():
+def test_a_thin_brain_keeps_every_voxel(torch_kernels):
     brain = np.zeros((30, 30, 30), bool)
     brain[5:25, 5:25, 14:17] = True                   # 3 voxels thick: the erosion leaves 1/3
     brain[5:25, 5:25, 16] = False                     # 2 voxels thick: it leaves nothing
@@ -98,10 +98,10 @@ def test_a_hard_edge_keeps_nearly_the_papers_percentiles(hard_and_soft):
 
 
 @pytest.mark.parametrize("method", ["minmax", "upper"])
-def test_interior_normalisation_on_a_tensor_is_numpys(hard_and_soft, method):
+def test_interior_normalisation_on_a_tensor_is_numpys(hard_and_soft, method, torch_kernels):
     soft = hard_and_soft[1]
     ref, (lo, hi) = normalise(soft, (2.0, 98.0), method, region="interior")
-    out, (tlo, thi) = normalise_torch(torch.from_numpy(soft), (2.0, 98.0), method, region="interior")
+    out, (tlo, thi) = normalise(torch.from_numpy(soft), (2.0, 98.0), method, region="interior")
     assert (tlo, thi) == (lo, hi)
     np.testing.assert_array_equal(out.numpy(), ref)
     assert normalise(soft, (2.0, 98.0), method)[1] != (lo, hi)     # the region changes the percentiles
@@ -124,7 +124,7 @@ def test_percentile_region_is_a_checked_setting_and_old_models_keep_the_papers(t
     assert {cfg.get_preset(p).preprocess.percentile_region for p in ("small", "tiny")} == {"interior"}
 
 
-def test_standardise_is_the_piecewise_linear_map_through_the_landmarks():
+def test_standardise_is_the_piecewise_linear_map_through_the_landmarks(torch_kernels):
     """Against np.interp through (0, 0), the landmarks and (1, 1) on fresh random values, to 1e-12;
     the tensor path equal bit for bit; a repeated landmark (clipped voxels) dropped, not divided by."""
     from ifad_fast.preprocess import standardise
@@ -143,7 +143,7 @@ def test_standardise_is_the_piecewise_linear_map_through_the_landmarks():
     assert np.isfinite(out).all() and np.all(np.diff(out[np.argsort(values)]) >= 0)
 
 
-def test_landmarks_undo_a_contrast_change(hard_and_soft):
+def test_landmarks_undo_a_contrast_change(hard_and_soft, torch_kernels):
     """The scan and the same scan with its tissue contrast changed (gamma 1.6 below the 99th
     percentile), standard scale fitted on the scan itself: with standardisation their classes agree
     on >= 90 % of the brain's interior (measured 99.5 %), without it on about half (checked)."""
@@ -164,7 +164,7 @@ def test_landmarks_undo_a_contrast_change(hard_and_soft):
         agree[name] = float(np.mean(a[inner] == b[inner]))
     assert agree["standardised"] >= 0.9, agree
     assert agree["min-max only"] < 0.7, agree
-    t, _ = normalise_torch(torch.from_numpy(contrast), region="interior", landmarks=standard)
+    t, _ = normalise(torch.from_numpy(contrast), region="interior", landmarks=standard)
     np.testing.assert_array_equal(t.numpy(), normalise(contrast, region="interior", landmarks=standard)[0])
 
 
@@ -214,7 +214,7 @@ def test_prepare_train_restore_with_standardised_intensities(scan_dir, tmp_path,
     assert raw.standardise and raw.bias_correction and raw.landmarks == pytest.approx(expected, abs=1e-12)
 
 
-def test_bias_correction_removes_a_smooth_field(hard_and_soft):
+def test_bias_correction_removes_a_smooth_field(hard_and_soft, torch_kernels):
     """A synthetic brain times a known exp(quadratic) field (log sd ~0.12): corrected, it matches the
     corrected clean scan to a log sd < 0.06 (measured 0.011 and 0.036; the clean scan carries the
     generator's own bias, sd 0.03-0.10, which the correction removes from both); the tensor path

@@ -3,11 +3,13 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from ifad_fast import config as cfg
 from ifad_fast.cli import main
 from ifad_fast.errors import IfadError
-from ifad_fast.preprocess import GridMap, IntensityEncoder, brain_region, model_affine, normalise, prepare
+from ifad_fast.preprocess import GridMap, IntensityEncoder, model_affine, normalise, prepare
+from ifad_fast.scoring import dilate
 from helpers import AFFINE, base_seed, toy_brain
 
 
@@ -88,7 +90,7 @@ def test_prepare_mode_pool_and_brain_region():
     # the brain is the resampled support, not the intensities (min-max puts brain voxels at 0)
     assert p.brain.dtype == np.bool_ and p.brain[p.normalised > 0].all()
     np.testing.assert_array_equal(p.brain, p.placement.to_model((img != 0).astype(np.float32)) > 0)
-    region = brain_region(p.brain, 2)
+    region = dilate(torch.from_numpy(p.brain), 2).numpy()
     assert region.sum() > p.brain.sum()
     assert region[p.brain].all()
 
