@@ -58,7 +58,7 @@ from .io import atomic_path, describe_os_error, save_json
 from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
 from .progress import progress_bar
 from .sampling import PointSampler, as_tensor
-from .slices import SliceSampler
+from .restore.slices import SliceSampler
 
 PRECISIONS = ("float32", "bf16")
 
@@ -285,7 +285,7 @@ class Trainer:
             intensities = None                        # off: nothing of augment.py runs
         self.device = torch.device(device)
         if precision == "bf16" and self.device.type == "cpu":
-            from .backends import cpu_has_native_bf16 as _cpu_has_native_bf16
+            from .backends.base import cpu_has_native_bf16 as _cpu_has_native_bf16
             if not _cpu_has_native_bf16():
                 import warnings
                 warnings.warn("precision='bf16' on a CPU without native bf16 instructions: its bf16 matmuls "

@@ -13,7 +13,7 @@ from ifad_fast import config as cfg
 from ifad_fast.api import Restorer
 from ifad_fast.backends import Backend, TorchBackend, check_classes
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.preprocess import brain_region, normalise, normalise_torch, percentiles_torch
 from ifad_fast.restore import dilate, optimise_latents, postprocess
 from ifad_fast.sampling import PointSampler

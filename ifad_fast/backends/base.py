@@ -35,8 +35,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .errors import IfadError
-from .model import Decoder, cross_entropy_per_point
+from ..errors import IfadError
+from ..model import Decoder, cross_entropy_per_point
 
 # precision name -> storage dtype of the per-point operands. tf32: float32 storage, float32 matmuls
 # on the TF32 tensor cores of a CUDA GPU (10-bit mantissa products, float32 accumulation)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_backend
-from .backends import PRECISION_ALIASES, Backend, TorchBackend
-from .errors import IfadError
+from . import triton as triton_backend
+from .base import PRECISION_ALIASES, Backend, TorchBackend
+from ..errors import IfadError
 from .fast import FastBackend
-from .model import Decoder
+from ..model import Decoder
 
 BACKENDS = ("auto", "triton", "torch", "cpu")
 

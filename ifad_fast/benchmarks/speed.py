@@ -37,15 +37,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
-from . import reference as paper
-from . import train_speed
-from .backends import TorchBackend
-from .engines import resolve_backend, resolve_device
-from .bench_inputs import benchmark_case, benchmark_volume, machine
-from .fast import FastBackend
-from .model import Decoder, layer_shapes
-from .restore import GraphedStep, optimise_latents, pool_reach, postprocess, score_grid
+from .. import config as cfg
+from .. import reference as paper
+from . import training as train_speed
+from ..backends.base import TorchBackend
+from ..backends.factory import resolve_backend, resolve_device
+from .machine import benchmark_case, benchmark_volume, machine
+from ..backends.fast import FastBackend
+from ..model import Decoder, layer_shapes
+from ..restore.scoring import pool_reach, postprocess, score_grid
+from ..restore.search import GraphedStep, optimise_latents
 
 
 def macs_per_point(mc: cfg.ModelConfig, hoisted: bool) -> int:
@@ -105,8 +106,8 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
     restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows:
     the host pipeline; on CUDA also the device pipeline with and without CUDA graphs. quick: the
     schedule's steps divided by 10."""
-    from .api import Restorer
-    from .model import Model
+    from ..api import Restorer
+    from ..model import Model
 
     model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
                   preprocess=cfg.PreprocessConfig(resolution=resolution), latents=z.detach().cpu().float())
@@ -152,8 +153,8 @@ def write_seconds(case, result, restorer) -> float:
 
     import nibabel as nib
 
-    from .api import write_outputs
-    from .io import Scan
+    from ..api import write_outputs
+    from ..io import Scan
 
     scan = Scan(case.image, case.affine, nib.Nifti1Header())
     with tempfile.TemporaryDirectory() as out:
@@ -285,7 +286,7 @@ def time_grid(decoder: Decoder, fast, z: torch.Tensor, classes: torch.Tensor, br
     """The score grid: a 65,536-voxel chunk of the straightforward code, extrapolated to the full
     grid, and the fast backend's brain-region grid run for real (after a one-slab warm-up).
     Returns (the grid's row of run(), the fast grid's scores (X, Y, Z) float32)."""
-    from .preprocess import brain_region
+    from ..preprocess import brain_region
 
     shape, device = tuple(classes.shape), classes.device
     n_grid = classes.numel()
@@ -326,8 +327,8 @@ def restore_variants(decoder: Decoder, classes, brain, rc: cfg.RestoreConfig, en
     Returns {"if3d": seconds, "if2d": seconds, "slices": restored slices of the 2D run}."""
     import dataclasses
 
-    from .model import Model
-    from .restore import restore_classes
+    from ..model import Model
+    from ..restore.volume import restore_classes
 
     out = {}
     for variant in ("3d", "2d"):

@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from .backends import Backend, BoundedCache
-from .errors import IfadError
-from .model import Decoder, axis_encoding
+from .base import Backend, BoundedCache
+from ..errors import IfadError
+from ..model import Decoder, axis_encoding
 
 MIN_CC = (8, 0)
 
@@ -107,7 +107,7 @@ def triton_unavailable_reason(device) -> str | None:
 
 def _kernels():
     try:
-        from .kernels import triton_decoder
+        from ..kernels import triton_decoder
     except Exception as exc:
         return f"the Triton kernels do not import ({type(exc).__name__}: {exc})"
     return triton_decoder

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
-from .backends import check_classes
-from .progress import progress_bar
+from .. import config as cfg
+from ..backends.base import check_classes
+from ..progress import progress_bar
 
 
 @dataclass

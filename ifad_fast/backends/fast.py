@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import PRECISIONS, Backend, BoundedCache, cpu_has_native_bf16
-from .errors import IfadError
-from .model import Decoder, axis_encoding
+from .base import PRECISIONS, Backend, BoundedCache, cpu_has_native_bf16
+from ..errors import IfadError
+from ..model import Decoder, axis_encoding
 
 DEFAULT_CHUNK = {"cuda": 32768}
 

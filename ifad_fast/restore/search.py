@@ -13,11 +13,11 @@ import warnings
 
 import torch
 
-from . import config as cfg
-from .backends import check_classes
-from .model import Model
-from .progress import progress_bar
-from .sampling import PointSampler
+from .. import config as cfg
+from ..backends.base import check_classes
+from ..model import Model
+from ..progress import progress_bar
+from ..sampling import PointSampler
 
 
 def initial_latents(model: Model, n: int, rc: cfg.RestoreConfig, generator: torch.Generator) -> torch.Tensor:
