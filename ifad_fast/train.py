@@ -2,7 +2,7 @@
 
 Each epoch visits every training volume once, in batches of S volumes × K random voxels (a 2D
 model: every axial slice holding brain, in batches of S slices × K voxels of each slice, one
-latent per slice; ifad_fast/slices.py);
+latent per slice; ifad_fast/restore/slices.py);
 loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
 bit-for-bit (weights, latents, Adam state, RNG states, loss log) and what the run was trained on
 (`data_fingerprint`: a resume with other data is refused). They are only ever written
@@ -308,7 +308,7 @@ class Trainer:
         # brains: the scans' own support (nonzero = brain, like volumes): class 0 can hold brain voxels
         # after min-max normalisation; without them, the nonzero classes
         focus = volumes if brains is None else brains
-        if mc.variant == "2d":      # IF 2D: a sample, and a latent, per axial slice holding brain (slices.py)
+        if mc.variant == "2d":      # IF 2D: a sample, and a latent, per axial slice holding brain (restore/slices.py)
             self.sampler = SliceSampler(focus, tc.brain_fraction)
         else:
             self.sampler = PointSampler(volumes.shape[1:], focus, tc.brain_fraction)

@@ -1,5 +1,5 @@
-"""The backend contract (ifad_fast/backends.py): one set of input checks, precision names and
-cache policy for every backend; and the choice of backend (ifad_fast/engines.py). Numbers are
+"""The backend contract (ifad_fast/backends/base.py): one set of input checks, precision names and
+cache policy for every backend; and the choice of backend (ifad_fast/backends/factory.py). Numbers are
 compared in test_fast_backend.py (cpu vs torch) and test_triton_kernels.py (triton,
 interpreted); this file checks what the contract promises.
 """

@@ -1,4 +1,4 @@
-"""IF 2D: one latent per axial slice on the 3D engine (ifad_fast/slices.py)."""
+"""IF 2D: one latent per axial slice on the 3D engine (ifad_fast/restore/slices.py)."""
 import dataclasses
 import json
 

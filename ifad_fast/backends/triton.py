@@ -1,5 +1,5 @@
 """The triton backend: the fused point kernels of kernels/triton_decoder.py behind the
-contract of backends.py (`mean_loss`, `score`, and `score_and_classes`: the anomaly score and
+contract of base.py (`mean_loss`, `score`, and `score_and_classes`: the anomaly score and
 the restored class from one launch).
 
 One fused launch per restoration step computes, for B scans × K points, the per-point

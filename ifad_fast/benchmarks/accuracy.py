@@ -623,7 +623,7 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
 
 
 def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print) -> dict:
-    """Times the restoration pieces for the paper-sized model on one volume (ifad_fast/speed.py);
+    """Times the restoration pieces for the paper-sized model on one volume (ifad_fast/benchmarks/speed.py);
     writes speed.json into out_dir when given. Returns the numbers as a dict."""
     from .speed import run
     result = run(quick=quick, backend=backend, device=device, report=report)

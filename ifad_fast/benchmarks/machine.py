@@ -1,5 +1,5 @@
 """What every benchmark shares: a line naming the machine for its tables, and the synthetic brain the
-speed rows are timed on. A leaf of the benchmark layer: benchmark.py, speed.py and train_speed.py import
+speed rows are timed on. A leaf of the benchmark layer: accuracy.py, speed.py and training.py import
 it, it imports none of them.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The speed suite behind `ifad-fast bench speed [--quick]` (and `ifad_fast.benchmark.speed`).
+"""The speed suite behind `ifad-fast bench speed [--quick]` (and `ifad_fast.benchmarks.accuracy.speed`).
 
 Paper-sized decoder (random weights), one 160³ volume (a synthetic MNI152 brain encoded with
 the HCP T2 centres). Times, in one run and on one machine, side by side:
@@ -21,7 +21,7 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
   search), grid (the brain-region score grid), post (pooling), native (back to the scan's grid),
   each with its share; the host pipeline, and on CUDA the device pipeline with and without CUDA
   graphs;
-- training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/train_speed.py).
+- training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/benchmarks/training.py).
 
 Only warm calls are timed: every timed piece runs once untimed first (the fast restoration and
 the grid on a short schedule / a small region), so one-off costs (allocation, CUDA context and

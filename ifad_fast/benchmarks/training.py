@@ -1,4 +1,4 @@
-"""Training rows of `ifad-fast bench speed` (ifad_fast/speed.py calls `training` and `format_training`).
+"""Training rows of `ifad-fast bench speed` (ifad_fast/benchmarks/speed.py calls `training` and `format_training`).
 
 - One training step (a whole epoch of one batch: draw S × K points, forward, backward with every
   weight gradient and the batch's latents, Adam) per implementation: `plain` (every point reads

@@ -3,7 +3,7 @@ the post-processing into an anomaly map, and the containers of the maps (`Device
 
 score_grid / score_grid_adaptive(backend, z, classes, region) -> scores, classes; anomaly_map(score,
 brain, rc, region) = postprocess (min-pool then average-pool, prefix sums) zeroed outside the brain.
-Used by restore.py (IF 3D) and slices.py (IF 2D).
+Used by volume.py (IF 3D) and slices.py (IF 2D).
 """
 from __future__ import annotations
 
