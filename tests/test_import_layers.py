@@ -15,9 +15,10 @@ outside it runs the subpackage's __init__ first, so that counts as an import of 
 
 Asserted: (a) no import cycle; (b) kernels/ import nothing of ifad_fast; (c) no import up a layer
 (LAYERS, bottom first, the drawing in docs/architecture.md): every import goes to the same layer
-or a lower one, except the KNOWN_UPWARD ones (none today). Every module sits in exactly one layer,
-so a new module has to be placed. The checker is run on a toy package first, so none of this can
-pass because the graph came out empty.
+or a lower one, except the KNOWN_UPWARD ones (none today); (d) every `from .x import` names a
+module of the package (after a move, a stale function-level import would fail only when run).
+Every module sits in exactly one layer, so a new module has to be placed. The checker is run on a
+toy package first, so none of this can pass because the graph came out empty.
 """
 from __future__ import annotations
 
@@ -77,6 +78,18 @@ def targets(node, here: str, init: bool, known, package: str = "ifad_fast") -> s
         submodule = ".".join(base + [alias.name])
         found.add(submodule if submodule in known else ".".join(base))
     return {t for t in found if t in known}
+
+
+def unresolved(package: Path = PACKAGE, kernels: Path | None = KERNELS) -> list[str]:
+    """The imports inside the package that name no module of it (a module moved or renamed, whose
+    old name a function-level import still uses, fails only when that function runs)."""
+    known = modules(package, kernels)
+    missing = []
+    for name, (path, init) in known.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module and not targets(node, name, init, known):
+                missing.append(f"{path.relative_to(package.parent)}:{node.lineno} from {'.' * node.level}{node.module}")
+    return missing
 
 
 def with_packages(here: str, imported: set[str], known) -> set[str]:
@@ -160,6 +173,8 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
     assert cycles(graph) == {frozenset({"a", "sub", "sub.b"})}
     layers = (("low", {"a", "c"}), ("high", {"sub", "sub.b", "sub.d"}))
     assert upward(graph, layers) == {("a", "sub"), ("a", "sub.b")}
+    (tmp_path / "ifad_fast" / "c.py").write_text("def f():\n    from .gone import a\n")
+    assert unresolved(tmp_path / "ifad_fast", None) == ["ifad_fast/c.py:2 from .gone"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {frozenset("abc")}
 
 
@@ -190,6 +205,10 @@ def test_every_module_sits_in_one_layer():
     known = set(modules())
     assert not known - set(placed), f"place these modules in a layer: {sorted(known - set(placed))}"
     assert not set(placed) - known, f"no such modules (drop them from LAYERS): {sorted(set(placed) - known)}"
+
+
+def test_every_relative_import_names_a_module():
+    assert not unresolved(), unresolved()
 
 
 def test_no_import_cycle():
