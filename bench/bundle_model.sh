@@ -13,7 +13,7 @@ ifad-fast train data/prep96 -o runs/small --preset small --epochs "$EPOCHS" --de
   --prior reference --norm-ramp-epochs 20 --max-latent-norm 10
 python - <<'PY'
 import shutil
-from ifad_fast.benchmark import calibrate_and_bundle
+from ifad_fast.benchmarks.accuracy import calibrate_and_bundle
 calibrate_and_bundle("runs/small/model.pt", "ifad_fast/data/default_model.pt")
 shutil.copy("runs/small/loss.jsonl", "ifad_fast/data/default_model_loss.jsonl")
 PY

@@ -36,7 +36,7 @@ PYTHONPATH=$here python - <<'PY'
 import torch, torch.nn.functional as F
 from ifad_fast import config as cfg, reference as paper
 from ifad_fast.model import Decoder
-from ifad_fast.speed import benchmark_volume, timed
+from ifad_fast.benchmarks.speed import benchmark_volume, timed
 torch.manual_seed(0); mc = cfg.ModelConfig(); dec = Decoder(mc).eval()
 with torch.no_grad():
     for layer in dec.layers:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ifad_fast.api import default_model
-from ifad_fast.benchmark import TRAIN_SEED
+from ifad_fast.benchmarks.accuracy import TRAIN_SEED
 from ifad_fast.model import load_model
 from ifad_fast.preprocess import IntensityEncoder, prepare
 from ifad_fast.synth import generate_healthy

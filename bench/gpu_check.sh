@@ -81,7 +81,7 @@ if torch.cuda.is_available():
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         print(f"cuda:{i} {p.name}, cc {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
-from ifad_fast.triton_backend import triton_unavailable_reason
+from ifad_fast.backends.triton import triton_unavailable_reason
 print("triton backend:", triton_unavailable_reason("cuda" if torch.cuda.is_available() else "cpu") or "usable")
 EOF
 } > "$OUT_DIR/env.txt" 2>&1

@@ -23,7 +23,7 @@ import torch
 
 from ifad_fast.acquisition import ACQUISITIONS, reacquire
 from ifad_fast.api import Restorer, default_model
-from ifad_fast.benchmark import TEST_SEED, TRAIN_SEED, with_landmarks
+from ifad_fast.benchmarks.accuracy import TEST_SEED, TRAIN_SEED, with_landmarks
 from ifad_fast.metrics import curve_metrics
 from ifad_fast.model import load_model
 from ifad_fast.synth import generate_healthy, generate_lesion

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 import ifad_fast.api as api
-from ifad_fast.bench_inputs import machine
+from ifad_fast.benchmarks.machine import machine
 
 
 def make_scans(folder: Path, n: int, voxel_mm: float) -> list[Path]:

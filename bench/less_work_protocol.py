@@ -11,7 +11,7 @@ from ifad_fast.acquisition import ACQUISITIONS, reacquire
 from ifad_fast.synth import generate_lesion
 from ifad_fast.preprocess import prepare, IntensityEncoder
 from ifad_fast.restore import optimise_latents, initial_latents, score_grid, score_grid_adaptive, refine_near, dilate, pool_reach, anomaly_map
-from ifad_fast.engines import resolve_backend
+from ifad_fast.backends.factory import resolve_backend
 torch.set_num_threads(int(sys.argv[3]))
 model = api.default_model() if sys.argv[2] == "bundled" else __import__("ifad_fast.model", fromlist=["x"]).load_model(sys.argv[2])
 thr = float((model.info or {}).get("threshold") or float(sys.argv[4]))

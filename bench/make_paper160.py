@@ -12,8 +12,8 @@ import torch
 
 from ifad_fast import config as cfg
 from ifad_fast.model import Model, save_model
-from ifad_fast.speed import paper_sized_decoder
-from ifad_fast.bench_inputs import benchmark_case
+from ifad_fast.benchmarks.speed import paper_sized_decoder
+from ifad_fast.benchmarks.machine import benchmark_case
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

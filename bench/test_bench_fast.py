@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from ifad_fast import config as cfg
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.model import Decoder
 from ifad_fast.reference import reference_score, reference_step
 from ifad_fast.reference import rel_error as rel

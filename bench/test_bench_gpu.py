@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU on this machine: the GPU suite needs one (run `ifad-fast bench speed` "
                 "on a CPU instead)", allow_module_level=True)
 
-from ifad_fast.triton_backend import TritonBackend, triton_unavailable_reason  # noqa: E402
+from ifad_fast.backends.triton import TritonBackend, triton_unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda")
 SHAPE = (160, 160, 160)
@@ -121,7 +121,7 @@ def test_triton_bf16_gradient_by_latent_dim(latent_dim):
     K = 4,096 on a 96³ grid. On an H200 D = 64 gave ‖Δ‖/‖ref‖ = 1.0 for dL/dz (losses fine)."""
     if triton_unavailable_reason(DEVICE):
         pytest.skip(f"triton backend unavailable: {triton_unavailable_reason(DEVICE)}")
-    from ifad_fast.triton_backend import HARDWARE_CHECKED, hardware_key
+    from ifad_fast.backends.triton import HARDWARE_CHECKED, hardware_key
 
     torch.manual_seed(latent_dim)
     mc = cfg.ModelConfig(latent_dim=latent_dim)

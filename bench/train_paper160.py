@@ -17,7 +17,7 @@ import torch
 
 from ifad_fast import config as cfg
 from ifad_fast.api import Restorer
-from ifad_fast.benchmark import VAL_SEED, healthy_volumes
+from ifad_fast.benchmarks.accuracy import VAL_SEED, healthy_volumes
 from ifad_fast.metrics import curve_metrics
 from ifad_fast.model import save_model
 from ifad_fast.preprocess import IntensityEncoder, mode_pool3d

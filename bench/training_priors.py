@@ -9,7 +9,8 @@ import sys
 import time
 
 import numpy as np, torch
-from ifad_fast import api, config as cfg, metrics, benchmark
+from ifad_fast import api, config as cfg, metrics
+from ifad_fast.benchmarks import accuracy as benchmark
 from ifad_fast.model import save_model
 from ifad_fast.synth import generate_lesion, generate_healthy
 from ifad_fast.preprocess import prepare, IntensityEncoder
@@ -24,7 +25,7 @@ TRAIN = {"paper": dict(prior="paper"), "reference": dict(prior="reference", norm
          "none": dict(prior="none"), "paper-s0.1": dict(prior="paper", sigma=0.1)}
 for v in variants:
     t0 = time.time()
-    import ifad_fast.benchmark as B
+    import ifad_fast.benchmarks.accuracy as B
     orig = cfg.get_preset
     def patched(name, _o=orig, _v=v):
         pr = _o(name)

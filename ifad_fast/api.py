@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import config as cfg
-from .engines import resolve_backend, resolve_device
+from .backends.factory import resolve_backend, resolve_device
 from .errors import IfadError, IfadWarning, out_of_memory
 from .io import (BIDS_OUTPUT_FILES, OUTPUT_FILES, OutputSet, Scan, case_name, check_output_folder, check_scan,
                  clean_stale_temporaries, find_scans, header_shape, load_scan, save_json, save_volume)
@@ -39,7 +39,8 @@ from .model import Model, bundled_model_path, load_model
 from .preprocess import IntensityEncoder, Placement, as_scan, prepare
 from .progress import command_line, duration, say
 from .register import registration_of
-from .restore import Restoration, StageTimes, restore_batch
+from .restore.scoring import Restoration, StageTimes
+from .restore.volume import restore_batch
 
 #: The run's arguments and provenance, written beside its outputs once its first case is.
 RUN_ARGS = "restore_args.json"

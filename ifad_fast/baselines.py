@@ -286,7 +286,7 @@ def anomaly_map(baseline, image: np.ndarray, affine: np.ndarray, pc: cfg.Preproc
     model grid as the model sees it, raw score, the model's post-processing, zero outside the
     brain, back to the scan's grid."""
     from .preprocess import to_model_grid
-    from .restore import postprocess
+    from .restore.scoring import postprocess
 
     vol, placement, _ = to_model_grid(np.asarray(image, dtype=np.float32), affine, pc)
     score = postprocess(baseline.score(vol), rc.min_pool, rc.avg_pool)

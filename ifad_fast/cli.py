@@ -508,7 +508,7 @@ def _warn_gpu_sized(name: str, preset, tc, names, brains, device):
 
     samples, what = len(names), f"{len(names)} volumes"
     if preset.model.variant == "2d":                 # a sample per brain slice
-        from .slices import slice_table
+        from .restore.slices import slice_table
         samples = len(slice_table(brains))
         what += f" ({samples} slices)"
     seconds, rate = estimate_seconds(preset.model, tc, samples, tc.epochs, device)
@@ -526,7 +526,7 @@ def cmd_train(args):
     this command, rank 0 preparing the data while the others wait.
     """
     from . import config as cfg
-    from .engines import resolve_device
+    from .backends.factory import resolve_device
     from .augment import uses_intensities
     from .dataset import MANIFEST, load_intensities, training_volumes
     from .distributed import SINGLE, from_env, launch
@@ -641,7 +641,7 @@ def cmd_restore(args):
     """
     from .api import (PROTOCOLS, Restorer, RestoreJob, check_job, restore_config, restore_shard, with_bias_correction,
                       with_registration)
-    from .engines import resolve_device
+    from .backends.factory import resolve_device
     from .distributed import launch
     from .extras import require
     from .limits import usable_cores
@@ -765,10 +765,10 @@ def cmd_bench(args):
         given = [k for k, default in _ACCURACY_ONLY.items() if getattr(args, k) != default]
         if given:
             raise IfadError(f"--{given[0].replace('_', '-')} is an option of 'bench accuracy', not 'bench speed'")
-        from .benchmark import speed
+        from .benchmarks.accuracy import speed
         speed(quick=args.quick, backend=args.backend, device=args.device, out_dir=args.output)
     else:
-        from .benchmark import accuracy
+        from .benchmarks.accuracy import accuracy
         if args.model is not None and args.train is not None:
             raise IfadError("pass either --model (a trained model) or --train PRESET, not both")
         if args.epochs is not None and args.train is None:
@@ -783,7 +783,7 @@ def cmd_bench(args):
 
 def _bench_on_data(args):
     """`bench accuracy --healthy DIR --test DIR [--validation DIR]`: the protocol on the user's data."""
-    from .benchmark import accuracy_on_data
+    from .benchmarks.accuracy import accuracy_on_data
 
     if args.healthy is None or args.test is None:
         raise IfadError("--healthy DIR and --test DIR go together (--validation DIR is optional)")

@@ -86,7 +86,7 @@ class ModelConfig:
     """Auto-decoder MLP: f(z, γ(p)) -> n_classes logits (DeepSDF layout).
 
     variant '3d': one latent per volume (IF 3D); '2d': one latent per axial slice of a volume
-    (IF 2D, the paper's slice variant; ifad_fast/slices.py). The decoder is the same: γ(p)
+    (IF 2D, the paper's slice variant; ifad_fast/restore/slices.py). The decoder is the same: γ(p)
     encodes all three coordinates, so a slice latent's field is also conditioned on the axial one.
     """
 

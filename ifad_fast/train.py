@@ -2,7 +2,7 @@
 
 Each epoch visits every training volume once, in batches of S volumes × K random voxels (a 2D
 model: every axial slice holding brain, in batches of S slices × K voxels of each slice, one
-latent per slice; ifad_fast/slices.py);
+latent per slice; ifad_fast/restore/slices.py);
 loss = mean cross-entropy + the latent prior. Checkpoints hold everything needed to resume
 bit-for-bit (weights, latents, Adam state, RNG states, loss log) and what the run was trained on
 (`data_fingerprint`: a resume with other data is refused). They are only ever written
@@ -58,7 +58,7 @@ from .io import atomic_path, describe_os_error, save_json
 from .model import Decoder, Model, layer_shapes, positional_encoding, save_model, voxel_coords
 from .progress import progress_bar
 from .sampling import PointSampler, as_tensor
-from .slices import SliceSampler
+from .restore.slices import SliceSampler
 
 
 def latent_prior(z: torch.Tensor, tc: cfg.TrainConfig, epoch: int, k: int) -> torch.Tensor:
@@ -266,7 +266,7 @@ class Trainer:
             intensities = None                        # off: nothing of augment.py runs
         self.device = torch.device(device)
         if precision == "bf16" and self.device.type == "cpu":
-            from .backends import cpu_has_native_bf16 as _cpu_has_native_bf16
+            from .backends.base import cpu_has_native_bf16 as _cpu_has_native_bf16
             if not _cpu_has_native_bf16():
                 import warnings
                 warnings.warn("precision='bf16' on a CPU without native bf16 instructions: its bf16 matmuls "
@@ -289,7 +289,7 @@ class Trainer:
         # brains: the scans' own support (nonzero = brain, like volumes): class 0 can hold brain voxels
         # after min-max normalisation; without them, the nonzero classes
         focus = volumes if brains is None else brains
-        if mc.variant == "2d":      # IF 2D: a sample, and a latent, per axial slice holding brain (slices.py)
+        if mc.variant == "2d":      # IF 2D: a sample, and a latent, per axial slice holding brain (restore/slices.py)
             self.sampler = SliceSampler(focus, tc.brain_fraction)
         else:
             self.sampler = PointSampler(volumes.shape[1:], focus, tc.brain_fraction)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE
+from ifad_fast.benchmarks.accuracy import IF3D, MEAN, THRESHOLD, VAE, ZSCORE
 from ifad_fast.errors import IfadError
 from ifad_fast.layouts import find_cases
 from helpers import cli, leftovers, one_error_line, toy_brain, write_nifti

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from ifad_fast.acquisition import ACQUISITIONS
-from ifad_fast.benchmark import IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy, metrics_table
+from ifad_fast.benchmarks.accuracy import IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy, metrics_table
 from ifad_fast.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
-"""The backend contract (ifad_fast/backends.py): one set of input checks, precision names and
-cache policy for every backend; and the choice of backend (ifad_fast/engines.py). Numbers are
+"""The backend contract (ifad_fast/backends/base.py): one set of input checks, precision names and
+cache policy for every backend; and the choice of backend (ifad_fast/backends/factory.py). Numbers are
 compared in test_fast_backend.py (cpu vs torch) and test_triton_kernels.py (triton,
 interpreted); this file checks what the contract promises.
 """
@@ -13,9 +13,9 @@ from helpers import base_seed, random_batch, random_decoder, rel
 
 from ifad_fast import config as cfg
 from ifad_fast.backends import Backend, BoundedCache, TorchBackend, parse_precision
-from ifad_fast.engines import auto_backend, make_backend
+from ifad_fast.backends.factory import auto_backend, make_backend
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.model import axis_encoding, positional_encoding, voxel_coords
 
 MC = cfg.ModelConfig(latent_dim=8, hidden=48, n_layers=3, latent_in=1, n_freqs=3, n_classes=5)
@@ -148,8 +148,8 @@ def pretend_cuda(monkeypatch):
     """A pretended CUDA GPU of compute capability cc (set `pretend_cuda(cc)`) on which the triton
     backend could run: enough to reach the hardware gate, which acts before any GPU work."""
     pytest.importorskip("triton", reason="triton is not installed: the gate names triton's GPU families")
-    import ifad_fast.engines as engines
-    import ifad_fast.triton_backend as tb
+    import ifad_fast.backends.factory as engines
+    import ifad_fast.backends.triton as tb
 
     def set_cc(cc):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: divmod(cc, 10))
@@ -172,7 +172,7 @@ def test_auto_picks_triton_only_for_hardware_checked_bf16(pretend_cuda):
 
 def test_triton_bf16_refuses_shapes_not_checked_on_hardware(pretend_cuda):
     from ifad_fast.model import Decoder
-    from ifad_fast.triton_backend import HARDWARE_CHECKED, TritonBackend, hardware_check_error, hardware_key
+    from ifad_fast.backends.triton import HARDWARE_CHECKED, TritonBackend, hardware_check_error, hardware_key
 
     small = cfg.get_preset("small").model
     pretend_cuda(90)

@@ -52,8 +52,8 @@ def test_one_list_of_precisions():
     each backend's precisions and training's are read from it (subsets in its order)."""
     from ifad_fast import cli, train
     from ifad_fast.backends import OPERAND_DTYPES, RUNS, TorchBackend, parse_precision
-    from ifad_fast.fast import FastBackend
-    from ifad_fast.triton_backend import TritonBackend
+    from ifad_fast.backends.fast import FastBackend
+    from ifad_fast.backends.triton import TritonBackend
 
     assert cfg.PRECISIONS == ("float32", "bf16", "tf32") == tuple(OPERAND_DTYPES) == tuple(RUNS)
     parser = cli.build_parser()

@@ -15,7 +15,7 @@ from ifad_fast import preprocess
 from ifad_fast.api import Restorer
 from ifad_fast.backends import Backend, TorchBackend, check_classes
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.preprocess import IntensityEncoder, normalise, percentiles_torch, prepare
 from ifad_fast.restore import dilate, optimise_latents, postprocess
 from ifad_fast.sampling import PointSampler

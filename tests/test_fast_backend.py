@@ -18,9 +18,9 @@ from helpers import base_seed, grid_indices, random_batch, random_decoder, rel
 from ifad_fast import config as cfg
 from ifad_fast import reference as paper
 from ifad_fast.backends import TorchBackend
-from ifad_fast.engines import make_backend
+from ifad_fast.backends.factory import make_backend
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.model import positional_encoding, voxel_coords
 
 CONFIGS = {

@@ -17,7 +17,7 @@ from helpers import RANDOM_MC, base_seed, grid_indices, random_batch, random_dec
 from ifad_fast import config as cfg
 from ifad_fast.backends import TorchBackend
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 from ifad_fast.restore import (anomaly_map, converged, dilate, interpolated_log_probs, lattice_axis, optimise_latents,
                                pool_reach, refine_near, restore_classes, score_grid, score_grid_adaptive)
 

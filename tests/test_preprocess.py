@@ -9,7 +9,7 @@ from ifad_fast import config as cfg
 from ifad_fast.cli import main
 from ifad_fast.errors import IfadError
 from ifad_fast.preprocess import GridMap, IntensityEncoder, model_affine, normalise, prepare
-from ifad_fast.scoring import dilate
+from ifad_fast.restore.scoring import dilate
 from helpers import AFFINE, base_seed, toy_brain
 
 

@@ -11,7 +11,7 @@ from ifad_fast import config as cfg
 from ifad_fast.api import Restorer, restore_array, restore_arrays, restore_config, restore_files
 from ifad_fast.backends import TorchBackend
 from ifad_fast.errors import IfadError
-from ifad_fast.fast import FastBackend
+from ifad_fast.backends.fast import FastBackend
 
 SCHEDULE = "5x300,2x600"
 
@@ -97,7 +97,7 @@ def test_stage_times_name_every_stage_of_a_restore_and_fit_in_its_wall_time(mode
     time."""
     import time
 
-    from ifad_fast.speed import STAGES
+    from ifad_fast.benchmarks.speed import STAGES
 
     img = toy_scans(1, offset=40)[0]
     restorer = Restorer(model, "cpu", "cpu", schedule=SCHEDULE, time_stages=True)

@@ -92,7 +92,7 @@ def test_restored_slices_are_the_default_ones_wherever_those_hold_brain():
     """The old rule (each block at its default slice, left out when that holds no brain) on brains whose
     blocks all hold brain at their default slice; elsewhere a block is restored at its brain slice
     nearest to the default one."""
-    from ifad_fast.slices import blocks, restored_blocks
+    from ifad_fast.restore.slices import blocks, restored_blocks
 
     for depth, lo, hi, steps in ((40, 4, 36, (1, 2, 4)), (160, 9, 150, (1, 4)), (24, 6, 18, (3, 6))):
         brain = np.zeros(depth, bool)

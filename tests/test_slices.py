@@ -1,4 +1,4 @@
-"""IF 2D: one latent per axial slice on the 3D engine (ifad_fast/slices.py)."""
+"""IF 2D: one latent per axial slice on the 3D engine (ifad_fast/restore/slices.py)."""
 import dataclasses
 import json
 
@@ -12,7 +12,7 @@ from ifad_fast.backends import TorchBackend
 from ifad_fast.errors import IfadError
 from ifad_fast.model import FORMAT_VERSION, FORMAT_VERSION_2D, Model, load_model, save_model
 from ifad_fast.restore import postprocess, restore_classes
-from ifad_fast.slices import SliceSampler, blocks, points_per_slice, search_slices, slice_table
+from ifad_fast.restore.slices import SliceSampler, blocks, points_per_slice, search_slices, slice_table
 from helpers import base_seed, grid_indices, numpy_rng, random_decoder
 
 MC = dataclasses.replace(cfg.get_preset("tiny-2d").model, n_classes=4)
@@ -331,7 +331,7 @@ def test_cli_train_2d_preset_restore_with_slice_step(tiny_run, tmp_path, capsys)
 def test_accuracy_benchmark_reports_if2d_beside_if3d(model_2d, tiny_run, tmp_path):
     """bench accuracy with a 3D model and --compare a 2D one: one method each, named by variant (quick:
     3 mm synthetic scans, two acquisitions, a 5-step VAE)."""
-    from ifad_fast.benchmark import IF2D, IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy
+    from ifad_fast.benchmarks.accuracy import IF2D, IF3D, MEAN, THRESHOLD, VAE, ZSCORE, accuracy
 
     save_model(model_2d, tmp_path / "m2d.pt")
     kwargs = dict(quick=True, n_healthy=2, n_val=1, n_test=1, source_mm=3.0, healthy_mm=3.0, vae_steps=5,
@@ -349,8 +349,8 @@ def test_accuracy_benchmark_reports_if2d_beside_if3d(model_2d, tiny_run, tmp_pat
 
 
 def test_speed_suite_if2d_row_restores_the_brain_slices():
-    from ifad_fast.fast import FastBackend
-    from ifad_fast.speed import restore_variants
+    from ifad_fast.backends.fast import FastBackend
+    from ifad_fast.benchmarks.speed import restore_variants
 
     decoder = random_decoder(dataclasses.replace(MC, variant="3d"), base_seed())     # the suite's 3D decoder
     classes, brain = random_scan((10, 9, 16))

@@ -120,7 +120,7 @@ def _backend_check(seed):
     import torch
     from ifad_fast import config as cfg
     from ifad_fast.backends import TorchBackend
-    from ifad_fast.triton_backend import TritonBackend, triton_unavailable_reason
+    from ifad_fast.backends.triton import TritonBackend, triton_unavailable_reason
     mc = cfg.ModelConfig(latent_dim=16, hidden=64, n_layers=4, latent_in=2, n_freqs=4, dropout=0.0)
     dec = random_decoder(mc, seed)
     shape = (9, 8, 7)
@@ -171,7 +171,7 @@ def _slices_check(seed):
     from ifad_fast.backends import TorchBackend
     from ifad_fast.model import Model
     from ifad_fast.restore import restore_classes
-    from ifad_fast.triton_backend import TritonBackend
+    from ifad_fast.backends.triton import TritonBackend
     mc = dataclasses.replace(cfg.get_preset("tiny-2d").model, n_classes=4)
     dec = random_decoder(mc, seed)
     model = Model(dec, torch.tensor([0.0, 0.3, 0.6, 0.9], dtype=torch.float64),

@@ -1,4 +1,4 @@
-"""Training rows of `ifad-fast bench speed` (ifad_fast/speed.py calls `training` and `format_training`).
+"""Training rows of `ifad-fast bench speed` (ifad_fast/benchmarks/speed.py calls `training` and `format_training`).
 
 - One training step (a whole epoch of one batch: draw S × K points, forward, backward with every
   weight gradient and the batch's latents, Adam) per implementation: `plain` (every point reads
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config as cfg
-from .model import layer_shapes
-from .train import Trainer
+from .. import config as cfg
+from ..model import layer_shapes
+from ..train import Trainer
 
 STEP_VARIANTS = (("plain", "float32"), ("hoisted", "float32"), ("hoisted", "bf16"))
 
@@ -40,7 +40,7 @@ def train_flop_per_point(mc: cfg.ModelConfig) -> int:
 def synthetic_volumes(n: int, resolution: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(classes, brains), each (n, R, R, R) uint8: the speed suite's synthetic MNI152 brain, shifted
     a voxel or two per copy."""
-    from .bench_inputs import benchmark_volume
+    from .machine import benchmark_volume
     classes, brain = benchmark_volume(resolution)
     rng = np.random.default_rng(seed)
     shifts = [tuple(rng.integers(-2, 3, 3)) for _ in range(n)]
@@ -91,8 +91,8 @@ def step_rows(preset_name: str, volumes_per_batch: int, points: int, device, rep
 def scaling_rows(preset_name: str, volumes_per_batch: int, points: int, device, epochs: int,
                  nprocs=(1, 2)) -> list[dict]:
     """Median seconds per epoch (first epoch left out) of one job in 1 and 2 processes."""
-    from .distributed import launch
-    from .train import TrainJob, train_job
+    from ..distributed import launch
+    from ..train import TrainJob, train_job
 
     device = torch.device(device)
     preset = cfg.get_preset(preset_name)
@@ -130,7 +130,7 @@ def training(quick: bool = False, device="cpu", report=print) -> dict:
     """The training rows: the paper preset's step (batch 6 × 16,200; --quick: the small preset,
     4 × 4,096; bf16 only on CUDA or CPUs with native bf16) and 1 → 2 process scaling."""
     device = torch.device(device)
-    from .backends import cpu_has_native_bf16
+    from ..backends.base import cpu_has_native_bf16
     variants = STEP_VARIANTS
     if device.type == "cpu" and not cpu_has_native_bf16():     # emulated: ~15× slower, not worth timing
         variants = tuple(v for v in variants if v[1] != "bf16")

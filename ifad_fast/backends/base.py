@@ -22,9 +22,9 @@ has a cheaper way than the default, `_score_and_classes`, on checked inputs.
 
 `torch` (TorchBackend) is the reference every fast backend is tested against: the decoder with
 weight norm folded, evaluated in float32 with plain torch ops, autograd for the z-gradient.
-`cpu` is ifad_fast/fast.py (any torch device), `triton` is ifad_fast/triton_backend.py (CUDA).
+`cpu` is ifad_fast/backends/fast.py (any torch device), `triton` is ifad_fast/backends/triton.py (CUDA).
 Both import this module; which backend a caller gets (names, 'auto', devices) is decided in
-ifad_fast/engines.py, which imports all three, so this module imports neither.
+ifad_fast/backends/factory.py, which imports all three, so this module imports neither.
 """
 from __future__ import annotations
 
@@ -35,9 +35,9 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .config import PRECISION_ALIASES, PRECISIONS
-from .errors import IfadError
-from .model import Decoder, cross_entropy_per_point
+from ..config import PRECISION_ALIASES, PRECISIONS
+from ..errors import IfadError
+from ..model import Decoder, cross_entropy_per_point
 
 # precision name (config.PRECISIONS) -> storage dtype of the per-point operands. tf32: float32
 # storage, float32 matmuls on the TF32 tensor cores of a CUDA GPU (10-bit mantissa products,
@@ -118,7 +118,7 @@ class Backend(ABC):
                             f"on {self.device.type} use --precision float32 (or bf16)")
 
     # ------------------------------------------------------------------ public, checked
-    # checked=True: the caller has validated the inputs already (restore.py checks the class
+    # checked=True: the caller has validated the inputs already (restore/volume.py checks the class
     # volume once per restoration and draws indices inside the grid by construction), so the
     # per-call range checks -- one host synchronisation per call on a GPU -- are skipped.
     def mean_loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, shape, *,

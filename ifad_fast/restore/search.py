@@ -3,7 +3,7 @@
 optimise_latents(backend, classes, z0, rc, generator) -> (z (B, D), losses (steps, B)); the points
 are drawn by sampling.PointSampler (or a caller's `points`, as IF 2D's per-slice draws), each step
 calls Backend.mean_loss. On the CPU, Adam is `LatentAdam` (torch's single-tensor step written out);
-on CUDA a phase's step can be replayed from a CUDA graph (`GraphedStep`). Used by restore.py (IF 3D)
+on CUDA a phase's step can be replayed from a CUDA graph (`GraphedStep`). Used by volume.py (IF 3D)
 and slices.py (IF 2D).
 """
 from __future__ import annotations
@@ -13,11 +13,11 @@ import warnings
 
 import torch
 
-from . import config as cfg
-from .backends import check_classes
-from .model import Model
-from .progress import progress_bar
-from .sampling import PointSampler
+from .. import config as cfg
+from ..backends.base import check_classes
+from ..model import Model
+from ..progress import progress_bar
+from ..sampling import PointSampler
 
 
 def initial_latents(model: Model, n: int, rc: cfg.RestoreConfig, generator: torch.Generator) -> torch.Tensor:
@@ -102,7 +102,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`GraphedStep`;
     eager steps if capture fails); ignored elsewhere. points: a callable K -> (idx (B, K, 3) long,
     targets (B, K) long) on the classes' device, the points of each latent z[b] (the 2D variant's
-    per-slice draws, ifad_fast/slices.py); it replaces the draws above, and `classes` then only
+    per-slice draws, ifad_fast/restore/slices.py); it replaces the draws above, and `classes` then only
     gives the grid shape and the device.
 
     rc.stop_tol > 0 ends a phase early once its loss has levelled off (`converged`, read every

@@ -40,9 +40,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from . import config as cfg
-from .errors import IfadError
-from .model import Model
+from .. import config as cfg
+from ..errors import IfadError
+from ..model import Model
 from .scoring import DeviceMaps, StageTimes, anomaly_map, dilate, pool_reach, score_points
 from .search import initial_latents, optimise_latents
 
@@ -251,7 +251,7 @@ def restore_slices(backend, model: Model, classes: torch.Tensor, rc: cfg.Restore
     loss averaged over each scan's slices, z (sum S_i, D) and per scan `slices` (S_i,): the
     restored slices holding brain, whose latents z holds scan after scan.
     """
-    from .backends import check_classes
+    from ..backends.base import check_classes
 
     stage = stages or StageTimes(enabled=False)
     check_classes(classes, backend.config.n_classes)

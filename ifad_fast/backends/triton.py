@@ -1,5 +1,5 @@
 """The triton backend: the fused point kernels of kernels/triton_decoder.py behind the
-contract of backends.py (`mean_loss`, `score`, and `score_and_classes`: the anomaly score and
+contract of base.py (`mean_loss`, `score`, and `score_and_classes`: the anomaly score and
 the restored class from one launch).
 
 One fused launch per restoration step computes, for B scans × K points, the per-point
@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from .backends import Backend, BoundedCache, precisions_of
-from .errors import IfadError
-from .model import Decoder, axis_encoding
+from .base import Backend, BoundedCache, precisions_of
+from ..errors import IfadError
+from ..model import Decoder, axis_encoding
 
 MIN_CC = (8, 0)
 
@@ -107,7 +107,7 @@ def triton_unavailable_reason(device) -> str | None:
 
 def _kernels():
     try:
-        from .kernels import triton_decoder
+        from ..kernels import triton_decoder
     except Exception as exc:
         return f"the Triton kernels do not import ({type(exc).__name__}: {exc})"
     return triton_decoder

@@ -3,7 +3,7 @@ the post-processing into an anomaly map, and the containers of the maps (`Device
 
 score_grid / score_grid_adaptive(backend, z, classes, region) -> scores, classes; anomaly_map(score,
 brain, rc, region) = postprocess (min-pool then average-pool, prefix sums) zeroed outside the brain.
-Used by restore.py (IF 3D) and slices.py (IF 2D).
+Used by volume.py (IF 3D) and slices.py (IF 2D).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
-from .backends import check_classes
-from .progress import progress_bar
+from .. import config as cfg
+from ..backends.base import check_classes
+from ..progress import progress_bar
 
 
 @dataclass

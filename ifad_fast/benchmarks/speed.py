@@ -1,4 +1,4 @@
-"""The speed suite behind `ifad-fast bench speed [--quick]` (and `ifad_fast.benchmark.speed`).
+"""The speed suite behind `ifad-fast bench speed [--quick]` (and `ifad_fast.benchmarks.accuracy.speed`).
 
 Paper-sized decoder (random weights), one 160³ volume (a synthetic MNI152 brain encoded with
 the HCP T2 centres). Times, in one run and on one machine, side by side:
@@ -21,7 +21,7 @@ the HCP T2 centres). Times, in one run and on one machine, side by side:
   search), grid (the brain-region score grid), post (pooling), native (back to the scan's grid),
   each with its share; the host pipeline, and on CUDA the device pipeline with and without CUDA
   graphs;
-- training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/train_speed.py).
+- training: one step per implementation and precision, and 1 → 2 processes (ifad_fast/benchmarks/training.py).
 
 Only warm calls are timed: every timed piece runs once untimed first (the fast restoration and
 the grid on a short schedule / a small region), so one-off costs (allocation, CUDA context and
@@ -37,15 +37,16 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import config as cfg
-from . import reference as paper
-from . import train_speed
-from .backends import TorchBackend
-from .engines import resolve_backend, resolve_device
-from .bench_inputs import benchmark_case, benchmark_volume, machine
-from .fast import FastBackend
-from .model import Decoder, layer_shapes
-from .restore import GraphedStep, dilate, optimise_latents, pool_reach, postprocess, score_grid
+from .. import config as cfg
+from .. import reference as paper
+from . import training as train_speed
+from ..backends.base import TorchBackend
+from ..backends.factory import resolve_backend, resolve_device
+from .machine import benchmark_case, benchmark_volume, machine
+from ..backends.fast import FastBackend
+from ..model import Decoder, layer_shapes
+from ..restore.scoring import dilate, pool_reach, postprocess, score_grid
+from ..restore.search import GraphedStep, optimise_latents
 
 
 def macs_per_point(mc: cfg.ModelConfig, hoisted: bool) -> int:
@@ -105,8 +106,8 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
     restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows:
     the host pipeline; on CUDA also the device pipeline with and without CUDA graphs. quick: the
     schedule's steps divided by 10."""
-    from .api import Restorer
-    from .model import Model
+    from ..api import Restorer
+    from ..model import Model
 
     model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
                   preprocess=cfg.PreprocessConfig(resolution=resolution), latents=z.detach().cpu().float())
@@ -152,8 +153,8 @@ def write_seconds(case, result, restorer) -> float:
 
     import nibabel as nib
 
-    from .api import write_outputs
-    from .io import Scan
+    from ..api import write_outputs
+    from ..io import Scan
 
     scan = Scan(case.image, case.affine, nib.Nifti1Header())
     with tempfile.TemporaryDirectory() as out:
@@ -324,8 +325,8 @@ def restore_variants(decoder: Decoder, classes, brain, rc: cfg.RestoreConfig, en
     Returns {"if3d": seconds, "if2d": seconds, "slices": restored slices of the 2D run}."""
     import dataclasses
 
-    from .model import Model
-    from .restore import restore_classes
+    from ..model import Model
+    from ..restore.volume import restore_classes
 
     out = {}
     for variant in ("3d", "2d"):

@@ -1,6 +1,6 @@
 """FastBackend ("cpu"): the restoration hot path with less work and the same numbers.
 
-Same contract and results as `backends.TorchBackend` (see backends.py), on any torch device.
+Same contract and results as `base.TorchBackend` (see base.py), on any torch device.
 What it does differently (the identities are derived in docs/numerics.md):
 
 1. Weight norm is folded once (`decoder.weights()`). Layer 0 reads [z, γ] and the
@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import OPERAND_DTYPES, Backend, BoundedCache, cpu_has_native_bf16, precisions_of
-from .errors import IfadError
-from .model import Decoder, axis_encoding
+from .base import OPERAND_DTYPES, Backend, BoundedCache, cpu_has_native_bf16, precisions_of
+from ..errors import IfadError
+from ..model import Decoder, axis_encoding
 
 DEFAULT_CHUNK = {"cuda": 32768}
 

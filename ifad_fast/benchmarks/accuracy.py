@@ -49,11 +49,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .acquisition import ACQUISITIONS, HELD_OUT
-from .baselines import VAEConfig
-from .bench_inputs import machine
-from .errors import IfadError
-from .progress import progress_bar
+from ..acquisition import ACQUISITIONS, HELD_OUT
+from ..baselines import VAEConfig
+from .machine import machine
+from ..errors import IfadError
+from ..progress import progress_bar
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
@@ -141,8 +141,8 @@ class _Scored:
 def with_landmarks(pc, scans):
     """pc with its standard intensity scale fitted on `scans` (a function giving an iterable of
     native images) when it standardises and has none yet; else pc as it is."""
-    from . import config as cfg
-    from .preprocess import fit_landmarks, scan_landmarks
+    from .. import config as cfg
+    from ..preprocess import fit_landmarks, scan_landmarks
 
     if not pc.standardise or pc.landmarks:
         return pc
@@ -153,8 +153,8 @@ def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
     """Healthy subjects 0..n-1 (seed 0) on the model grid as the model sees them: a list of
     volumes (R, R, R) float32, a list of their brains (R, R, R) bool, and pc (with its landmarks
     fitted on these subjects when it standardises and has none)."""
-    from .preprocess import to_model_grid
-    from .synth import generate_healthy
+    from ..preprocess import to_model_grid
+    from ..synth import generate_healthy
 
     pc = with_landmarks(pc, lambda: (generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm).image for i in range(n)))
     volumes, brains = [], []
@@ -173,9 +173,9 @@ def train_if3d(volumes: list[np.ndarray], brains: list[np.ndarray], preset: str,
     preset's); pc: the preprocessing the volumes went through (default the preset's). -> Model."""
     import torch
 
-    from . import config as cfg
-    from .preprocess import IntensityEncoder, mode_pool3d
-    from .train import Trainer
+    from .. import config as cfg
+    from ..preprocess import IntensityEncoder, mode_pool3d
+    from ..train import Trainer
 
     p = cfg.get_preset(preset)
     pc = p.preprocess if pc is None else pc
@@ -193,9 +193,9 @@ def restoration_fit(restorer, subjects, voxel_mm: float = 1.5) -> dict:
     """How well `restorer` fits healthy subjects (healthy stream, seed 0): per subject and averaged,
     `metrics.restoration_fit` of its restored classes against the scan's own (mode-pooled) classes
     on the model grid's brain voxels."""
-    from .metrics import restoration_fit as fit
-    from .preprocess import prepare
-    from .synth import generate_healthy
+    from ..metrics import restoration_fit as fit
+    from ..preprocess import prepare
+    from ..synth import generate_healthy
 
     pc = restorer.model.preprocess
     rows = {}
@@ -217,7 +217,7 @@ def _methods(restorer, baselines, compare=None) -> dict:
     """Method name -> function of an acquired scan giving its anomaly map on the scan's grid.
 
     compare: the Restorer of one more implicit-field model, or None."""
-    from .baselines import anomaly_map
+    from ..baselines import anomaly_map
 
     model, rc = restorer.model, restorer.rc
     methods = {}
@@ -244,7 +244,7 @@ def _evaluate(val: _Scored, test: _Scored, methods, acquisitions, val_acquisitio
     spread of [DICE] over acquisitions; thresholds from the validation cases (the test cases' own
     without any). The healthy scans (in the validation acquisition) count in that acquisition's row
     and the pooled one."""
-    from .metrics import evaluate
+    from ..metrics import evaluate
 
     out = {}
     for m in methods:
@@ -371,8 +371,8 @@ def accuracy_markdown(result: dict) -> str:
 
 def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, healthy_mm,
            vae_steps, n_healthy_test=None) -> AccuracySetup:
-    from .acquisition import get_acquisitions
-    from .synth import acquisition_grid
+    from ..acquisition import get_acquisitions
+    from ..synth import acquisition_grid
 
     for what, v in (("n_healthy", n_healthy), ("n_val", n_val), ("n_test", n_test), ("vae_steps", vae_steps),
                     ("n_healthy_test", n_healthy_test)):
@@ -390,9 +390,9 @@ def _setup(quick, n_healthy, n_val, n_test, acquisitions, schedule, source_mm, h
 def _models(model, train, compare, device):
     """(the model, None when it is to be trained here; its preprocessing; how it is described; the
     compared model or None), from a Model, a file, None (the bundled model) or a preset to train."""
-    from . import config as cfg
-    from .api import default_model
-    from .model import Model, load_model
+    from .. import config as cfg
+    from ..api import default_model
+    from ..model import Model, load_model
 
     if train is not None:
         model, pc, described = None, cfg.get_preset(train).preprocess, f"trained here ({train} preset)"
@@ -410,8 +410,8 @@ def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, c
     """IF 3D trained on the healthy model-grid volumes when `train` names a preset, and every
     baseline fitted on them: (model, its description, its Restorer, the compared one or None,
     {method: anomaly-map function}, the VAE)."""
-    from .api import Restorer
-    from .baselines import DenseVAE, MeanImage, Thresholding, ZScore
+    from ..api import Restorer
+    from ..baselines import DenseVAE, MeanImage, Thresholding, ZScore
 
     if train is not None:
         model = train_if3d(volumes, brains, train, epochs, device, progress, pc)
@@ -426,7 +426,7 @@ def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, c
 
 def _result(restorer, other, model, described, compare, setup: dict, vae_model, methods, scored) -> dict:
     """The result dict of an accuracy run (as written to accuracy.json)."""
-    from .model import Model
+    from ..model import Model
 
     rc = restorer.rc
     result = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
@@ -448,8 +448,8 @@ def _write(result: dict, out_dir, report, figure_case):
     table = accuracy_markdown(result)
     report(table)
     if out_dir:
-        from .figures import accuracy_figure
-        from .io import atomic_path, save_json
+        from ..figures import accuracy_figure
+        from ..io import atomic_path, save_json
         save_json(Path(out_dir) / "accuracy.json", result)
         with atomic_path(Path(out_dir) / "accuracy.md") as tmp:
             tmp.write_text(table + "\n")
@@ -461,8 +461,8 @@ def _write(result: dict, out_dir, report, figure_case):
 
 
 def _check_schedule(schedule):
-    from . import config as cfg
-    from .api import parse_phases
+    from .. import config as cfg
+    from ..api import parse_phases
 
     if schedule not in cfg.SCHEDULES:
         parse_phases(schedule)                                    # a user error before any work
@@ -483,9 +483,9 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
     and 6 validation cases, 4 healthy test scans, every acquisition; `quick`: 2, 2 and 1, at most 8
     healthy training scans, a 300-step VAE. Returns the result dict (as written to accuracy.json).
     """
-    from .acquisition import reacquire
-    from .engines import resolve_device
-    from .synth import generate_healthy, generate_lesion
+    from ..acquisition import reacquire
+    from ..backends.factory import resolve_device
+    from ..synth import generate_healthy, generate_lesion
 
     device = resolve_device(device)
     _check_schedule(schedule)
@@ -543,9 +543,9 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
 def _data_scans(cases, what: str, masks: bool, max_voxels=None, force: bool = False):
     """The cases (`layouts.Case`) read as scans (`acquisition.Acquired`, acquisition `what`), one at
     a time: the scan checked as `restore` checks it, its mask (labels > 0) on its grid."""
-    from .acquisition import Acquired
-    from .io import load_scan, read_volume
-    from .pairing import label_problem
+    from ..acquisition import Acquired
+    from ..io import load_scan, read_volume
+    from ..pairing import label_problem
 
     for case in cases:
         scan = load_scan(case.scan, max_voxels, force)
@@ -574,9 +574,9 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
     healthy case). healthy, test, validation: folders in a layout `layouts.find_cases` reads
     (ours, BraTS, HCP, BIDS) or CSVs of scan,mask; `modality` picks the scans where several are
     given. Writes accuracy.json, accuracy.md and accuracy.png to `out_dir`; returns the result."""
-    from .engines import resolve_device
-    from .layouts import find_cases
-    from .preprocess import to_model_grid
+    from ..backends.factory import resolve_device
+    from ..layouts import find_cases
+    from ..preprocess import to_model_grid
 
     device = resolve_device(device)
     _check_schedule(schedule)
@@ -623,22 +623,22 @@ def accuracy_on_data(healthy, test, validation=None, modality: str = "t2", model
 
 
 def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print) -> dict:
-    """Times the restoration pieces for the paper-sized model on one volume (ifad_fast/speed.py);
+    """Times the restoration pieces for the paper-sized model on one volume (ifad_fast/benchmarks/speed.py);
     writes speed.json into out_dir when given. Returns the numbers as a dict."""
     from .speed import run
     result = run(quick=quick, backend=backend, device=device, report=report)
     if out_dir:
-        from .io import save_json
+        from ..io import save_json
         save_json(Path(out_dir) / "speed.json", result)
     return result
 
 
 def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print):
     """Store the validation set's best-Dice threshold (lesion seed 1) in the model's info and save it."""
-    from .api import Restorer
-    from .metrics import curve_metrics
-    from .model import load_model, save_model
-    from .synth import generate_lesion
+    from ..api import Restorer
+    from ..metrics import curve_metrics
+    from ..model import load_model, save_model
+    from ..synth import generate_lesion
 
     model = load_model(model_path)
     restorer = Restorer(model, "auto", "cpu", schedule=schedule)

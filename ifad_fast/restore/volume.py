@@ -23,12 +23,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import config as cfg
-from .backends import check_classes
-from .engines import resolve_backend
-from .errors import IfadError
-from .model import Model
-# the search and the scoring live in their own modules (slices.py uses them too); restore.py puts
+from .. import config as cfg
+from ..backends.base import check_classes
+from ..backends.factory import resolve_backend
+from ..errors import IfadError
+from ..model import Model
+# the search and the scoring live in their own modules (slices.py uses them too); volume.py puts
 # them together, and their names stay importable from here
 from .scoring import (DeviceMaps, Restoration, StageTimes, anomaly_map, dilate, interpolated_log_probs,  # noqa: F401
                       lattice_axis, pool_reach, pools_at, postprocess, refine_near, score_grid, score_grid_adaptive,

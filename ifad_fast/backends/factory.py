@@ -2,8 +2,8 @@
 ('auto', 'triton', 'torch', 'cpu') or a Backend already built, a device name ('auto', 'cpu',
 'cuda', 'cuda:N') or a torch.device, a precision name -- becomes a built `Backend`.
 
-The contract and the reference live in backends.py, the implementations in fast.py (`cpu`) and
-triton_backend.py (`triton`); this module imports all three at the top and none of them
+The contract and the reference live in base.py, the implementations in fast.py (`cpu`) and
+triton.py (`triton`); this module imports all three at the top and none of them
 imports it, so the backends form no import cycle. Callers (api, restore, speed, the CLI) ask
 `resolve_backend`; 'auto' is `auto_backend`'s policy.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from . import triton_backend
-from .backends import Backend, TorchBackend
-from .config import PRECISION_ALIASES
-from .errors import IfadError
+from . import triton as triton_backend
+from .base import Backend, TorchBackend
+from ..config import PRECISION_ALIASES
+from ..errors import IfadError
 from .fast import FastBackend
-from .model import Decoder
+from ..model import Decoder
 
 BACKENDS = ("auto", "triton", "torch", "cpu")
 
@@ -81,7 +81,7 @@ def make_backend(name: str, decoder: Decoder, device, precision: str = "float32"
 
 def auto_backend(mc, device, precision: str = "float32") -> str:
     """The backend 'auto' picks: 'triton' for bf16 on a CUDA GPU where the triton backend runs and
-    its bf16 kernel was checked on this GPU family for this model (triton_backend.HARDWARE_CHECKED);
+    its bf16 kernel was checked on this GPU family for this model (triton.HARDWARE_CHECKED);
     'cpu' (FastBackend, any device) otherwise.
 
     Measured on an NVIDIA H200 (paper-size decoder, one 160³ scan, warm): paper schedule torch
