@@ -51,7 +51,7 @@ def test_one_list_of_precisions():
     """config.PRECISIONS is the one list: the CLI's choices, the backends' dtypes and who runs what,
     each backend's precisions and training's are read from it (subsets in its order)."""
     from ifad_fast import cli, train
-    from ifad_fast.backends import OPERAND_DTYPES, RUNS, TorchBackend, parse_precision
+    from ifad_fast.backends.base import OPERAND_DTYPES, RUNS, TorchBackend, parse_precision
     from ifad_fast.backends.fast import FastBackend
     from ifad_fast.backends.triton import TritonBackend
 
