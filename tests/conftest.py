@@ -76,3 +76,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+THREADS = torch.get_num_threads()      # torch's own count in this process, before any test
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """A command run in this process with --threads (train_job, restore_shard) leaves torch on that
+    many threads; after each test torch is back on its own count, so no later test inherits it
+    (float sums, and so test_golden_outputs' bit-for-bit maps, depend on the count)."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
