@@ -9,7 +9,8 @@ architecture work of issue 21, and stored in tests/fixtures/golden/:
 - model.pt: the model (trained here once by `train_world_model`, so its weights are fixed bytes);
 - outputs.npz: per case, the SHA-256 of each output array's bytes (anomaly float32, restoration
   float32, classes uint8, all in the scan's grid) and float16 copies of the two maps;
-- machine.json: where they were recorded (torch and NumPy versions, torch's CPU capability).
+- machine.json: where they were recorded (torch and NumPy versions, torch's CPU capability); every
+  case runs on THREADS intra-op threads, since a reduction's split among threads changes its bits.
 
 tests/test_golden_outputs.py restores the same cases now. On a machine and library versions like
 the recording's the outputs must be bit-identical; elsewhere, where vectorised float code may
@@ -32,6 +33,7 @@ from helpers import WORLD_CENTRE, WORLD_RADII, acquisition, brain_image, world_o
 
 FOLDER = Path(__file__).parent / "fixtures" / "golden"
 MAPS = ("anomaly", "restoration", "classes")
+THREADS = 2              # torch's intra-op threads for every case (recorded with 2)
 THRESHOLD = 0.2          # the model's decision threshold: where the adaptive grid must be exact
 
 
@@ -90,7 +92,12 @@ def restore_case(model, case: Case) -> dict[str, np.ndarray]:
     restorer = Restorer(model, backend=case.backend, device="cpu", schedule="fast", seed=7,
                         resolution=case.resolution, pipeline=case.pipeline, **rc)
     img, affine = scan_of(case)
-    res = restorer.restore_array(img, affine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)             # a float reduction's split, hence its bits, follows it
+    try:
+        res = restorer.restore_array(img, affine)
+    finally:
+        torch.set_num_threads(threads)
     return {"anomaly": res.anomaly, "restoration": res.restoration, "classes": res.classes}
 
 
