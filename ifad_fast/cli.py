@@ -621,7 +621,7 @@ def _processes(args, device) -> tuple[int, int]:
 
 def load_model_arg(spec, device):
     """The model named by -m (file or run folder), or the bundled one when none is named."""
-    from .api import default_model
+    from .api.restorer import default_model
     from .model import load_model
 
     if spec is None:
@@ -639,8 +639,8 @@ def cmd_restore(args):
     --nproc N (or torchrun): process r restores cases r, r + N, ... of the sorted scan list, so
     every case is written once, by one process; --continue skips the cases already finished.
     """
-    from .api import (PROTOCOLS, Restorer, RestoreJob, check_job, restore_config, restore_shard, with_bias_correction,
-                      with_registration)
+    from .api.jobs import RestoreJob, check_job, restore_shard
+    from .api.restorer import PROTOCOLS, Restorer, restore_config, with_bias_correction, with_registration
     from .backends.factory import resolve_device
     from .distributed import launch
     from .extras import require
@@ -708,7 +708,7 @@ def cmd_restore(args):
 
 def cmd_evaluate(args):
     """`ifad-fast evaluate`: the paper's metrics for maps and masks (folders, or --pairs CSV)."""
-    from .api import evaluate_folders
+    from .api.evaluation import evaluate_folders
     from .metrics import format_table
 
     if args.output is not None:

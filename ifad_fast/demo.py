@@ -12,7 +12,7 @@ def run_demo(out_dir="ifad_demo", seed: int = 0, backend="auto", device="auto", 
 
     Returns the case's metrics (Dice at the model's stored threshold, best Dice, AP, AUROC).
     """
-    from .api import Restorer, default_model
+    from .api.restorer import Restorer, default_model
     from .backends.factory import resolve_device
     from .figures import slices_figure
     from .io import save_json, save_volume

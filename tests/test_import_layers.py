@@ -36,7 +36,8 @@ LAYERS = (
     ("data", {"model", "preprocess", "io", "metrics", "register"}),
     ("backends", {"backends", "backends.base", "backends.fast", "backends.triton", "backends.factory"}),
     ("engine", {"restore", "restore.volume", "restore.slices", "restore.search", "restore.scoring", "train"}),
-    ("library", {"api", "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
+    ("library", {"api", "api.results", "api.outputs", "api.files", "api.restorer", "api.evaluation", "api.jobs",
+                 "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
                  "reference"}),
     ("entry points", {"cli", "demo", "benchmarks", "benchmarks.accuracy", "benchmarks.speed",
                       "benchmarks.training", "benchmarks.machine"}),
@@ -183,7 +184,8 @@ def test_the_graph_sees_every_kind_of_import():
     assert {"api", "train", "backends.factory", "benchmarks.accuracy", "restore.slices"} <= graph["cli"]  # in functions
     assert {"backends.base", "backends.factory", "backends", "config", "restore.scoring",
             "restore.search", "restore.slices"} <= graph["restore.volume"]
-    assert {"restore", "restore.volume", "restore.scoring"} <= graph["api"]          # the __init__ it runs
+    assert {"api.restorer", "api.jobs"} <= graph["api"]
+    assert {"restore", "restore.volume", "restore.scoring"} <= graph["api.restorer"]  # the __init__ it runs
     assert "backends.triton" in graph["backends.factory"]                           # from . import triton
     assert "benchmarks.training" in graph["benchmarks.speed"]                       # from . import training
     assert {"backends.base", "backends.fast", "backends.triton", "backends.factory"} <= graph["backends"]

@@ -13,6 +13,7 @@ import pytest
 from helpers import base_seed, digests, leftovers, random_model, scan, toy_brain, write_nifti
 
 import ifad_fast.api as api
+from ifad_fast.api import files as api_files, restorer as api_restorer
 from ifad_fast.api import Restorer
 from ifad_fast.errors import IfadError
 from ifad_fast.io import OutputSet, save_volume
@@ -101,7 +102,7 @@ def test_loading_and_writing_run_in_their_threads_only_with_overlap(restorer, tm
     for name in "abc":
         scan(folder, name, seed=base_seed() + ord(name))
     threads = []
-    real_load, real_write = api.load_scan, api.write_outputs
+    real_load, real_write = api_files.load_scan, api_files.write_outputs
 
     def load_scan(*a, **k):
         threads.append(("load", threading.current_thread().name.split("_")[0]))
@@ -110,8 +111,8 @@ def test_loading_and_writing_run_in_their_threads_only_with_overlap(restorer, tm
     def write_outputs(*a, **k):
         threads.append(("write", threading.current_thread().name.split("_")[0]))
         return real_write(*a, **k)
-    monkeypatch.setattr(api, "load_scan", load_scan)
-    monkeypatch.setattr(api, "write_outputs", write_outputs)
+    monkeypatch.setattr(api_files, "load_scan", load_scan)
+    monkeypatch.setattr(api_files, "write_outputs", write_outputs)
     for overlap, loader, writer in ((False, "MainThread", "MainThread"), (True, "ifad-load", "ifad-write")):
         threads.clear()
         summaries, _ = run(restorer, folder, tmp_path / "out", overlap)
@@ -124,7 +125,7 @@ def test_a_failure_while_writing_propagates_and_leaves_no_half_written_case(rest
     folder = tmp_path / "in"
     for name in "abcde":
         scan(folder, name, seed=base_seed() + ord(name))
-    real_write, calls = api.write_outputs, []
+    real_write, calls = api_files.write_outputs, []
 
     def write_outputs(sc, res, out_dir, *a, **k):
         calls.append(sc.name)
@@ -133,7 +134,7 @@ def test_a_failure_while_writing_propagates_and_leaves_no_half_written_case(rest
                 save_volume(outputs.add(out_dir / f"{sc.name}_anomaly.nii.gz"), res.anomaly, sc.affine, sc.header)
                 raise OSError(28, "No space left on device")
         return real_write(sc, res, out_dir, *a, **k)
-    monkeypatch.setattr(api, "write_outputs", write_outputs)
+    monkeypatch.setattr(api_files, "write_outputs", write_outputs)
     seen = {}
     for overlap in (False, True):
         calls.clear()
@@ -152,14 +153,14 @@ def test_an_unexpected_error_while_restoring_propagates_after_the_cases_before_i
     folder = tmp_path / "in"
     for name in "abc":
         scan(folder, name, seed=base_seed() + ord(name))
-    real, calls = api.restore_batch, []
+    real, calls = api_restorer.restore_batch, []
 
     def restore_batch(*a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise fault
         return real(*a, **k)
-    monkeypatch.setattr(api, "restore_batch", restore_batch)
+    monkeypatch.setattr(api_restorer, "restore_batch", restore_batch)
     seen = {}
     for overlap in (False, True):
         calls.clear()

@@ -178,9 +178,9 @@ def test_damaged_checkpoint_is_refused_on_resume(tiny_run, tmp_path, capsys, wha
 
 
 def _failing_restore(monkeypatch, fault, times: int):
-    """ifad_fast.api.restore_batch raising `fault` on its first `times` calls; returns the chunk sizes
+    """ifad_fast.api.restorer.restore_batch raising `fault` on its first `times` calls; returns the chunk sizes
     (RestoreConfig.chunk) of every call."""
-    import ifad_fast.api as api
+    import ifad_fast.api.restorer as api
 
     real, chunks = api.restore_batch, []
 

@@ -391,7 +391,7 @@ def _models(model, train, compare, device):
     """(the model, None when it is to be trained here; its preprocessing; how it is described; the
     compared model or None), from a Model, a file, None (the bundled model) or a preset to train."""
     from .. import config as cfg
-    from ..api import default_model
+    from ..api.restorer import default_model
     from ..model import Model, load_model
 
     if train is not None:
@@ -410,7 +410,7 @@ def _trained(volumes, brains, model, described, train, epochs, vae: VAEConfig, c
     """IF 3D trained on the healthy model-grid volumes when `train` names a preset, and every
     baseline fitted on them: (model, its description, its Restorer, the compared one or None,
     {method: anomaly-map function}, the VAE)."""
-    from ..api import Restorer
+    from ..api.restorer import Restorer
     from ..baselines import DenseVAE, MeanImage, Thresholding, ZScore
 
     if train is not None:
@@ -462,7 +462,7 @@ def _write(result: dict, out_dir, report, figure_case):
 
 def _check_schedule(schedule):
     from .. import config as cfg
-    from ..api import parse_phases
+    from ..api.restorer import parse_phases
 
     if schedule not in cfg.SCHEDULES:
         parse_phases(schedule)                                    # a user error before any work
@@ -635,7 +635,7 @@ def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print
 
 def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print):
     """Store the validation set's best-Dice threshold (lesion seed 1) in the model's info and save it."""
-    from ..api import Restorer
+    from ..api.restorer import Restorer
     from ..metrics import curve_metrics
     from ..model import load_model, save_model
     from ..synth import generate_lesion

@@ -106,7 +106,7 @@ def stage_breakdown(decoder: Decoder, z: torch.Tensor, resolution: int, device: 
     restore (a few steps per phase: enough to capture a CUDA graph) first, then one timed. Rows:
     the host pipeline; on CUDA also the device pipeline with and without CUDA graphs. quick: the
     schedule's steps divided by 10."""
-    from ..api import Restorer
+    from ..api.restorer import Restorer
     from ..model import Model
 
     model = Model(decoder=decoder, centres=torch.tensor(cfg.HCP_T2_CENTRES, dtype=torch.float64),
@@ -153,7 +153,7 @@ def write_seconds(case, result, restorer) -> float:
 
     import nibabel as nib
 
-    from ..api import write_outputs
+    from ..api.outputs import write_outputs
     from ..io import Scan
 
     scan = Scan(case.image, case.affine, nib.Nifti1Header())
