@@ -101,6 +101,7 @@ class ModelConfig:
 
     @property
     def input_dim(self) -> int:
+        """Width of the decoder's input: the latent plus the positional encoding (6 per frequency)."""
         return self.latent_dim + 6 * self.n_freqs
 
     def __post_init__(self):
@@ -332,6 +333,7 @@ SCHEDULES = {
 
 @dataclass(frozen=True)
 class Preset:
+    """A named set of model, preprocessing and training settings (`PRESETS`)."""
     model: ModelConfig
     preprocess: PreprocessConfig
     train: TrainConfig
@@ -375,6 +377,7 @@ PRESETS["tiny-2d"] = Preset(
 
 
 def get_preset(name: str) -> Preset:
+    """The preset called `name`; IfadError naming the presets otherwise."""
     try:
         return PRESETS[name]
     except KeyError:
@@ -382,6 +385,7 @@ def get_preset(name: str) -> Preset:
 
 
 def to_dict(obj) -> dict:
+    """A config dataclass as a plain dict (for model files and JSON)."""
     return dataclasses.asdict(obj)
 
 
@@ -394,4 +398,5 @@ def from_dict(cls, data: dict):
 
 
 def replace(obj, **changes):
+    """A copy of the config `obj` with the fields in `changes` that are not None replaced (checked again)."""
     return dataclasses.replace(obj, **{k: v for k, v in changes.items() if v is not None})

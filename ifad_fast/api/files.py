@@ -49,6 +49,8 @@ def shard_of(paths: list, shard: tuple[int, int] | None) -> list:
 
 
 def eta_text(seconds_done: float, done: int, left: int) -> str:
+    """', ETA <duration>' for a run that took `seconds_done` for `done` cases with `left` to go ('' before the
+    first case and after the last)."""
     if done == 0 or left == 0:
         return ""
     return f", ETA {duration(seconds_done / done * left)}"
@@ -66,19 +68,23 @@ class FilesProgress:
         self.t_start = time.perf_counter()
 
     def log(self, name: str, text: str) -> None:
+        """Report the next numbered line: 'k/n name: text'."""
         self.done += 1
         self.report(f"{self.done}/{self.total} {name}: {text}")
 
     def fail(self, path, why: str) -> None:
+        """Record that `path` failed and why (a numbered line when the run has more than one case)."""
         self.failed[path] = why
         if self.total > 1:                           # one scan: the final error line says it
             self.log(case_name(path), f"failed: {why}")
 
     def fail_all(self, failed) -> None:
+        """`fail` for each (path, why) in turn."""
         for path, why in failed:
             self.fail(path, why)
 
     def written(self, scan: Scan, res: NativeResult, summary: dict) -> None:
+        """Record a written case and report its line: seconds, final loss, max anomaly, where, time left."""
         self.summaries.append(summary)
         self.restored += 1
         left = sum(1 for q in self.runnable if q not in self.failed) - self.restored

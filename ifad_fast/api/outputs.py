@@ -145,10 +145,12 @@ def _check_same_settings(summary_path: Path, provenance: dict, threshold):
 
 
 def frame_summary(pc) -> dict:
+    """The preprocessing settings as a dict, for a restoration's summary."""
     return dataclasses.asdict(pc) if dataclasses.is_dataclass(pc) else dict(pc)
 
 
 def package_version() -> str:
+    """This install's ifad-fast version."""
     from .. import __version__
     return __version__
 
