@@ -1,9 +1,10 @@
 """Where the restoration's fit to its subject is lost: the search or the model? (issue 19, the 80 % target)
 
-    python bench/fit_probe.py [ANATOMY [SUBJECTS [VARIANTS]]]
+    python bench/fit_probe.py [ANATOMY [SUBJECTS [VARIANTS [MODEL]]]]
     python bench/fit_probe.py mni 48,49,50                  # unseen healthy subjects, every variant
     python bench/fit_probe.py mni 0,1,2 fast                # subjects the bundled model was trained on
     python bench/fit_probe.py folded 48,49,50 fast          # the held-out anatomy
+    python bench/fit_probe.py mni 0,1,2 fast runs/x/model.pt  # another model (default: the bundled one)
 
 Healthy subjects (seed 0, 1.5 mm) restored by the bundled model on the CPU under each search variant: the
 default `fast` schedule (the paper's prior at the model's restoring sigma), the same without a prior, and a
@@ -17,6 +18,7 @@ import time
 import torch
 
 from ifad_fast.api import Restorer, default_model
+from ifad_fast.model import load_model
 from ifad_fast.metrics import restoration_fit
 from ifad_fast.preprocess import prepare
 from ifad_fast.synth import generate_healthy
@@ -26,9 +28,9 @@ VARIANTS = {"fast": dict(schedule="fast"), "fast-noprior": dict(schedule="fast",
             "long": dict(LONG), "long-noprior": dict(LONG, prior="none")}
 
 
-def main(anatomy="mni", subjects="48,49,50", only=None):
+def main(anatomy="mni", subjects="48,49,50", only=None, model_path=None):
     torch.set_num_threads(2)
-    model = default_model()
+    model = load_model(model_path) if model_path else default_model()
     healthy = [generate_healthy(int(i), seed=0, anatomy=anatomy) for i in subjects.split(",")]
     pc = model.preprocess
     for name, options in VARIANTS.items():
@@ -41,7 +43,7 @@ def main(anatomy="mni", subjects="48,49,50", only=None):
             grid = restorer.restore_array(case.image, case.affine).model_grid
             fit = restoration_fit(grid.classes, scan.classes, scan.brain, grid.score)
             fits.append({k: round(float(v), 3) for k, v in fit.items()})
-        print(json.dumps(dict(variant=name, anatomy=anatomy, subjects=subjects, prior=restorer.rc.prior,
+        print(json.dumps(dict(model=model_path or "bundled", variant=name, anatomy=anatomy, subjects=subjects, prior=restorer.rc.prior,
                               sigma=round(restorer.rc.sigma, 3), phases=restorer.rc.phases,
                               seconds=round(time.time() - t0), fits=fits)), flush=True)
 
