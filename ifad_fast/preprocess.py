@@ -794,6 +794,13 @@ def to_model_grid(data, affine: np.ndarray | None, pc: cfg.PreprocessConfig,
 
 def _to_model_grid(scan, affine, pc: cfg.PreprocessConfig, resolution: int | None) -> tuple:
     """`to_model_grid` on an array from `_array` (float32 (X, Y, Z)): its results of the same kind."""
+    normalised, brain, affine, percentiles = _normalised(scan, affine, pc)
+    return (*_placed(normalised, brain, affine, pc, resolution), percentiles)
+
+
+def _normalised(scan, affine, pc: cfg.PreprocessConfig) -> tuple:
+    """What does not depend on the grid: (the normalised scan, its brain, the affine it is placed by
+    (registered with pc.register), the percentiles)."""
     if scan.ndim != 3:
         raise IfadError(f"scan shape {tuple(scan.shape)} is not a 3D volume; pass a 3D scan")
     brain = scan != 0
@@ -807,21 +814,37 @@ def _to_model_grid(scan, affine, pc: cfg.PreprocessConfig, resolution: int | Non
     if pc.register and affine is not None:        # the frame laid out in MNI space: scan voxel -> MNI world
         from .register import registered_affine
         affine = registered_affine(scan, affine)
+    return normalised, brain, affine, percentiles
+
+
+def _placed(normalised, brain, affine, pc: cfg.PreprocessConfig, resolution: int | None) -> tuple:
+    """(the model-grid volume clipped to [0, 1], its Placement) at `resolution` (None: pc's)."""
     placement = place(brain, affine, pc, resolution)
-    return placement.to_model(normalised).clip(0.0, 1.0), placement, percentiles
+    return placement.to_model(normalised).clip(0.0, 1.0), placement
 
 
 def prepare(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int,
             affine: np.ndarray | None = None, resolution: int | None = None) -> Prepared:
     """Native scan -> model input: normalise, place in the frame, encode, mode-pool (1 = none).
     A NumPy scan (or nibabel image) gives arrays; a tensor gives tensors on its device."""
+    return prepare_grids(data, encoder, pc, mode_pool, affine, (resolution,))[0]
+
+
+def prepare_grids(data, encoder: IntensityEncoder, pc: cfg.PreprocessConfig, mode_pool: int,
+                  affine: np.ndarray | None = None, resolutions=(None,)) -> list[Prepared]:
+    """`prepare` at each grid size of `resolutions` (None: pc.resolution), the scan's normalisation,
+    bias correction and registration done once for all of them: one Prepared per size."""
     data, affine = as_scan(data, affine)
-    volume, placement, percentiles = _to_model_grid(_array(data), affine, pc, resolution)
-    classes = encoder.encode(volume)
-    if mode_pool > 1:
-        classes = _kernels(classes).mode_pool(classes, mode_pool, encoder.n_classes)
-    return Prepared(_like(volume, data), _like(classes, data), replace(placement, brain=_like(placement.brain, data)),
-                    percentiles)
+    normalised, brain, affine, percentiles = _normalised(_array(data), affine, pc)
+    out = []
+    for resolution in resolutions:
+        volume, placement = _placed(normalised, brain, affine, pc, resolution)
+        classes = encoder.encode(volume)
+        if mode_pool > 1:
+            classes = _kernels(classes).mode_pool(classes, mode_pool, encoder.n_classes)
+        out.append(Prepared(_like(volume, data), _like(classes, data),
+                            replace(placement, brain=_like(placement.brain, data)), percentiles))
+    return out
 
 
 def model_affine(grid: GridMap, affine: np.ndarray) -> np.ndarray:

@@ -173,3 +173,23 @@ def test_restore_classes_resolves_as_the_restorer_and_gives_its_numbers(model):
     assert got.losses == ref.losses and got.scored_voxels == ref.scored_voxels
     with pytest.raises(IfadError, match="region must be brain or full, got 'skull'"):
         restore_classes(model, p.classes, r.rc, "auto", "cpu", region="skull")
+
+
+def test_a_score_resolution_prepares_the_scan_once_for_both_grids(model, monkeypatch):
+    """With resolution=N the scan is normalised (and bias-corrected, registered) once, then placed
+    on the model grid and on N³; each grid as `prepare` alone gives it."""
+    from ifad_fast import preprocess
+
+    calls = []
+    real = preprocess._normalised
+    monkeypatch.setattr(preprocess, "_normalised", lambda *a: calls.append(1) or real(*a))
+    scan = toy_scans(1)[0]
+    res = Restorer(model, "cpu", "cpu", schedule="3x256", resolution=14).restore_array(scan, AFFINE)
+    assert len(calls) == 1
+    pc, encoder = model.preprocess, preprocess.IntensityEncoder(model.centres.numpy())
+    grids = preprocess.prepare_grids(scan, encoder, pc, pc.test_mode_pool, AFFINE, (None, 14))
+    for grid, size in zip(grids, (None, 14)):
+        alone = preprocess.prepare(scan, encoder, pc, pc.test_mode_pool, AFFINE, size)
+        assert np.array_equal(grid.classes, alone.classes) and np.array_equal(grid.normalised, alone.normalised)
+        assert np.array_equal(grid.brain, alone.brain)
+    assert res.model_grid.score.shape == (14, 14, 14)

@@ -26,7 +26,7 @@ from ..io import (
 )
 from ..limits import check_memory, restore_bytes
 from ..model import Model, bundled_model_path, load_model
-from ..preprocess import IntensityEncoder, as_scan, prepare
+from ..preprocess import IntensityEncoder, as_scan, prepare_grids
 from ..restore.scoring import StageTimes
 from ..restore.volume import restore_batch
 from .files import (
@@ -213,9 +213,10 @@ class Restorer:
             # the device pipeline's one copy of each scan to the device
             inputs = [torch.from_numpy(np.ascontiguousarray(data)).to(self.device) if on_device else data
                       for data, _ in scans]
-            prepared = scored = self._prepare(inputs, scans, None)
-            if resolution is not None and resolution != pc.resolution:
-                scored = self._prepare(inputs, scans, resolution)
+            own_grid = resolution is None or resolution == pc.resolution
+            grids = self._prepare(inputs, scans, (None,) if own_grid else (None, resolution))
+            prepared = [g[0] for g in grids]
+            scored = prepared if own_grid else [g[1] for g in grids]
 
             def batch(items):
                 return torch.stack(items) if on_device else torch.from_numpy(np.stack(items)).to(self.device)
@@ -259,10 +260,12 @@ class Restorer:
         finally:
             self.rc = rc
 
-    def _prepare(self, inputs, scans, resolution):
-        """Each scan on the model grid (or the N³ score grid), as arrays or on the device."""
+    def _prepare(self, inputs, scans, resolutions) -> list[list]:
+        """Each scan prepared at each grid size of `resolutions` (None: the model grid; N: the N³ score
+        grid), its normalisation and registration done once: [[Prepared per size] per scan], as
+        arrays or on the device."""
         pc = self.model.preprocess
-        return [prepare(x, self.encoder, pc, pc.test_mode_pool, affine, resolution)
+        return [prepare_grids(x, self.encoder, pc, pc.test_mode_pool, affine, resolutions)
                 for x, (_, affine) in zip(inputs, scans)]
 
     def provenance(self) -> dict:
