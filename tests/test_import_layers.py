@@ -35,7 +35,8 @@ LAYERS = (
     ("base", {"config", "errors", "extras", "progress", "limits", "locks", "distributed", "sampling", "augment"}),
     ("data", {"model", "preprocess", "io", "metrics", "register"}),
     ("backends", {"backends", "backends.base", "backends.fast", "backends.triton", "backends.factory"}),
-    ("engine", {"restore", "restore.volume", "restore.slices", "restore.search", "restore.scoring", "train"}),
+    ("engine", {"restore", "restore.volume", "restore.slices", "restore.core", "restore.search", "restore.scoring",
+                "train"}),
     ("library", {"api", "api.results", "api.outputs", "api.files", "api.restorer", "api.evaluation", "api.jobs",
                  "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
                  "reference"}),
@@ -183,7 +184,8 @@ def test_the_graph_sees_every_kind_of_import():
     graph = import_graph()
     assert {"api", "train", "backends.factory", "benchmarks.accuracy", "restore.slices"} <= graph["cli"]  # in functions
     assert {"backends.base", "backends.factory", "backends", "config", "restore.scoring",
-            "restore.search", "restore.slices"} <= graph["restore.volume"]
+            "restore.search", "restore.slices", "restore.core"} <= graph["restore.volume"]
+    assert "restore.core" in graph["restore.slices"] and "restore.slices" not in graph["restore.core"]
     assert {"api.restorer", "api.jobs"} <= graph["api"]
     assert {"restore", "restore.volume", "restore.scoring"} <= graph["api.restorer"]  # the __init__ it runs
     assert "backends.triton" in graph["backends.factory"]                           # from . import triton

@@ -2,12 +2,15 @@
 every voxel, post-process.
 
 - `volume`: IF 3D, a batch of scans (`restore_batch` on the device, `restore_classes` NumPy in and
-  out); hands 2D models to `slices`;
-- `slices`: IF 2D, a latent per axial slice (training samples, `restore_slices`);
-- `search`: the latent search (`optimise_latents`, `LatentAdam`, CUDA graphs, stopping);
+  out): the row plan `ScanRows`, one row per scan; hands 2D models to `slices`;
+- `slices`: IF 2D, a latent per axial slice (training samples; `restore_slices`: the row plan
+  `SliceRows`, one row per restored slice);
+- `core`: the one restoration core of both (`restore_rows`: a plan's initial latents, the search
+  over its rows, each scan's score grid as the plan scores it, the anomaly map, `DeviceMaps`);
+- `search`: the latent search (`optimise_latents`, `ScanDraws`, `LatentAdam`, CUDA graphs, stopping);
 - `scoring`: score grids (full, adaptive), the brain region, post-processing, `DeviceMaps`.
 
-`volume ─▶ slices ─▶ search, scoring`, one way. The names below are those `ifad_fast.restore`
+`volume ─▶ slices ─▶ core ─▶ search, scoring`, one way. The names below are those `ifad_fast.restore`
 offered when it was one module (restore.py); inside the package, modules import from the
 defining module.
 """

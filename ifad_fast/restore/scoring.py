@@ -3,7 +3,8 @@ the post-processing into an anomaly map, and the containers of the maps (`Device
 
 score_grid / score_grid_adaptive(backend, z, classes, region) -> scores, classes; anomaly_map(score,
 brain, rc, region) = postprocess (min-pool then average-pool, prefix sums) zeroed outside the brain.
-Used by volume.py (IF 3D) and slices.py (IF 2D).
+Used by core.py (the restoration of IF 3D and IF 2D) and by the row plans, volume.py (IF 3D) and
+slices.py (IF 2D).
 """
 from __future__ import annotations
 

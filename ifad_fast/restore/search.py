@@ -1,10 +1,11 @@
 """The latent search of a restoration: Adam on z over a schedule's phases of (steps, points).
 
 optimise_latents(backend, classes, z0, rc, generator) -> (z (B, D), losses (steps, B)); the points
-are drawn by sampling.PointSampler (or a caller's `points`, as IF 2D's per-slice draws), each step
-calls Backend.mean_loss. On the CPU, Adam is `LatentAdam` (torch's single-tensor step written out);
-on CUDA a phase's step can be replayed from a CUDA graph (`GraphedStep`). Used by volume.py (IF 3D)
-and slices.py (IF 2D).
+are a row plan's draws: `ScanDraws` (sampling.PointSampler over whole scans, IF 3D, the default)
+or a caller's `points` (IF 2D's per-slice draws, slices.SliceDraws); each step calls
+Backend.mean_loss. On the CPU, Adam is `LatentAdam` (torch's single-tensor step written out); on
+CUDA a phase's step can be replayed from a CUDA graph (`GraphedStep`). Used by core.py, the one
+restoration core of IF 3D and IF 2D.
 """
 from __future__ import annotations
 
@@ -27,6 +28,29 @@ def initial_latents(model: Model, n: int, rc: cfg.RestoreConfig, generator: torc
     if rc.init == "mean" and model.latents.numel():
         return model.latents.mean(0, keepdim=True).repeat(n, 1).float()
     return torch.randn(n, d, generator=generator, device=generator.device) / math.sqrt(d)
+
+
+class ScanDraws:
+    """optimise_latents' points for whole scans (IF 3D's rows): K voxels per scan and step from
+    sampling.PointSampler, rc.brain_fraction of them among the brain voxels, all rows from one
+    `generator`, on its device (a CPU generator: the same draws on any device).
+
+    classes: (B, X, Y, Z) uint8; brain: bool like it (default classes != 0). A call k returns
+    (idx (B, k, 3) long, targets (B, k) long) on the classes' device.
+    """
+
+    def __init__(self, classes: torch.Tensor, brain: torch.Tensor | None, fraction: float,
+                 generator: torch.Generator):
+        b, shape = classes.shape[0], tuple(int(s) for s in classes.shape[1:])
+        self.flat = classes.reshape(b, -1).long()
+        focus = (brain if brain is not None else classes != 0).to(generator.device)    # the draws run there
+        self.sampler = PointSampler(shape, focus, fraction)
+        self.rows = torch.arange(b, device=generator.device)
+        self.generator, self.device = generator, classes.device
+
+    def __call__(self, k: int):
+        idx, lin = self.sampler.draw(self.rows, k, self.generator)
+        return idx.to(self.device), self.flat.gather(1, lin.to(self.device))
 
 
 def prior_weight(rc: cfg.RestoreConfig, k: int) -> float:
@@ -101,9 +125,10 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     | 'fused' (the same numbers as 'default' on the CPU for 'foreach'). graphs: on CUDA, with a
     graph-safe backend, each phase's step is captured in a CUDA graph and replayed (`GraphedStep`;
     eager steps if capture fails); ignored elsewhere. points: a callable K -> (idx (B, K, 3) long,
-    targets (B, K) long) on the classes' device, the points of each latent z[b] (the 2D variant's
-    per-slice draws, ifad_fast/restore/slices.py); it replaces the draws above, and `classes` then only
-    gives the grid shape and the device.
+    targets (B, K) long) on the classes' device, the points of each latent z[b] (a row plan's
+    draws, e.g. the 2D variant's per-slice slices.SliceDraws); it replaces the draws above
+    (`ScanDraws` from `generator` and `brain`), and `classes` then only gives the grid shape and
+    the device.
 
     rc.stop_tol > 0 ends a phase early once its loss has levelled off (`converged`, read every
     rc.stop_window steps; the B latents stop together).
@@ -120,14 +145,7 @@ def optimise_latents(backend, classes: torch.Tensor, z0: torch.Tensor, rc: cfg.R
     z = z0.clone().to(device).requires_grad_(True)
     graphs = bool(graphs) and device.type == "cuda" and getattr(backend, "graph_safe", False)
     if points is None:
-        flat = classes.reshape(b, -1).long()
-        focus = (brain if brain is not None else classes != 0).to(generator.device)    # the draws run there
-        sampler = PointSampler(shape, focus, rc.brain_fraction)
-        rows = torch.arange(b, device=generator.device)
-
-        def points(k):
-            idx, lin = sampler.draw(rows, k, generator)
-            return idx.to(device), flat.gather(1, lin.to(device))
+        points = ScanDraws(classes, brain, rc.brain_fraction, generator)
     total = sum(steps for steps, _ in rc.phases)
     trace = torch.zeros(total, b, dtype=torch.float32, device=device)
     bar = progress_bar(total=total, desc="restore", unit="step", disable=None if progress else True, leave=False)

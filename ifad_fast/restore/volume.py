@@ -1,7 +1,10 @@
-"""Restoration: search the latent that best explains a scan, score every voxel, post-process.
+"""IF 3D: search the latent that best explains a scan, score every voxel, post-process.
 
 restore_classes(model, classes) -> Restoration; the anomaly score of a voxel is
--log P(t = t_scan | z, p), min-pooled (3) then average-pooled (15).
+-log P(t = t_scan | z, p), min-pooled (3) then average-pooled (15). IF 3D is a row plan of the
+one restoration core (core.py): `ScanRows`, one row (latent) per scan, its points drawn over the
+scan (`ScanDraws`), its grid the scan's region; `restore_batch` builds it and runs
+`core.restore_rows` (a 2D model's batch goes to slices.restore_slices, the other row plan).
 
 Scoring at another resolution (the paper's IF 3D*): the latent is searched on the model grid
 (R³) and the field is then evaluated on an N³ grid of the same frame (`score_classes`): the
@@ -28,18 +31,65 @@ from ..backends.base import check_classes
 from ..backends.factory import resolve_backend
 from ..errors import IfadError
 from ..model import Model
-# the search and the scoring live in their own modules (slices.py uses them too); volume.py puts
-# them together, and their names stay importable from here
+from .core import RowPlan, restore_rows
+# the search and the scoring live in their own modules (core.py and slices.py use them too); their
+# names stay importable from here
 from .scoring import (DeviceMaps, Restoration, StageTimes, anomaly_map, dilate, interpolated_log_probs,  # noqa: F401
                       lattice_axis, pool_reach, pools_at, postprocess, refine_near, score_grid, score_grid_adaptive,
                       score_points)
-from .search import (ADAM, GraphedStep, LatentAdam, _adam, converged, initial_latents,  # noqa: F401
+from .search import (ADAM, GraphedStep, LatentAdam, ScanDraws, _adam, converged, initial_latents,  # noqa: F401
                      optimise_latents, prior_weight)
 
 __all__ = ["restore_batch", "restore_classes", "DeviceMaps", "Restoration", "StageTimes", "anomaly_map", "dilate",
            "interpolated_log_probs", "lattice_axis", "pool_reach", "pools_at", "postprocess", "refine_near",
            "score_grid", "score_grid_adaptive", "score_points", "ADAM", "GraphedStep", "LatentAdam", "_adam",
            "converged", "initial_latents", "optimise_latents", "prior_weight"]
+
+
+class ScanRows(RowPlan):
+    """IF 3D's row plan: a scan is one row, searched over the model grid and scored over its region.
+
+    classes: (N, R, R, R) uint8 on the model grid (range-checked here); brain: bool like it
+    (default classes != 0), where rc.brain_fraction of the points are drawn; score_classes /
+    score_brain: the same scans on the score grid (default the model grid; pools scaled by
+    `pools_at`). The rows draw from `generator` (`ScanDraws`): z0 first, then the points.
+    threshold: with rc.grid 'adaptive', on a backend with `log_probs`, the grid is scored by
+    `score_grid_adaptive`; otherwise every voxel of the region (`dilate`d brain, or 'full').
+    """
+
+    def __init__(self, backend, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator, *,
+                 brain: torch.Tensor | None = None, region: str = "brain", score_classes: torch.Tensor | None = None,
+                 score_brain: torch.Tensor | None = None, threshold: float | None = None):
+        n_classes = backend.config.n_classes
+        check_classes(classes, n_classes)
+        self.classes, self.rc, self.generator, self.region = classes, rc, generator, region
+        self.search_brain = classes != 0 if brain is None else brain.to(torch.bool)
+        if score_classes is None:
+            self.score_classes, self.brain, self.post = classes, self.search_brain, rc
+        else:
+            check_classes(score_classes, n_classes, "score classes")
+            self.score_classes = score_classes
+            self.brain = score_classes != 0 if score_brain is None else score_brain.to(torch.bool)
+            self.post = pools_at(rc, classes.shape[1], score_classes.shape[1])
+        self.n_scans, self.threshold = classes.shape[0], threshold
+        self.adaptive = rc.grid == "adaptive" and threshold is not None and backend.has_log_probs
+
+    def start(self, model: Model):
+        """z0 (N, D) float32 from the generator, then the draws (`ScanDraws`)."""
+        z0 = initial_latents(model, self.n_scans, self.rc, self.generator)
+        return z0, ScanDraws(self.classes, self.search_brain, self.rc.brain_fraction, self.generator)
+
+    def score(self, backend, z: torch.Tensor, i: int, progress: bool = False):
+        """Scan i's region scored with z[i]: (score float32, classes uint8 on the score grid, evaluations)."""
+        brain, cls = self.brain[i], self.score_classes[i]
+        keep = dilate(brain, pool_reach(self.post)) if self.region == "brain" else None
+        if self.adaptive:
+            within = keep if keep is not None else torch.ones_like(brain)
+            return score_grid_adaptive(backend, z[i], cls, within,
+                                       refine_near(brain, self.post, self.threshold, self.region),
+                                       self.rc.chunk, progress)
+        score, restored = score_grid(backend, z[i], cls, keep, self.rc.chunk, progress, checked=True)
+        return score, restored, keep.sum() if keep is not None else score.numel()
 
 
 def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
@@ -57,7 +107,9 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
     rc.grid 'adaptive' the grid is then scored by `score_grid_adaptive` (exact wherever the map can
     reach (1 - rc.refine_margin) * threshold), on backends that have `log_probs`; otherwise, and
     without a threshold, every voxel of the region is scored. Returns DeviceMaps (nothing copied
-    to the host); its `scored` counts the decoder evaluations of the grid.
+    to the host); its `scored` counts the decoder evaluations of the grid. A 2D model's scans are
+    rows of slices (`slices.restore_slices`), a 3D model's one row each (`ScanRows`), through
+    the same core (`core.restore_rows`).
     """
     if model.config.variant == "2d":            # IF 2D: one latent per restored axial slice
         from .slices import restore_slices
@@ -65,42 +117,9 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
             raise IfadError("a 2D model scores the slices it restores, on its own grid: drop --resolution")
         return restore_slices(backend, model, classes, rc, generator, brain=brain, region=region, progress=progress,
                               adam=adam, graphs=graphs, stages=stages)
-    stage = stages or StageTimes(enabled=False)
-    n_classes = backend.config.n_classes
-    check_classes(classes, n_classes)
-    brain = classes != 0 if brain is None else brain.to(torch.bool)
-    if score_classes is None:
-        score_cls, score_brain, src = classes, brain, rc
-    else:
-        check_classes(score_classes, n_classes, "score classes")
-        score_cls = score_classes
-        score_brain = score_cls != 0 if score_brain is None else score_brain.to(torch.bool)
-        src = pools_at(rc, classes.shape[1], score_cls.shape[1])
-    with stage("search"):
-        z0 = initial_latents(model, classes.shape[0], rc, generator)
-        z, trace = optimise_latents(backend, classes, z0, rc, generator, progress, brain, adam=adam,
-                                    graphs=graphs, checked=True)
-    adaptive = rc.grid == "adaptive" and threshold is not None and backend.has_log_probs
-    scores, anomalies, predicted, scored = [], [], [], []
-    for i in range(classes.shape[0]):
-        with stage("grid"):
-            keep = dilate(score_brain[i], pool_reach(src)) if region == "brain" else None
-            if adaptive:
-                within = keep if keep is not None else torch.ones_like(score_brain[i])
-                score, cls, n = score_grid_adaptive(backend, z[i], score_cls[i], within,
-                                                    refine_near(score_brain[i], src, threshold, region),
-                                                    rc.chunk, progress)
-            else:
-                score, cls = score_grid(backend, z[i], score_cls[i], keep, rc.chunk, progress, checked=True)
-                n = keep.sum() if keep is not None else score.numel()
-        with stage("post"):
-            anomaly = anomaly_map(score, score_brain[i], src, region)
-        scores.append(score)
-        anomalies.append(anomaly)
-        predicted.append(cls)
-        scored.append(torch.as_tensor(n, device=score.device))
-    return DeviceMaps(anomaly=torch.stack(anomalies), score=torch.stack(scores), classes=torch.stack(predicted),
-                      z=z, losses=trace, scored=torch.stack(scored), region=region)
+    plan = ScanRows(backend, classes, rc, generator, brain=brain, region=region, score_classes=score_classes,
+                    score_brain=score_brain, threshold=threshold)
+    return restore_rows(backend, model, classes, plan, progress=progress, adam=adam, graphs=graphs, stages=stages)
 
 
 def restore_classes(model: Model, classes: np.ndarray, rc: cfg.RestoreConfig = cfg.RestoreConfig(),
