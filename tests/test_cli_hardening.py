@@ -146,47 +146,34 @@ def _write_fail(exc):
     return fail
 
 
-def _defect3_cases(tiny_run, tmp_path, monkeypatch):
-    model = tiny_run / "run"
-    good = scan(tmp_path / "in", "good")
-    sing = _bad_sform(tmp_path / "singular" / "s.nii", 2, 0.0)
-    nanaff = _bad_sform(tmp_path / "nanaff" / "n.nii", 0, float("nan"))
-    afile = tmp_path / "a_file"
-    afile.write_text("not a folder")
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    img, mask = toy_brain(3, lesion=True)
-    write_nifti(maps / "c_anomaly.nii.gz", img)
-    raw = (maps / "c_anomaly.nii.gz").read_bytes()
-    (maps / "c_anomaly.nii.gz").write_bytes(raw[: len(raw) // 2])       # truncated gzip
-    write_nifti(maps / "c_mask.nii.gz", mask)
-    synth_root = tmp_path / "synth"
-    scan(synth_root / "healthy", "healthy_0000")
-    (synth_root / "manifest.json").write_text(json.dumps({"generator": "ifad_fast.synth", "cases": {}}))
-    src = model / "model.pt"
-    M = lambda name, change: bad_model(src, tmp_path / f"{name}.pt", change)  # noqa: E731
+# damaged model files: change(payload, meta)
+def _wrong_type(p, m):
+    m["model"]["hidden"] = "64"
 
-    def wrong_type(p, m):
-        m["model"]["hidden"] = "64"
 
-    def missing_field(p, m):
-        del m["model"]["n_freqs"]
+def _missing_field(p, m):
+    del m["model"]["n_freqs"]
 
-    def missing_preprocess(p, m):
-        del m["preprocess"]
 
-    def missing_centres(p, m):
-        del p["centres"]
+def _missing_preprocess(p, m):
+    del m["preprocess"]
 
-    def class_mismatch(p, m):
-        p["centres"] = p["centres"][:5]
 
-    def unknown_prior(p, m):
-        m["train"]["prior"] = "magic"
+def _missing_centres(p, m):
+    del p["centres"]
 
-    out = tmp_path / "out"
-    restore = lambda *a: ["restore", *a, "-m", model, "-o", out, *FAST]  # noqa: E731
-    train = lambda data, *a: ["train", data, "-o", out, "--preset", "tiny", "--device", "cpu", *a]  # noqa: E731
+
+def _class_mismatch(p, m):
+    p["centres"] = p["centres"][:5]
+
+
+def _unknown_prior(p, m):
+    m["train"]["prior"] = "magic"
+
+
+def _faults(tmp_path, monkeypatch):
+    """(readonly, unreadable, disk_full_nifti, disk_full_json, disk_full_torch): each patches in one fault
+    when called."""
     enospc = OSError(errno.ENOSPC, "No space left on device")
 
     def readonly():
@@ -214,6 +201,35 @@ def _defect3_cases(tiny_run, tmp_path, monkeypatch):
         low = shutil._ntuple_diskusage(1 << 30, 1 << 30, 4096)
         monkeypatch.setattr("ifad_fast.io.shutil.disk_usage", lambda p: low)
 
+    return readonly, unreadable, disk_full_nifti, disk_full_json, disk_full_torch
+
+
+def _hostile_cases(tiny_run, tmp_path, monkeypatch):
+    """name -> (CLI arguments, what its one error line says, a fault to patch in first or None)."""
+    model = tiny_run / "run"
+    good = scan(tmp_path / "in", "good")
+    sing = _bad_sform(tmp_path / "singular" / "s.nii", 2, 0.0)
+    nanaff = _bad_sform(tmp_path / "nanaff" / "n.nii", 0, float("nan"))
+    afile = tmp_path / "a_file"
+    afile.write_text("not a folder")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    img, mask = toy_brain(3, lesion=True)
+    write_nifti(maps / "c_anomaly.nii.gz", img)
+    raw = (maps / "c_anomaly.nii.gz").read_bytes()
+    (maps / "c_anomaly.nii.gz").write_bytes(raw[: len(raw) // 2])       # truncated gzip
+    write_nifti(maps / "c_mask.nii.gz", mask)
+    synth_root = tmp_path / "synth"
+    scan(synth_root / "healthy", "healthy_0000")
+    (synth_root / "manifest.json").write_text(json.dumps({"generator": "ifad_fast.synth", "cases": {}}))
+    src = model / "model.pt"
+    M = lambda name, change: bad_model(src, tmp_path / f"{name}.pt", change)  # noqa: E731
+
+    out = tmp_path / "out"
+    restore = lambda *a: ["restore", *a, "-m", model, "-o", out, *FAST]  # noqa: E731
+    train = lambda data, *a: ["train", data, "-o", out, "--preset", "tiny", "--device", "cpu", *a]  # noqa: E731
+    readonly, unreadable, disk_full_nifti, disk_full_json, disk_full_torch = _faults(tmp_path, monkeypatch)
+
     return {
         "restore: singular affine": (restore(sing), "affine is singular", None),
         "prepare: NaN affine": (["prepare", nanaff, "-o", out, "--centres", "hcp-t2"], "affine is singular", None),
@@ -239,22 +255,22 @@ def _defect3_cases(tiny_run, tmp_path, monkeypatch):
         "train on a synth root": (train(synth_root), "healthy", None),
         "prepare --classes 0": (["prepare", good, "-o", out, "--classes", "0"], "--classes", None),
         "prepare --classes 1": (["prepare", good, "-o", out, "--classes", "1"], "--classes", None),
-        "model: wrong-typed meta field": (["restore", good, "-m", M("t", wrong_type), "-o", out, *FAST],
+        "model: wrong-typed meta field": (["restore", good, "-m", M("t", _wrong_type), "-o", out, *FAST],
                                           "model.hidden", None),
-        "model: missing meta field": (["restore", good, "-m", M("f", missing_field), "-o", out, *FAST],
+        "model: missing meta field": (["restore", good, "-m", M("f", _missing_field), "-o", out, *FAST],
                                       "model.n_freqs is missing", None),
-        "model: missing preprocess": (["restore", good, "-m", M("p", missing_preprocess), "-o", out, *FAST],
+        "model: missing preprocess": (["restore", good, "-m", M("p", _missing_preprocess), "-o", out, *FAST],
                                       "'preprocess' is missing", None),
-        "model: missing centres": (["restore", good, "-m", M("c", missing_centres), "-o", out, *FAST],
+        "model: missing centres": (["restore", good, "-m", M("c", _missing_centres), "-o", out, *FAST],
                                    "no centres", None),
-        "model: class-count mismatch": (["restore", good, "-m", M("k", class_mismatch), "-o", out, *FAST],
+        "model: class-count mismatch": (["restore", good, "-m", M("k", _class_mismatch), "-o", out, *FAST],
                                         "5 intensity centres for a decoder of 10 classes", None),
-        "model: unknown prior": (["restore", good, "-m", M("u", unknown_prior), "-o", out, *FAST],
+        "model: unknown prior": (["restore", good, "-m", M("u", _unknown_prior), "-o", out, *FAST],
                                  "prior must be one of paper, reference, none; got 'magic'", None),
     }
 
 
-DEFECT3 = ["restore: singular affine", "prepare: NaN affine", "train: singular affine", "restore: -o is a file",
+HOSTILE_CASES = ["restore: singular affine", "prepare: NaN affine", "train: singular affine", "restore: -o is a file",
            "prepare: -o is a file", "train: -o is a file", "evaluate: -o is a file", "synth: -o is a file",
            "restore: read-only output folder", "restore: full disk", "evaluate: full disk", "train: full disk",
            "restore: unreadable folder", "evaluate: truncated map", "train --epochs 0", "train --epochs -1",
@@ -275,9 +291,9 @@ def evaluated(tiny_run):
     return ev
 
 
-@pytest.mark.parametrize("what", DEFECT3)
+@pytest.mark.parametrize("what", HOSTILE_CASES)
 def test_one_line_not_a_traceback(tiny_run, evaluated, tmp_path, capsys, monkeypatch, what):
-    args, expect, patch = _defect3_cases(tiny_run, tmp_path, monkeypatch)[what]
+    args, expect, patch = _hostile_cases(tiny_run, tmp_path, monkeypatch)[what]
     capsys.readouterr()
     if patch:
         patch()
