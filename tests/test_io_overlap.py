@@ -1,4 +1,4 @@
-"""Restorer.restore_files with overlap_io (the default): the next group loads and the previous
+"""Restorer.restore_files with overlap_io (the default on CUDA): the next group loads and the previous
 group's outputs are written in background threads while a group restores. Everything a user sees
 is what overlap_io=False gives: the files byte for byte (but for timings), the report lines and
 warnings in the same order, the same errors, nothing half-written, and no thread left behind."""
@@ -12,10 +12,8 @@ import warnings
 import pytest
 from helpers import base_seed, digests, leftovers, random_model, scan, toy_brain, write_nifti
 
-import ifad_fast.api as api
 from ifad_fast.api import files as api_files, restorer as api_restorer
 from ifad_fast.api import Restorer
-from ifad_fast.errors import IfadError
 from ifad_fast.io import OutputSet, save_volume
 
 SCHEDULE = "6x300"
@@ -113,7 +111,9 @@ def test_loading_and_writing_run_in_their_threads_only_with_overlap(restorer, tm
         return real_write(*a, **k)
     monkeypatch.setattr(api_files, "load_scan", load_scan)
     monkeypatch.setattr(api_files, "write_outputs", write_outputs)
-    for overlap, loader, writer in ((False, "MainThread", "MainThread"), (True, "ifad-load", "ifad-write")):
+    # the default (None) overlaps only on CUDA: on this CPU it runs in turn
+    for overlap, loader, writer in ((False, "MainThread", "MainThread"), (True, "ifad-load", "ifad-write"),
+                                    (None, "MainThread", "MainThread")):
         threads.clear()
         summaries, _ = run(restorer, folder, tmp_path / "out", overlap)
         assert [s["case"] for s in summaries] == ["a", "b", "c"]
