@@ -13,6 +13,8 @@ plan scores it -> anomaly_map -> DeviceMaps. A row plan says what a row is:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from .. import config as cfg
@@ -21,7 +23,7 @@ from .scoring import DeviceMaps, StageTimes, anomaly_map
 from .search import optimise_latents
 
 
-class RowPlan:
+class RowPlan(ABC):
     """What restore_rows asks of a row plan (IF 3D: volume.ScanRows; IF 2D: slices.SliceRows).
 
     Attributes: `rc` the search's RestoreConfig (its phases' K are points per row); `post` the
@@ -37,15 +39,15 @@ class RowPlan:
     n_scans: int = 0
     slices: list | None = None
 
+    @abstractmethod
     def start(self, model: Model):
         """The search's start: (z0 (B, D) float32 on any device, points: K -> (idx (B, K, 3) long,
         targets (B, K) long) on the classes' device), in the order the random numbers are drawn."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, backend, z: torch.Tensor, i: int, progress: bool = False):
         """Scan i's grid from the searched z (B, D) float32: (score float32 (X, Y, Z), restored
         classes uint8 (X, Y, Z), decoder evaluations: int or int64 tensor)."""
-        raise NotImplementedError
 
     def losses(self, trace: torch.Tensor) -> torch.Tensor:
         """The per-step data loss per scan (steps, N) float32 from the rows' trace (steps, B)."""
