@@ -59,8 +59,9 @@ class Acquisition:
     outside what training scans show (`ifad-fast synth`: bias sd 0.03-0.10, SNR 15-40, its own tissue
     contrasts, hard brain edges), reported apart from the others by the accuracy protocol. `anatomy`:
     the `synth` anatomy the protocol draws the case with for this acquisition ('folded': individual
-    cortical folding and asymmetry, an anatomy the MNI152-derived training subjects never show);
-    `reacquire` refuses a synthetic case of another anatomy."""
+    cortical folding and asymmetry, as half the protocol's training subjects; 'aged': folded with
+    wider, deeper sulci and larger ventricles than any training subject); `reacquire` refuses a
+    synthetic case of another anatomy."""
 
     name: str
     description: str
@@ -108,7 +109,9 @@ ACQUISITIONS = {a.name: a for a in (
     Acquisition("bias", "1.5 mm, a strong bias field (log-field sd 0.25)", bias_sd=0.25, held_out=True),
     Acquisition("noise", "1.5 mm, Rician noise at SNR 8", snr=8.0, held_out=True),
     Acquisition("folded", "1.5 mm, RAS, the case drawn with synth's folded anatomy (individual cortical folding, "
-                "hemispheric asymmetry)", anatomy="folded", held_out=True),
+                "hemispheric asymmetry; half the protocol's training subjects have it)", anatomy="folded"),
+    Acquisition("aged", "1.5 mm, RAS, the case drawn with synth's aged anatomy (folded, with wider and deeper "
+                "sulci and larger ventricles than any training subject)", anatomy="aged", held_out=True),
 )}
 HELD_OUT = tuple(name for name, a in ACQUISITIONS.items() if a.held_out)
 

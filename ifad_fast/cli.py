@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from .config import MAX_SEED, PRECISIONS, REGIONS, TRAIN_PRECISIONS
+from .config import MAX_SEED, PRECISIONS, REGIONS, SYNTH_ANATOMIES, TRAIN_PRECISIONS
 from .errors import IfadError, IfadWarning, out_of_memory
 from .limits import DEFAULT_MAX_VOXELS, MAX_RESOLUTION
 from .progress import cli_run, say, verbose
@@ -305,9 +305,11 @@ def _add_synth_command(sub):
     p.add_argument("--lesions", type=_int_in(0, 100000), default=4,
                    help="brains with a glioma-like lesion, each with its mask (default 4)")
     p.add_argument("--voxel-mm", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
-    p.add_argument("--anatomy", choices=("mni", "folded"), default="mni",
+    p.add_argument("--anatomy", choices=SYNTH_ANATOMIES, default="mni",
                    help="mni: the template's smooth cortex, varied (default; the same images as before); "
-                        "folded: each subject also gets individual cortical folding and hemispheric asymmetry")
+                        "folded: each subject also gets individual cortical folding and hemispheric asymmetry; "
+                        "aged: folded with wider, deeper sulci and larger ventricles than folded draws; "
+                        "mixed: folded for odd subjects, mni for even ones (the bundled model's training set)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic set already in the output folder (its files that the new set does "
                         "not write are removed, nothing else)")
@@ -339,8 +341,8 @@ def _add_bench_command(sub):
     acc.add_argument("--epochs", type=_int_in(1), default=None, help="with --train: epochs (default the preset's)")
     acc.add_argument("--acquisitions", default=None,
                      help="comma-separated acquisitions of the test scans (default all: "
-                          "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged and the held-out "
-                          "styles linear-1x1x3mm,contrast,bias,noise)")
+                          "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged,folded and the "
+                          "held-out styles linear-1x1x3mm,contrast,bias,noise,aged)")
     acc.add_argument("--n-test", type=_int_in(1), default=None, help="test cases (default 24, quick 2)")
     acc.add_argument("--n-val", type=_int_in(1), default=None, help="validation cases (default 6, quick 2)")
     acc.add_argument("--n-healthy", type=_int_in(1), default=None,

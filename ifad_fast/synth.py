@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from .config import SYNTH_ANATOMIES
 from .errors import IfadError
 
 __all__ = [
@@ -98,7 +99,8 @@ _ATROPHY = 0.85                          # largest share of outer cortex turned 
 _ATROPHY_DEPTH_MM = (15.0, 35.0)         # how deep below the surface atrophy reaches
 
 # The `folded` anatomy (drawn from its own stream, SeedSequence([seed, set, index, 3])):
-_ANATOMIES = ("mni", "folded")
+_ANATOMIES = ("mni", "folded", "aged")
+ANATOMY_CHOICES = SYNTH_ANATOMIES                # and mixed: subject i is folded if i is odd, else mni
 _FOLD_STREAM = 3
 _GYRAL_WIDTH_MM = (4.0, 8.0)             # sulcus to sulcus: half the dominant wavelength of the pattern
 _SULCAL_DEPTH_MM = (3.0, 8.0)            # how far a sulcus cuts in below the template's surface
@@ -111,6 +113,11 @@ _GM_LINING_MM = 2.5                      # grey matter lining the walls of a sul
 _SHARPEN = 2.5                           # contrast gain on the template's GM/CSF and GM/WM edges
 _RIBBON_DEPTH_MM = (20.0, 30.0)          # folding fades out between these depths below the surface
 _RIBBON_VENTRICLE_MM = (6.0, 12.0)       # ... and fades in between these distances from the ventricles
+# The `aged` anatomy: the folded one with sulci and ventricles past every range above (a held-out
+# family: no training set draws it); each range is the folded draw's mapped linearly onto these.
+_AGED_SULCAL_WIDTH_MM = (4.0, 7.0)
+_AGED_SULCAL_DEPTH_MM = (6.0, 12.0)
+_AGED_VENTRICLE_MM = (9.0, 13.0)
 
 
 @dataclass
@@ -605,9 +612,29 @@ def _smooth_fields(rng: np.random.Generator, p: dict, pb: _PullBack, n_nodes) ->
 
 
 def _check_anatomy(anatomy) -> str:
-    if anatomy not in _ANATOMIES:
-        raise IfadError(f"unknown anatomy {anatomy!r}; pass one of {', '.join(_ANATOMIES)}")
+    if anatomy not in ANATOMY_CHOICES:
+        raise IfadError(f"unknown anatomy {anatomy!r}; pass one of {', '.join(ANATOMY_CHOICES)}")
     return anatomy
+
+
+def subject_anatomy(anatomy: str, index: int) -> str:
+    """The anatomy subject `index` is drawn with: `mixed` alternates mni (even) and folded (odd)."""
+    if _check_anatomy(anatomy) == "mixed":
+        return "folded" if index % 2 else "mni"
+    return anatomy
+
+
+def _remap(x: float, lo: float, hi: float, to: tuple) -> float:
+    """x in [lo, hi] mapped linearly onto [to[0], to[1]]."""
+    return float(to[0] + (to[1] - to[0]) * min(max((x - lo) / (hi - lo), 0.0), 1.0))
+
+
+def _aged(p: dict, fold: dict) -> tuple[dict, dict]:
+    """The aged anatomy's parameters from the folded ones: wider, deeper sulci and larger ventricles."""
+    fold = dict(fold, sulcal_width_mm=_remap(fold["sulcal_width_mm"], *_SULCAL_WIDTH_MM, _AGED_SULCAL_WIDTH_MM),
+                sulcal_depth_mm=_remap(fold["sulcal_depth_mm"], *_SULCAL_DEPTH_MM, _AGED_SULCAL_DEPTH_MM))
+    p = dict(p, ventricle_mm=_remap(p["ventricle_mm"], 0.0, _VENTRICLE_MM, _AGED_VENTRICLE_MM))
+    return p, fold
 
 
 def _draw_fold_params(rng: np.random.Generator) -> dict:
@@ -951,16 +978,18 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anat
     index, 3]), so every draw of the main stream stays what it is for `mni`."""
     t0 = time.perf_counter()
     grid = _Grid.make(_check_voxel(voxel_mm))
-    anatomy = _check_anatomy(anatomy)
+    anatomy = subject_anatomy(anatomy, index)
     tpl = _templates()
     lesion = stream == _LESION_STREAM
     reference = stream == _REFERENCE
     rng = _rng(max(stream, 0), index, seed) if not reference else np.random.default_rng(0)
     p = _draw_params(rng, lesion, reference)         # read only from here on
     fold, folding = None, None
-    if anatomy == "folded":
+    if anatomy in ("folded", "aged"):
         frng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(index), _FOLD_STREAM]))
         fold = _draw_fold_params(frng)
+        if anatomy == "aged":
+            p, fold = _aged(p, fold)
         folding = _Folding.draw(frng, fold)
     pose = _Pose.from_params(p, tpl)
     # elastic displacement, a function of output position: cubic spline of ~25 mm nodes
@@ -1000,7 +1029,8 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anat
 
 def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: str = "mni") -> SynthCase:
     """Healthy subject `index` of the set drawn with `seed` (stream SeedSequence([seed, 0, index]));
-    anatomy "mni" (the template's) or "folded" (individual folding and asymmetry on top)."""
+    anatomy "mni" (the template's), "folded" (individual folding and asymmetry on top), "aged"
+    (folded, with sulci and ventricles past folded's ranges) or "mixed" (folded if index is odd, else mni)."""
     index, seed = _check_count(index, "index"), _check_count(seed, "seed")
     return _render(_case_name("healthy", index), _HEALTHY_STREAM, index, seed, voxel_mm, anatomy)
 
@@ -1042,7 +1072,7 @@ def _listed_files(out: Path) -> list[Path]:
 
 def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: float = 1.5,
               progress: bool = True, overwrite: bool = False, anatomy: str = "mni") -> dict:
-    """Write `n_healthy` healthy and `n_lesions` lesion cases of `anatomy` ("mni" or "folded")
+    """Write `n_healthy` healthy and `n_lesions` lesion cases of `anatomy` (see `generate_healthy`)
     as NIfTI under `out_dir`.
 
     Layout: out_dir/healthy/<name>.nii.gz, out_dir/lesion/<name>.nii.gz and

@@ -229,12 +229,12 @@ def test_rician_noise_of_the_set_snr(source):
 
 
 def test_held_out_styles_are_named_and_rendered():
-    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise", "folded"}
+    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise", "aged"}
     assert not any(ACQUISITIONS[n].held_out for n in ACQUISITIONS if n not in HELD_OUT)
 
 
 def test_the_folded_acquisition_takes_a_case_of_the_folded_anatomy_only():
-    """'folded' is the held-out anatomy: its case is drawn with synth's folded anatomy (the protocol does),
+    """'folded' and 'aged' take cases drawn with synth's anatomy of that name (the protocol does),
     and a case of the template's anatomy is refused in one line rather than passed off as one."""
     from ifad_fast.synth import generate_lesion
 
@@ -245,3 +245,6 @@ def test_the_folded_acquisition_takes_a_case_of_the_folded_anatomy_only():
     assert folded.acquisition == "folded" and folded.mask.any()
     with pytest.raises(IfadError, match="mni anatomy"):
         reacquire(generate_lesion(0, seed=2, voxel_mm=4.0, anatomy="folded"), "1.5mm")
+    with pytest.raises(IfadError, match="aged anatomy"):
+        reacquire(generate_lesion(0, seed=2, voxel_mm=4.0, anatomy="folded"), "aged")
+    assert reacquire(generate_lesion(0, seed=2, voxel_mm=4.0, anatomy="aged"), "aged").mask.any()

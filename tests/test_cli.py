@@ -114,6 +114,20 @@ def test_synth_voxel_mm(tmp_path, capsys):
     assert main(["synth", "-o", str(tmp_path / "u"), "--resolution", "2"]) == 2
 
 
+def test_bench_help_names_every_acquisition(capsys, monkeypatch):
+    """`bench --help` lists the acquisitions by hand (the CLI does not import the table, which
+    needs torch): it names each one, the held-out ones after "held-out"."""
+    from ifad_fast.acquisition import ACQUISITIONS, HELD_OUT
+
+    monkeypatch.setenv("COLUMNS", "1000")    # no line wrapping inside a name
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    listed = text.split("(default all: ")[1].split(")")[0].replace(" and the held-out styles ", ",")
+    standard, held_out = listed.split(",enlarged,folded,")[0], listed.split(",folded,")[1]
+    assert set(listed.split(",")) == set(ACQUISITIONS) and set(held_out.split(",")) == set(HELD_OUT), listed
+    assert not set(standard.split(",")) & set(HELD_OUT)
+
+
 def test_synth_anatomy(tmp_path, capsys):
     """`synth --anatomy folded` records the anatomy in the manifest (and each case's folding
     parameters); the default is mni; an unknown anatomy is one error line and no output."""
@@ -126,6 +140,11 @@ def test_synth_anatomy(tmp_path, capsys):
     assert case["anatomy"] == "folded" and 4.0 <= case["gyral_width_mm"] <= 8.0
     code, _, _ = cli(capsys, "synth", "-o", tmp_path / "m", "--healthy", 1, "--lesions", 0, "--voxel-mm", 4)
     assert code == 0 and json.loads((tmp_path / "m" / "manifest.json").read_text())["anatomy"] == "mni"
+    code, _, err = cli(capsys, "synth", "-o", tmp_path / "mix", "--healthy", 2, "--lesions", 0, "--voxel-mm", 4,
+                       "--anatomy", "mixed")
+    manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
+    assert code == 0 and manifest["anatomy"] == "mixed", err
+    assert [manifest["cases"][f"healthy_000{i}"]["anatomy"] for i in range(2)] == ["mni", "folded"]
     code, _, err = cli(capsys, "synth", "-o", tmp_path / "x", "--healthy", 1, "--voxel-mm", 4, "--anatomy", "mni152")
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
 

@@ -1,6 +1,7 @@
 """The opt-in `folded` anatomy of the synthetic brains: `mni` stays bit-for-bit what it was,
 `folded` is reproducible, changes the cortex (not deep white matter), differs between subjects
-more than `mni` does, and is left/right asymmetric (petalia, ventricle ratio)."""
+more than `mni` does, and is left/right asymmetric (petalia, ventricle ratio); `aged` is folded with
+sulci and ventricles past folded's ranges; `mixed` alternates mni and folded subjects."""
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -163,3 +164,37 @@ def test_folded_lesions_stay_in_place():
         assert f.lesion_fraction == pytest.approx(m.lesion_fraction, rel=0.1)
         assert np.all(f.tissue[b] == 4) and np.all(f.brain_mask[b] > 0)
         assert not np.array_equal(m.tissue[~a], f.tissue[~a])
+
+
+def test_aged_is_its_folded_twin_with_wider_sulci_and_larger_ventricles():
+    """An aged subject has its folded twin's draws with the sulcal width, sulcal depth and
+    ventricle pull mapped past folded's ranges (the same point of each range), and more CSF."""
+    for i in range(2):
+        f = synth.generate_healthy(i, seed=0, voxel_mm=COARSE, anatomy="folded")
+        a = synth.generate_healthy(i, seed=0, voxel_mm=COARSE, anatomy="aged")
+        assert _same(a, synth.generate_healthy(i, seed=0, voxel_mm=COARSE, anatomy="aged"))
+        assert a.info["anatomy"] == "aged"
+        for key, folded_range, aged_range in [("sulcal_width_mm", (2.0, 4.0), (4.0, 7.0)),
+                                              ("sulcal_depth_mm", (3.0, 8.0), (6.0, 12.0)),
+                                              ("ventricle_mm", (0.0, 8.0), (9.0, 13.0))]:
+            u = (f.info[key] - folded_range[0]) / (folded_range[1] - folded_range[0])
+            assert a.info[key] == pytest.approx(aged_range[0] + u * (aged_range[1] - aged_range[0])), key
+        same = ("gyral_width_mm", "pial_shift_mm", "thickness_mm", "petalia_frontal_mm", "c_csf", "atrophy", "rot_deg")
+        assert all(a.info[k] == f.info[k] for k in same)
+        brain = f.brain_mask > 0
+        csf = [np.count_nonzero(c.tissue[brain] == 1) / np.count_nonzero(brain) for c in (f, a)]
+        assert csf[1] > csf[0] + 0.03, (i, csf)
+
+
+def test_mixed_alternates_mni_and_folded_subjects():
+    """`mixed` draws subject i as mni when i is even, folded when odd: the same images as asking
+    for that anatomy, healthy and lesion alike."""
+    for i, anatomy in enumerate(["mni", "folded", "mni"]):
+        assert synth.subject_anatomy("mixed", i) == anatomy
+        m = synth.generate_healthy(i, seed=4, voxel_mm=COARSE, anatomy="mixed")
+        assert m.info["anatomy"] == anatomy
+        assert _same(m, synth.generate_healthy(i, seed=4, voxel_mm=COARSE, anatomy=anatomy))
+    assert _same(synth.generate_lesion(1, seed=4, voxel_mm=COARSE, anatomy="mixed"),
+                 synth.generate_lesion(1, seed=4, voxel_mm=COARSE, anatomy="folded"))
+    with pytest.raises(IfadError, match="unknown anatomy"):
+        synth.subject_anatomy("average", 0)

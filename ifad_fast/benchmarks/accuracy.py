@@ -2,8 +2,9 @@
 
 The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MNI152 maps:
 
-1. Healthy training scans: subjects 0..N-1 of the healthy stream, seed 0 (`synth`, 1.5 mm),
-   the set the bundled model was trained on (N = the model's number of training volumes); or
+1. Healthy training scans: subjects 0..N-1 of the healthy stream, seed 0, anatomy `mixed`
+   (`synth --anatomy mixed`, 1.5 mm: even subjects the template's smooth cortex, odd ones
+   individually folded), the set the bundled model was trained on (N = the model's number of training volumes); or
    IF 3D (IF 2D for a -2d preset) is trained on them here (`train=PRESET`). A second model
    (`compare`, e.g. IF 2D beside IF 3D) is scored on the same cases as one more method.
 2. Baselines trained on the same scans, each seeing a scan through the model's own
@@ -16,10 +17,12 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
 4. Test: lesion seed 2, cases 0..n_test-1, each synthesised once at 1 mm and re-acquired in
    every acquisition asked for (`acquisition.ACQUISITIONS`: voxel sizes, orientations, field of
    view, brain position): the same anatomy each time. Healthy test scans: the unseen subjects
-   n_healthy..n_healthy+n_healthy_test-1 of the healthy stream, synthesised like the lesion
-   cases and acquired as the validation cases, for the false positives per healthy scan.
+   n_healthy..n_healthy+n_healthy_test-1 of the healthy stream (mni anatomy, as the validation
+   cases), synthesised like the lesion cases and acquired as the validation cases, for the false
+   positives per healthy scan.
 5. How well the restoration fits a healthy subject (`restoration_fit`): training subjects 0..n_fit-1
-   and unseen ones n_healthy..n_healthy+n_fit-1 of the healthy stream, the share of brain voxels
+   and unseen ones n_healthy..n_healthy+n_fit-1 of the healthy stream (mixed: mni and folded
+   alternate), the share of brain voxels
    whose restored class is within one class of the scan's, and the mean cross-entropy there.
 6. The paper's metrics and those beyond it (`metrics.evaluate`: [DICE], DICE μ ± σ at the
    validation threshold, AP, AP per volume, AUROC, FPR@95R, lesion-wise precision, recall and F1
@@ -29,8 +32,8 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    finer acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over
    the standard acquisitions, which the project targets at ≤ 0.03 for one model. The generalisation
    test: the held-out styles (`acquisition.HELD_OUT`: a soft rim, other contrast, a strong bias
-   field, low SNR, and the folded anatomy: the test case drawn with individual cortical folding and
-   asymmetry; never seen in training) pooled apart from the standard acquisitions, and the gap
+   field, low SNR, and the aged anatomy: the test case drawn folded with wider, deeper sulci and
+   larger ventricles than any training subject) pooled apart from the standard acquisitions, and the gap
    between the two per method ([DICE] and AP). accuracy.png: the pooled
    precision-recall curves of every method, and a test case's slice with each method's map.
 
@@ -56,6 +59,7 @@ from ..errors import IfadError
 from ..progress import progress_bar
 
 TRAIN_SEED, VAL_SEED, TEST_SEED = 0, 1, 2
+TRAIN_ANATOMY = "mixed"   # the healthy stream's subjects: even ones mni, odd ones folded
 SPREAD_TARGET = 0.03      # largest acceptable max − min of [DICE] over acquisitions
 IF3D, IF2D, MEAN, VAE = "IF 3D", "IF 2D", "mean image", "VAE"
 THRESHOLD, ZSCORE = "thresholding (Meissen 2021)", "z-score (Saase 2020)"
@@ -150,16 +154,19 @@ def with_landmarks(pc, scans):
 
 
 def healthy_volumes(n: int, pc, voxel_mm: float = 1.5, progress: bool = True):
-    """Healthy subjects 0..n-1 (seed 0) on the model grid as the model sees them: a list of
+    """Healthy subjects 0..n-1 (seed 0, mixed anatomy) on the model grid as the model sees them: a list of
     volumes (R, R, R) float32, a list of their brains (R, R, R) bool, and pc (with its landmarks
     fitted on these subjects when it standardises and has none)."""
     from ..preprocess import to_model_grid
     from ..synth import generate_healthy
 
-    pc = with_landmarks(pc, lambda: (generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm).image for i in range(n)))
+    def subject(i):
+        return generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm, anatomy=TRAIN_ANATOMY)
+
+    pc = with_landmarks(pc, lambda: (subject(i).image for i in range(n)))
     volumes, brains = [], []
     for i in progress_bar(range(n), desc="healthy scans", unit="scan", disable=None if progress else True):
-        case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm)
+        case = subject(i)
         volume, placement, _ = to_model_grid(case.image, case.affine, pc)
         volumes.append(volume)
         brains.append(placement.brain)
@@ -200,7 +207,7 @@ def restoration_fit(restorer, subjects, voxel_mm: float = 1.5) -> dict:
     pc = restorer.model.preprocess
     rows = {}
     for i in subjects:
-        case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm)
+        case = generate_healthy(i, seed=TRAIN_SEED, voxel_mm=voxel_mm, anatomy=TRAIN_ANATOMY)
         grid = restorer.restore_array(case.image, case.affine).model_grid
         seen = prepare(case.image, restorer.encoder, pc, pc.test_mode_pool, case.affine)
         rows[f"healthy_{i:04d}"] = fit(grid.classes, seen.classes, seen.brain, grid.score)
@@ -633,8 +640,10 @@ def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print
     return result
 
 
-def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print):
-    """Store the validation set's best-Dice threshold (lesion seed 1) in the model's info and save it."""
+def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print,
+                         trained_on: str = "synthetic healthy brains"):
+    """Store the validation set's best-Dice threshold (lesion seed 1) and `trained_on` (what the
+    model was trained on, in words) in the model's info and save it."""
     from ..api.restorer import Restorer
     from ..metrics import curve_metrics
     from ..model import load_model, save_model
@@ -650,7 +659,7 @@ def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "
     curve = curve_metrics(np.concatenate(maps), np.concatenate(masks))
     model.info = dict(model.info or {}, threshold=float(curve["threshold"]), threshold_schedule=schedule,
                       threshold_set=f"synthetic lesions, seed {VAL_SEED}, {n_val} cases",
-                      trained_on="synthetic MNI152 healthy brains (ifad-fast synth --healthy 48 --seed 0)",
+                      trained_on=trained_on,
                       reproduce="bash bench/bundle_model.sh")
     save_model(model, out_path)
     report(f"threshold {curve['threshold']:.4g} (validation [DICE] {curve['dice_best']:.3f}) -> {out_path}")
