@@ -2,10 +2,11 @@
 own (mode-pooled) classes beside each model's restored classes, with the share of brain voxels within one
 class of the scan's. A PNG for README / RESULTS.
 
-    python bench/fit_figure.py OUT.png SUBJECT LABEL=MODEL [LABEL=MODEL ...]    # MODEL: a file or 'bundled'
+    python bench/fit_figure.py OUT.png SUBJECT[:ANATOMY] LABEL=MODEL [LABEL=MODEL ...]   # MODEL: a file or 'bundled'
 
 SUBJECT: a healthy subject of the training stream (seed 0) the models were not trained on (the bundled
-models hold 0..47). Fast schedule, cpu backend, model grid.
+model holds 0..63), drawn with synth's ANATOMY (default mni; folded, aged). Fast schedule, cpu backend,
+model grid.
 """
 import sys
 
@@ -21,9 +22,9 @@ from ifad_fast.model import load_model  # noqa: E402
 from ifad_fast.preprocess import prepare  # noqa: E402
 from ifad_fast.synth import generate_healthy  # noqa: E402
 
-out, subject = sys.argv[1], int(sys.argv[2])
+out, (subject, _, anatomy) = sys.argv[1], sys.argv[2].partition(":")
 models = [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in sys.argv[3:]]
-case = generate_healthy(subject, seed=0)
+case = generate_healthy(int(subject), seed=0, anatomy=anatomy or "mni")
 rows = []
 for label, spec in models:
     model = default_model("cpu") if spec == "bundled" else load_model(spec)
@@ -47,7 +48,7 @@ for col, (title, vol) in enumerate(panels):
         ax.imshow(np.rot90(cut), cmap="gray", vmin=0, vmax=n_classes - 1, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"{title}" if row == 0 else name, fontsize=8)
-fig.suptitle(f"healthy subject {subject} (unseen, seed 0): classes on the model grid, fast schedule", fontsize=9)
+fig.suptitle(f"healthy subject {subject} ({anatomy or 'mni'} anatomy, unseen, seed 0): classes on the model grid, fast schedule", fontsize=9)
 fig.tight_layout()
 fig.savefig(out, dpi=90)
 print(out, [(r[0], round(r[4], 3)) for r in rows])

@@ -1,9 +1,10 @@
 """Where the restoration's fit to its subject is lost: the search or the model? (issue 19, the 80 % target)
 
     python bench/fit_probe.py [ANATOMY [SUBJECTS [VARIANTS [MODEL]]]]
-    python bench/fit_probe.py mni 48,49,50                  # unseen healthy subjects, every variant
-    python bench/fit_probe.py mni 0,1,2 fast                # subjects the bundled model was trained on
-    python bench/fit_probe.py folded 48,49,50 fast          # the held-out anatomy
+    python bench/fit_probe.py mni 64,66,68                  # unseen healthy subjects, every variant
+    python bench/fit_probe.py mni 0,2,4 fast                # subjects the bundled model was trained on
+    python bench/fit_probe.py folded 65,67 fast             # the folded anatomy (unseen subjects)
+    python bench/fit_probe.py aged 64,65,66 fast            # the held-out anatomy
     python bench/fit_probe.py mni 0,1,2 fast runs/x/model.pt  # another model (default: the bundled one)
 
 Healthy subjects (seed 0, 1.5 mm) restored by the bundled model on the CPU under each search variant: the
