@@ -12,7 +12,7 @@ def test_bundled_model_loads_with_its_provenance():
     model = default_model()
     assert model.config.hidden == 256 and model.preprocess.resolution == 96
     assert model.info["threshold"] > 0 and "bundle_model.sh" in model.info["reproduce"]
-    assert len(model.latents) == 48
+    assert len(model.latents) == 64 and "--anatomy mixed" in model.info["trained_on"]   # bench/bundle_model.sh
 
 
 def test_demo_writes_maps_figure_and_metrics(tmp_path, capsys):
