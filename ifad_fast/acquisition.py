@@ -25,7 +25,7 @@ interpolation by `preprocess.resample`, the model frame's own):
 
 `ACQUISITIONS` is the registry of named acquisitions used by `ifad-fast bench accuracy`; those in
 `HELD_OUT` render the scan in a style training never shows (a soft rim, other contrast, a strong bias
-field, low SNR), for the protocol's generalisation test.
+field, low SNR) or take a case of an anatomy it never shows (`aged`), for the protocol's generalisation test.
 """
 from __future__ import annotations
 
