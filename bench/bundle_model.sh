@@ -13,11 +13,11 @@ ifad-fast synth -o data/synth_train --healthy "$SUBJECTS" --lesions 0 --seed 0 -
 ifad-fast prepare data/synth_train/healthy -o data/prep96 --preset small --mode-pool 2 --overwrite
 ifad-fast train data/prep96 -o runs/small --preset small --epochs "$EPOCHS" --device cpu \
   --prior reference --norm-ramp-epochs 20 --max-latent-norm 10
-python - <<'PY'
+python - <<PY
 import shutil
 from ifad_fast.benchmarks.accuracy import calibrate_and_bundle
 calibrate_and_bundle("runs/small/model.pt", "ifad_fast/data/default_model.pt",
                      trained_on="synthetic healthy brains, half with individual folding "
-                                "(ifad-fast synth --healthy 64 --seed 0 --anatomy mixed)")
+                                "(ifad-fast synth --healthy $SUBJECTS --seed 0 --anatomy mixed)")
 shutil.copy("runs/small/loss.jsonl", "ifad_fast/data/default_model_loss.jsonl")
 PY

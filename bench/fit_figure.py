@@ -23,8 +23,9 @@ from ifad_fast.preprocess import prepare  # noqa: E402
 from ifad_fast.synth import generate_healthy  # noqa: E402
 
 out, (subject, _, anatomy) = sys.argv[1], sys.argv[2].partition(":")
+anatomy = anatomy or "mni"
 models = [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in sys.argv[3:]]
-case = generate_healthy(int(subject), seed=0, anatomy=anatomy or "mni")
+case = generate_healthy(int(subject), seed=0, anatomy=anatomy)
 rows = []
 for label, spec in models:
     model = default_model("cpu") if spec == "bundled" else load_model(spec)
@@ -48,7 +49,7 @@ for col, (title, vol) in enumerate(panels):
         ax.imshow(np.rot90(cut), cmap="gray", vmin=0, vmax=n_classes - 1, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"{title}" if row == 0 else name, fontsize=8)
-fig.suptitle(f"healthy subject {subject} ({anatomy or 'mni'} anatomy, unseen, seed 0): classes on the model grid, fast schedule", fontsize=9)
+fig.suptitle(f"healthy subject {subject} ({anatomy} anatomy, unseen, seed 0): classes on the model grid, fast schedule", fontsize=9)
 fig.tight_layout()
 fig.savefig(out, dpi=90)
 print(out, [(r[0], round(r[4], 3)) for r in rows])

@@ -26,9 +26,9 @@ REGIONS: tuple = get_args(Region)
 #: Largest seed of a training run and of the command line's --seed (scikit-learn's k-means, which
 #: fits the centres, takes seeds up to this); a restoration's seed may reach MAX_RESTORE_SEED.
 MAX_SEED = 2 ** 32 - 1
+MAX_RESTORE_SEED = 2 ** 63 - 1
 # `synth --anatomy`: mni, folded and aged are drawn as such; mixed is folded for odd subjects, mni for even.
 SYNTH_ANATOMIES = ("mni", "folded", "aged", "mixed")
-MAX_RESTORE_SEED = 2 ** 63 - 1
 
 #: The decoder's compute precisions, the one list every backend, option and check reads. float32;
 #: bf16: bfloat16 operands and activations, float32 accumulation; tf32: float32 storage, the

@@ -99,8 +99,6 @@ _ATROPHY = 0.85                          # largest share of outer cortex turned 
 _ATROPHY_DEPTH_MM = (15.0, 35.0)         # how deep below the surface atrophy reaches
 
 # The `folded` anatomy (drawn from its own stream, SeedSequence([seed, set, index, 3])):
-_ANATOMIES = ("mni", "folded", "aged")
-ANATOMY_CHOICES = SYNTH_ANATOMIES                # and mixed: subject i is folded if i is odd, else mni
 _FOLD_STREAM = 3
 _GYRAL_WIDTH_MM = (4.0, 8.0)             # sulcus to sulcus: half the dominant wavelength of the pattern
 _SULCAL_DEPTH_MM = (3.0, 8.0)            # how far a sulcus cuts in below the template's surface
@@ -612,8 +610,8 @@ def _smooth_fields(rng: np.random.Generator, p: dict, pb: _PullBack, n_nodes) ->
 
 
 def _check_anatomy(anatomy) -> str:
-    if anatomy not in ANATOMY_CHOICES:
-        raise IfadError(f"unknown anatomy {anatomy!r}; pass one of {', '.join(ANATOMY_CHOICES)}")
+    if anatomy not in SYNTH_ANATOMIES:
+        raise IfadError(f"unknown anatomy {anatomy!r}; pass one of {', '.join(SYNTH_ANATOMIES)}")
     return anatomy
 
 
