@@ -2,11 +2,12 @@
 own (mode-pooled) classes beside each model's restored classes, with the share of brain voxels within one
 class of the scan's. A PNG for README / RESULTS.
 
-    python bench/fit_figure.py OUT.png SUBJECT[:ANATOMY] LABEL=MODEL [LABEL=MODEL ...]   # MODEL: a file or 'bundled'
+    python bench/fit_figure.py OUT.png SUBJECT[:ANATOMY] LABEL=MODEL[@SCHEDULE] [...]   # MODEL: a file or 'bundled'
+    python bench/fit_figure.py docs/restoration_fit.png 65:folded fast=bundled@fast local=bundled@local
 
 SUBJECT: a healthy subject of the training stream (seed 0) the models were not trained on (the bundled
-model holds 0..63), drawn with synth's ANATOMY (default mni; folded, aged). Fast schedule, cpu backend,
-model grid.
+model holds 0..63), drawn with synth's ANATOMY (default mni; folded, aged). SCHEDULE: a restoring schedule
+(default fast). cpu backend, model grid.
 """
 import sys
 
@@ -28,8 +29,9 @@ models = [(spec.split("=", 1)[0], spec.split("=", 1)[1]) for spec in sys.argv[3:
 case = generate_healthy(int(subject), seed=0, anatomy=anatomy)
 rows = []
 for label, spec in models:
+    spec, _, schedule = spec.partition("@")
     model = default_model("cpu") if spec == "bundled" else load_model(spec)
-    restorer = Restorer(model, "cpu", "cpu", schedule="fast")
+    restorer = Restorer(model, "cpu", "cpu", schedule=schedule or "fast")
     grid = restorer.restore_array(case.image, case.affine).model_grid
     pc = model.preprocess
     seen = prepare(case.image, restorer.encoder, pc, pc.test_mode_pool, case.affine)
@@ -49,7 +51,7 @@ for col, (title, vol) in enumerate(panels):
         ax.imshow(np.rot90(cut), cmap="gray", vmin=0, vmax=n_classes - 1, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"{title}" if row == 0 else name, fontsize=8)
-fig.suptitle(f"healthy subject {subject} ({anatomy} anatomy, unseen, seed 0): classes on the model grid, fast schedule", fontsize=9)
+fig.suptitle(f"healthy subject {subject} ({anatomy} anatomy, unseen, seed 0): classes on the model grid", fontsize=9)
 fig.tight_layout()
 fig.savefig(out, dpi=90)
 print(out, [(r[0], round(r[4], 3)) for r in rows])

@@ -4,12 +4,12 @@
     python bench/fit_probe.py mni 64,66,68                  # unseen healthy subjects, every variant
     python bench/fit_probe.py mni 0,2,4 fast                # subjects the bundled model was trained on
     python bench/fit_probe.py folded 65,67 fast             # the folded anatomy (unseen subjects)
-    python bench/fit_probe.py aged 64,65,66 fast            # the held-out anatomy
+    python bench/fit_probe.py aged 64,65,66 fast,local      # the held-out anatomy, one latent vs local latents
     python bench/fit_probe.py mni 0,1,2 fast runs/x/model.pt  # another model (default: the bundled one)
 
 Healthy subjects (seed 0, 1.5 mm) restored by the bundled model on the CPU under each search variant: the
-default `fast` schedule (the paper's prior at the model's restoring sigma), the same without a prior, and a
-4x longer search with and without the prior. One JSON line per variant with, per subject,
+default `fast` schedule (the paper's prior at the model's restoring sigma), `local` (fast, then local latents),
+the same without a prior, and a 4x longer search with and without the prior. One JSON line per variant with, per subject,
 `metrics.restoration_fit` on the model grid's brain voxels (within one class, exact class, mean CE).
 """
 import json
@@ -25,7 +25,7 @@ from ifad_fast.preprocess import prepare
 from ifad_fast.synth import generate_healthy
 
 LONG = dict(schedule="400x4096,40x16384", init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8)
-VARIANTS = {"fast": dict(schedule="fast"), "fast-noprior": dict(schedule="fast", prior="none"),
+VARIANTS = {"fast": dict(schedule="fast"), "local": dict(schedule="local"), "fast-noprior": dict(schedule="fast", prior="none"),
             "long": dict(LONG), "long-noprior": dict(LONG, prior="none")}
 
 

@@ -225,7 +225,7 @@ def _add_restore_command(sub):
     _add_inputs(p)
     p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
     p.add_argument("-o", "--output", default="ifad_out", help="output folder (default ifad_out)")
-    p.add_argument("--schedule", default=None, help="fast | paper | reference | STEPSxPOINTS[,...] (default fast)")
+    p.add_argument("--schedule", default=None, help="fast | local | paper | reference | STEPSxPOINTS[,...] (default fast)")
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
                         "without T (or with T = model), the threshold stored in the model")
@@ -676,6 +676,9 @@ def cmd_restore(args):
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
+    if rc.local_grid and args.threshold is None and (model.info or {}).get("threshold") is None:
+        raise IfadError("the local schedule fits its local latents where the map stays clear of the decision "
+                        "threshold, and this model stores none: pass --threshold T or use --schedule fast")
     if args.grid == "adaptive" and args.threshold is None and (model.info or {}).get("threshold") is None:
         warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
                                   "scoring the full grid (pass --threshold T to use the adaptive grid)"))

@@ -297,6 +297,16 @@ class RestoreConfig:
     # of the window before by more than stop_tol x that loss (0: every phase runs all its steps)
     stop_tol: float = 0.0
     stop_window: int = 10
+    # Local latents (restore/local.py, IF 3D): after the search, a G³ grid of latents started at z and
+    # fitted where the global map stays below local_exclude x the decision threshold (and local_margin
+    # voxels from where it reaches it), each tied to z by a Gaussian of sd local_sigma (0: the paper's one latent)
+    local_grid: int = 0
+    local_steps: int = 100
+    local_points: int = 8192
+    local_lr: float = 1e-2
+    local_sigma: float = 0.1
+    local_exclude: float = 0.5
+    local_margin: int = 3
 
     def __post_init__(self):
         _check_choice(self, "prior", RestorePrior)
@@ -311,6 +321,16 @@ class RestoreConfig:
             raise IfadError(f"the refine margin must be a fraction in [0, 1), got {self.refine_margin!r}")
         if isinstance(self.slice_step, bool) or not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise IfadError(f"the slice step must be a whole number of at least 1, got {self.slice_step!r}")
+        for name, least, most in (("local_grid", 0, 64), ("local_steps", 0, 100_000), ("local_points", 1, 1 << 22),
+                                  ("local_margin", 0, 64)):
+            if not _is_whole(getattr(self, name), least, most):
+                raise IfadError(f"RestoreConfig.{name} must be a whole number from {least} to {most}; "
+                                f"got {getattr(self, name)!r}")
+        if self.local_grid == 1:
+            raise IfadError("RestoreConfig.local_grid must be 0 (one latent per scan) or at least 2 cells per axis")
+        _check_positive(self, "local_lr")
+        _check_positive(self, "local_sigma")
+        _check_positive(self, "local_exclude")
         phases = self.phases
         if not (isinstance(phases, (tuple, list)) and phases and all(
                 isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_count(v) for v in p) for p in phases)):
@@ -328,6 +348,9 @@ SCHEDULES = {
     "fast": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8,
                  grid="adaptive", stop_tol=0.001, stop_window=10),
     "paper": dict(phases=((700, 16200),), init="random"),
+    # fast, then local latents (restore/local.py): a 6³ grid of latents fitted where the fast map stays clear
+    "local": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8,
+                  grid="adaptive", stop_tol=0.001, stop_window=10, local_grid=6),
     # the authors' notebook: two phases, a new Adam for each, no prior
     "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none", restart_per_phase=True),
 }

@@ -126,7 +126,7 @@ class Restorer:
 
     Everything a restoration depends on is fixed here and resolved once: the device ('auto':
     CUDA if present), the backend (a name, 'auto' by `engines.make_backend`'s policy, or a
-    Backend already built), the precision, the latent search (`schedule`: fast | paper |
+    Backend already built), the precision, the latent search (`schedule`: fast | local | paper |
     reference | 'STEPSxK[,STEPSxK...]' or a RestoreConfig; `seed` and keyword `overrides` such as
     lr=... replace its fields), the scored region (brain | full) and the score resolution
     (None: the model grid; N: an N³ grid of the same frame, IF 3D*). progress: show progress bars.

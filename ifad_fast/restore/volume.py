@@ -32,6 +32,7 @@ from ..backends.factory import resolve_backend
 from ..errors import IfadError
 from ..model import Model
 from .core import RowPlan, restore_rows
+from .local import fit_local_latents, fit_region, score_grid_local
 # the search and the scoring live in their own modules (core.py and slices.py use them too); their
 # names stay importable from here
 from .scoring import (DeviceMaps, Restoration, StageTimes, anomaly_map, dilate, interpolated_log_probs,  # noqa: F401
@@ -73,10 +74,17 @@ class ScanRows(RowPlan):
             self.post = pools_at(rc, classes.shape[1], score_classes.shape[1])
         self.n_scans, self.threshold = classes.shape[0], threshold
         self.adaptive = rc.grid == "adaptive" and threshold is not None and backend.has_log_probs
+        if rc.local_grid and threshold is None:
+            raise IfadError("local latents leave out of their fit what the global restoration finds anomalous, "
+                            "judged by the decision threshold; this model stores none: pass --threshold T "
+                            "or use another schedule")
+        self.field = None           # the plain decoder of the local stage, set by start()
 
     def start(self, model: Model):
         """z0 (N, D) float32 from the generator, then the draws (`ScanDraws`)."""
         z0 = initial_latents(model, self.n_scans, self.rc, self.generator)
+        if self.rc.local_grid:
+            self.field = model.decoder.folded().to(self.classes.device)
         return z0, ScanDraws(self.classes, self.search_brain, self.rc.brain_fraction, self.generator)
 
     def score(self, backend, z: torch.Tensor, i: int, progress: bool = False):
@@ -85,11 +93,27 @@ class ScanRows(RowPlan):
         keep = dilate(brain, pool_reach(self.post)) if self.region == "brain" else None
         if self.adaptive:
             within = keep if keep is not None else torch.ones_like(brain)
-            return score_grid_adaptive(backend, z[i], cls, within,
-                                       refine_near(brain, self.post, self.threshold, self.region),
-                                       self.rc.chunk, progress)
-        score, restored = score_grid(backend, z[i], cls, keep, self.rc.chunk, progress, checked=True)
-        return score, restored, keep.sum() if keep is not None else score.numel()
+            score, restored, n = score_grid_adaptive(backend, z[i], cls, within,
+                                                     refine_near(brain, self.post, self.threshold, self.region),
+                                                     self.rc.chunk, progress)
+        else:
+            score, restored = score_grid(backend, z[i], cls, keep, self.rc.chunk, progress, checked=True)
+            n = keep.sum() if keep is not None else score.numel()
+        if not self.rc.local_grid:
+            return score, restored, n
+        return self._score_local(backend, z[i], i, score, keep, n)
+
+    def _score_local(self, backend, z: torch.Tensor, i: int, score: torch.Tensor, keep, n):
+        """Scan i rescored with local latents (restore/local.py), fitted on the model grid where the
+        global restoration's map (its raw `score` on the score grid) stays clear of the threshold."""
+        brain, model_brain = self.brain[i], self.search_brain[i]
+        if self.score_classes is not self.classes:      # the global map on the model grid, for the fit region
+            region = dilate(model_brain, pool_reach(self.rc)) if self.region == "brain" else None
+            score, _ = score_grid(backend, z, self.classes[i], region, self.rc.chunk, checked=True)
+        fit = fit_region(score, model_brain, self.rc, self.threshold, self.region)
+        grid = fit_local_latents(self.field, z, self.classes[i], fit, self.rc, self.generator)
+        score, restored, m = score_grid_local(self.field, grid, self.score_classes[i], keep, self.rc.chunk)
+        return score, restored, n + m
 
 
 def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator,
@@ -115,6 +139,9 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
         from .slices import restore_slices
         if score_classes is not None:
             raise IfadError("a 2D model scores the slices it restores, on its own grid: drop --resolution")
+        if rc.local_grid:
+            raise IfadError("local latents are an IF 3D stage; a 2D model restores with one latent per slice: "
+                            "use the fast or paper schedule")
         return restore_slices(backend, model, classes, rc, generator, brain=brain, region=region, progress=progress,
                               adam=adam, graphs=graphs, stages=stages)
     plan = ScanRows(backend, classes, rc, generator, brain=brain, region=region, score_classes=score_classes,
