@@ -171,3 +171,28 @@ def test_cli_local_schedule_without_a_threshold_is_one_line_and_writes_nothing(t
                        "--threshold", "0.9", "-q", "--force")
     assert code == 0, err
     assert any(n.endswith("_anomaly.nii.gz") for n in outputs_of(tmp_path / "out2"))
+
+
+def test_the_local_schedule_scores_at_another_resolution():
+    """IF 3D*: the local latents are fitted on the model grid (20³) and scored on a 26³ grid."""
+    model = random_model(base_seed())
+    model.info = dict(threshold=0.8)
+    rc = cfg.replace(Restorer(model, "cpu", "cpu", schedule="local").rc, phases=((5, 300),), local_steps=5,
+                     local_points=300, local_grid=3)
+    out = Restorer(model, "cpu", "cpu", schedule=rc, resolution=26).restore_array(toy_scans(1)[0], AFFINE)
+    assert out.model_grid.score.shape == (26, 26, 26) and np.isfinite(out.anomaly).all()
+    assert (out.model_grid.score > 0).any()
+
+
+def test_a_2d_model_refuses_local_latents():
+    from ifad_fast.model import Model
+    from ifad_fast.restore.volume import restore_batch
+
+    mc = dataclasses.replace(RANDOM_MC, variant="2d")
+    base = random_model(base_seed())
+    model = Model(decoder=random_decoder(mc, base_seed()), centres=base.centres, preprocess=base.preprocess,
+                  latents=base.latents)
+    classes = torch.ones(1, 8, 8, 8, dtype=torch.uint8)
+    with pytest.raises(IfadError, match="IF 3D"):
+        restore_batch(TorchBackend(model.decoder), model, classes, cfg.RestoreConfig(local_grid=3),
+                      torch.Generator(), threshold=1.0)
