@@ -36,7 +36,7 @@ LAYERS = (
     ("data", {"model", "preprocess", "io", "metrics", "register"}),
     ("backends", {"backends", "backends.base", "backends.fast", "backends.triton", "backends.factory"}),
     ("engine", {"restore", "restore.volume", "restore.slices", "restore.core", "restore.search", "restore.scoring",
-                "train"}),
+                "restore.local", "train"}),
     ("library", {"api", "api.results", "api.outputs", "api.files", "api.restorer", "api.evaluation", "api.jobs",
                  "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
                  "reference"}),
