@@ -348,12 +348,11 @@ SCHEDULES = {
     "fast": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8,
                  grid="adaptive", stop_tol=0.001, stop_window=10),
     "paper": dict(phases=((700, 16200),), init="random"),
-    # fast, then local latents (restore/local.py): a 6³ grid of latents fitted where the fast map stays clear
-    "local": dict(phases=((100, 4096), (20, 16384)), init="mean", lr=1e-2, lr_decay=0.3, brain_fraction=0.8,
-                  grid="adaptive", stop_tol=0.001, stop_window=10, local_grid=6),
     # the authors' notebook: two phases, a new Adam for each, no prior
     "reference": dict(phases=((501, 10000), (101, 50000)), init="random", prior="none", restart_per_phase=True),
 }
+# fast, then local latents (restore/local.py): a 6³ grid of latents fitted where the fast map stays clear
+SCHEDULES["local"] = dict(SCHEDULES["fast"], local_grid=6)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .. import config as cfg
 from ..model import Decoder, positional_encoding, voxel_coords
-from .scoring import anomaly_map
+from .scoring import anomaly_map, score_grid
 
 
 def latent_field(grid: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -94,26 +94,26 @@ def fit_local_latents(decoder: Decoder, z: torch.Tensor, classes: torch.Tensor, 
     return (base + delta).detach()
 
 
+class _FieldScorer:
+    """What `scoring.score_points` asks of a backend, for the latent field: each voxel decoded with
+    its own latent (the z it is passed is not used)."""
+
+    def __init__(self, decoder: Decoder, grid: torch.Tensor):
+        self.decoder, self.grid = decoder, grid
+
+    def score_and_classes(self, z, idx: torch.Tensor, targets: torch.Tensor, shape, checked: bool = True):
+        logp = torch.log_softmax(field_logits(self.decoder, self.grid, idx, shape), dim=1)
+        return -logp.gather(1, targets[:, None])[:, 0], logp.argmax(1)
+
+
 @torch.no_grad()
 def score_grid_local(decoder: Decoder, grid: torch.Tensor, classes: torch.Tensor, region: torch.Tensor | None,
                      chunk: int = 65536):
-    """score_grid with the latent field: classes (X, Y, Z) uint8, region bool (X, Y, Z) or None (all).
+    """`scoring.score_grid` with the latent field: classes (X, Y, Z) uint8 (range-checked by the
+    caller), region bool (X, Y, Z) or None (all).
 
     Returns (scores float32 (X, Y, Z), 0 outside the region; most likely classes uint8 (X, Y, Z);
     decoder evaluations int), on the classes' device.
     """
-    shape = tuple(int(s) for s in classes.shape)
-    device = classes.device
-    n = classes.numel()
-    lin = region.reshape(-1).nonzero().squeeze(1) if region is not None else torch.arange(n, device=device)
-    strides = torch.tensor([shape[1] * shape[2], shape[2], 1], device=device)
-    sizes = torch.tensor(shape, device=device)
-    flat = classes.reshape(-1).long()
-    scores = torch.zeros(n, dtype=torch.float32, device=device)
-    predicted = torch.zeros(n, dtype=torch.uint8, device=device)
-    for start in range(0, lin.numel(), chunk):
-        part = lin[start:start + chunk]
-        logp = torch.log_softmax(field_logits(decoder, grid, (part[:, None] // strides) % sizes, shape), dim=1)
-        scores[part] = -logp.gather(1, flat[part][:, None])[:, 0]
-        predicted[part] = logp.argmax(1).to(torch.uint8)
-    return scores.reshape(shape), predicted.reshape(shape), int(lin.numel())
+    scores, predicted = score_grid(_FieldScorer(decoder, grid), None, classes, region, chunk, checked=True)
+    return scores, predicted, int(region.sum()) if region is not None else classes.numel()

@@ -77,7 +77,7 @@ class ScanRows(RowPlan):
         if rc.local_grid and threshold is None:
             raise IfadError("local latents leave out of their fit what the global restoration finds anomalous, "
                             "judged by the decision threshold; this model stores none: pass --threshold T "
-                            "or use another schedule")
+                            "(API: restore_files(threshold=T), or set model.info['threshold']) or use another schedule")
         self.field = None           # the plain decoder of the local stage, set by start()
 
     def start(self, model: Model):
@@ -91,26 +91,28 @@ class ScanRows(RowPlan):
         """Scan i's region scored with z[i]: (score float32, classes uint8 on the score grid, evaluations)."""
         brain, cls = self.brain[i], self.score_classes[i]
         keep = dilate(brain, pool_reach(self.post)) if self.region == "brain" else None
+        if self.rc.local_grid:
+            return self._score_local(backend, z[i], i, keep, progress)
+        return self._score_global(backend, z[i], cls, brain, keep, self.post, progress)
+
+    def _score_global(self, backend, z: torch.Tensor, cls: torch.Tensor, brain: torch.Tensor, keep, post,
+                      progress: bool = False):
+        """One latent z (D,) over a grid's region `keep` (None: all), adaptive where the plan allows;
+        post: that grid's pools."""
         if self.adaptive:
             within = keep if keep is not None else torch.ones_like(brain)
-            score, restored, n = score_grid_adaptive(backend, z[i], cls, within,
-                                                     refine_near(brain, self.post, self.threshold, self.region),
-                                                     self.rc.chunk, progress)
-        else:
-            score, restored = score_grid(backend, z[i], cls, keep, self.rc.chunk, progress, checked=True)
-            n = keep.sum() if keep is not None else score.numel()
-        if not self.rc.local_grid:
-            return score, restored, n
-        return self._score_local(backend, z[i], i, score, keep, n)
+            return score_grid_adaptive(backend, z, cls, within, refine_near(brain, post, self.threshold, self.region),
+                                       self.rc.chunk, progress)
+        score, restored = score_grid(backend, z, cls, keep, self.rc.chunk, progress, checked=True)
+        return score, restored, keep.sum() if keep is not None else score.numel()
 
-    def _score_local(self, backend, z: torch.Tensor, i: int, score: torch.Tensor, keep, n):
-        """Scan i rescored with local latents (restore/local.py), fitted on the model grid where the
-        global restoration's map (its raw `score` on the score grid) stays clear of the threshold."""
-        brain, model_brain = self.brain[i], self.search_brain[i]
-        if self.score_classes is not self.classes:      # the global map on the model grid, for the fit region
-            region = dilate(model_brain, pool_reach(self.rc)) if self.region == "brain" else None
-            score, _ = score_grid(backend, z, self.classes[i], region, self.rc.chunk, checked=True)
-        fit = fit_region(score, model_brain, self.rc, self.threshold, self.region)
+    def _score_local(self, backend, z: torch.Tensor, i: int, keep, progress: bool = False):
+        """Scan i scored with local latents (restore/local.py): the one-latent map on the model grid
+        gives the fit region, the latents are fitted there, then the score grid's region is scored."""
+        brain = self.search_brain[i]
+        region = dilate(brain, pool_reach(self.rc)) if self.region == "brain" else None
+        score, _, n = self._score_global(backend, z, self.classes[i], brain, region, self.rc, progress)
+        fit = fit_region(score, brain, self.rc, self.threshold, self.region)
         grid = fit_local_latents(self.field, z, self.classes[i], fit, self.rc, self.generator)
         score, restored, m = score_grid_local(self.field, grid, self.score_classes[i], keep, self.rc.chunk)
         return score, restored, n + m
