@@ -4,7 +4,8 @@
 # template's smooth cortex, the odd ones with individual cortical folding and asymmetry) -> the small
 # preset's physical frame (96³, 224 mm) -> 400 epochs under the DeepSDF-style latent prior (1e-4 |z|
 # ramped in over 20 epochs, |z| <= 10; restored under a Gaussian prior of the training latents' RMS)
-# -> threshold on the validation lesions (seed 1) -> copied into the package with its training log.
+# -> a threshold per schedule (fast, local) on the validation lesions (seed 1) -> copied into the package
+# with its training log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${EPOCHS:-400}

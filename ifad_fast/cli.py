@@ -228,7 +228,8 @@ def _add_restore_command(sub):
     p.add_argument("--schedule", default=None, help="fast | local | paper | reference | STEPSxPOINTS[,...] (default fast)")
     p.add_argument("--threshold", nargs="?", const="model", type=_threshold, default=None, metavar="T",
                    help="also write a binary <case>_pred-mask.nii.gz of score >= T; "
-                        "without T (or with T = model), the threshold stored in the model")
+                        "without T (or with T = model), the threshold the model stores for the schedule "
+                        "(ifad-fast calibrate stores them)")
     p.add_argument("--precision", choices=PRECISIONS, default="float32",
                    help="float32 (default); bf16 (bfloat16 operands, float32 accumulation) or tf32 "
                         "(float32 matmuls on TF32 tensor cores, CUDA only): faster, gated against float32")
@@ -293,6 +294,26 @@ def _add_evaluate_command(sub):
     p.add_argument("-o", "--output", default=None, help="folder for metrics.json")
     p.add_argument("--max-voxels", type=_int_in(1), default=None,
                    help=f"refuse maps with more voxels than this (default {DEFAULT_MAX_VOXELS:,})")
+
+
+def _add_calibrate_command(sub):
+    """The `calibrate` command's arguments."""
+    p = sub.add_parser("calibrate", help="choose each schedule's decision threshold on validation scans with lesion "
+                                         "masks and store them in a copy of the model (for --threshold alone)")
+    p.add_argument("validation", metavar="VALIDATION",
+                   help="validation scans and their ground truth (labels > 0 = lesion): a folder (ours, BraTS, HCP "
+                        "or BIDS layout) or a CSV of scan,mask")
+    p.add_argument("-m", "--model", default=None, help="model.pt or run folder (default: the bundled model)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL_PT",
+                   help="the calibrated model file to write (the input model is left as it is)")
+    p.add_argument("--schedule", default=None, metavar="SCHEDULES",
+                   help="comma list of the schedules whose maps get a threshold, in order (default fast,local; "
+                        "a 2D model: fast; local after fast: its fit region is judged by the fast map's threshold)")
+    p.add_argument("--modality", default="t2", choices=("t2", "flair", "t1", "t1ce"),
+                   help="which scans to read where a case has several (default t2)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    _add_input_checks(p)
+    _add_engine_args(p)
 
 
 def _add_synth_command(sub):
@@ -376,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(sub)
     _add_restore_command(sub)
     _add_evaluate_command(sub)
+    _add_calibrate_command(sub)
     _add_synth_command(sub)
     _add_demo_command(sub)
     _add_bench_command(sub)
@@ -644,9 +666,11 @@ def cmd_restore(args):
     from .api.jobs import RestoreJob, check_job, restore_shard
     from .api.restorer import PROTOCOLS, Restorer, restore_config, with_bias_correction, with_registration
     from .backends.factory import resolve_device
+    from .config import schedule_name
     from .distributed import launch
     from .extras import require
     from .limits import usable_cores
+    from .model import stored_threshold
 
     args.inputs = _inputs(args)
     if args.radiological and not args.figure:
@@ -676,10 +700,10 @@ def cmd_restore(args):
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
-    if rc.local_grid and args.threshold is None and (model.info or {}).get("threshold") is None:
+    if rc.local_grid and args.threshold is None and stored_threshold(model, "fast") is None:
         raise IfadError("the local schedule fits its local latents where the map stays clear of the decision "
                         "threshold, and this model stores none: pass --threshold T or use --schedule fast")
-    if args.grid == "adaptive" and args.threshold is None and (model.info or {}).get("threshold") is None:
+    if args.grid == "adaptive" and args.threshold is None and stored_threshold(model, schedule_name(rc)) is None:
         warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
                                   "scoring the full grid (pass --threshold T to use the adaptive grid)"))
     if alone:
@@ -709,6 +733,34 @@ def cmd_restore(args):
     if errors:
         raise IfadError("; ".join(errors))
     print(f"restored {sum(r['written'] for r in results)} scans -> {args.output}")     # under torchrun: this rank's
+
+
+def cmd_calibrate(args):
+    """`ifad-fast calibrate`: thresholds chosen on validation scans, stored in a copy of the model."""
+    from .api.calibration import calibrate
+    from .backends.factory import resolve_device
+    from .benchmarks.accuracy import _data_scans
+    from .layouts import find_cases
+    from .model import save_model
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise IfadError(f"{out} is a folder; pass the model file to write, e.g. -o {out / 'model.pt'}")
+    if out.exists() and not args.overwrite:
+        raise IfadError(f"{out} exists; pass --overwrite to replace it, or another -o")
+    cases = find_cases(args.validation, args.modality)
+    device = resolve_device(args.device)
+    model = load_model_arg(args.model, device)
+    default = "fast" if model.config.variant == "2d" else "fast,local"
+    schedules = tuple(s.strip() for s in (args.schedule or default).split(","))
+    found = calibrate(model, lambda: _data_scans(cases, "validation", True, args.max_voxels, args.force), schedules,
+                      args.backend, device, described=f"{len(cases)} validation cases of {args.validation}",
+                      n_cases=len(cases), report=say)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_model(model, out)
+    for schedule, row in found.items():
+        print(f"{schedule}: threshold {row['threshold']:.4g} (validation [DICE] {row['dice_best']:.3f})")
+    print(f"calibrated model -> {out}; restore with -m {out} --threshold")
 
 
 def cmd_evaluate(args):
@@ -803,7 +855,7 @@ def _bench_on_data(args):
 
 
 COMMANDS = dict(prepare=cmd_prepare, train=cmd_train, restore=cmd_restore, evaluate=cmd_evaluate,
-                synth=cmd_synth, demo=cmd_demo, bench=cmd_bench)
+                calibrate=cmd_calibrate, synth=cmd_synth, demo=cmd_demo, bench=cmd_bench)
 
 if __name__ == "__main__":
     sys.exit(main())

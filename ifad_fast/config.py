@@ -355,6 +355,18 @@ SCHEDULES = {
 SCHEDULES["local"] = dict(SCHEDULES["fast"], local_grid=6)
 
 
+def schedule_name(rc: "RestoreConfig") -> str | None:
+    """The kind of maps `rc` makes, by the SCHEDULES entry it follows: 'local' for any local-latent search,
+    else the entry whose search settings it has (the score grid aside), else None. A model stores a decision
+    threshold per schedule under these names (`model.stored_threshold`)."""
+    if rc.local_grid:
+        return "local"
+    for name, entry in SCHEDULES.items():
+        if all(getattr(rc, k) == v for k, v in entry.items() if k != "grid"):
+            return name
+    return None
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named set of model, preprocessing and training settings (`PRESETS`)."""

@@ -290,9 +290,12 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
     info = meta.get("info", {})
     if not isinstance(info, dict):
         raise _damaged(path, "meta field 'info' is not a dict")
-    t = info.get("threshold")
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
-        raise _damaged(path, f"stored threshold {t!r} is not a finite number")
+    thresholds = info.get("thresholds", {})
+    if not isinstance(thresholds, dict) or not all(isinstance(k, str) for k in thresholds):
+        raise _damaged(path, "meta field info.thresholds is not a dict of schedule names")
+    for t in (info.get("threshold"), *thresholds.values()):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise _damaged(path, f"stored threshold {t!r} is not a finite number")
 
     decoder = payload["decoder"]
     if not isinstance(decoder, dict):
@@ -323,6 +326,14 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
             or not torch.isfinite(latents).all()):
         raise _damaged(path, f"the training latents are not a finite (N, {mc.latent_dim}) tensor")
     return mc, pc, tc
+
+
+def stored_threshold(model: Model, schedule: str | None = None) -> float | None:
+    """The decision threshold `model` stores for maps of `schedule` (info["thresholds"][schedule], chosen
+    on that schedule's maps), else its one threshold (info["threshold"]), else None."""
+    info = model.info or {}
+    t = (info.get("thresholds") or {}).get(schedule, info.get("threshold"))
+    return None if t is None else float(t)
 
 
 def load_model(path, device="cpu") -> Model:

@@ -38,7 +38,7 @@ LAYERS = (
     ("engine", {"restore", "restore.volume", "restore.slices", "restore.core", "restore.search", "restore.scoring",
                 "restore.local", "train"}),
     ("library", {"api", "api.results", "api.outputs", "api.files", "api.restorer", "api.evaluation", "api.jobs",
-                 "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
+                 "api.calibration", "dataset", "baselines", "acquisition", "pairing", "layouts", "figures", "synth",
                  "reference"}),
     ("entry points", {"cli", "demo", "benchmarks", "benchmarks.accuracy", "benchmarks.speed",
                       "benchmarks.training", "benchmarks.machine"}),

@@ -160,7 +160,7 @@ def test_every_command_takes_quiet_and_verbose():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     required = dict(prepare=["x", "-o", "o"], train=["x", "-o", "o"], restore=["x"], synth=["-o", "o"],
-                    bench=["speed"])
+                    bench=["speed"], calibrate=["x", "-o", "o.pt"])
     for name in commands:
         for flag, level in (("-q", "quiet"), ("--quiet", "quiet"), ("-v", "verbose"), ("--verbose", "verbose")):
             assert parser.parse_args([name, *required.get(name, []), flag]).verbosity == level

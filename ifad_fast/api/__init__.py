@@ -13,11 +13,13 @@ IfadError rather than guess; cube-frame models (format-1 files such as the bundl
 The package: `restorer` (the `Restorer`, schedules and the restoring prior, the one-call wrappers),
 `results` (`NativeResult`), `files` (the folder loop of `Restorer.restore_files`: loading ahead and
 writing behind), `outputs` (output names, which cases are done, provenance, `write_outputs`),
-`evaluation` (`evaluate_folders`) and `jobs` (a process's share of `restore --nproc N`). They import
-one way: results <- outputs <- files <- restorer <- jobs; evaluation stands alone.
+`evaluation` (`evaluate_folders`), `jobs` (a process's share of `restore --nproc N`) and `calibration`
+(thresholds per schedule chosen on validation cases, stored in the model). They import one way:
+results <- outputs <- files <- restorer <- jobs, calibration; evaluation stands alone.
 """
 from __future__ import annotations
 
+from .calibration import calibrate
 from .evaluation import evaluate_folders, maps_method, summaries_method
 from .jobs import RestoreJob, check_job, restore_shard
 from .outputs import (
@@ -50,7 +52,7 @@ from .restorer import (
 )
 from .results import NativeResult
 
-__all__ = ["NativeResult", "PROTOCOLS", "RUN_ARGS", "RestoreJob", "Restorer", "bids_folder", "case_outputs",
+__all__ = ["NativeResult", "PROTOCOLS", "RUN_ARGS", "RestoreJob", "Restorer", "bids_folder", "calibrate", "case_outputs",
            "cases_with_outputs", "check_job", "check_variant_options", "default_model", "evaluate_folders",
            "file_sha256", "maps_method", "model_grid_maps", "parse_phases", "portable_path",
            "refuse_existing", "resolve_threshold", "restore_array", "restore_arrays", "restore_config",

@@ -25,7 +25,7 @@ from ..io import (
     header_shape,
 )
 from ..limits import check_memory, restore_bytes
-from ..model import Model, bundled_model_path, load_model
+from ..model import Model, bundled_model_path, load_model, stored_threshold
 from ..preprocess import IntensityEncoder, as_scan, prepare_grids
 from ..restore.scoring import StageTimes
 from ..restore.volume import restore_batch
@@ -173,9 +173,11 @@ class Restorer:
         self.adam = ("fused" if cuda else "foreach") if on_device else "default"
         self.cuda_graphs = cuda and on_device and (cuda_graphs is None or bool(cuda_graphs))
         self.time_stages = bool(time_stages)
-        # the maps' decision threshold (the model's; restore_files adds its own): where an
-        # 'adaptive' score grid must be exact
-        self.decision = (model.info or {}).get("threshold")
+        # the maps' decision threshold (the model's for this schedule; restore_files adds its own): where an
+        # 'adaptive' score grid must be exact. The local stage judges its fit region on the one-latent
+        # (fast) map, by that map's threshold.
+        self.decision = stored_threshold(model, cfg.schedule_name(rc))
+        self.fit_threshold = stored_threshold(model, "fast")
 
     @property
     def backend(self) -> str:
@@ -227,7 +229,8 @@ class Restorer:
         maps = restore_batch(self.engine, self.model, classes, self.rc, generator, brain=brain, region=self.region,
                              progress=self.progress, score_classes=score_classes, score_brain=score_brain,
                              adam=self.adam, graphs=self.cuda_graphs, stages=stage,
-                             threshold=self.decision if decision is None else decision)
+                             threshold=self.decision if decision is None else decision,
+                             fit_threshold=self.fit_threshold)
         with stage("native"):
             grids = maps.to_host()
             native = []
@@ -354,7 +357,7 @@ class Restorer:
         check_files_options(existing, batch)
         check_figure(figure)
         model, rc, region = self.model, self.rc, self.region
-        threshold = resolve_threshold(model, threshold)
+        threshold = resolve_threshold(model, threshold, cfg.schedule_name(rc))
         decision = min((t for t in (threshold, self.decision) if t is not None), default=None)
         paths = shard_of(find_scans(inputs), shard)
         if shard is not None and not paths:
@@ -380,7 +383,7 @@ class Restorer:
         run.runnable = [p for p in todo if p not in run.failed]
         write = CaseWriter(out_dir, run_args if shard is None or shard[0] == 0 else None, threshold=threshold,
                             engine=self.engine, rc=rc, region=region, provenance=provenance, figure=figure,
-                            model_threshold=(model.info or {}).get("threshold"), bids=bids)
+                            model_threshold=self.decision, bids=bids)
         groups = [run.runnable[s:s + batch] for s in range(0, len(run.runnable), batch)]
         load = functools.partial(load_group, max_voxels=max_voxels, force=force)
         overlap = self.device.type == "cuda" if overlap_io is None else bool(overlap_io)
@@ -419,12 +422,13 @@ def model_grid_maps(result: NativeResult, label=None) -> tuple[np.ndarray, np.nd
     return result.model_grid.anomaly, placement.brain, lab
 
 
-def resolve_threshold(model: Model, threshold):
-    """None, a finite number, or 'model' (the threshold stored in the model) -> None or a float."""
+def resolve_threshold(model: Model, threshold, schedule: str | None = None):
+    """None, a finite number, or 'model' (the threshold the model stores for maps of `schedule`,
+    `model.stored_threshold`) -> None or a float."""
     if threshold is None:
         return None
     if isinstance(threshold, str) and threshold == "model":
-        t = (model.info or {}).get("threshold")
+        t = stored_threshold(model, schedule)
         if t is None:
             raise IfadError("this model stores no threshold; pass a number (--threshold T), e.g. one chosen "
                             "with 'ifad-fast evaluate' on validation cases")

@@ -640,27 +640,25 @@ def speed(quick=False, backend="auto", device="auto", out_dir=None, report=print
     return result
 
 
-def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedule: str = "fast", report=print,
-                         trained_on: str = "synthetic healthy brains"):
-    """Store the validation set's best-Dice threshold (lesion seed 1) and `trained_on` (what the
-    model was trained on, in words) in the model's info and save it."""
-    from ..api.restorer import Restorer
-    from ..metrics import curve_metrics
-    from ..model import load_model, save_model
+def calibrate(model, schedules=("fast", "local"), n_val: int = 6, report=print):
+    """`model` with each schedule's threshold chosen on the protocol's validation cases (lesion seed 1,
+    `n_val` cases at 1.5 mm; `api.calibration.calibrate`)."""
+    from ..api.calibration import calibrate as calibrate_on
     from ..synth import generate_lesion
 
-    model = load_model(model_path)
-    restorer = Restorer(model, "auto", "cpu", schedule=schedule)
-    maps, masks = [], []
-    for j in progress_bar(range(n_val), desc="calibrate", unit="case"):
-        case = generate_lesion(j, seed=VAL_SEED)
-        maps.append(restorer.restore_array(case.image, case.affine).anomaly.ravel())
-        masks.append(case.mask.ravel() > 0)
-    curve = curve_metrics(np.concatenate(maps), np.concatenate(masks))
-    model.info = dict(model.info or {}, threshold=float(curve["threshold"]), threshold_schedule=schedule,
-                      threshold_set=f"synthetic lesions, seed {VAL_SEED}, {n_val} cases",
-                      trained_on=trained_on,
-                      reproduce="bash bench/bundle_model.sh")
+    calibrate_on(model, lambda: (generate_lesion(j, seed=VAL_SEED) for j in range(n_val)), schedules,
+                 described=f"synthetic lesions, seed {VAL_SEED}, {n_val} cases", n_cases=n_val, report=report)
+    return model
+
+
+def calibrate_and_bundle(model_path, out_path, n_val: int = 6, schedules=("fast", "local"), report=print,
+                         trained_on: str = "synthetic healthy brains"):
+    """Store the validation set's best-Dice threshold per schedule (`calibrate`) and `trained_on` (what the
+    model was trained on, in words) in the model's info and save it."""
+    from ..model import load_model, save_model
+
+    model = calibrate(load_model(model_path), schedules, n_val, report)
+    model.info.update(trained_on=trained_on, reproduce="bash bench/bundle_model.sh")
     save_model(model, out_path)
-    report(f"threshold {curve['threshold']:.4g} (validation [DICE] {curve['dice_best']:.3f}) -> {out_path}")
+    report(f"-> {out_path}")
     return model

@@ -56,11 +56,14 @@ class ScanRows(RowPlan):
     `pools_at`). The rows draw from `generator` (`ScanDraws`): z0 first, then the points.
     threshold: with rc.grid 'adaptive', on a backend with `log_probs`, the grid is scored by
     `score_grid_adaptive`; otherwise every voxel of the region (`dilate`d brain, or 'full').
+    fit_threshold: with rc.local_grid, the threshold of the one-latent map that decides the local
+    fit region (default `threshold`).
     """
 
     def __init__(self, backend, classes: torch.Tensor, rc: cfg.RestoreConfig, generator: torch.Generator, *,
                  brain: torch.Tensor | None = None, region: str = "brain", score_classes: torch.Tensor | None = None,
-                 score_brain: torch.Tensor | None = None, threshold: float | None = None):
+                 score_brain: torch.Tensor | None = None, threshold: float | None = None,
+                 fit_threshold: float | None = None):
         n_classes = backend.config.n_classes
         check_classes(classes, n_classes)
         self.classes, self.rc, self.generator, self.region = classes, rc, generator, region
@@ -73,8 +76,9 @@ class ScanRows(RowPlan):
             self.brain = score_classes != 0 if score_brain is None else score_brain.to(torch.bool)
             self.post = pools_at(rc, classes.shape[1], score_classes.shape[1])
         self.n_scans, self.threshold = classes.shape[0], threshold
+        self.fit_threshold = threshold if fit_threshold is None else fit_threshold
         self.adaptive = rc.grid == "adaptive" and threshold is not None and backend.has_log_probs
-        if rc.local_grid and threshold is None:
+        if rc.local_grid and self.fit_threshold is None:
             raise IfadError("local latents leave out of their fit what the global restoration finds anomalous, "
                             "judged by the decision threshold; this model stores none: pass --threshold T "
                             "(API: restore_files(threshold=T), or set model.info['threshold']) or use another schedule")
@@ -93,15 +97,15 @@ class ScanRows(RowPlan):
         keep = dilate(brain, pool_reach(self.post)) if self.region == "brain" else None
         if self.rc.local_grid:
             return self._score_local(backend, z[i], i, keep, progress)
-        return self._score_global(backend, z[i], cls, brain, keep, self.post, progress)
+        return self._score_global(backend, z[i], cls, brain, keep, self.post, self.threshold, progress)
 
     def _score_global(self, backend, z: torch.Tensor, cls: torch.Tensor, brain: torch.Tensor, keep, post,
-                      progress: bool = False):
-        """One latent z (D,) over a grid's region `keep` (None: all), adaptive where the plan allows;
-        post: that grid's pools."""
+                      threshold: float | None, progress: bool = False):
+        """One latent z (D,) over a grid's region `keep` (None: all), adaptive where the plan allows
+        (exact wherever the map can reach `threshold`); post: that grid's pools."""
         if self.adaptive:
             within = keep if keep is not None else torch.ones_like(brain)
-            return score_grid_adaptive(backend, z, cls, within, refine_near(brain, post, self.threshold, self.region),
+            return score_grid_adaptive(backend, z, cls, within, refine_near(brain, post, threshold, self.region),
                                        self.rc.chunk, progress)
         score, restored = score_grid(backend, z, cls, keep, self.rc.chunk, progress, checked=True)
         return score, restored, keep.sum() if keep is not None else score.numel()
@@ -111,8 +115,9 @@ class ScanRows(RowPlan):
         gives the fit region, the latents are fitted there, then the score grid's region is scored."""
         brain = self.search_brain[i]
         region = dilate(brain, pool_reach(self.rc)) if self.region == "brain" else None
-        score, _, n = self._score_global(backend, z, self.classes[i], brain, region, self.rc, progress)
-        fit = fit_region(score, brain, self.rc, self.threshold, self.region)
+        score, _, n = self._score_global(backend, z, self.classes[i], brain, region, self.rc, self.fit_threshold,
+                                         progress)
+        fit = fit_region(score, brain, self.rc, self.fit_threshold, self.region)
         grid = fit_local_latents(self.field, z, self.classes[i], fit, self.rc, self.generator)
         score, restored, m = score_grid_local(self.field, grid, self.score_classes[i], keep, self.rc.chunk)
         return score, restored, n + m
@@ -122,7 +127,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
                   *, brain: torch.Tensor | None = None, region: str = "brain", progress: bool = False,
                   score_classes: torch.Tensor | None = None, score_brain: torch.Tensor | None = None,
                   adam: str = "default", graphs: bool = False, stages=None,
-                  threshold: float | None = None) -> DeviceMaps:
+                  threshold: float | None = None, fit_threshold: float | None = None) -> DeviceMaps:
     """Restore a batch of encoded scans on the classes' device (the backend's): search, score, pool.
 
     classes: (B, R, R, R) uint8 on the model grid; brain: bool like it (default classes != 0);
@@ -132,7 +137,8 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
     search / grid / post, or None. threshold: the decision threshold of the maps; with
     rc.grid 'adaptive' the grid is then scored by `score_grid_adaptive` (exact wherever the map can
     reach (1 - rc.refine_margin) * threshold), on backends that have `log_probs`; otherwise, and
-    without a threshold, every voxel of the region is scored. Returns DeviceMaps (nothing copied
+    without a threshold, every voxel of the region is scored. fit_threshold: the one-latent map's
+    threshold that bounds rc.local_grid's fit region (default `threshold`). Returns DeviceMaps (nothing copied
     to the host); its `scored` counts the decoder evaluations of the grid. A 2D model's scans are
     rows of slices (`slices.restore_slices`), a 3D model's one row each (`ScanRows`), through
     the same core (`core.restore_rows`).
@@ -147,7 +153,7 @@ def restore_batch(backend, model: Model, classes: torch.Tensor, rc: cfg.RestoreC
         return restore_slices(backend, model, classes, rc, generator, brain=brain, region=region, progress=progress,
                               adam=adam, graphs=graphs, stages=stages)
     plan = ScanRows(backend, classes, rc, generator, brain=brain, region=region, score_classes=score_classes,
-                    score_brain=score_brain, threshold=threshold)
+                    score_brain=score_brain, threshold=threshold, fit_threshold=fit_threshold)
     return restore_rows(backend, model, classes, plan, progress=progress, adam=adam, graphs=graphs, stages=stages)
 
 
