@@ -26,7 +26,8 @@ def add(k, name, a, b, m):
 for i in range(int(sys.argv[1])):
     case = generate_lesion(i, seed=2, voxel_mm=1.0)
     for name in ACQUISITIONS:
-        a = reacquire(case if ACQUISITIONS[name].anatomy == "mni" else generate_lesion(i, seed=2, voxel_mm=1.0, anatomy=ACQUISITIONS[name].anatomy), name); b = a.brain_mask > 0
+        acq = ACQUISITIONS[name]
+        a = reacquire(case if (acq.anatomy, acq.lesion) == ("mni", "glioma") else generate_lesion(i, seed=2, voxel_mm=1.0, anatomy=acq.anatomy, kind=acq.lesion), name); b = a.brain_mask > 0
         p = prepare(a.image, enc, pc, pc.test_mode_pool, a.affine)
         cls = torch.from_numpy(p.classes); brain = torch.from_numpy(p.brain)
         keep = dilate(brain, pool_reach(base))

@@ -28,9 +28,10 @@ scans = []
 for j in range(n_cases):
     cases = {}
     for name, acq in ACQUISITIONS.items():
-        if acq.anatomy not in cases:
-            cases[acq.anatomy] = generate_lesion(j, seed=2, voxel_mm=1.0, anatomy=acq.anatomy)
-        scans.append((name, reacquire(cases[acq.anatomy], name)))
+        key = (acq.anatomy, acq.lesion)
+        if key not in cases:
+            cases[key] = generate_lesion(j, seed=2, voxel_mm=1.0, anatomy=acq.anatomy, kind=acq.lesion)
+        scans.append((name, reacquire(cases[key], name)))
 rows = {}
 for v in variants:
     phases = parse_phases(v)

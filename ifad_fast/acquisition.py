@@ -25,7 +25,9 @@ interpolation by `preprocess.resample`, the model frame's own):
 
 `ACQUISITIONS` is the registry of named acquisitions used by `ifad-fast bench accuracy`; those in
 `HELD_OUT` render the scan in a style training never shows (a soft rim, other contrast, a strong bias
-field, low SNR) or take a case of an anatomy it never shows (`aged`), for the protocol's generalisation test.
+field, low SNR), take a case of an anatomy it never shows (`aged`) or a lesion kind that validation
+never shows (`ms`: small MS-like white-matter plaques, `stroke`: a territorial infarct, instead of
+the glioma), for the protocol's generalisation test.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from scipy import ndimage as ndi
 
 from . import preprocess
 from .errors import IfadError
+from .synth import LESION_KINDS
 
 __all__ = ["ACQUISITIONS", "HELD_OUT", "Acquired", "Acquisition", "get_acquisitions", "reacquire", "resample", "target_grid"]
 
@@ -60,8 +63,9 @@ class Acquisition:
     contrasts, hard brain edges), reported apart from the others by the accuracy protocol. `anatomy`:
     the `synth` anatomy the protocol draws the case with for this acquisition ('folded': individual
     cortical folding and asymmetry, as half the protocol's training subjects; 'aged': folded with
-    wider, deeper sulci and larger ventricles than any training subject); `reacquire` refuses a
-    synthetic case of another anatomy."""
+    wider, deeper sulci and larger ventricles than any training subject); `lesion`: the `synth`
+    lesion kind the protocol draws the case with ('glioma', as the validation cases; 'ms'; 'stroke');
+    `reacquire` refuses a synthetic case of another anatomy or lesion kind."""
 
     name: str
     description: str
@@ -77,6 +81,7 @@ class Acquisition:
     snr: float | None = None
     held_out: bool = False
     anatomy: str = "mni"
+    lesion: str = "glioma"
 
     def __post_init__(self):
         codes = self.orientation.upper()
@@ -86,6 +91,8 @@ class Acquisition:
             raise IfadError(f"voxel size {self.voxel_mm!r}: pass three sizes of 0.1 to 20 mm")
         if self.fov not in ("source", "brain"):
             raise IfadError(f"field of view {self.fov!r}: use 'source' or 'brain'")
+        if self.lesion not in LESION_KINDS:
+            raise IfadError(f"lesion kind {self.lesion!r}: use one of {', '.join(LESION_KINDS)}")
 
 
 ACQUISITIONS = {a.name: a for a in (
@@ -112,6 +119,11 @@ ACQUISITIONS = {a.name: a for a in (
                 "hemispheric asymmetry; half the protocol's training subjects have it)", anatomy="folded"),
     Acquisition("aged", "1.5 mm, RAS, the case drawn with synth's aged anatomy (folded, with wider and deeper "
                 "sulci and larger ventricles than any training subject)", anatomy="aged", held_out=True),
+    Acquisition("ms", "1.5 mm, RAS, the case's subject with multiple small MS-like white-matter plaques instead "
+                "of the glioma (synth's ms lesion kind)", lesion="ms", held_out=True),
+    Acquisition("stroke", "1.5 mm, RAS, the case's subject with a territorial infarct (cortex and white matter "
+                "of one hemisphere) instead of the glioma (synth's stroke lesion kind)", lesion="stroke",
+                held_out=True),
 )}
 HELD_OUT = tuple(name for name, a in ACQUISITIONS.items() if a.held_out)
 
@@ -252,6 +264,10 @@ def reacquire(case, acq: Acquisition | str) -> Acquired:
     if drawn != acq.anatomy:
         raise IfadError(f"{case.name}: the {acq.name} acquisition needs a case drawn with the {acq.anatomy} "
                         f"anatomy, got {drawn} (synth's generate_lesion(..., anatomy={acq.anatomy!r}))")
+    kind = (getattr(case, "info", None) or {}).get("lesion_kind", acq.lesion)
+    if kind != acq.lesion:
+        raise IfadError(f"{case.name}: the {acq.name} acquisition needs a case with a lesion of kind {acq.lesion}, "
+                        f"got {kind} (synth's generate_lesion(..., kind={acq.lesion!r}))")
     image = np.asarray(case.image)
     if image.ndim != 3:
         raise IfadError(f"{case.name}: a 3D scan is needed, got shape {image.shape}")

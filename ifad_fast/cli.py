@@ -324,13 +324,16 @@ def _add_synth_command(sub):
                         "manifest.json")
     p.add_argument("--healthy", type=_int_in(0, 100000), default=8, help="healthy brains (default 8)")
     p.add_argument("--lesions", type=_int_in(0, 100000), default=4,
-                   help="brains with a glioma-like lesion, each with its mask (default 4)")
+                   help="brains with a lesion (--lesion-kind), each with its mask (default 4)")
     p.add_argument("--voxel-mm", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
     p.add_argument("--anatomy", choices=SYNTH_ANATOMIES, default="mni",
                    help="mni: the template's smooth cortex, varied (default; the same images as before); "
                         "folded: each subject also gets individual cortical folding and hemispheric asymmetry; "
                         "aged: folded with wider, deeper sulci and larger ventricles than folded draws; "
                         "mixed: folded for odd subjects, mni for even ones (the bundled model's training set)")
+    p.add_argument("--lesion-kind", choices=("glioma", "ms", "stroke"), default="glioma",
+                   help="the lesion cases' lesion: glioma (default; the same images as before); ms: 5-20 small "
+                        "MS-like white-matter plaques; stroke: a territorial infarct (same subjects as glioma)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic set already in the output folder (its files that the new set does "
                         "not write are removed, nothing else)")
@@ -363,7 +366,7 @@ def _add_bench_command(sub):
     acc.add_argument("--acquisitions", default=None,
                      help="comma-separated acquisitions of the test scans (default all: "
                           "1.5mm,1mm,2mm,1x1x3mm,lps,permuted,off-centre,cropped,enlarged,folded and the "
-                          "held-out styles linear-1x1x3mm,contrast,bias,noise,aged)")
+                          "held-out styles linear-1x1x3mm,contrast,bias,noise,aged,ms,stroke)")
     acc.add_argument("--n-test", type=_int_in(1), default=None, help="test cases (default 24, quick 2)")
     acc.add_argument("--n-val", type=_int_in(1), default=None, help="validation cases (default 6, quick 2)")
     acc.add_argument("--n-healthy", type=_int_in(1), default=None,
@@ -786,8 +789,9 @@ def cmd_synth(args):
         raise IfadError("ask for at least one case with --healthy N and/or --lesions M")
     _output(args.output)
     write_set(args.output, args.healthy, args.lesions, seed=args.seed, voxel_mm=args.voxel_mm,
-              overwrite=args.overwrite, anatomy=args.anatomy)
-    print(f"wrote {args.healthy} healthy and {args.lesions} lesion cases ({args.anatomy} anatomy) -> {args.output}")
+              overwrite=args.overwrite, anatomy=args.anatomy, lesion_kind=args.lesion_kind)
+    print(f"wrote {args.healthy} healthy and {args.lesions} {args.lesion_kind} lesion cases ({args.anatomy} anatomy) "
+          f"-> {args.output}")
 
 
 def cmd_demo(args):

@@ -1,4 +1,4 @@
-"""Offline synthetic T2-weighted brains, healthy and with glioma-like lesions.
+"""Offline synthetic T2-weighted brains, healthy and with lesions (glioma-like, MS-like or stroke-like).
 
 Built from the MNI152 (2009) template tissue maps that ship inside nilearn's wheel, so
 nothing is downloaded. Each subject is the template anatomy, varied and re-imaged:
@@ -14,6 +14,18 @@ nothing is downloaded. Each subject is the template anatomy, varied and re-image
 * contrast: per-subject T2 intensities (CSF > GM > WM), partial volume from the tissue maps;
 * lesion (glioma-like): oedema spreading preferentially along white matter around a solid or
   necrotic core, 1.5-9 % of the brain volume, with its binary mask (oedema + core);
+* or, with `kind` (`generate_lesion(..., kind=)`, `ifad-fast synth --lesion-kind`), another lesion
+  in the same subject, with no mass effect. `ms`: 5-20 T2-hyperintense ovoid plaques with soft
+  edges (a 1-2 mm ramp, at least a voxel), 3-18 mm long axis (juxtacortical ones up to 9 mm),
+  sized together to a total of 0.2-0.8 % of the brain (log-uniform; at least one plaque per 0.04 %),
+  40-80 % of them periventricular (elongated, the long axis along the outward normal of the
+  lateral ventricles, the inner tip 0-3 mm from them: Dawson's fingers), the rest in deep white
+  matter or at the grey-white junction (juxtacortical), each 25-75 % of the way from GM to CSF
+  intensity; mask = the union of the plaques less CSF. `stroke`: a territorial infarct, a cone
+  from a deep apex through the white and grey matter of one hemisphere out to the cortex, in
+  one of four vascular-like territories (MCA superior or inferior division, ACA, PCA), 1-6 % of
+  the brain (log-uniform), 25-60 % of the way from GM to CSF intensity; mask = the infarct's
+  grey and white matter;
 * acquisition: a smooth multiplicative bias field (2nd-order polynomial in the log), Rician
   noise at a random SNR, skull-stripped (zero outside the deformed brain mask) and sampled
   on an MNI-aligned grid of `voxel_mm` isotropic voxels (121 x 145 x 121 at 1.5 mm).
@@ -35,13 +47,19 @@ on top of all the above, an individual cortex and hemispheric asymmetry:
   backward by -1 to 4 mm each (ramped in from the brain's centre, crossing over within a few
   mm of the midline), and a right/left ratio of the ventricle pull of 0.7-1.4 (log-uniform).
 
-Every case is a pure function of (set, index, seed, voxel size, anatomy): the random stream of
+Every case is a pure function of (set, index, seed, voxel size, anatomy, lesion kind): the stream of
 healthy subject i is `SeedSequence([seed, 0, i])` and that of lesion case j
 `SeedSequence([seed, 1, j])`, so the two sets never share a stream and the same arguments give
 bit-identical output. The folded anatomy draws its parameters and noise from a stream of its
 own, `SeedSequence([seed, set, index, 3])`, so a folded subject has the pose, size, contrast,
 ventricles, atrophy and lesion of its mni twin, and `mni` output is what it was before
-`anatomy` existed.
+`anatomy` existed. Lesion kinds other than `glioma` draw their lesion from a stream of their
+own, `SeedSequence([seed, 1, index, K])` (K = 4 for ms, 5 for stroke), and everything else from
+the main stream exactly as their glioma twin does (the glioma's draws are made and left unused;
+the image box is the twin's), so ms and stroke cases are the glioma case's subject, pose,
+contrast, bias field and noise (its sd follows the mean brain intensity) without the glioma and
+its mass effect (which also moves the twin's small white-matter spots), ms and stroke the same
+brain exactly, and `glioma` output is what it was before `kind` existed.
 Generator version 2 (wider head size, tilt, ventricle and atrophy ranges) draws different
 subjects from the same seeds than version 1 did: images made by version 1 are not reproduced.
 """
@@ -71,9 +89,12 @@ __all__ = [
     "generate_lesion",
     "mni_reference",
     "write_set",
+    "LESION_KINDS",
     "TISSUE_LABELS",
 ]
 
+#: The kinds of lesion `generate_lesion` draws.
+LESION_KINDS = ("glioma", "ms", "stroke")
 #: Labels of `SynthCase.tissue`.
 TISSUE_LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM", 4: "lesion"}
 
@@ -116,16 +137,38 @@ _RIBBON_VENTRICLE_MM = (6.0, 12.0)       # ... and fades in between these distan
 _AGED_SULCAL_WIDTH_MM = (4.0, 7.0)
 _AGED_SULCAL_DEPTH_MM = (6.0, 12.0)
 _AGED_VENTRICLE_MM = (9.0, 13.0)
+# Lesion kinds other than the glioma (each drawn from its own stream, SeedSequence([seed, 1, index, K])):
+_KIND_STREAM = {"ms": 4, "stroke": 5}
+_GLIOMA_KEYS = ("lesion_fraction_target", "core_share", "necrotic", "necrotic_share", "edema_int", "solid_int",
+                "necrosis_int", "wm_preference", "mass_effect", "mass_decay")   # main-stream draws a glioma uses
+_MS_PLAQUES = (5, 20)                    # number of plaques (inclusive)
+_MS_FRACTION = (0.002, 0.008)            # target total volume over the brain's, log-uniform
+_MS_FRACTION_PER_PLAQUE = 0.0004         # at least one plaque per this much of the target
+_MS_LENGTH_MM = (3.0, 18.0)              # long axis of a plaque (sizes are scaled to the target, then clipped)
+_MS_ASPECT = ((0.35, 0.65), (0.6, 0.95)) # short / long axis: periventricular (elongated), other plaques
+_MS_PERIVENTRICULAR = (0.4, 0.8)         # share of plaques at the lateral ventricles
+_MS_GAP_MM = (0.0, 3.0)                  # from a periventricular plaque's inner tip to the ventricle
+_MS_EDGE_MM = (1.0, 2.0)                 # width of a plaque's soft edge (at least one voxel)
+_MS_INTENSITY = (0.25, 0.75)             # plaque intensity: this far from GM to CSF intensity
+_STROKE_FRACTION = (0.01, 0.06)          # infarct volume over the brain's, log-uniform
+_STROKE_INTENSITY = (0.25, 0.6)          # infarct intensity: this far from GM to CSF intensity
+# Vascular-like territories in the right hemisphere (template mm; mirrored for the left): the
+# cone's apex (deep) and a point on the cortex its axis passes through, and how often each is drawn.
+_TERRITORIES = {"MCA superior": ((24.0, 0.0, 12.0), (50.0, 10.0, 40.0), 0.35),
+                "MCA inferior": ((28.0, -15.0, 5.0), (60.0, -40.0, 5.0), 0.3),
+                "ACA": ((10.0, 15.0, 20.0), (8.0, 0.0, 70.0), 0.15),
+                "PCA": ((20.0, -45.0, 5.0), (18.0, -95.0, 5.0), 0.2)}
 
 
 @dataclass
 class SynthCase:
     """One synthetic subject.
 
-    image: float32 (X, Y, Z), zero outside the brain; mask: uint8 lesion mask (oedema + core)
-    or None for healthy subjects; brain_mask: uint8; affine: 4x4 voxel-to-world (MNI mm);
-    tissue: uint8 label map (0 background, 1 CSF, 2 GM, 3 WM, 4 lesion); info: the
-    subject's random parameters (JSON-serialisable).
+    image: float32 (X, Y, Z), zero outside the brain; mask: uint8 lesion mask (a glioma's oedema +
+    core, MS plaques, an infarct) or None for healthy subjects; brain_mask: uint8; affine: 4x4
+    voxel-to-world (MNI mm); tissue: uint8 label map (0 background, 1 CSF, 2 GM, 3 WM, 4 lesion);
+    info: the subject's random parameters and measured results (JSON-serialisable; lesion cases:
+    `lesion_kind`, `lesion_fraction`, and for ms `n_plaques`, `n_components`, `plaques`).
     """
 
     name: str
@@ -320,7 +363,16 @@ def _spline_weights(lo: float, hi: float, n: int, q: np.ndarray) -> np.ndarray:
 def _noise_on_grid(rng: np.random.Generator, nodes, shape) -> np.ndarray:
     """A smooth random field on a grid of `shape` spanning the node box: cubic spline through
     N(0, 1) node values, rescaled to unit standard deviation (float32)."""
-    lr = rng.standard_normal(tuple(max(4, int(n)) for n in nodes))  # cubic splines need 4 nodes
+    return _spline_field(_noise_nodes(rng, nodes), shape)
+
+
+def _noise_nodes(rng: np.random.Generator, nodes) -> np.ndarray:
+    """The N(0, 1) node values of `_noise_on_grid` (at least 4 per axis: cubic splines need 4)."""
+    return rng.standard_normal(tuple(max(4, int(n)) for n in nodes))
+
+
+def _spline_field(lr: np.ndarray, shape) -> np.ndarray:
+    """Node values (a, b, c) -> a field of `shape` spanning them (cubic spline), unit sd, float32."""
     out = lr
     for axis, m in enumerate(shape):
         w = _spline_weights(0.0, 1.0, lr.shape[axis], np.linspace(0.0, 1.0, m))
@@ -883,17 +935,35 @@ def _lesion_mask(p: dict, score: np.ndarray, brain: np.ndarray, n_brain: int) ->
     return les
 
 
+def _soft(m: np.ndarray) -> np.ndarray:
+    """A binary mask softened to partial volume (Gaussian of 0.6 voxel), float32."""
+    return ndi.gaussian_filter(m.astype(np.float32), 0.6, truncate=3.0)
+
+
+def _brighten(local: np.ndarray, s: np.ndarray, level) -> np.ndarray:
+    """`local` raised toward `level` with weight `s` (where it is darker): a hyperintense lesion."""
+    return local * (1 - s) + s * np.maximum(local, level)
+
+
 def _paint_lesion(p: dict, local: np.ndarray, les, core, nec, r_c, n2, n3) -> np.ndarray:
     """Lesion intensities over `local` (a box of the image): oedema (brightest near the centre),
     then the solid core, then necrosis, each blended through a softened mask."""
-    def soft(m):
-        return ndi.gaussian_filter(m.astype(np.float32), 0.6, truncate=3.0)
-
-    s_les, s_core, s_nec = soft(les), soft(core), soft(nec)
+    s_les, s_core, s_nec = _soft(les), _soft(core), _soft(nec)
     e_int = p["edema_int"] + 0.05 * np.clip(1.0 - r_c, 0.0, 1.0) + 0.025 * n3
-    local = local * (1 - s_les) + s_les * np.maximum(local, e_int)
+    local = _brighten(local, s_les, e_int)
     local = local * (1 - s_core) + s_core * (p["solid_int"] + 0.04 * n3)
     return local * (1 - s_nec) + s_nec * (p["necrosis_int"] + 0.02 * n2)
+
+
+def _glioma_draws(rng: np.random.Generator) -> tuple:
+    """The glioma's draws from the main stream, in order: a matrix to orthogonalise, axis ratios,
+    a centre offset (N(0, 1)) and the node values of its three noise fields. Lesions of other
+    kinds draw them too and leave them unused, so that the bias field and noise drawn after them
+    are their glioma twin's."""
+    q = rng.standard_normal((3, 3))
+    radii = rng.uniform(0.75, 1.3, 3)
+    offset = rng.standard_normal(3)
+    return q, radii, offset, [_noise_nodes(rng, n) for n in ((4, 4, 4), (4, 4, 4), (5, 5, 5))]
 
 
 def _insert_lesion(rng: np.random.Generator, p: dict, geom: _LesionGeometry, img: np.ndarray, t: _Tissue,
@@ -916,14 +986,12 @@ def _insert_lesion(rng: np.random.Generator, p: dict, geom: _LesionGeometry, img
     bsl = tuple(slice(a - o, b - o) for a, b, o in zip(blo, bhi, box_lo))       # in the box
     axes = [(np.arange(a, b) - ci[k]) * v for k, (a, b) in enumerate(zip(blo, bhi))]
     d = np.stack(np.meshgrid(*axes, indexing="ij"), -1)                       # (..., 3) mm
-    Q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
-    radii = rng.uniform(0.75, 1.3, 3)
+    q, radii, offset, nodes = _glioma_draws(rng)
+    Q, _ = np.linalg.qr(q)
     radii /= np.prod(radii) ** (1.0 / 3.0)
-    offset = rng.standard_normal(3) * 0.15 * r_lesion
+    offset = offset * 0.15 * r_lesion
     r_e = np.sqrt(((((d - offset) @ Q) / radii) ** 2).sum(-1)) / r_lesion
-    n1 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
-    n2 = _noise_on_grid(rng, (4, 4, 4), bshape)[bsl]
-    n3 = _noise_on_grid(rng, (5, 5, 5), bshape)[bsl]
+    n1, n2, n3 = (_spline_field(lr, bshape)[bsl] for lr in nodes)
     les = _lesion_mask(p, -r_e + 0.25 * n1 + p["wm_preference"] * (t.f_wm[sl] - 0.5), t.brain[sl], n_brain)
     # core: rounder, centred on the tumour centre
     r_c = np.sqrt((d ** 2).sum(-1)) / r_lesion
@@ -936,6 +1004,187 @@ def _insert_lesion(rng: np.random.Generator, p: dict, geom: _LesionGeometry, img
     mask[sl] = les
     return mask, dict(lesion_fraction=round(float(les.sum()) / n_brain, 5),
                       core_fraction_of_lesion=round(float(core.sum()) / max(1, int(les.sum())), 4))
+
+
+# --------------------------------------------------------------------------------------------
+# other lesion kinds
+
+
+def _check_kind(kind) -> str:
+    if kind not in LESION_KINDS:
+        raise IfadError(f"unknown lesion kind {kind!r}; pass one of {', '.join(LESION_KINDS)}")
+    return kind
+
+
+def _draw_kind_params(rng: np.random.Generator, kind: str) -> dict:
+    """A lesion kind's scalar parameters, drawn first from its own stream."""
+    if kind == "ms":
+        frac = float(math.exp(rng.uniform(*np.log(_MS_FRACTION))))
+        fewest = min(max(_MS_PLAQUES[0], math.ceil(frac / _MS_FRACTION_PER_PLAQUE)), _MS_PLAQUES[1])
+        return dict(lesion_fraction_target=frac, n_plaques=int(rng.integers(fewest, _MS_PLAQUES[1] + 1)),
+                    periventricular_share=float(rng.uniform(*_MS_PERIVENTRICULAR)),
+                    edge_mm=float(rng.uniform(*_MS_EDGE_MM)))
+    names = list(_TERRITORIES)
+    return dict(territory=names[int(rng.choice(len(names), p=[_TERRITORIES[n][2] for n in names]))],
+                hemisphere="right" if rng.random() < 0.5 else "left",
+                lesion_fraction_target=float(math.exp(rng.uniform(*np.log(_STROKE_FRACTION)))),
+                intensity=float(rng.uniform(*_STROKE_INTENSITY)))
+
+
+def _crop_axes(grid: _Grid, crop: _Crop) -> list[np.ndarray]:
+    """World mm of the crop's voxels along x, y, z (float32), shaped to broadcast to the crop."""
+    out = []
+    for k, (a, b) in enumerate(zip(crop.lo, crop.hi)):
+        shape = [1, 1, 1]
+        shape[k] = int(b - a)
+        out.append((np.arange(a, b) * grid.v + grid.affine[k, 3]).astype(np.float32).reshape(shape))
+    return out
+
+
+def _ventricle_distance(pb: _PullBack, grid: _Grid, crop: _Crop, labels: np.ndarray) -> np.ndarray:
+    """Distance (mm, float32, crop shape; inf far away) to the subject's lateral ventricles: the
+    template's, sampled through the pull-back, where the voxel is CSF."""
+    tpl = _templates()
+    fine = np.asarray(tpl.fine.shape[2:], dtype=np.float64)[::-1]            # (k, j, i) like the coordinates
+    small = np.asarray(tpl.ventricles.shape, dtype=np.float64)[::-1]
+    q = crop.upsample(pb.nrm, grid.step)                                     # the fine maps' coordinates
+    q = (q + 1.0) * ((fine - 1.0) / (tpl.smooth_step * (small - 1.0)))[:, None, None, None] - 1.0
+    vent = torch.from_numpy(tpl.ventricles.astype(np.float32)[None, None])
+    vent = (_sample(vent, np.moveaxis(q, 0, -1))[0] > 0.5) & (labels == 1)
+    dist = np.full(labels.shape, np.inf, np.float32)
+    if vent.any():  # within 30 mm of them
+        idx = np.argwhere(vent)
+        margin = int(math.ceil(30.0 / grid.v))
+        sl = tuple(slice(max(a - margin, 0), min(b + margin + 1, n))
+                   for a, b, n in zip(idx.min(0), idx.max(0), labels.shape))
+        dist[sl] = ndi.distance_transform_edt(~vent[sl], sampling=grid.v)
+    return dist
+
+
+def _ms_plaques(rng: np.random.Generator, kp: dict, p: dict, img: np.ndarray, t: _Tissue, labels: np.ndarray,
+                pb: _PullBack, grid: _Grid, crop: _Crop) -> tuple[np.ndarray, dict]:
+    """Paint MS-like plaques into `img` in place: ovoids with soft edges, most at the lateral
+    ventricles (long axis along the ventricles' outward normal), the others in deep white matter or
+    at the grey-white junction. Returns the mask (uint8, crop shape: the plaques less CSF) and stats."""
+    v, n = grid.v, kp["n_plaques"]
+    n_brain = int(t.brain.sum())
+    wm = labels == 3
+    dist_v = _ventricle_distance(pb, grid, crop, labels)
+    depth = crop.upsample(pb.depth[None], grid.step)[0]
+    sites = {"periventricular": np.flatnonzero(wm & (dist_v <= 25.0)),
+             "deep": np.flatnonzero(wm & (t.f_wm > 0.8) & (dist_v > 8.0) & (depth > 15.0)),
+             "juxtacortical": np.flatnonzero(wm & (t.f_gm >= 0.25) & (dist_v > 8.0) & (depth < 20.0))}
+    # sites, then sizes: relative sizes (juxtacortical plaques half as long) scaled together to the
+    # target volume within the length range (juxtacortical ones up to half the longest); the
+    # largest placed first
+    share = kp["periventricular_share"]
+    site_of = rng.choice(list(sites), n, p=[share, 0.5 * (1.0 - share), 0.5 * (1.0 - share)])
+    peri, juxta = site_of == "periventricular", site_of == "juxtacortical"
+    aspect = np.where(peri, rng.uniform(*_MS_ASPECT[0], n), rng.uniform(*_MS_ASPECT[1], n))
+    rel = np.exp(0.5 * rng.standard_normal(n)) * np.where(juxta, 0.5, 1.0)
+    target_mm3 = kp["lesion_fraction_target"] * n_brain * v ** 3
+    longest = np.where(juxta, 0.5, 1.0) * _MS_LENGTH_MM[1]
+    length, scale = rel, 1.0
+    for _ in range(8):  # the volume of ellipsoids: pi/6 length width^2
+        scale *= (target_mm3 / (math.pi / 6.0 * float((length ** 3 * aspect ** 2).sum()))) ** (1.0 / 3.0)
+        length = np.clip(rel * scale, _MS_LENGTH_MM[0], longest)
+    level = p["c_gm"] + rng.uniform(*_MS_INTENSITY, n) * (p["c_csf"] - p["c_gm"])
+    edge = max(kp["edge_mm"], v)
+    s_all = np.zeros(crop.shape, np.float32)
+    lev = np.zeros(crop.shape, np.float32)
+    mask = np.zeros(crop.shape, bool)
+    placed, record = [], []
+    for k in np.argsort(-length, kind="stable"):
+        a = 0.5 * float(length[k])
+        site = str(site_of[k])
+        cand = sites[site]
+        if site == "periventricular":  # the inner tip 0-3 mm from the ventricle
+            near = np.abs(dist_v.flat[cand] - (a + rng.uniform(*_MS_GAP_MM))) <= max(v, 1.0)
+            cand = cand[near]
+        if cand.size == 0:
+            site, cand = "deep", sites["deep"]
+        if cand.size == 0:
+            continue
+        best, best_clear = None, -np.inf   # the first of 30 tries clear of the others by a voxel + 1 mm
+        for _ in range(30):
+            ci = np.array(np.unravel_index(cand[int(rng.integers(cand.size))], crop.shape))
+            clear = min((float(np.linalg.norm(ci - cj)) * v - a - aj for cj, aj in placed), default=np.inf)
+            if clear > best_clear:
+                best, best_clear = ci, clear
+            if clear >= v + 1.0:
+                break
+        ci = best
+        u = rng.standard_normal(3)         # the long axis: random, or for periventricular plaques
+        if site == "periventricular":      # along the gradient of the distance to the ventricles
+            for ax in range(3):
+                lo, hi = ci.copy(), ci.copy()
+                lo[ax], hi[ax] = max(ci[ax] - 1, 0), min(ci[ax] + 1, crop.shape[ax] - 1)
+                u[ax] = dist_v[tuple(hi)] - dist_v[tuple(lo)]
+        if not (np.all(np.isfinite(u)) and np.linalg.norm(u) > 0):
+            u = np.array([1.0, 0.0, 0.0])
+        u /= np.linalg.norm(u)
+        b = aspect[k] * a
+        # the plaque's box; r: normalised ellipsoid radius; s: partial volume over a soft edge
+        rad = int(math.ceil((a + edge) / v)) + 1
+        slo, shi = np.maximum(ci - rad, 0), np.minimum(ci + rad + 1, crop.shape)
+        sl = tuple(slice(x, y) for x, y in zip(slo, shi))
+        ax = [((np.arange(x, y) - c) * v).astype(np.float32) for x, y, c in zip(slo, shi, ci)]
+        along = ax[0][:, None, None] * u[0] + ax[1][None, :, None] * u[1] + ax[2][None, None, :] * u[2]
+        d2 = ax[0][:, None, None] ** 2 + ax[1][None, :, None] ** 2 + ax[2][None, None, :] ** 2
+        r = np.sqrt(along ** 2 / a ** 2 + np.maximum(d2 - along ** 2, 0.0) / b ** 2)
+        s = np.clip(0.5 + (1.0 - r) * (b / edge), 0.0, 1.0).astype(np.float32)
+        lev[sl] = np.where(s > s_all[sl], np.float32(level[k]), lev[sl])
+        s_all[sl] = np.maximum(s_all[sl], s)
+        mask[sl] |= r <= 1.0
+        placed.append((ci, a))
+        record.append({"site": site, "voxel": (ci + crop.lo).tolist(), "length_mm": round(2 * a, 2),
+                       "width_mm": round(2 * b, 2), "level": round(float(level[k]), 3)})
+    mask &= t.brain & (labels != 1)
+    img[...] = _brighten(img, s_all * t.brain, lev)
+    n_comp = ndi.label(mask)[1]
+    return mask.astype(np.uint8), dict(lesion_fraction=round(float(mask.sum()) / n_brain, 5), n_components=int(n_comp),
+                                       plaques=record)
+
+
+def _stroke(rng: np.random.Generator, kp: dict, p: dict, img: np.ndarray, t: _Tissue, labels: np.ndarray,
+            pose: _Pose, grid: _Grid, crop: _Crop) -> tuple[np.ndarray, dict]:
+    """Paint a territorial infarct into `img` in place: the grey and white matter of one
+    hemisphere within a cone from a deep apex out to the cortex (sized to the target by its
+    angle, border roughened by noise). Returns the mask (uint8, crop shape) and stats."""
+    f32 = np.float32
+    n_brain = int(t.brain.sum())
+    side = 1.0 if kp["hemisphere"] == "right" else -1.0
+    apex_t, target_t, _ = _TERRITORIES[kp["territory"]]
+    flip = np.array([side, 1.0, 1.0])
+    apex = pose.forward(np.asarray(apex_t) * flip + rng.uniform(-5.0, 5.0, 3))
+    axis = pose.forward(np.asarray(target_t) * flip + rng.uniform(-10.0, 10.0, 3)) - apex
+    axis /= np.linalg.norm(axis)
+    x = _crop_axes(grid, crop)
+    # subject-anatomy coordinates: one hemisphere, above the posterior fossa
+    inv = np.linalg.inv(pose.A)
+    d0 = [xk - f32(pose.c0[k] + pose.t[k]) for k, xk in enumerate(x)]
+    u = [f32(pose.c0[c]) + sum(f32(inv[c, k]) * d0[k] for k in range(3)) for c in range(3)]
+    valid = t.brain & ((labels == 2) | (labels == 3)) & (side * u[0] > 2.0) & ~((u[2] < -8.0) & (u[1] < -35.0))
+    d = [xk - f32(apex[k]) for k, xk in enumerate(x)]
+    proj = sum(f32(axis[k]) * d[k] for k in range(3))
+    cos = proj / np.sqrt(np.maximum(sum(dk ** 2 for dk in d), f32(1e-6)))
+    valid &= proj > 5.0
+    score = cos + f32(0.04) * _noise_on_grid(rng, (6, 7, 6), crop.shape)
+    les = _lesion_mask(kp, score, valid, n_brain)
+    level = f32(p["c_gm"] + kp["intensity"] * (p["c_csf"] - p["c_gm"]))
+    level = level + f32(0.02) * _noise_on_grid(rng, (8, 9, 8), crop.shape)
+    idx = np.argwhere(les)
+    sl = tuple(slice(max(a - 3, 0), min(b + 4, n)) for a, b, n in zip(idx.min(0), idx.max(0), crop.shape))
+    img[sl] = _brighten(img[sl], _soft(les[sl]), level[sl])
+    return les.astype(np.uint8), dict(lesion_fraction=round(float(les.sum()) / n_brain, 5),
+                                      apex_mm=apex.round(2).tolist(), axis=axis.round(3).tolist())
+
+
+def _tissue_share(mask: np.ndarray, labels: np.ndarray) -> dict:
+    """The share of a lesion's voxels by the tissue label they had (CSF, GM, WM)."""
+    n = max(int(mask.sum()), 1)
+    return {name: round(float(np.count_nonzero(labels[mask > 0] == k)) / n, 4)
+            for k, name in ((1, "CSF"), (2, "GM"), (3, "WM"))}
 
 
 def _acquire(rng: np.random.Generator, p: dict, img: np.ndarray, brain: np.ndarray, grid: _Grid,
@@ -969,11 +1218,14 @@ def _acquire(rng: np.random.Generator, p: dict, img: np.ndarray, brain: np.ndarr
     return img
 
 
-def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anatomy: str = "mni") -> SynthCase:
+def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anatomy: str = "mni",
+            kind: str = "glioma") -> SynthCase:
     """One subject: draw its parameters, then pose -> lesion geometry -> pull-back -> tissue ->
     T2 image -> spots -> lesion -> acquisition. `info` = drawn parameters + measured results.
     The folded anatomy draws its own parameters and fields from SeedSequence([seed, stream,
-    index, 3]), so every draw of the main stream stays what it is for `mni`."""
+    index, 3]), so every draw of the main stream stays what it is for `mni`; so does a lesion
+    `kind` other than glioma (from SeedSequence([seed, stream, index, K])), which makes the
+    glioma's main-stream draws and leaves them unused (no mass effect, nothing painted)."""
     t0 = time.perf_counter()
     grid = _Grid.make(_check_voxel(voxel_mm))
     anatomy = subject_anatomy(anatomy, index)
@@ -994,19 +1246,33 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anat
     elastic = (_Spline3(rng, _FOV_LO - 10.0, _FOV_HI + 10.0, 25.0, p["elastic_mm"])
                if p["elastic_mm"] > 0 else None)
     geom = _lesion_geometry(rng, tpl, p, pose, elastic, fold) if lesion else None
-    pb = _pull_back(tpl, grid, pose, elastic, geom, p, fold)
+    pb = _pull_back(tpl, grid, pose, elastic, geom if kind == "glioma" else None, p, fold)
     fields = _smooth_fields(rng, p, pb, grid.n_nodes)
-    crop = _crop_box(grid, pb.mask)
+    if geom is None or kind == "glioma":
+        crop = _crop_box(grid, pb.mask)
+    else:  # also over the glioma twin's brain (its mass effect can widen the box): the twin's noise field
+        crop = _crop_box(grid, np.maximum(pb.mask, _pull_back(tpl, grid, pose, elastic, geom, p, fold).mask))
     tissue, texture = _tissue(p, grid, crop, pb, fields, folding)
     img = _t2_image(p, tissue, texture)
     spots = _wm_spots(rng, p, img, tissue, pb, grid, crop)
     labels = tissue.labels()
     result: dict = {}
     mask = None
-    if geom is not None:
+    kp: dict = {}
+    if geom is not None and kind == "glioma":
         mask, stats = _insert_lesion(rng, p, geom, img, tissue, grid, crop)
         labels[mask > 0] = 4
         result.update(centre_mm=geom.centre.round(2).tolist(), **stats)
+    elif geom is not None:
+        _glioma_draws(rng)
+        krng = np.random.default_rng(np.random.SeedSequence([int(seed), int(stream), int(index), _KIND_STREAM[kind]]))
+        kp = _draw_kind_params(krng, kind)
+        if kind == "ms":
+            mask, stats = _ms_plaques(krng, kp, p, img, tissue, labels, pb, grid, crop)
+        else:
+            mask, stats = _stroke(krng, kp, p, img, tissue, labels, pose, grid, crop)
+        result.update(lesion_tissue=_tissue_share(mask, labels), **stats)
+        labels[mask > 0] = 4
     img = _acquire(rng, p, img, tissue.brain, grid, crop)
     result.update(wm_spots=spots, shape=list(grid.shape), voxel_mm=grid.v,
                   seconds=round(time.perf_counter() - t0, 3))
@@ -1018,7 +1284,10 @@ def _render(name: str, stream: int, index: int, seed: int, voxel_mm: float, anat
 
     return SynthCase(name=name, image=full(img, np.float32), mask=None if mask is None else full(mask, np.uint8),
                      brain_mask=full(tissue.brain, np.uint8), affine=grid.affine,
-                     tissue=full(labels, np.uint8), info={**p, "anatomy": anatomy, **(fold or {}), **result})
+                     tissue=full(labels, np.uint8),
+                     info={**{k: val for k, val in p.items() if kind == "glioma" or k not in _GLIOMA_KEYS},
+                           "anatomy": anatomy, **(fold or {}), **({"lesion_kind": kind} if lesion else {}),
+                           **kp, **result})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1033,11 +1302,13 @@ def generate_healthy(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: 
     return _render(_case_name("healthy", index), _HEALTHY_STREAM, index, seed, voxel_mm, anatomy)
 
 
-def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: str = "mni") -> SynthCase:
-    """Glioma-like lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index]));
-    anatomy as for `generate_healthy`."""
-    index, seed = _check_count(index, "index"), _check_count(seed, "seed")
-    return _render(_case_name("lesion", index), _LESION_STREAM, index, seed, voxel_mm, anatomy)
+def generate_lesion(index: int, seed: int = 0, voxel_mm: float = 1.5, anatomy: str = "mni",
+                    kind: str = "glioma") -> SynthCase:
+    """Lesion case `index` of the set drawn with `seed` (SeedSequence([seed, 1, index])); anatomy
+    as for `generate_healthy`; kind "glioma" (glioma-like), "ms" (MS-like white-matter plaques) or
+    "stroke" (a territorial infarct): the same subject, pose, contrast, bias and noise for every kind."""
+    index, seed, kind = _check_count(index, "index"), _check_count(seed, "seed"), _check_kind(kind)
+    return _render(_case_name("lesion", index), _LESION_STREAM, index, seed, voxel_mm, anatomy, kind)
 
 
 def mni_reference(voxel_mm: float = 1.5) -> SynthCase:
@@ -1069,9 +1340,10 @@ def _listed_files(out: Path) -> list[Path]:
 
 
 def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: float = 1.5,
-              progress: bool = True, overwrite: bool = False, anatomy: str = "mni") -> dict:
-    """Write `n_healthy` healthy and `n_lesions` lesion cases of `anatomy` (see `generate_healthy`)
-    as NIfTI under `out_dir`.
+              progress: bool = True, overwrite: bool = False, anatomy: str = "mni",
+              lesion_kind: str = "glioma") -> dict:
+    """Write `n_healthy` healthy and `n_lesions` lesion cases (of `lesion_kind`, see
+    `generate_lesion`) of `anatomy` (see `generate_healthy`) as NIfTI under `out_dir`.
 
     Layout: out_dir/healthy/<name>.nii.gz, out_dir/lesion/<name>.nii.gz and
     out_dir/lesion/<name>_mask.nii.gz, and out_dir/manifest.json, written last. Returns the
@@ -1088,6 +1360,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
     seed = _check_count(seed, "seed")
     v = _check_voxel(voxel_mm)
     anatomy = _check_anatomy(anatomy)
+    lesion_kind = _check_kind(lesion_kind)
     out = Path(out_dir)
     files = _set_files(out, [_case_name("healthy", i) for i in range(n_healthy)],
                        [_case_name("lesion", j) for j in range(n_lesions)])
@@ -1109,6 +1382,7 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
         "seed": seed,
         "voxel_mm": v,
         "anatomy": anatomy,
+        "lesion_kind": lesion_kind,
         "shape": list(shape),
         "affine": affine.tolist(),
         "intensity_scale": _INTENSITY_SCALE,
@@ -1117,7 +1391,8 @@ def write_set(out_dir, n_healthy: int, n_lesions: int, seed: int = 0, voxel_mm: 
         "lesion_fractions": {},
         "cases": {},
     }
-    jobs = [(generate_healthy, i) for i in range(n_healthy)] + [(generate_lesion, j) for j in range(n_lesions)]
+    lesion = functools.partial(generate_lesion, kind=lesion_kind)
+    jobs = [(generate_healthy, i) for i in range(n_healthy)] + [(lesion, j) for j in range(n_lesions)]
     bar = progress_bar(total=len(jobs), desc="synth", unit="case", disable=None if progress else True)
     try:
         for fn, i in jobs:

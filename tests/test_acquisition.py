@@ -229,7 +229,7 @@ def test_rician_noise_of_the_set_snr(source):
 
 
 def test_held_out_styles_are_named_and_rendered():
-    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise", "aged"}
+    assert set(HELD_OUT) == {"linear-1x1x3mm", "contrast", "bias", "noise", "aged", "ms", "stroke"}
     assert not any(ACQUISITIONS[n].held_out for n in ACQUISITIONS if n not in HELD_OUT)
 
 

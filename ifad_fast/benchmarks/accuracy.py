@@ -1,6 +1,7 @@
 """`ifad-fast bench accuracy` and `ifad-fast bench speed`.
 
-The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MNI152 maps:
+The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MNI152 maps (and, held
+out, MS-like and stroke-like ones):
 
 1. Healthy training scans: subjects 0..N-1 of the healthy stream, seed 0, anatomy `mixed`
    (`synth --anatomy mixed`, 1.5 mm: even subjects the template's smooth cortex, odd ones
@@ -16,10 +17,11 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    each method's threshold is the one of best pooled Dice there.
 4. Test: lesion seed 2, cases 0..n_test-1, each synthesised once at 1 mm and re-acquired in
    every acquisition asked for (`acquisition.ACQUISITIONS`: voxel sizes, orientations, field of
-   view, brain position): the same anatomy each time. Healthy test scans: the unseen subjects
-   n_healthy..n_healthy+n_healthy_test-1 of the healthy stream (mni anatomy, as the validation
-   cases), synthesised like the lesion cases and acquired as the validation cases, for the false
-   positives per healthy scan.
+   view, brain position): the same anatomy each time (the acquisitions of another `synth` anatomy
+   or lesion kind take that case's twin: the same subject drawn with it). Healthy test scans: the
+   unseen subjects n_healthy..n_healthy+n_healthy_test-1 of the healthy stream (mni anatomy, as the
+   validation cases), synthesised like the lesion cases and acquired as the validation cases, for
+   the false positives per healthy scan.
 5. How well the restoration fits a healthy subject (`restoration_fit`): training subjects 0..n_fit-1
    and unseen ones n_healthy..n_healthy+n_fit-1 of the healthy stream (mixed: mni and folded
    alternate), the share of brain voxels
@@ -32,8 +34,10 @@ The accuracy protocol (`accuracy`), on glioma-like cases synthesised from the MN
    finer acquisitions weigh more), for every method; and the spread (max − min) of [DICE] over
    the standard acquisitions, which the project targets at ≤ 0.03 for one model. The generalisation
    test: the held-out styles (`acquisition.HELD_OUT`: a soft rim, other contrast, a strong bias
-   field, low SNR, and the aged anatomy: the test case drawn folded with wider, deeper sulci and
-   larger ventricles than any training subject) pooled apart from the standard acquisitions, and the gap
+   field, low SNR, the aged anatomy: the test case drawn folded with wider, deeper sulci and
+   larger ventricles than any training subject, and lesion kinds that validation never shows: `ms`,
+   the test case's subject with 5-20 small MS-like white-matter plaques instead of the glioma, and
+   `stroke`, with a territorial infarct) pooled apart from the standard acquisitions, and the gap
    between the two per method ([DICE] and AP). accuracy.png: the pooled
    precision-recall curves of every method, and a test case's slice with each method's map.
 
@@ -524,12 +528,12 @@ def accuracy(quick=False, backend="auto", device="auto", out_dir=None, model=Non
                disable=None if progress else True)
     shown = setup.val_acquisition if setup.val_acquisition in setup.acquisitions else setup.acquisitions[0]
     for j in range(setup.n_test):
-        cases = {}                                # the test case per anatomy (acquisition 'folded': its own)
+        cases = {}              # the test case per anatomy and lesion kind (acquisitions 'folded', 'ms': their own)
         for a in setup.acquisitions:
-            anatomy = ACQUISITIONS[a].anatomy
-            if anatomy not in cases:
-                cases[anatomy] = generate_lesion(j, seed=TEST_SEED, voxel_mm=setup.source_mm, anatomy=anatomy)
-            scan = reacquire(cases[anatomy], a)
+            key = (ACQUISITIONS[a].anatomy, ACQUISITIONS[a].lesion)
+            if key not in cases:
+                cases[key] = generate_lesion(j, seed=TEST_SEED, voxel_mm=setup.source_mm, anatomy=key[0], kind=key[1])
+            scan = reacquire(cases[key], a)
             maps = _score(test, methods, scan)
             if j == 0 and a == shown:
                 figure_case = (scan, maps)
