@@ -681,13 +681,13 @@ def cmd_restore(args):
     figure = args.figure and ("radiological" if args.radiological else "neurological")
     if figure:
         require("matplotlib")
-    schedule, region = args.schedule or "fast", args.region or "brain"
+    schedule, region, pools = args.schedule or "fast", args.region or "brain", {}
     if args.protocol:
         protocol = PROTOCOLS[args.protocol]
         for name, given in (("schedule", args.schedule), ("region", args.region)):
             if given is not None and given != protocol[name]:
                 raise IfadError(f"--protocol {args.protocol} sets --{name} {protocol[name]}; drop --{name} {given}")
-        schedule, region = protocol["schedule"], protocol["region"]
+        schedule, region, pools = protocol["schedule"], protocol["region"], protocol["pools"]
         if args.grid == "adaptive":
             raise IfadError(f"--protocol {args.protocol} scores the full grid; drop --grid adaptive")
     _output(args.output)
@@ -701,7 +701,7 @@ def cmd_restore(args):
         model = with_registration(model, warn=True)
     if args.slice_step is not None and model.config.variant != "2d":
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
-    rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid)
+    rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid, **pools)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
     if rc.local_grid and args.threshold is None and stored_threshold(model, "fast") is None:
         raise IfadError("the local schedule fits its local latents where the map stays clear of the decision "

@@ -193,6 +193,25 @@ class PreprocessConfig:
         return self.extent_mm / self.resolution
 
 
+# The paper's post-processing, a min-pool of 3 and an average pool of 15 voxels of its 1.5 mm grid, in mm.
+PAPER_POOLS_MM = (4.5, 22.5)
+
+
+def odd_window(size: float) -> int:
+    """The odd window (at least 1) nearest to `size` voxels."""
+    return max(1, 2 * int(math.floor((size - 1) / 2 + 0.5)) + 1)
+
+
+def frame_pools(pc: PreprocessConfig) -> dict:
+    """min_pool and avg_pool of the paper's post-processing on the model grid of `pc`: its millimetres
+    (PAPER_POOLS_MM) in voxels of a physical frame (the paper preset's 1.5 mm voxels: 3 and 15; the small
+    preset's 2.33 mm: 1 and 9; the tiny preset's 8 mm: 1 and 3), its voxel counts (3 and 15) in a cube frame,
+    whose voxels have no fixed size."""
+    if pc.frame != "physical":
+        return dict(min_pool=3, avg_pool=15)
+    return dict(min_pool=odd_window(PAPER_POOLS_MM[0] / pc.voxel_mm), avg_pool=odd_window(PAPER_POOLS_MM[1] / pc.voxel_mm))
+
+
 # What a model file of format version 1 was trained with (keys its preprocess dict lacks).
 LEGACY_PREPROCESS = dict(frame="cube", normalisation="upper")
 

@@ -88,7 +88,7 @@ def restore_case(model, case: Case) -> dict[str, np.ndarray]:
     """The case's outputs in its scan's grid: {anomaly, restoration, classes}."""
     from ifad_fast.api import Restorer
 
-    rc = dict(grid=case.grid)
+    rc = dict(grid=case.grid, min_pool=3, avg_pool=15)    # the pools they were recorded with (before frame_pools)
     restorer = Restorer(model, backend=case.backend, device="cpu", schedule="fast", seed=7,
                         resolution=case.resolution, pipeline=case.pipeline, **rc)
     img, affine = scan_of(case)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import typing
 
+import numpy as np
 import pytest
 
 from ifad_fast import config as cfg
@@ -112,3 +113,53 @@ def test_one_list_of_regions():
     assert [cfg.check_region(r) for r in cfg.REGIONS] == list(cfg.REGIONS)
     with pytest.raises(IfadError, match="region must be brain or full, got 'skull'"):
         cfg.check_region("skull")
+
+
+def test_the_pools_are_the_papers_millimetres_on_any_grid():
+    """frame_pools: the paper's 3 and 15 voxels of 1.5 mm (4.5 and 22.5 mm) as the nearest odd windows of
+    a physical frame's voxels; a cube frame, whose voxels have no set size, keeps the voxel counts."""
+    def pools(**pc):
+        return tuple(cfg.frame_pools(cfg.PreprocessConfig(**pc)).values())
+
+    assert pools(resolution=160, extent_mm=240.0) == (3, 15)          # the paper preset: the paper's
+    assert tuple(cfg.frame_pools(cfg.get_preset("paper").preprocess).values()) == (3, 15)
+    assert tuple(cfg.frame_pools(cfg.get_preset("small").preprocess).values()) == (1, 9)    # 2.33 mm
+    assert tuple(cfg.frame_pools(cfg.get_preset("tiny").preprocess).values()) == (1, 3)     # 8 mm
+    assert pools(resolution=120, extent_mm=120.0) == (5, 23)         # 1 mm: 4.5 -> 5, 22.5 -> 23 (odd)
+    assert pools(resolution=96, extent_mm=224.0, frame="cube") == (3, 15)
+    for size in np.linspace(0.1, 40.0, 400):                           # the nearest odd window, at least 1
+        w = cfg.odd_window(size)
+        assert w % 2 == 1 and w >= 1
+        assert abs(w - size) <= min(abs(o - size) for o in range(1, 45, 2)) + 1e-9 or w == 1
+
+
+def test_restore_config_takes_the_frames_pools_and_the_paper_protocol_the_papers_voxels(tmp_path, capsys,
+                                                                                        monkeypatch):
+    from helpers import AFFINE, cli, random_model, scan, toy_scans
+
+    from ifad_fast.api import Restorer, restore_config
+    from ifad_fast.model import save_model
+
+    model = random_model(0)
+    expected = cfg.frame_pools(model.preprocess)
+    rc = restore_config(model, "fast")
+    assert (rc.min_pool, rc.avg_pool) == tuple(expected.values())
+    assert restore_config(model, "fast", avg_pool=7).avg_pool == 7
+    res = Restorer(model, "torch", "cpu", schedule=cfg.replace(rc, phases=((3, 128),))).restore_array(
+        toy_scans(1)[0], AFFINE)
+    from ifad_fast.restore.scoring import postprocess
+    np.testing.assert_allclose(res.model_grid.anomaly * (res.placement.brain),
+                               postprocess(res.model_grid.score, rc.min_pool, rc.avg_pool) * res.placement.brain,
+                               rtol=1e-6, atol=1e-6)
+    assert tuple(expected.values()) != (3, 15)
+    monkeypatch.setitem(cfg.SCHEDULES, "paper", dict(cfg.SCHEDULES["paper"], phases=((3, 128),)))   # fast here
+    path = save_model(model, tmp_path / "m.pt")
+    src = scan(tmp_path / "in", "case")
+    for extra, pools in (([], cfg.frame_pools(model.preprocess)), (["--protocol", "paper"], dict(min_pool=3, avg_pool=15))):
+        out = tmp_path / f"out{len(extra)}"
+        code, _, err = cli(capsys, "restore", src, "-m", path, "-o", out, "--backend", "torch", "--device", "cpu",
+                           "--seed", "1", *extra, "-q")
+        assert code == 0, err
+        summary = json.loads((out / "case_restore.json").read_text())
+        restore = summary["restore"]
+        assert (restore["min_pool"], restore["avg_pool"]) == (pools["min_pool"], pools["avg_pool"]), summary

@@ -117,7 +117,8 @@ def test_restoring_prior_follows_the_training_prior(trained, restoring):
     from types import SimpleNamespace
 
     latents = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)) * 0.3
-    model = SimpleNamespace(train=cfg.TrainConfig(prior=trained, sigma=0.05), latents=latents)
+    model = SimpleNamespace(train=cfg.TrainConfig(prior=trained, sigma=0.05), latents=latents,
+                            preprocess=cfg.get_preset("paper").preprocess)
     rc = restore_config(model, "fast")
     rms = float(np.sqrt(np.mean(latents.double().numpy() ** 2)))
     assert rc.prior == restoring

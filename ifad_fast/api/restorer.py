@@ -80,9 +80,9 @@ def restoring_prior(model: Model) -> tuple[str, float]:
 
 def restore_config(model: Model, schedule: str = "fast", **overrides) -> cfg.RestoreConfig:
     """The RestoreConfig of a named schedule (or 'STEPSxK[,STEPSxK...]'), with the restoring prior of the model's
-    training (`restoring_prior`)."""
+    training (`restoring_prior`) and the paper's pools in millimetres on its grid (`config.frame_pools`)."""
     prior, sigma = restoring_prior(model)
-    base = dict(prior=prior, sigma=sigma)
+    base = dict(prior=prior, sigma=sigma, **cfg.frame_pools(model.preprocess))
     base.update(cfg.SCHEDULES[schedule] if schedule in cfg.SCHEDULES else dict(phases=parse_phases(schedule)))
     base.update({k: v for k, v in overrides.items() if v is not None})
     return cfg.RestoreConfig(**base)           # checked there: phases within the limits, the seed
@@ -108,9 +108,9 @@ def parse_phases(text: str) -> tuple:
 
 
 PROTOCOLS = {
-    # the paper's setting: 700 Adam steps of 16,200 points, every voxel of the grid scored and kept
-    # (its evaluation on the model grid: `model_grid_maps`)
-    "paper": dict(schedule="paper", region="full"),
+    # the paper's setting: 700 Adam steps of 16,200 points, every voxel of the grid scored and kept, its
+    # pools in voxels whatever the grid (its evaluation on the model grid: `model_grid_maps`)
+    "paper": dict(schedule="paper", region="full", pools=dict(min_pool=3, avg_pool=15)),
 }
 
 

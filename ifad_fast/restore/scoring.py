@@ -9,7 +9,6 @@ slices.py (IF 2D).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -48,8 +47,7 @@ def pools_at(rc: cfg.RestoreConfig, model_resolution: int, score_resolution: int
     if score_resolution == model_resolution:
         return rc
     scaled = rc.avg_pool * (score_resolution - 1) / max(model_resolution - 1, 1)
-    odd = max(1, 2 * int(math.floor((scaled - 1) / 2 + 0.5)) + 1)
-    return dataclasses.replace(rc, avg_pool=odd)
+    return dataclasses.replace(rc, avg_pool=cfg.odd_window(scaled))
 
 
 def postprocess(score, min_pool: int = 3, avg_pool: int = 15):
