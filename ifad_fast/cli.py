@@ -43,6 +43,20 @@ def _int_in(lo: int, hi: int | None = None):
     return parse
 
 
+def _pools(text: str) -> dict:
+    """'MINxAVG' -> {min_pool, avg_pool}: odd whole numbers of voxels."""
+    try:
+        low, avg = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MINxAVG, e.g. 3x15") from None
+    if not all(1 <= w <= 63 and w % 2 for w in (low, avg)):
+        raise argparse.ArgumentTypeError(f"{text!r}: both windows odd numbers of voxels, 1 to 63")
+    return dict(min_pool=low, avg_pool=avg)
+
+
+_pools.__name__ = "pools"
+
+
 def _threshold(text: str) -> float | str:
     if text == "model":                            # --threshold alone (or 'model'): the model's own
         return text
@@ -239,6 +253,10 @@ def _add_restore_command(sub):
                    help="score on an N³ grid of the model frame's extent (IF 3D*; default: the model's grid)")
     p.add_argument("--protocol", choices=("paper",), default=None,
                    help="paper: the paper's setting (schedule paper, region full)")
+    p.add_argument("--pools", type=_pools, default=None, metavar="MINxAVG",
+                   help="the anomaly score's min-pool and average-pool windows in model-grid voxels (default: the "
+                        "paper's 4.5 and 22.5 mm on the model grid, 1x9 for the bundled model; 3x15: the paper's "
+                        "voxel counts, which remove specks under 7 mm on a 2.33 mm grid, small lesions with them)")
     p.add_argument("--grid", choices=("full", "adaptive"), default=None,
                    help="full: the decoder at every voxel near the brain; adaptive: at every 2nd voxel, "
                         "interpolated, and at every voxel where the map can reach the threshold (exact "
@@ -681,13 +699,16 @@ def cmd_restore(args):
     figure = args.figure and ("radiological" if args.radiological else "neurological")
     if figure:
         require("matplotlib")
-    schedule, region, pools = args.schedule or "fast", args.region or "brain", {}
+    schedule, region, pools = args.schedule or "fast", args.region or "brain", args.pools or {}
     if args.protocol:
         protocol = PROTOCOLS[args.protocol]
         for name, given in (("schedule", args.schedule), ("region", args.region)):
             if given is not None and given != protocol[name]:
                 raise IfadError(f"--protocol {args.protocol} sets --{name} {protocol[name]}; drop --{name} {given}")
         schedule, region, pools = protocol["schedule"], protocol["region"], protocol["pools"]
+        if args.pools not in (None, pools):
+            raise IfadError(f"--protocol {args.protocol} sets the paper's pools "
+                            f"{pools['min_pool']}x{pools['avg_pool']}; drop --pools")
         if args.grid == "adaptive":
             raise IfadError(f"--protocol {args.protocol} scores the full grid; drop --grid adaptive")
     _output(args.output)

@@ -155,11 +155,40 @@ def test_restore_config_takes_the_frames_pools_and_the_paper_protocol_the_papers
     monkeypatch.setitem(cfg.SCHEDULES, "paper", dict(cfg.SCHEDULES["paper"], phases=((3, 128),)))   # fast here
     path = save_model(model, tmp_path / "m.pt")
     src = scan(tmp_path / "in", "case")
-    for extra, pools in (([], cfg.frame_pools(model.preprocess)), (["--protocol", "paper"], dict(min_pool=3, avg_pool=15))):
-        out = tmp_path / f"out{len(extra)}"
+    runs = (([], cfg.frame_pools(model.preprocess)), (["--protocol", "paper"], dict(min_pool=3, avg_pool=15)),
+            (["--pools", "3x5"], dict(min_pool=3, avg_pool=5)))
+    for i, (extra, pools) in enumerate(runs):
+        out = tmp_path / f"out{i}"
         code, _, err = cli(capsys, "restore", src, "-m", path, "-o", out, "--backend", "torch", "--device", "cpu",
                            "--seed", "1", *extra, "-q")
         assert code == 0, err
         summary = json.loads((out / "case_restore.json").read_text())
         restore = summary["restore"]
         assert (restore["min_pool"], restore["avg_pool"]) == (pools["min_pool"], pools["avg_pool"]), summary
+    from helpers import one_error_line
+    code, _, err = cli(capsys, "restore", src, "-m", path, "-o", tmp_path / "x", "--protocol", "paper", "--pools", "1x9")
+    assert code == 2 and "drop --pools" in one_error_line(err, "restore") and not (tmp_path / "x").exists()
+    code, _, err = cli(capsys, "restore", src, "-m", path, "-o", tmp_path / "x", "--pools", "2x9")
+    assert code == 2 and "odd" in err and not (tmp_path / "x").exists()
+
+
+def test_the_protocols_baselines_keep_the_papers_voxel_pools():
+    """bench accuracy post-processes the voxel-wise baselines with 3 x 15 voxels (BASELINE_POOLS), whatever
+    pools the restorer takes."""
+    from types import SimpleNamespace
+
+    from helpers import AFFINE, random_model, toy_scans
+
+    from ifad_fast.api import Restorer
+    from ifad_fast.baselines import anomaly_map
+    from ifad_fast.benchmarks.accuracy import BASELINE_POOLS, _methods
+
+    model = random_model(0)
+    restorer = Restorer(model, "torch", "cpu", schedule="fast")
+    assert (restorer.rc.min_pool, restorer.rc.avg_pool) != (3, 15) and BASELINE_POOLS == dict(min_pool=3, avg_pool=15)
+    identity = SimpleNamespace(score=lambda vol: np.asarray(vol, dtype=np.float32))
+    img = toy_scans(1)[0]
+    got = _methods(restorer, {"raw": identity})["raw"](SimpleNamespace(image=img, affine=AFFINE))
+    want = anomaly_map(identity, img, AFFINE, model.preprocess, cfg.replace(restorer.rc, **BASELINE_POOLS))
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, anomaly_map(identity, img, AFFINE, model.preprocess, restorer.rc))
