@@ -1,7 +1,7 @@
 """Decision thresholds chosen on validation cases and stored in the model, one per schedule (`calibrate`).
 
 A threshold belongs to the maps of one schedule: the local schedule's maps sit higher than the fast
-one's on the same scan (the bundled model: 3.47 against 3.19 at the best validation Dice), so a model
+one's on the same scan (the bundled model: 3.53 against 3.19 at the best validation Dice), so a model
 stores `info["thresholds"] = {schedule: threshold}` and `info["threshold"]` (the fast one, what older
 readers take), and `restore --threshold` alone takes the one of the schedule that runs
 (`model.stored_threshold`).
