@@ -724,10 +724,11 @@ def cmd_restore(args):
         raise IfadError("--slice-step is for 2D models (one latent per axial slice); this model is 3D")
     rc = restore_config(model, schedule, seed=args.seed, slice_step=args.slice_step, grid=args.grid, **pools)
     existing = "continue" if args.resume else "overwrite" if args.overwrite else "refuse"
-    if rc.local_grid and args.threshold is None and stored_threshold(model, "fast") is None:
+    pooled = (rc.min_pool, rc.avg_pool)
+    if rc.local_grid and args.threshold is None and stored_threshold(model, "fast", pooled) is None:
         raise IfadError("the local schedule fits its local latents where the map stays clear of the decision "
-                        "threshold, and this model stores none: pass --threshold T or use --schedule fast")
-    if args.grid == "adaptive" and args.threshold is None and stored_threshold(model, schedule_name(rc)) is None:
+                        "threshold, and this model stores none for these pools: pass --threshold T or use --schedule fast")
+    if args.grid == "adaptive" and args.threshold is None and stored_threshold(model, schedule_name(rc), pooled) is None:
         warnings.warn(IfadWarning("--grid adaptive is exact near a decision threshold, and this model stores none: "
                                   "scoring the full grid (pass --threshold T to use the adaptive grid)"))
     if alone:

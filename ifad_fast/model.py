@@ -328,10 +328,15 @@ def check_payload(payload: dict, path) -> tuple[cfg.ModelConfig, cfg.PreprocessC
     return mc, pc, tc
 
 
-def stored_threshold(model: Model, schedule: str | None = None) -> float | None:
+def stored_threshold(model: Model, schedule: str | None = None, pools: tuple | None = None) -> float | None:
     """The decision threshold `model` stores for maps of `schedule` (info["thresholds"][schedule], chosen
-    on that schedule's maps), else its one threshold (info["threshold"]), else None."""
+    on that schedule's maps), else its one threshold (info["threshold"]), else None. pools: the maps'
+    (min_pool, avg_pool); None as well when the thresholds were chosen on maps pooled otherwise
+    (info["threshold_pools"], recorded by calibration)."""
     info = model.info or {}
+    chosen_on = info.get("threshold_pools")
+    if pools is not None and chosen_on is not None and tuple(chosen_on) != tuple(pools):
+        return None
     t = (info.get("thresholds") or {}).get(schedule, info.get("threshold"))
     return None if t is None else float(t)
 

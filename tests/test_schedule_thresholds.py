@@ -181,3 +181,25 @@ def test_cli_calibrate_refusals_are_one_line_and_write_nothing(tmp_path, capsys)
     scan(healthy, "case0")
     code, _, err = cli(capsys, "calibrate", healthy, "-m", path, "-o", tmp_path / "x.pt", *engine)
     assert code == 2 and one_error_line(err, "calibrate") and not (tmp_path / "x.pt").exists()
+
+
+def test_thresholds_apply_only_to_maps_pooled_as_they_were_chosen_on(tmp_path, capsys):
+    """Calibration records the pools; maps pooled otherwise (`restore --pools`) get no stored threshold:
+    `--threshold` alone is refused with one line, and the Restorer's decision is None."""
+    from helpers import cli, one_error_line, scan
+
+    model = random_model(base_seed())
+    rc = restore_config(model, "fast")
+    pools = [rc.min_pool, rc.avg_pool]
+    model.info = dict(threshold=0.8, thresholds=dict(fast=0.8), threshold_pools=pools)
+    assert Restorer(model, "cpu", "cpu", schedule="fast").decision == 0.8
+    other = (3, 15) if tuple(pools) != (3, 15) else (1, 9)
+    moved = Restorer(model, "cpu", "cpu", schedule="fast", min_pool=other[0], avg_pool=other[1])
+    assert moved.decision is None and moved.fit_threshold is None
+    with pytest.raises(IfadError, match="drop --pools"):
+        resolve_threshold(model, "model", "fast", other)
+    path = save_model(model, tmp_path / "m.pt")
+    src = scan(tmp_path / "in", "case")
+    code, _, err = cli(capsys, "restore", src, "-m", path, "-o", tmp_path / "out", "--pools", f"{other[0]}x{other[1]}",
+                       "--threshold", "--backend", "torch", "--device", "cpu", "-q")
+    assert code == 2 and "drop --pools" in one_error_line(err, "restore") and not (tmp_path / "out").exists()

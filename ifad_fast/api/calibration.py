@@ -59,7 +59,8 @@ def calibrate(model: Model, cases: Callable[[], Iterable], schedules=("fast", "l
         thresholds = {**(model.info or {}).get("thresholds", {}), schedule: found[schedule]["threshold"]}
         first = "fast" if "fast" in thresholds else schedules[0]     # the one threshold older readers take
         model.info = dict(model.info or {}, thresholds=thresholds, threshold=thresholds[first],
-                          threshold_schedule=first, threshold_set=described)
+                          threshold_schedule=first, threshold_set=described,
+                          threshold_pools=[restorer.rc.min_pool, restorer.rc.avg_pool])
         report(f"{schedule}: threshold {curve['threshold']:.4g} (validation [DICE] {curve['dice_best']:.3f}, "
                f"AP {curve['ap']:.3f}, {len(scores)} cases)")
     return found

@@ -52,7 +52,7 @@ def check_job(model: Model, job: RestoreJob, whole_set: bool = True) -> RestoreJ
     """`job` with its threshold resolved (`resolve_threshold`), checked once before the processes
     that share it start. whole_set: with job.existing 'refuse', an IfadError when job.out_dir holds
     outputs of any of its cases (each process checks only its own shard's)."""
-    threshold = resolve_threshold(model, job.threshold, cfg.schedule_name(job.rc))
+    threshold = resolve_threshold(model, job.threshold, cfg.schedule_name(job.rc), (job.rc.min_pool, job.rc.avg_pool))
     if whole_set and job.existing == "refuse":
         refuse_existing(find_scans(job.inputs), job.out_dir, threshold, job.figure, job.bids)
     return dataclasses.replace(job, threshold=threshold)

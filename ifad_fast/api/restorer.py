@@ -176,8 +176,9 @@ class Restorer:
         # the maps' decision threshold (the model's for this schedule; restore_files adds its own): where an
         # 'adaptive' score grid must be exact. The local stage judges its fit region on the one-latent
         # (fast) map, by that map's threshold.
-        self.decision = stored_threshold(model, cfg.schedule_name(rc))
-        self.fit_threshold = stored_threshold(model, "fast")
+        pools = (rc.min_pool, rc.avg_pool)
+        self.decision = stored_threshold(model, cfg.schedule_name(rc), pools)
+        self.fit_threshold = stored_threshold(model, "fast", pools)
 
     @property
     def backend(self) -> str:
@@ -357,7 +358,7 @@ class Restorer:
         check_files_options(existing, batch)
         check_figure(figure)
         model, rc, region = self.model, self.rc, self.region
-        threshold = resolve_threshold(model, threshold, cfg.schedule_name(rc))
+        threshold = resolve_threshold(model, threshold, cfg.schedule_name(rc), (rc.min_pool, rc.avg_pool))
         decision = min((t for t in (threshold, self.decision) if t is not None), default=None)
         paths = shard_of(find_scans(inputs), shard)
         if shard is not None and not paths:
@@ -422,13 +423,17 @@ def model_grid_maps(result: NativeResult, label=None) -> tuple[np.ndarray, np.nd
     return result.model_grid.anomaly, placement.brain, lab
 
 
-def resolve_threshold(model: Model, threshold, schedule: str | None = None):
-    """None, a finite number, or 'model' (the threshold the model stores for maps of `schedule`,
-    `model.stored_threshold`) -> None or a float."""
+def resolve_threshold(model: Model, threshold, schedule: str | None = None, pools: tuple | None = None):
+    """None, a finite number, or 'model' (the threshold the model stores for maps of `schedule` pooled
+    (min_pool, avg_pool) = `pools`, `model.stored_threshold`) -> None or a float."""
     if threshold is None:
         return None
     if isinstance(threshold, str) and threshold == "model":
-        t = stored_threshold(model, schedule)
+        t = stored_threshold(model, schedule, pools)
+        chosen_on = (model.info or {}).get("threshold_pools")
+        if t is None and stored_threshold(model, schedule) is not None:
+            raise IfadError(f"this model's thresholds were chosen on maps pooled {chosen_on[0]}x{chosen_on[1]}, these "
+                            f"are pooled {pools[0]}x{pools[1]}: pass a number (--threshold T) or drop --pools")
         if t is None:
             raise IfadError("this model stores no threshold; pass a number (--threshold T), e.g. one chosen "
                             "with 'ifad-fast evaluate' on validation cases")
